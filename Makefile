@@ -1,0 +1,14 @@
+# The two commands a new user needs:  make serve   and   make test
+.PHONY: install serve test test-fast
+
+install:
+	bash scripts/install.sh
+
+serve: install
+	.venv/bin/vllm-tokenprune serve $(MODEL) $(ARGS)
+
+test: install
+	.venv/bin/python -m pytest -ra $(PYTEST_ARGS)
+
+test-fast: install
+	.venv/bin/python -m pytest -ra -m "not server and not vllm" $(PYTEST_ARGS)
