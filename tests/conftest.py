@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny checkpoints built once per test session, CPU settings for vLLM."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# vLLM on this CPU: a KV-cache size is required, and the engine must bind loopback.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """``tiny_checkpoint("llava")`` -> path of a tiny random-weight checkpoint, built once."""
+    built = {}
+
+    def get(arch: str):
+        if arch not in built:
+            from vllm_tokenprune.tiny import build_tiny
+
+            built[arch] = build_tiny(arch, tmp_path_factory.mktemp(f"tiny-{arch}"), seed=0)
+        return built[arch]
+
+    return get

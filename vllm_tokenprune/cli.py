@@ -1,0 +1,41 @@
+"""The ``vllm-tokenprune`` command: serve, train, make-tiny.
+
+Each subcommand lives in its own module, which exposes ``add_arguments(parser)`` and
+``run(args) -> int``; modules are imported only when their subcommand runs, so
+``vllm-tokenprune --help`` stays fast and never imports vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS = {
+    "serve": ("vllm_tokenprune.serve", "serve a VLM with per-request visual-token pruning"),
+    "train": ("vllm_tokenprune.train", "train a token selector on a model's vision features"),
+    "make-tiny": ("vllm_tokenprune.tiny", "write a small random-weight VLM checkpoint"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="vllm-tokenprune", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(_module=module)
+        # Only the chosen subcommand's module is imported (its arguments may need it).
+        if argv[:1] == [name]:
+            importlib.import_module(module).add_arguments(sub)
+    args, extra = parser.parse_known_args(argv)
+    module = importlib.import_module(args._module)
+    if extra and not getattr(module, "ACCEPTS_EXTRA_ARGS", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra_args = extra
+    return module.run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
