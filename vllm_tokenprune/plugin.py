@@ -2,13 +2,23 @@
 
 vLLM calls ``register()`` once in every process it starts (API server, engine core,
 workers, the model-inspection subprocess), so it must be cheap and safe to call again.
+Models are registered by ``"module:Class"`` strings: vLLM imports a module only when a
+model with that architecture is loaded, and importing this package never imports vLLM.
 """
 
 from __future__ import annotations
 
-# Pruned architecture name -> "module:Class". Registered lazily: vLLM imports the module
-# only when a model with that architecture is loaded.
-PRUNED_MODELS: dict[str, str] = {}
+# Stock architecture -> the pruned architecture that serves it. Select one with
+# --hf-overrides '{"architectures": ["<pruned>"]}' (``vllm-tokenprune serve`` does).
+PRUNED_ARCHITECTURES: dict[str, str] = {
+    "LlavaForConditionalGeneration": "PrunedLlavaForConditionalGeneration",
+}
+
+# Pruned architecture -> "module:Class".
+PRUNED_MODELS: dict[str, str] = {
+    "PrunedLlavaForConditionalGeneration":
+        "vllm_tokenprune.models.llava:PrunedLlavaForConditionalGeneration",
+}
 
 
 def register() -> None:

@@ -1,0 +1,89 @@
+"""The keep count K and the parsing of a request's ratio and method."""
+
+import math
+
+import pytest
+
+from vllm_tokenprune.budget import (
+    PruneRequestError,
+    RatioPolicy,
+    keep_count,
+    parse_keep_ratio,
+    parse_method,
+)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 144, 576, 2880])
+def test_keep_count_is_within_one_and_n_and_monotonic(n):
+    ratios = [i / 1000 for i in range(1, 1001)]
+    counts = [keep_count(n, r) for r in ratios]
+    assert all(1 <= k <= n for k in counts)
+    assert counts == sorted(counts)
+    assert keep_count(n, 1.0) == n
+    assert keep_count(n, 1e-9) == 1
+
+
+def test_keep_count_rounds_to_nearest():
+    assert keep_count(576, 0.25) == 144
+    assert keep_count(20, 0.35) == 7  # 6.999... in floats
+    assert keep_count(10, 0.05) == 1  # 0.5 rounds half up
+    assert keep_count(144, 0.1) == 14
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.0001, math.nan, math.inf])
+def test_keep_count_rejects_bad_ratio(bad):
+    with pytest.raises(ValueError):
+        keep_count(10, bad)
+
+
+def test_keep_count_rejects_empty_image():
+    with pytest.raises(ValueError):
+        keep_count(0, 0.5)
+
+
+@pytest.mark.parametrize("raw,expected", [("0.25", 0.25), (" 1 ", 1.0), (0.5, 0.5), (1, 1.0),
+                                          ("1e-3", 0.001)])
+def test_parse_keep_ratio_accepts(raw, expected):
+    assert parse_keep_ratio(raw, param="X-Keep-Ratio header") == expected
+
+
+@pytest.mark.parametrize("raw", ["nan", "NaN", "inf", "-inf", "0", "-0.5", "1.01", "abc", "",
+                                 "0x1", "9" * 100, True, None, [0.5], {"a": 1}])
+def test_parse_keep_ratio_rejects_and_names_the_param(raw):
+    with pytest.raises(PruneRequestError) as err:
+        parse_keep_ratio(raw, param="X-Keep-Ratio header")
+    assert err.value.param == "X-Keep-Ratio header"
+    assert "X-Keep-Ratio header" in str(err.value)
+
+
+def test_parse_method():
+    assert parse_method(" Random ", param="p") == "random"
+    with pytest.raises(PruneRequestError, match="unknown prune method 'magic'"):
+        parse_method("magic", param="p")
+    with pytest.raises(PruneRequestError):
+        parse_method(3, param="p")
+
+
+def test_policy_floor_and_step():
+    policy = RatioPolicy(default_keep_ratio=0.5, min_keep_ratio=0.1, keep_ratio_step=0.05)
+    assert policy.apply(None) == 0.5
+    assert policy.apply(0.26) == 0.25
+    assert policy.apply(0.276) == 0.3
+    assert policy.apply(0.01) == 0.1  # floor wins over the step
+    assert policy.apply(1.0) == 1.0
+    assert RatioPolicy().apply(0.123) == 0.123
+
+
+def test_policy_env_round_trip():
+    policy = RatioPolicy(default_keep_ratio=0.5, min_keep_ratio=0.1, keep_ratio_step=0.05)
+    assert RatioPolicy.from_env(policy.to_env()) == policy
+    assert RatioPolicy.from_env({}) == RatioPolicy()
+    with pytest.raises(ValueError, match="VLLM_TOKENPRUNE_MIN_KEEP_RATIO"):
+        RatioPolicy.from_env({"VLLM_TOKENPRUNE_MIN_KEEP_RATIO": "lots"})
+
+
+@pytest.mark.parametrize("kwargs", [{"default_keep_ratio": 0}, {"min_keep_ratio": 2},
+                                    {"keep_ratio_step": -1}])
+def test_policy_rejects_bad_settings(kwargs):
+    with pytest.raises(ValueError):
+        RatioPolicy(**kwargs)

@@ -1,0 +1,50 @@
+"""Prometheus metrics, served on vLLM's own ``/metrics`` endpoint.
+
+vLLM's API server exposes prometheus_client's default registry, so metrics created in
+that process appear there (under vLLM's multiprocess collector too, when it is on).
+Our prefix is ``tokenprune_``: vLLM unregisters its own ``vllm:`` collectors at start-up.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+IMAGE_TOKENS_IN = Counter(
+    "tokenprune_image_tokens_in",
+    "Image tokens the vision tower produced for requests, before pruning.",
+    ["model_name"],
+)
+IMAGE_TOKENS_KEPT = Counter(
+    "tokenprune_image_tokens_kept",
+    "Image tokens kept after pruning (what the language model prefilled).",
+    ["model_name"],
+)
+IMAGES = Counter(
+    "tokenprune_images",
+    "Images processed, by selection method.",
+    ["model_name", "method"],
+)
+REQUESTS = Counter(
+    "tokenprune_requests",
+    "Requests carrying at least one image, by selection method.",
+    ["model_name", "method"],
+)
+KEEP_RATIO = Histogram(
+    "tokenprune_keep_ratio",
+    "Keep ratio requested (after the operator's floor and rounding), per request with images.",
+    ["model_name"],
+    buckets=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0),
+)
+
+
+def record_request(
+    model_name: str, method: str, keep_ratio: float, counts: list[tuple[int, int]]
+) -> None:
+    """One request's images: ``counts`` holds (tokens before, tokens kept) per image."""
+    if not counts:
+        return
+    REQUESTS.labels(model_name, method).inc()
+    IMAGES.labels(model_name, method).inc(len(counts))
+    KEEP_RATIO.labels(model_name).observe(keep_ratio)
+    IMAGE_TOKENS_IN.labels(model_name).inc(sum(n for n, _ in counts))
+    IMAGE_TOKENS_KEPT.labels(model_name).inc(sum(k for _, k in counts))
