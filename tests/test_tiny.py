@@ -1,0 +1,157 @@
+"""Tiny checkpoints: deterministic, loadable by HF transformers, and identical in vLLM.
+
+The vLLM tests load each arch once (20-40 s each on CPU) and compare its fp32 greedy
+output with transformers' on the same prompt: same prompt ids (chat template, processor,
+placeholder count), same generated tokens, same logprobs. That proves both load the
+same weights the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vllm_tokenprune import cli
+from vllm_tokenprune.tiny import ARCHES, build_tiny, count_image_tokens, image_token_id
+
+NEW_TOKENS = 8
+QUESTION = "What is shown in this image?"
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+
+
+def _noise_image(width: int, height: int, seed: int) -> Image.Image:
+    """Random pixels, so the vision tower's output matters to the answer."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+# A wide and a tall image: anyres / dynamic-resolution processors tile them differently.
+IMAGES = [_noise_image(336, 252, seed=1), _noise_image(200, 300, seed=2)]
+
+
+def _chat(images, image_item) -> list[dict]:
+    content = [image_item(image) for image in images] + [{"type": "text", "text": QUESTION}]
+    return [{"role": "user", "content": content}]
+
+
+def _hf_model(path):
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    model_class = getattr(transformers, config.architectures[0])
+    model, info = model_class.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    return model.eval(), info
+
+
+def _hf_greedy(path, images):
+    """transformers' prompt ids, greedy tokens and their logprobs for a chat with ``images``."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    model, _ = _hf_model(path)
+    chat = _chat(images, lambda image: {"type": "image", "image": image})
+    inputs = processor.apply_chat_template(
+        chat, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            do_sample=False,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,  # vLLM's min_tokens: both mask eos the same way
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    prompt = inputs["input_ids"][0].tolist()
+    tokens = out.sequences[0, len(prompt):].tolist()
+    logprobs = [torch.log_softmax(step[0], -1)[t].item() for step, t in zip(out.logits, tokens)]
+    return prompt, tokens, logprobs
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_same_seed_same_bytes(tiny_checkpoint, tmp_path, arch):
+    seed0 = tiny_checkpoint(arch)
+    assert _sha256(build_tiny(arch, tmp_path / "again", seed=0)) == _sha256(seed0)
+    assert _sha256(build_tiny(arch, tmp_path / "seed1", seed=1)) != _sha256(seed0)
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_loads_in_transformers(tiny_checkpoint, arch):
+    from transformers import AutoProcessor
+
+    path = tiny_checkpoint(arch)
+    model, info = _hf_model(path)
+    # Every checkpoint key maps onto a parameter, and every parameter comes from the file.
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    processor = AutoProcessor.from_pretrained(path)
+    chat = _chat(IMAGES[:1], lambda image: {"type": "image", "image": image})
+    inputs = processor.apply_chat_template(
+        chat, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    n_image = int((inputs["input_ids"] == image_token_id(path)).sum())
+    assert n_image == count_image_tokens(path, IMAGES[0].size) > 0
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        assert torch.isfinite(logits).all()
+        generated = model.generate(**inputs, do_sample=False, max_new_tokens=4)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("arch", ARCHES)
+def test_vllm_matches_transformers(tiny_checkpoint, arch):
+    from vllm import LLM, SamplingParams
+
+    path = tiny_checkpoint(arch)
+    want_prompt, want_tokens, want_logprobs = _hf_greedy(path, IMAGES)
+
+    llm = LLM(
+        model=str(path),
+        dtype="float32",  # vLLM's CPU default is bf16, which would not match transformers
+        enforce_eager=True,
+        max_model_len=4096,
+        limit_mm_per_prompt={"image": 2},
+        seed=0,
+    )
+    try:
+        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=0)
+        chat = _chat(IMAGES, lambda image: {"type": "image_pil", "image_pil": image})
+        (out,) = llm.chat(chat, params, use_tqdm=False)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+    completion = out.outputs[0]
+    assert out.prompt_token_ids == want_prompt
+    assert list(completion.token_ids) == want_tokens
+    got_logprobs = [step[t].logprob for step, t in zip(completion.logprobs, completion.token_ids)]
+    np.testing.assert_allclose(got_logprobs, want_logprobs, atol=1e-3)
+
+
+def test_cli_refuses_non_empty_dir_without_force(tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert cli.main(["make-tiny", "--arch", "llava", "--out", str(out)]) != 0
+    assert "--force" in capsys.readouterr().out
+    assert (out / "keep.txt").exists()
+
+    assert cli.main(["make-tiny", "--arch", "llava", "--out", str(out), "--force"]) == 0
+    printed = capsys.readouterr().out
+    assert str(out) in printed and "image tokens" in printed
+    assert not (out / "keep.txt").exists()
+    assert (out / "model.safetensors").exists()
+
+
+def test_import_does_not_import_vllm():
+    code = "import sys, vllm_tokenprune.tiny; sys.exit('vllm' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -1,0 +1,382 @@
+"""Tiny random-weight VLM checkpoints that both HF transformers and vLLM load.
+
+``build_tiny(arch, out_dir)`` writes what a hub checkpoint of that family holds: config,
+``model.safetensors`` (fp32, keys in the hub layout), generation config, tokenizer with a
+chat template, processor configs. Everything is made here, with no hub access: the
+tokenizer is a byte-level BPE trained on text generated in code, the weights come from
+one seeded generator, so a seed gives byte-identical weights.
+
+Never imports vLLM (the tests load these checkpoints into vLLM themselves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+ARCHES = ("llava",)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Model sizes. Family constants (patch sizes of Qwen towers, merge sizes, ...) are not here."""
+
+    # language model (vLLM's CPU attention needs head_dim in {32, 64, 80, ...}: 128 / 4 = 32)
+    text_hidden: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 256
+    bpe_vocab: int = 640  # BPE training target; the model's vocab is exactly the tokenizer's
+    max_position_embeddings: int = 4096
+    # vision tower
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    vision_intermediate: int = 128
+    # CLIP / SigLIP towers: square input side and patch (168 / 14 -> 12 x 12 = 144 tokens)
+    image_size: int = 168
+    patch_size: int = 14
+    # image size whose token count `run` reports (wide, to show the anyres / dynamic layouts)
+    probe_size: tuple[int, int] = (336, 252)
+
+
+PRESETS = {"test": Preset()}
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+_COLORS = ("red", "green", "blue", "yellow", "black", "white", "orange", "purple")
+_SHAPES = ("square", "circle", "triangle", "star", "line", "dot")
+_NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+_PLACES = ("left", "right", "top", "bottom", "center", "corner")
+_PROSE = (
+    "What is shown in this image? Describe the picture in detail.",
+    "The image shows a small scene with a few simple shapes on a plain background.",
+    "How many shapes are there? Which colour appears the most? Answer with one word.",
+    "You are a helpful assistant. Please answer the question about the image.",
+    "There is a cat on the table, a dog near the door and a bird in the sky.",
+    "A photo of a street with cars, people, trees, houses and a blue sky above.",
+    "Yes. No. Maybe. I think so. I am not sure. It is hard to tell from this picture.",
+    "0 1 2 3 4 5 6 7 8 9 10 12 16 32 64 100 128 256 512 1024",
+    # words of the chat templates, so prompts do not fall apart into single bytes
+    "USER: What is this? ASSISTANT: It is a picture.",
+    "system user assistant",
+)
+
+
+def _corpus() -> list[str]:
+    """Fixed training text: a little prose plus every colour / shape / number / place phrase."""
+    lines = list(_PROSE)
+    for color, shape, number, place in itertools.product(_COLORS, _SHAPES, _NUMBERS, _PLACES):
+        lines.append(f"There are {number} {color} {shape}s at the {place} of the image.")
+    return lines
+
+
+def _make_tokenizer(p: Preset, specials: list[str], bos: str | None, eos: str, pad: str,
+                    extra: dict[str, str], add_bos: bool):
+    """Byte-level BPE; ``specials`` take the first ids, in order (training is deterministic).
+
+    ``extra`` names model tokens (``image_token`` -> ``<image>``) so the processors find them
+    as tokenizer attributes; ``add_bos`` makes plain encoding prepend bos, like Llama's.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=p.bpe_vocab,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        extra_special_tokens=extra,
+        model_max_length=p.max_position_embeddings,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+# --------------------------------------------------------------------------- chat templates
+# Content items of type "image" (HF) and "image_url" (OpenAI style) both become the image
+# placeholder. Every tag strips surrounding whitespace, so newlines come only from '\n'
+# inside string literals (a literal newline in the template would be eaten).
+
+_CONTENT = (
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] in ['image', 'image_url'] -%}{{- IMAGE -}}"
+    "{%- elif item['type'] in ['video', 'video_url'] -%}{{- VIDEO -}}"
+    "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+)
+
+
+def _vicuna_template(image: str) -> str:
+    """LLaVA-1.5's conversation format: ``USER: <image>\\nquestion ASSISTANT: answer</s>``."""
+    return (
+        "{%- set IMAGE = '" + image + "\\n' -%}{%- set VIDEO = '' -%}"
+        "{{- bos_token -}}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] != 'system' -%}{{- message['role'].upper() + ': ' -}}{%- endif -%}"
+        + _CONTENT +
+        "{%- if message['role'] == 'assistant' -%}{{- eos_token -}}{%- endif -%}"
+        "{{- ' ' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+    )
+
+
+# --------------------------------------------------------------------------- architectures
+
+
+@dataclass(frozen=True)
+class _Arch:
+    model_class: str  # transformers class name
+    build: Callable  # (Preset, out_dir) -> (config, processor)
+    # transformers' state-dict prefix -> hub checkpoint prefix, first match wins
+    hub_prefixes: tuple[tuple[str, str], ...]
+
+
+# LLaVA-family hub checkpoints predate transformers' `model.` nesting and keep the CLIP /
+# SigLIP tower under `vision_model.` (vLLM's tower loaders expect that; transformers maps it).
+_LLAVA_HUB_PREFIXES = (
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.image_newline", "image_newline"),
+)
+
+
+def _llama_config(p: Preset, tok):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=p.text_hidden,
+        intermediate_size=p.text_intermediate,
+        num_hidden_layers=p.text_layers,
+        num_attention_heads=p.text_heads,
+        num_key_value_heads=p.text_kv_heads,
+        max_position_embeddings=p.max_position_embeddings,
+        rms_norm_eps=1e-5,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def _clip_config(p: Preset):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=p.vision_hidden,
+        intermediate_size=p.vision_intermediate,
+        num_hidden_layers=p.vision_layers,
+        num_attention_heads=p.vision_heads,
+        image_size=p.image_size,
+        patch_size=p.patch_size,
+        projection_dim=p.text_hidden,
+        hidden_act="quick_gelu",
+    )
+
+
+def _clip_image_processor(p: Preset):
+    from transformers import CLIPImageProcessor
+
+    # CLIP's preprocessing (resize shortest edge, center crop), at the tower's input size.
+    return CLIPImageProcessor(
+        size={"shortest_edge": p.image_size},
+        crop_size={"height": p.image_size, "width": p.image_size},
+    )
+
+
+def _llama_tokenizer(p: Preset):
+    return _make_tokenizer(
+        p,
+        specials=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
+        bos="<s>",
+        eos="</s>",
+        pad="<pad>",
+        extra={"image_token": "<image>"},
+        add_bos=True,
+    )
+
+
+def _build_llava(p: Preset):
+    from transformers import LlavaConfig, LlavaProcessor
+
+    tok = _llama_tokenizer(p)
+    tok.chat_template = _vicuna_template("<image>")
+    tokens_per_image = (p.image_size // p.patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=_clip_config(p),
+        text_config=_llama_config(p, tok),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",  # drop CLS
+        vision_feature_layer=-2,
+        image_seq_length=tokens_per_image,
+        tie_word_embeddings=False,
+    )
+    processor = LlavaProcessor(
+        image_processor=_clip_image_processor(p),
+        tokenizer=tok,
+        patch_size=p.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLS, dropped by the "default" strategy
+        chat_template=tok.chat_template,
+    )
+    return config, processor
+
+
+_ARCHES = {
+    "llava": _Arch("LlavaForConditionalGeneration", _build_llava, _LLAVA_HUB_PREFIXES),
+}
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _random_weights(model_class: str, config, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded fp32 weights for every parameter of ``model_class(config)``, keyed as transformers names them.
+
+    Scales keep activations O(1) at any width (std 1/sqrt(fan_in) for matrices, norms near
+    1), so logits are spread out and greedy decoding is not decided by float noise.
+    Norm weights and biases are random too, so a loader that skips one shows up as a
+    different output, not as an identical default.
+    """
+    import transformers
+
+    with torch.device("meta"):
+        model = getattr(transformers, model_class)(config)
+    norm_params = {
+        f"{name}.{param}" if name else param
+        for name, module in model.named_modules()
+        if "norm" in type(module).__name__.lower()
+        for param, _ in module.named_parameters(recurse=False)
+    }
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, meta in model.state_dict().items():
+        if name not in params:
+            raise ValueError(f"{model_class} has a persistent buffer {name}; give it a value here")
+        noise = torch.randn(meta.shape, generator=gen, dtype=torch.float32)
+        if name in norm_params and name.endswith("weight"):
+            value = 1.0 + 0.1 * noise
+        elif name.endswith("bias"):
+            value = 0.1 * noise
+        elif meta.ndim >= 2:
+            value = noise / meta[0].numel() ** 0.5
+        else:
+            value = noise / meta.numel() ** 0.5
+        weights[name] = value.contiguous()
+    return weights
+
+
+def _to_hub_layout(weights: dict[str, torch.Tensor], prefixes) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, value in weights.items():
+        for old, new in prefixes:
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        out[name] = value
+    return out
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def build_tiny(arch: str, out_dir: Path | str, seed: int = 0, preset: str = "test") -> Path:
+    """Write a tiny random-weight checkpoint of ``arch`` into ``out_dir`` and return it."""
+    from transformers import GenerationConfig
+
+    if arch not in _ARCHES:
+        raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHES)}")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    spec = _ARCHES[arch]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(seed)  # nothing below should draw from the global RNG; belt and braces
+    config, processor = spec.build(PRESETS[preset])
+    config.dtype = "float32"
+    # Without it vLLM resolves model_type to the headless LlavaModel and runs it as a pooler.
+    config.architectures = [spec.model_class]
+    weights = _random_weights(spec.model_class, config, seed)
+    save_file(_to_hub_layout(weights, spec.hub_prefixes), out / "model.safetensors", metadata={"format": "pt"})
+    config.save_pretrained(out)
+    text = config.get_text_config()
+    GenerationConfig(
+        bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id
+    ).save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def image_token_id(path: Path | str) -> int:
+    """The placeholder token id of a checkpoint's images."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    return config.get("image_token_index", config.get("image_token_id"))
+
+
+def count_image_tokens(path: Path | str, size: tuple[int, int]) -> int:
+    """Placeholder tokens the checkpoint's HF processor gives one image of ``size`` (width, height)."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    prompt = processor.apply_chat_template(chat, add_generation_prompt=True)
+    ids = processor(text=prompt, images=[Image.new("RGB", size)], return_tensors="pt")["input_ids"]
+    return int((ids == image_token_id(path)).sum())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", required=True, choices=ARCHES)
+    parser.add_argument("--out", required=True, type=Path, help="directory to write the checkpoint into")
+    parser.add_argument("--seed", type=int, default=0, help="weight seed (same seed, same bytes)")
+    parser.add_argument("--preset", default="test", choices=sorted(PRESETS), help="model sizes")
+    parser.add_argument("--force", action="store_true", help="delete OUT first if it is not empty")
+
+
+def run(args) -> int:
+    out: Path = args.out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not args.force:
+            print(f"error: {out} exists and is not empty; pass --force to replace it")
+            return 2
+        # Replace, not merge: a leftover file of another arch would change what loads.
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    build_tiny(args.arch, out, seed=args.seed, preset=args.preset)
+    w, h = PRESETS[args.preset].probe_size
+    print(f"wrote tiny {args.arch} ({args.preset} preset, seed {args.seed}) to {out}")
+    print(f"image tokens for a {w}x{h} image: {count_image_tokens(out, (w, h))}")
+    return 0
