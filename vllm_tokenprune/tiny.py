@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-ARCHES = ("llava",)
+ARCHES = ("llava", "qwen2.5-vl")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ class Preset:
     # CLIP / SigLIP towers: square input side and patch (168 / 14 -> 12 x 12 = 144 tokens)
     image_size: int = 168
     patch_size: int = 14
+    # Qwen towers: pixel budget per image (28 x 28 pixels per token; 256 tokens at most)
+    qwen_min_pixels: int = 4 * 28 * 28
+    qwen_max_pixels: int = 256 * 28 * 28
     # image size whose token count `run` reports (wide, to show the anyres / dynamic layouts)
     probe_size: tuple[int, int] = (336, 252)
 
@@ -145,6 +148,27 @@ def _vicuna_template(image: str) -> str:
         "{{- ' ' -}}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+    )
+
+
+def _chatml_template(image: str, video: str, default_system: str | None) -> str:
+    """Qwen's ChatML format: ``<|im_start|>user\n...<|im_end|>\n<|im_start|>assistant\n``."""
+    system = (
+        "{%- if messages[0]['role'] != 'system' -%}"
+        "{{- '<|im_start|>system\\n" + default_system + "<|im_end|>\\n' -}}"
+        "{%- endif -%}"
+        if default_system
+        else ""
+    )
+    return (
+        "{%- set IMAGE = '" + image + "' -%}{%- set VIDEO = '" + video + "' -%}"
+        + system +
+        "{%- for message in messages -%}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+        + _CONTENT +
+        "{{- '<|im_end|>\\n' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
     )
 
 
@@ -254,8 +278,107 @@ def _build_llava(p: Preset):
     return config, processor
 
 
+def _qwen_tokenizer(p: Preset):
+    vision = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+    return _make_tokenizer(
+        p,
+        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>", *vision],
+        bos=None,  # Qwen tokenizers add no bos
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        extra={
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+            "vision_bos_token": "<|vision_start|>",
+            "vision_eos_token": "<|vision_end|>",
+        },
+        add_bos=False,
+    )
+
+
+def _qwen_vision_ids(tok) -> dict[str, int]:
+    ids = tok.convert_tokens_to_ids
+    return {
+        "image_token_id": ids("<|image_pad|>"),
+        "video_token_id": ids("<|video_pad|>"),
+        "vision_start_token_id": ids("<|vision_start|>"),
+        "vision_end_token_id": ids("<|vision_end|>"),
+    }
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Split head_dim / 2 rotary frequencies over (t, h, w) as Qwen does (16, 24, 24 of 64)."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def _build_qwen2_5_vl(p: Preset):
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tok = _qwen_tokenizer(p)
+    tok.chat_template = _chatml_template(
+        "<|vision_start|><|image_pad|><|vision_end|>",
+        "<|vision_start|><|video_pad|><|vision_end|>",
+        default_system="You are a helpful assistant.",
+    )
+    head_dim = p.text_hidden // p.text_heads
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=p.text_hidden,
+            intermediate_size=p.text_intermediate,
+            num_hidden_layers=p.text_layers,
+            num_attention_heads=p.text_heads,
+            num_key_value_heads=p.text_kv_heads,
+            max_position_embeddings=p.max_position_embeddings,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(head_dim)},
+            bos_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=False,
+        ),
+        vision_config=dict(
+            depth=p.vision_layers,
+            hidden_size=p.vision_hidden,
+            intermediate_size=p.vision_intermediate,
+            num_heads=p.vision_heads,
+            out_hidden_size=p.text_hidden,  # the merger projects straight into the LM
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,  # 4 x 4 merged tokens per window, as in the real model
+            fullatt_block_indexes=[p.vision_layers - 1],  # windowed layers, then a full one
+            tokens_per_second=2,
+        ),
+        **_qwen_vision_ids(tok),
+        tie_word_embeddings=False,
+    )
+    size = {"shortest_edge": p.qwen_min_pixels, "longest_edge": p.qwen_max_pixels}
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size, patch_size=14, temporal_patch_size=2, merge_size=2),
+        video_processor=Qwen2VLVideoProcessor(size=size, patch_size=14, temporal_patch_size=2, merge_size=2),
+        tokenizer=tok,
+        chat_template=tok.chat_template,
+    )
+    return config, processor
+
+
 _ARCHES = {
     "llava": _Arch("LlavaForConditionalGeneration", _build_llava, _LLAVA_HUB_PREFIXES),
+    # Hub Qwen2.5-VL checkpoints keep the LM at the top level (`model.layers.*`, `visual.*`).
+    "qwen2.5-vl": _Arch(
+        "Qwen2_5_VLForConditionalGeneration",
+        _build_qwen2_5_vl,
+        (("model.language_model.", "model."), ("model.visual.", "visual.")),
+    ),
 }
 
 
