@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-ARCHES = ("llava", "qwen2.5-vl")
+ARCHES = ("llava", "qwen2.5-vl", "llava-next")
 
 
 @dataclass(frozen=True)
@@ -278,6 +278,45 @@ def _build_llava(p: Preset):
     return config, processor
 
 
+def _anyres_pinpoints(side: int, grids) -> list[list[int]]:
+    """Resolutions (height, width) of the anyres tilings, in multiples of the tower's input side."""
+    return [[side * rows, side * cols] for rows, cols in grids]
+
+
+def _build_llava_next(p: Preset):
+    from transformers import LlavaNextConfig, LlavaNextImageProcessor, LlavaNextProcessor
+
+    tok = _llama_tokenizer(p)
+    tok.chat_template = _vicuna_template("<image>")
+    # LLaVA-1.6's tilings (1x2, 2x1, 2x2, 1x3, 3x1 tiles of the tower's input).
+    pinpoints = _anyres_pinpoints(p.image_size, [(1, 2), (2, 1), (2, 2), (3, 1), (1, 3)])
+    config = LlavaNextConfig(
+        vision_config=_clip_config(p),
+        text_config=_llama_config(p, tok),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_grid_pinpoints=pinpoints,
+        image_seq_length=(p.image_size // p.patch_size) ** 2,  # the base tile's share
+        tie_word_embeddings=False,
+    )
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": p.image_size},
+        crop_size={"height": p.image_size, "width": p.image_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=p.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tok.chat_template,
+    )
+    return config, processor
+
+
 def _qwen_tokenizer(p: Preset):
     vision = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
     return _make_tokenizer(
@@ -379,6 +418,7 @@ _ARCHES = {
         _build_qwen2_5_vl,
         (("model.language_model.", "model."), ("model.visual.", "visual.")),
     ),
+    "llava-next": _Arch("LlavaNextForConditionalGeneration", _build_llava_next, _LLAVA_HUB_PREFIXES),
 }
 
 
