@@ -24,3 +24,35 @@ def tiny_checkpoint(tmp_path_factory):
         return built[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def random_selector(tiny_checkpoint, tmp_path_factory):
+    """``random_selector("llava")`` -> an untrained selector checkpoint that fits that tiny
+    model (serving tests need a loadable selector, not a good one)."""
+    built = {}
+
+    def get(arch: str):
+        if arch not in built:
+            import torch
+            from transformers import AutoConfig
+
+            from vllm_tokenprune.selector import (
+                SelectorConfig,
+                TokenSelector,
+                save_selector,
+                vision_signature,
+            )
+
+            model = tiny_checkpoint(arch)
+            signature = vision_signature(AutoConfig.from_pretrained(model))
+            torch.manual_seed(0)
+            selector = TokenSelector(SelectorConfig(feature_dim=signature["feature_dim"]))
+            path = tmp_path_factory.mktemp(f"selector-{arch}") / "selector.safetensors"
+            save_selector(path, selector, metadata={
+                "source_model": str(model), "feature_layer": signature["vision_feature_layer"],
+                "vision_signature": signature})
+            built[arch] = path
+        return built[arch]
+
+    return get

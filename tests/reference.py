@@ -1,0 +1,57 @@
+"""The stock model's answer, from HF transformers in fp32: what pruned serving at keep
+1.0 must reproduce token for token."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+NEW_TOKENS = 8
+QUESTION = "What is shown in this image?"
+
+
+def noise_image(width: int, height: int, seed: int) -> Image.Image:
+    """Random pixels, so the vision tower's output matters to the answer."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def chat(images, image_item, question: str = QUESTION) -> list[dict]:
+    content = [image_item(image) for image in images] + [{"type": "text", "text": question}]
+    return [{"role": "user", "content": content}]
+
+
+def hf_model(path):
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    model_class = getattr(transformers, config.architectures[0])
+    model, info = model_class.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    return model.eval(), info
+
+
+def hf_greedy(path, images, new_tokens: int = NEW_TOKENS):
+    """transformers' prompt ids, greedy tokens and their logprobs for a chat with ``images``."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    model, _ = hf_model(path)
+    inputs = processor.apply_chat_template(
+        chat(images, lambda image: {"type": "image", "image": image}),
+        add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+    )
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,  # vLLM's min_tokens: both mask eos the same way
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    prompt = inputs["input_ids"][0].tolist()
+    tokens = out.sequences[0, len(prompt):].tolist()
+    logprobs = [torch.log_softmax(step[0], -1)[t].item() for step, t in zip(out.logits, tokens)]
+    return prompt, tokens, logprobs

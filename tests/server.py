@@ -1,0 +1,95 @@
+"""Start a real ``vllm-tokenprune serve`` process for tests, and talk to it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+STARTUP_TIMEOUT_S = 300  # ~25-50 s on an idle 2-core machine; generous for a busy one
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def image_url(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def serve_command(model: str | Path, *args: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "vllm_tokenprune.cli", "serve", str(model),
+            "--port", str(port), "--host", "127.0.0.1", *args]
+
+
+class Server:
+    """A server process; ``url`` is its OpenAI base URL. Use as a context manager."""
+
+    def __init__(self, model: str | Path, *args: str, log_path: Path, env: dict | None = None):
+        self.port = free_port()
+        self.root = f"http://127.0.0.1:{self.port}"
+        self.url = self.root + "/v1"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            serve_command(model, *args, port=self.port),
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.startup_s = self._wait_healthy()
+
+    def _wait_healthy(self) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < STARTUP_TIMEOUT_S:
+            if self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(self.root + "/health", timeout=2).status_code == 200:
+                    return time.monotonic() - start
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise TimeoutError(f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def metrics(self) -> dict[str, float]:
+        """Our Prometheus samples, keyed by the sample line's name and labels."""
+        text = requests.get(self.root + "/metrics", timeout=10).text
+        samples = {}
+        for line in text.splitlines():
+            if line.startswith("tokenprune_"):
+                key, value = line.rsplit(" ", 1)
+                samples[key] = float(value)
+        return samples
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
