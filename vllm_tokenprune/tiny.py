@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-ARCHES = ("llava", "qwen2.5-vl", "llava-next")
+ARCHES = ("llava", "qwen2.5-vl", "llava-next", "llava-onevision")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ class Preset:
     # CLIP / SigLIP towers: square input side and patch (168 / 14 -> 12 x 12 = 144 tokens)
     image_size: int = 168
     patch_size: int = 14
+    # LLaVA-OneVision: anyres tilings up to N x N tiles (the real model: 6 x 6 of 384 px)
+    onevision_max_tiles: int = 3
     # Qwen towers: pixel budget per image (28 x 28 pixels per token; 256 tokens at most)
     qwen_min_pixels: int = 4 * 28 * 28
     qwen_max_pixels: int = 256 * 28 * 28
@@ -317,22 +319,25 @@ def _build_llava_next(p: Preset):
     return config, processor
 
 
-def _qwen_tokenizer(p: Preset):
-    vision = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+def _qwen_tokenizer(p: Preset, media: dict[str, str]):
+    """Qwen2's special tokens plus the model's media tokens (``media``: attribute -> token)."""
     return _make_tokenizer(
         p,
-        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>", *vision],
+        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>", *media.values()],
         bos=None,  # Qwen tokenizers add no bos
         eos="<|im_end|>",
         pad="<|endoftext|>",
-        extra={
-            "image_token": "<|image_pad|>",
-            "video_token": "<|video_pad|>",
-            "vision_bos_token": "<|vision_start|>",
-            "vision_eos_token": "<|vision_end|>",
-        },
+        extra=media,
         add_bos=False,
     )
+
+
+_QWEN_VL_MEDIA = {
+    "vision_bos_token": "<|vision_start|>",
+    "vision_eos_token": "<|vision_end|>",
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+}
 
 
 def _qwen_vision_ids(tok) -> dict[str, int]:
@@ -361,7 +366,7 @@ def _build_qwen2_5_vl(p: Preset):
         Qwen2VLVideoProcessor,
     )
 
-    tok = _qwen_tokenizer(p)
+    tok = _qwen_tokenizer(p, _QWEN_VL_MEDIA)
     tok.chat_template = _chatml_template(
         "<|vision_start|><|image_pad|><|vision_end|>",
         "<|vision_start|><|video_pad|><|vision_end|>",
@@ -410,6 +415,68 @@ def _build_qwen2_5_vl(p: Preset):
     return config, processor
 
 
+def _build_llava_onevision(p: Preset):
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    tok = _qwen_tokenizer(p, {"image_token": "<image>", "video_token": "<video>"})
+    tok.chat_template = _chatml_template("<image>\\n", "<video>\\n", default_system=None)
+    tiles = range(1, p.onevision_max_tiles + 1)
+    pinpoints = _anyres_pinpoints(p.image_size, itertools.product(tiles, tiles))
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=p.vision_hidden,
+            intermediate_size=p.vision_intermediate,
+            num_hidden_layers=p.vision_layers,
+            num_attention_heads=p.vision_heads,
+            image_size=p.image_size,
+            patch_size=p.patch_size,
+            vision_use_head=False,  # OneVision drops SigLIP's pooling head
+        ),
+        text_config=Qwen2Config(
+            vocab_size=len(tok),
+            hidden_size=p.text_hidden,
+            intermediate_size=p.text_intermediate,
+            num_hidden_layers=p.text_layers,
+            num_attention_heads=p.text_heads,
+            num_key_value_heads=p.text_kv_heads,
+            max_position_embeddings=p.max_position_embeddings,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+            bos_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=False,
+        ),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="full",  # SigLIP has no CLS to drop
+        vision_feature_layer=-1,
+        image_grid_pinpoints=pinpoints,
+        vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=False,
+    )
+    side = {"height": p.image_size, "width": p.image_size}
+    siglip_norm = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=side, image_grid_pinpoints=pinpoints, **siglip_norm),
+        video_processor=LlavaOnevisionVideoProcessor(size=side, **siglip_norm),
+        tokenizer=tok,
+        num_image_tokens=(p.image_size // p.patch_size) ** 2,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        chat_template=tok.chat_template,
+    )
+    return config, processor
+
+
 _ARCHES = {
     "llava": _Arch("LlavaForConditionalGeneration", _build_llava, _LLAVA_HUB_PREFIXES),
     # Hub Qwen2.5-VL checkpoints keep the LM at the top level (`model.layers.*`, `visual.*`).
@@ -419,6 +486,9 @@ _ARCHES = {
         (("model.language_model.", "model."), ("model.visual.", "visual.")),
     ),
     "llava-next": _Arch("LlavaNextForConditionalGeneration", _build_llava_next, _LLAVA_HUB_PREFIXES),
+    "llava-onevision": _Arch(
+        "LlavaOnevisionForConditionalGeneration", _build_llava_onevision, _LLAVA_HUB_PREFIXES
+    ),
 }
 
 
