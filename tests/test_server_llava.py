@@ -1,6 +1,7 @@
-"""The serving spine end to end: a real `vllm-tokenprune serve` on a tiny LLaVA, driven by
-the `openai` client. One server for the module (start-up costs ~25-50 s), started with a
-selector and an operator policy (floor 0.05, step 0.05) that the ratios below respect.
+"""The serving spine end to end: a real `vllm-tokenprune serve` on tiny LLaVA-1.5 and
+LLaVA-NeXT checkpoints, driven by the `openai` client. One server per family (start-up
+costs ~25-50 s), started with a selector and an operator policy (floor 0.05, step 0.05)
+that the ratios below respect.
 """
 
 from __future__ import annotations
@@ -21,21 +22,25 @@ from vllm_tokenprune.tiny import count_image_tokens
 
 pytestmark = pytest.mark.server
 
-ARCH = "llava"
 IMAGE = noise_image(336, 252, seed=1)
 RATIOS = (1.0, 0.5, 0.25, 0.1)
 
 
-@pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    return tiny_checkpoint(ARCH)
+@pytest.fixture(scope="module", params=["llava", "llava-next"])
+def arch(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def server(model, random_selector, tmp_path_factory):
+def model(tiny_checkpoint, arch):
+    return tiny_checkpoint(arch)
+
+
+@pytest.fixture(scope="module")
+def server(model, arch, random_selector, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with Server(model, "--selector", str(random_selector(ARCH)), "--dtype", "float32",
-                "--max-model-len", "2048", "--limit-mm-per-prompt", '{"image": 2}',
+    with Server(model, "--selector", str(random_selector(arch)), "--dtype", "float32",
+                "--max-model-len", "4096", "--limit-mm-per-prompt", '{"image": 2}',
                 "--min-keep-ratio", "0.05", "--keep-ratio-step", "0.05",
                 "--served-model-name", "tiny", log_path=log) as srv:
         print(f"\nserver healthy after {srv.startup_s:.1f} s")
@@ -192,7 +197,7 @@ def test_mismatched_selector_stops_startup(model, tiny_checkpoint, random_select
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "does not fit the served model" in proc.stderr
-    assert "model_type: expected 'qwen2_5_vl', found 'llava'" in proc.stderr
+    assert "vision_model_type: expected 'qwen2_5_vl_vision'" in proc.stderr
 
 
 def test_unreadable_selector_stops_startup(model, tmp_path):

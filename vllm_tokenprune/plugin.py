@@ -12,12 +12,15 @@ from __future__ import annotations
 # --hf-overrides '{"architectures": ["<pruned>"]}' (``vllm-tokenprune serve`` does).
 PRUNED_ARCHITECTURES: dict[str, str] = {
     "LlavaForConditionalGeneration": "PrunedLlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration": "PrunedLlavaNextForConditionalGeneration",
 }
 
 # Pruned architecture -> "module:Class".
 PRUNED_MODELS: dict[str, str] = {
     "PrunedLlavaForConditionalGeneration":
         "vllm_tokenprune.models.llava:PrunedLlavaForConditionalGeneration",
+    "PrunedLlavaNextForConditionalGeneration":
+        "vllm_tokenprune.models.llava_next:PrunedLlavaNextForConditionalGeneration",
 }
 
 

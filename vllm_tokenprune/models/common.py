@@ -192,17 +192,20 @@ class PruningModelMixin:
         return {name: [int(x) for x in torch.as_tensor(v).flatten().tolist()]
                 for name, v in values.items()}
 
-    @torch.inference_mode()
+    def _keep_indices(self, features: torch.Tensor, fields: dict[str, list[int]], i: int,
+                      k: int | None = None) -> torch.Tensor:
+        """Image i's features (N, D) -> the indices (K,) its method keeps, ascending."""
+        ctx = methods.ImageContext(seed=fields[SEED_FIELD][i], selector=self.token_selector)
+        name = methods.method_name(fields[METHOD_FIELD][i])
+        k = fields[KEEP_FIELD][i] if k is None else k
+        with torch.inference_mode():
+            return methods.select(name, features, k, ctx).to(features.device)
+
     def _prune(self, features: Sequence[torch.Tensor], fields: dict[str, list[int]]
                ) -> list[torch.Tensor]:
         """Per image: features (N, D) -> the K kept rows, in original order."""
-        kept = []
-        for i, feats in enumerate(features):
-            ctx = methods.ImageContext(seed=fields[SEED_FIELD][i], selector=self.token_selector)
-            name = methods.method_name(fields[METHOD_FIELD][i])
-            idx = methods.select(name, feats, fields[KEEP_FIELD][i], ctx)
-            kept.append(feats.index_select(0, idx.to(feats.device)))
-        return kept
+        return [feats.index_select(0, self._keep_indices(feats, fields, i))
+                for i, feats in enumerate(features)]
 
     def _selector_weight_names(self) -> Iterable[str]:
         """Names vLLM's loader must see as loaded (the selector loaded itself)."""

@@ -1,0 +1,102 @@
+"""LLaVA-NeXT (LLaVA-1.6) with visual-token pruning.
+
+An image becomes a base crop plus an anyres grid of crops; the stock model unpads the
+grid and appends an ``image_newline`` embedding after every row, so its N placeholders
+are base tokens + unpadded grid tokens + one newline per row. How pruning treats that:
+
+* K = keep_count(N, ratio), N the stock placeholder count, as for every family.
+* The method ranks the real tokens of the whole image (base and grid crops together, the
+  vision-tower features before the projector) and keeps its best K, in stock order.
+* Newline markers are layout, not content: once rows lose tokens they no longer delimit
+  rows, so they are dropped first. Only when K exceeds the real tokens (ratios within a
+  few percent of 1) are the first newlines kept to fill the count; at K = N the stock
+  sequence is returned untouched.
+
+The stock order (unpadding, newline positions) comes from vLLM's own
+``_merge_image_patch_embeddings`` run on token indices, so it is never re-derived here.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Iterable
+
+import torch
+from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
+from vllm.model_executor.models.llava_next import (
+    LlavaNextForConditionalGeneration,
+    LlavaNextMultiModalProcessor,
+    LlavaNextProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.parse import ImageSize
+
+from vllm_tokenprune.models.common import PruningModelMixin, PruningProcessorMixin
+
+
+class PrunedLlavaNextMultiModalProcessor(PruningProcessorMixin, LlavaNextMultiModalProcessor):
+    def _unpruned_tokens(self, image_size: ImageSize) -> int:
+        return self.info.get_num_image_tokens(
+            image_width=image_size.width, image_height=image_size.height
+        )
+
+    def _image_pixels(self, processed, index: int) -> torch.Tensor:
+        return processed["pixel_values"][index]
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PrunedLlavaNextMultiModalProcessor,
+    info=LlavaNextProcessingInfo,
+    dummy_inputs=LlavaDummyInputsBuilder,
+)
+class PrunedLlavaNextForConditionalGeneration(
+    PruningModelMixin, LlavaNextForConditionalGeneration
+):
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_pruning(vllm_config, next(self.vision_tower.parameters()).device)
+
+    def _stock_order(self, image_size: torch.Tensor, crops: int, tokens: int) -> torch.Tensor:
+        """For each stock output row: its index into the flattened crop tokens, or -1 for
+        an image_newline row."""
+        index = torch.arange(crops * tokens, dtype=torch.float64).view(crops, tokens, 1)
+        # vLLM's merge reads only .config and .image_newline; a NaN newline marks its rows.
+        marker = types.SimpleNamespace(
+            config=self.config, image_newline=torch.tensor([math.nan], dtype=torch.float64))
+        merged = LlavaNextForConditionalGeneration._merge_image_patch_embeddings(
+            marker, image_size, index, strategy="spatial_unpad")[:, 0]
+        return torch.where(merged.isnan(), -1, merged).long()
+
+    def embed_multimodal(self, **kwargs: object):
+        fields = self._pop_prune_fields(kwargs)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        if fields is None or image_input["type"] != "pixel_values":
+            return self._process_image_input(image_input)
+
+        pixel_values = image_input["pixel_values"]
+        crops_per_image = [len(p) for p in pixel_values]
+        features = self._image_pixels_to_features(self.vision_tower, torch.cat(list(pixel_values)))
+        projected = self.multi_modal_projector(features)
+        out = []
+        for i, (feats, embeds) in enumerate(zip(features.split(crops_per_image),
+                                                projected.split(crops_per_image))):
+            size = image_input["image_sizes"][i]
+            stock = self._merge_image_patch_embeddings(size, embeds, strategy="spatial_unpad")
+            k = fields["tokenprune_keep"][i]
+            if k >= len(stock):
+                out.append(stock)
+                continue
+            order = self._stock_order(size, *feats.shape[:2]).to(stock.device)
+            real_rows = (order >= 0).nonzero().squeeze(1)
+            newline_rows = (order < 0).nonzero().squeeze(1)
+            candidates = feats.flatten(0, 1).index_select(0, order[real_rows])
+            chosen = real_rows[self._keep_indices(candidates, fields, i, min(k, len(real_rows)))]
+            rows = torch.cat([chosen, newline_rows[: k - len(chosen)]]).sort().values
+            out.append(stock.index_select(0, rows))
+        return out
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return super().load_weights(weights) | set(self._selector_weight_names())
