@@ -1,0 +1,301 @@
+"""Vision features exactly as a VLM feeds them to its projector, extracted with transformers.
+
+Only the vision tower is built and only its weights are read from the checkpoint (a
+7B VLM's language model is never loaded). What is extracted, per family:
+
+- LLaVA-1.5 (``llava``): ``vision_tower(pixel_values, output_hidden_states=True)
+  .hidden_states[vision_feature_layer]``, CLS dropped when the strategy is "default";
+  a list of layers is concatenated along D (as transformers' and vLLM's LLaVA do). vLLM
+  builds the tower with ``require_post_norm=False``, so these are the served features.
+- LLaVA-NeXT / LLaVA-OneVision: the same, on the base-resolution view of each image (the
+  first of the processor's patches) only. The served model also scores the high-resolution
+  crops with the same tower; the base view is enough to train a selector.
+- Qwen2.5-VL: the visual module's output after the patch merger (the merged tokens the
+  selector scores at serve time). Images are resized to a fixed square so N is constant.
+
+``cached_features`` wraps extraction with an on-disk safetensors cache keyed by the model
+files and image files, so a second training run skips the tower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from vllm_tokenprune.selector import vision_signature
+
+DEFAULT_CACHE_DIR = "~/.cache/vllm_tokenprune/features"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+QWEN_IMAGE_SIZE = 448  # Qwen2.5-VL images are resized to this square (16 x 16 merged tokens)
+# Bump when what extract_features returns changes, to invalidate old caches.
+FEATURES_VERSION = 1
+
+LLAVA_FAMILY = ("llava", "llava_next", "llava_onevision")
+QWEN_FAMILY = ("qwen2_5_vl",)
+
+
+# ---------------------------------------------------------------------------------------
+# Images
+
+
+def find_images(folder: str | Path) -> list[Path]:
+    """All png/jpg/jpeg/webp files under folder, recursively, sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    return paths
+
+
+def load_images(paths: list[Path]) -> list[Image.Image]:
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"cannot read image {path}: {e}") from e
+    return images
+
+
+# ---------------------------------------------------------------------------------------
+# Model files and the vision tower
+
+
+def _model_file(model: str, filename: str) -> Path | None:
+    """A file of a local checkpoint folder or of a hub model (from the local hub cache if there)."""
+    if Path(model).is_dir():
+        path = Path(model) / filename
+        return path if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(model, filename))
+    except EntryNotFoundError:
+        return None
+
+
+def _weight_files(model: str, tower_prefix: str) -> list[Path]:
+    """The safetensors files holding the tower's weights (only those shards of a sharded checkpoint)."""
+    index = _model_file(model, "model.safetensors.index.json")
+    if index is not None:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted({shard for key, shard in weight_map.items() if _tower_key(key, tower_prefix)})
+        return [_model_file(model, shard) for shard in shards]
+    single = _model_file(model, "model.safetensors")
+    if single is None:
+        raise FileNotFoundError(f"{model}: no model.safetensors or model.safetensors.index.json")
+    return [single]
+
+
+def _tower_key(key: str, tower_prefix: str) -> str | None:
+    """The name inside the tower of a checkpoint key, e.g. 'model.vision_tower.x.y' -> 'x.y'."""
+    m = re.match(rf"^(?:.*\.)?{tower_prefix}\.(.*)$", key)
+    return m.group(1) if m else None
+
+
+def _family(config) -> str:
+    if config.model_type in LLAVA_FAMILY:
+        return "llava"
+    if config.model_type in QWEN_FAMILY:
+        return "qwen"
+    raise NotImplementedError(
+        f"feature extraction supports model types {LLAVA_FAMILY + QWEN_FAMILY}, not {config.model_type!r}"
+    )
+
+
+def _build_tower(model: str, config) -> tuple[torch.nn.Module, list[Path]]:
+    """The vision tower with its checkpoint weights, and the files they came from."""
+    if _family(config) == "llava":
+        from transformers import AutoModel
+
+        tower, prefix = AutoModel.from_config(config.vision_config), "vision_tower"
+    else:
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+        tower, prefix = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config), "visual"
+    wanted = set(tower.state_dict())
+    state = {}
+    files = _weight_files(model, prefix)
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                name = _tower_key(key, prefix)
+                if name is None:
+                    continue
+                # transformers 5 saves CLIP/SigLIP towers without the "vision_model." level
+                # that older checkpoints (and vLLM) use.
+                for candidate in (name, name.removeprefix("vision_model."), "vision_model." + name):
+                    if candidate in wanted:
+                        state[candidate] = f.get_tensor(key).float()
+                        break
+    # Hidden states never pass the post-norm or pooling head; checkpoints may omit them.
+    missing = sorted(k for k in wanted - state.keys() if "post_layernorm" not in k and not k.startswith("head."))
+    if missing:
+        raise ValueError(f"{model}: vision tower weights missing from the checkpoint: {missing[:5]}")
+    tower.load_state_dict(state, strict=False)
+    return tower.float().eval(), files
+
+
+# ---------------------------------------------------------------------------------------
+# Extraction
+
+
+def _llava_batch(tower, processor, config, images, device) -> torch.Tensor:
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    if pixels.dim() == 5:  # LLaVA-NeXT / OneVision: (B, patches, C, H, W), base view first
+        pixels = pixels[:, 0]
+    hidden = tower(pixels.to(device), output_hidden_states=True).hidden_states
+    layers = config.vision_feature_layer
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    feats = [hidden[layer] for layer in layers]
+    if config.vision_feature_select_strategy == "default":  # drop CLS
+        feats = [f[:, 1:] for f in feats]
+    return torch.cat(feats, dim=-1)
+
+
+def _qwen_batch(tower, processor, config, images, device, image_size) -> torch.Tensor:
+    factor = config.vision_config.patch_size * config.vision_config.spatial_merge_size
+    side = max(factor, round(image_size / factor) * factor)
+    images = [im.resize((side, side), Image.BICUBIC) for im in images]
+    inputs = processor(images=images, return_tensors="pt")
+    grid = inputs["image_grid_thw"]
+    merged = tower(inputs["pixel_values"].to(device), grid_thw=grid.to(device)).pooler_output
+    return merged.reshape(len(images), -1, merged.shape[-1])
+
+
+def _grid(config, num_tokens: int, qwen_image_size: int) -> list[int] | None:
+    """(rows, cols) of the token grid, or None where tokens do not form one (e.g. CLS kept)."""
+    vc = config.vision_config
+    if _family(config) == "qwen":
+        factor = vc.patch_size * vc.spatial_merge_size
+        side = max(factor, round(qwen_image_size / factor) * factor) // factor
+    else:
+        side = vc.image_size // vc.patch_size
+    return [side, side] if side * side == num_tokens else None
+
+
+@torch.inference_mode()
+def extract_features(
+    model_dir_or_id: str | Path,
+    images: list[Image.Image],
+    *,
+    batch_size: int = 16,
+    device: str = "cpu",
+    progress: bool = True,
+    qwen_image_size: int = QWEN_IMAGE_SIZE,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Features (num_images, N, D) float32 on CPU, and info about them.
+
+    info: source_model (as given), feature_layer, vision_signature, num_tokens,
+    feature_dim, grid ([rows, cols] of the tokens, or None).
+    """
+    from transformers import AutoConfig, AutoImageProcessor
+
+    if not images:
+        raise ValueError("no images to extract features from")
+    model = str(model_dir_or_id)
+    config = AutoConfig.from_pretrained(model)
+    family = _family(config)
+    tower, _ = _build_tower(model, config)
+    tower.to(device)
+    processor = AutoImageProcessor.from_pretrained(model)
+    chunks = []
+    for start in tqdm(range(0, len(images), batch_size), desc="features", unit="batch", disable=not progress):
+        batch = [im.convert("RGB") for im in images[start:start + batch_size]]
+        if family == "llava":
+            feats = _llava_batch(tower, processor, config, batch, device)
+        else:
+            feats = _qwen_batch(tower, processor, config, batch, device, qwen_image_size)
+        chunks.append(feats.float().cpu())
+    features = torch.cat(chunks)
+    info = {
+        "source_model": model,
+        "feature_layer": getattr(config, "vision_feature_layer", None) if family == "llava" else "merger",
+        "vision_signature": vision_signature(config),
+        "num_tokens": features.shape[1],
+        "feature_dim": features.shape[2],
+        "grid": _grid(config, features.shape[1], qwen_image_size),
+    }
+    return features, info
+
+
+# ---------------------------------------------------------------------------------------
+# On-disk cache
+
+
+def _file_stamp(path: Path) -> list:
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def _cache_key(model: str, image_paths: list[Path], qwen_image_size: int) -> str:
+    """Hash of everything the features depend on: model config, processor config, tower
+    weight files (size, mtime), image files (size, mtime) and the feature layer."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    parts: dict[str, Any] = {
+        "version": FEATURES_VERSION,
+        "model": model,
+        "config": config.to_dict(),
+        "feature_layer": getattr(config, "vision_feature_layer", None),
+        "qwen_image_size": qwen_image_size,
+        "images": [_file_stamp(Path(p)) for p in image_paths],
+    }
+    processor_config = _model_file(model, "preprocessor_config.json")
+    parts["processor"] = processor_config.read_text() if processor_config else None
+    prefix = "vision_tower" if _family(config) == "llava" else "visual"
+    parts["weights"] = [_file_stamp(p) for p in _weight_files(model, prefix)]
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def cached_features(
+    model_dir_or_id: str | Path,
+    image_paths: list[Path],
+    *,
+    cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
+    batch_size: int = 16,
+    device: str = "cpu",
+    progress: bool = True,
+    qwen_image_size: int = QWEN_IMAGE_SIZE,
+) -> tuple[torch.Tensor, dict[str, Any], bool]:
+    """extract_features on image files, through the cache; returns (features, info, from_cache).
+
+    cache_dir=None disables the cache.
+    """
+    model = str(model_dir_or_id)
+    path = None
+    if cache_dir is not None:
+        key = _cache_key(model, image_paths, qwen_image_size)
+        path = Path(cache_dir).expanduser() / f"{key}.safetensors"
+        if path.is_file():
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    return f.get_tensor("features"), json.loads(f.metadata()["info"]), True
+            except (SafetensorError, OSError, KeyError, json.JSONDecodeError):
+                pass  # a damaged cache entry is simply rebuilt
+    features, info = extract_features(
+        model, load_images(image_paths), batch_size=batch_size, device=device, progress=progress,
+        qwen_image_size=qwen_image_size,
+    )
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        save_file({"features": features.contiguous()}, str(tmp), metadata={"info": json.dumps(info)})
+        os.replace(tmp, path)
+    return features, info, False
