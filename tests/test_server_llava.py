@@ -16,8 +16,9 @@ import pytest
 import requests
 
 from reference import NEW_TOKENS, chat, hf_greedy, noise_image
-from server import Server, image_url, serve_command
+from server import Server, serve_command
 from vllm_tokenprune.budget import keep_count
+from vllm_tokenprune.client import image_url
 from vllm_tokenprune.tiny import count_image_tokens
 
 pytestmark = pytest.mark.server

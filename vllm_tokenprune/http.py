@@ -24,9 +24,8 @@ from vllm_tokenprune.budget import (
     parse_keep_ratio,
     parse_method,
 )
+from vllm_tokenprune.client import KEEP_RATIO_HEADER, METHOD_HEADER
 
-KEEP_RATIO_HEADER = "X-Keep-Ratio"
-METHOD_HEADER = "X-Prune-Method"
 APPLIED_RATIO_HEADER = "X-Keep-Ratio-Applied"
 # The OpenAI routes whose requests may carry images and mm_processor_kwargs.
 ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
