@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-ARCHES = ("llava", "qwen2.5-vl", "llava-next", "llava-onevision")
+ARCHES = ("llava", "qwen2.5-vl", "llava-next", "llava-onevision", "qwen3-vl")
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,9 @@ class Preset:
     patch_size: int = 14
     # LLaVA-OneVision: anyres tilings up to N x N tiles (the real model: 6 x 6 of 384 px)
     onevision_max_tiles: int = 3
-    # Qwen towers: pixel budget per image (28 x 28 pixels per token; 256 tokens at most)
-    qwen_min_pixels: int = 4 * 28 * 28
-    qwen_max_pixels: int = 256 * 28 * 28
+    # Qwen towers: token budget per image (the processor resizes into it)
+    qwen_min_tokens: int = 4
+    qwen_max_tokens: int = 256
     # image size whose token count `run` reports (wide, to show the anyres / dynamic layouts)
     probe_size: tuple[int, int] = (336, 252)
 
@@ -350,12 +350,35 @@ def _qwen_vision_ids(tok) -> dict[str, int]:
     }
 
 
-def _mrope_section(head_dim: int) -> list[int]:
-    """Split head_dim / 2 rotary frequencies over (t, h, w) as Qwen does (16, 24, 24 of 64)."""
+def _qwen_size(p: Preset, patch_size: int) -> dict[str, int]:
+    """The Qwen processors' pixel budget (``size``) for the preset's tokens per image."""
+    pixels_per_token = (patch_size * 2) ** 2  # 2 x 2 patches merge into one token
+    return {"shortest_edge": p.qwen_min_tokens * pixels_per_token, "longest_edge": p.qwen_max_tokens * pixels_per_token}
+
+
+def _mrope_section(head_dim: int, t_share: float) -> list[int]:
+    """Split head_dim / 2 rotary frequencies over (t, h, w), h and w equal, as Qwen does."""
     half = head_dim // 2
-    t = half // 4
-    h = (half - t) // 2
-    return [t, h, half - t - h]
+    hw = round(half * (1 - t_share) / 2)
+    return [half - 2 * hw, hw, hw]
+
+
+def _qwen_text_config(p: Preset, tok, rope: dict) -> dict:
+    return dict(
+        vocab_size=len(tok),
+        hidden_size=p.text_hidden,
+        intermediate_size=p.text_intermediate,
+        num_hidden_layers=p.text_layers,
+        num_attention_heads=p.text_heads,
+        num_key_value_heads=p.text_kv_heads,
+        max_position_embeddings=p.max_position_embeddings,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", **rope},
+        bos_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
 
 
 def _build_qwen2_5_vl(p: Preset):
@@ -374,21 +397,8 @@ def _build_qwen2_5_vl(p: Preset):
     )
     head_dim = p.text_hidden // p.text_heads
     config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tok),
-            hidden_size=p.text_hidden,
-            intermediate_size=p.text_intermediate,
-            num_hidden_layers=p.text_layers,
-            num_attention_heads=p.text_heads,
-            num_key_value_heads=p.text_kv_heads,
-            max_position_embeddings=p.max_position_embeddings,
-            rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(head_dim)},
-            bos_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            tie_word_embeddings=False,
-        ),
+        # Qwen2.5-VL splits 64 frequencies 16 / 24 / 24
+        text_config=_qwen_text_config(p, tok, {"rope_theta": 1e6, "mrope_section": _mrope_section(head_dim, 0.25)}),
         vision_config=dict(
             depth=p.vision_layers,
             hidden_size=p.vision_hidden,
@@ -405,7 +415,7 @@ def _build_qwen2_5_vl(p: Preset):
         **_qwen_vision_ids(tok),
         tie_word_embeddings=False,
     )
-    size = {"shortest_edge": p.qwen_min_pixels, "longest_edge": p.qwen_max_pixels}
+    size = _qwen_size(p, 14)
     processor = Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(size=size, patch_size=14, temporal_patch_size=2, merge_size=2),
         video_processor=Qwen2VLVideoProcessor(size=size, patch_size=14, temporal_patch_size=2, merge_size=2),
@@ -477,6 +487,47 @@ def _build_llava_onevision(p: Preset):
     return config, processor
 
 
+def _build_qwen3_vl(p: Preset):
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    tok = _qwen_tokenizer(p, _QWEN_VL_MEDIA)
+    tok.chat_template = _chatml_template(
+        "<|vision_start|><|image_pad|><|vision_end|>",
+        "<|vision_start|><|video_pad|><|vision_end|>",
+        default_system=None,
+    )
+    head_dim = p.text_hidden // p.text_heads
+    # Qwen3-VL interleaves 64 frequencies 24 / 20 / 20 over (t, h, w)
+    rope = {"rope_theta": 5e6, "mrope_section": _mrope_section(head_dim, 0.375), "mrope_interleaved": True}
+    config = Qwen3VLConfig(
+        text_config={**_qwen_text_config(p, tok, rope), "head_dim": head_dim},
+        vision_config=dict(
+            depth=p.vision_layers,
+            hidden_size=p.vision_hidden,
+            intermediate_size=p.vision_intermediate,
+            num_heads=p.vision_heads,
+            out_hidden_size=p.text_hidden,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=24 * 24,  # a square grid, interpolated to each image (real: 48 x 48)
+            deepstack_visual_indexes=list(range(p.vision_layers - 1)),  # all but the last, like 8/16/24 of 27
+            hidden_act="gelu_pytorch_tanh",
+        ),
+        **_qwen_vision_ids(tok),
+        tie_word_embeddings=False,
+    )
+    size = _qwen_size(p, 16)
+    common = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size, **common),
+        video_processor=Qwen3VLVideoProcessor(size=size, **common),
+        tokenizer=tok,
+        chat_template=tok.chat_template,
+    )
+    return config, processor
+
+
 _ARCHES = {
     "llava": _Arch("LlavaForConditionalGeneration", _build_llava, _LLAVA_HUB_PREFIXES),
     # Hub Qwen2.5-VL checkpoints keep the LM at the top level (`model.layers.*`, `visual.*`).
@@ -489,6 +540,8 @@ _ARCHES = {
     "llava-onevision": _Arch(
         "LlavaOnevisionForConditionalGeneration", _build_llava_onevision, _LLAVA_HUB_PREFIXES
     ),
+    # Qwen3-VL was released with transformers' current layout (`model.language_model.*`).
+    "qwen3-vl": _Arch("Qwen3VLForConditionalGeneration", _build_qwen3_vl, ()),
 }
 
 
