@@ -21,15 +21,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_command(model: str | Path, *args: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "vllm_tokenprune.cli", "serve", str(model),
+def serve_command(model: str | Path | None, *args: str, port: int) -> list[str]:
+    """``vllm-tokenprune serve``; model None serves the embedded default."""
+    return [sys.executable, "-m", "vllm_tokenprune.cli", "serve",
+            *([str(model)] if model is not None else []),
             "--port", str(port), "--host", "127.0.0.1", *args]
 
 
 class Server:
     """A server process; ``url`` is its OpenAI base URL. Use as a context manager."""
 
-    def __init__(self, model: str | Path, *args: str, log_path: Path, env: dict | None = None):
+    def __init__(self, model: str | Path | None, *args: str, log_path: Path, env: dict | None = None):
         self.port = free_port()
         self.root = f"http://127.0.0.1:{self.port}"
         self.url = self.root + "/v1"

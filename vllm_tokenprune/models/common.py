@@ -47,7 +47,8 @@ def selector_path(hf_config) -> str | None:
 
 def image_seed(pixels: torch.Tensor) -> int:
     """A seed that depends only on an image's content (for the ``random`` method)."""
-    digest = hashlib.blake2b(pixels.detach().cpu().contiguous().numpy().tobytes(), digest_size=8)
+    raw = pixels.detach().cpu().contiguous().view(torch.uint8)  # any dtype, bf16 included
+    digest = hashlib.blake2b(raw.numpy().tobytes(), digest_size=8)
     return int.from_bytes(digest.digest(), "little") & (2**63 - 1)
 
 
