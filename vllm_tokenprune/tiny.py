@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -35,7 +37,7 @@ class Preset:
     text_heads: int = 4
     text_kv_heads: int = 2
     text_intermediate: int = 256
-    bpe_vocab: int = 640  # BPE training target; the model's vocab is exactly the tokenizer's
+    vocab_size: int = 512  # byte alphabet + special tokens + BPE merges
     max_position_embeddings: int = 4096
     # vision tower
     vision_hidden: int = 64
@@ -100,12 +102,14 @@ def _make_tokenizer(p: Preset, specials: list[str], bos: str | None, eos: str, p
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=p.bpe_vocab,
+        vocab_size=p.vocab_size,
         special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
+    if tok.get_vocab_size() != p.vocab_size:
+        raise ValueError(f"the generated corpus yields {tok.get_vocab_size()} tokens, not {p.vocab_size}")
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
@@ -154,7 +158,7 @@ def _vicuna_template(image: str) -> str:
 
 
 def _chatml_template(image: str, video: str, default_system: str | None) -> str:
-    """Qwen's ChatML format: ``<|im_start|>user\n...<|im_end|>\n<|im_start|>assistant\n``."""
+    """Qwen's ChatML format: ``<|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant\\n``."""
     system = (
         "{%- if messages[0]['role'] != 'system' -%}"
         "{{- '<|im_start|>system\\n" + default_system + "<|im_end|>\\n' -}}"
@@ -180,7 +184,7 @@ def _chatml_template(image: str, video: str, default_system: str | None) -> str:
 @dataclass(frozen=True)
 class _Arch:
     model_class: str  # transformers class name
-    build: Callable  # (Preset, out_dir) -> (config, processor)
+    build: Callable  # Preset -> (config, processor)
     # transformers' state-dict prefix -> hub checkpoint prefix, first match wins
     hub_prefixes: tuple[tuple[str, str], ...]
 
@@ -578,7 +582,7 @@ def _random_weights(model_class: str, config, seed: int) -> dict[str, torch.Tens
         elif name.endswith("bias"):
             value = 0.1 * noise
         elif meta.ndim >= 2:
-            value = noise / meta[0].numel() ** 0.5
+            value = noise / math.prod(meta.shape[1:]) ** 0.5  # 1 / sqrt(fan_in)
         else:
             value = noise / meta.numel() ** 0.5
         weights[name] = value.contiguous()
@@ -611,7 +615,8 @@ def build_tiny(arch: str, out_dir: Path | str, seed: int = 0, preset: str = "tes
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    torch.manual_seed(seed)  # nothing below should draw from the global RNG; belt and braces
+    # The weights come from their own generator; this pins anything else that draws randomness.
+    torch.manual_seed(seed)
     config, processor = spec.build(PRESETS[preset])
     config.dtype = "float32"
     # Without it vLLM resolves model_type to the headless LlavaModel and runs it as a pooler.
@@ -657,7 +662,7 @@ def run(args) -> int:
     out: Path = args.out
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not args.force:
-            print(f"error: {out} exists and is not empty; pass --force to replace it")
+            print(f"error: {out} exists and is not empty; pass --force to replace it", file=sys.stderr)
             return 2
         # Replace, not merge: a leftover file of another arch would change what loads.
         shutil.rmtree(out) if out.is_dir() else out.unlink()
