@@ -48,14 +48,18 @@ QWEN_FAMILY = ("qwen2_5_vl",)
 # Images
 
 
+class ImageFolderError(ValueError):
+    """No usable images: a missing or empty folder, or a file that is not a readable image."""
+
+
 def find_images(folder: str | Path) -> list[Path]:
     """All png/jpg/jpeg/webp files under folder, recursively, sorted."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
+        raise ImageFolderError(f"image folder not found: {folder}")
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+        raise ImageFolderError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     return paths
 
 
@@ -66,7 +70,7 @@ def load_images(paths: list[Path]) -> list[Image.Image]:
             with Image.open(path) as im:
                 images.append(im.convert("RGB"))
         except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"cannot read image {path}: {e}") from e
+            raise ImageFolderError(f"cannot read image {path}: {e}") from e
     return images
 
 
