@@ -15,67 +15,18 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from reference import NEW_TOKENS, chat, hf_greedy, hf_model, noise_image
 
 from vllm_tokenprune import cli
 from vllm_tokenprune.tiny import ARCHES, build_tiny, count_image_tokens, image_token_id
-
-NEW_TOKENS = 8
-QUESTION = "What is shown in this image?"
 
 
 def _sha256(path, name="model.safetensors") -> str:
     return hashlib.sha256((path / name).read_bytes()).hexdigest()
 
 
-def _noise_image(width: int, height: int, seed: int) -> Image.Image:
-    """Random pixels, so the vision tower's output matters to the answer."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
-
-
 # A wide and a tall image: anyres / dynamic-resolution processors tile them differently.
-IMAGES = [_noise_image(336, 252, seed=1), _noise_image(200, 300, seed=2)]
-
-
-def _chat(images, image_item) -> list[dict]:
-    content = [image_item(image) for image in images] + [{"type": "text", "text": QUESTION}]
-    return [{"role": "user", "content": content}]
-
-
-def _hf_model(path):
-    import transformers
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path)
-    model_class = getattr(transformers, config.architectures[0])
-    model, info = model_class.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
-    return model.eval(), info
-
-
-def _hf_greedy(path, images):
-    """transformers' prompt ids, greedy tokens and their logprobs for a chat with ``images``."""
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(path)
-    model, _ = _hf_model(path)
-    chat = _chat(images, lambda image: {"type": "image", "image": image})
-    inputs = processor.apply_chat_template(
-        chat, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    )
-    with torch.no_grad():
-        out = model.generate(
-            **inputs,
-            do_sample=False,
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,  # vLLM's min_tokens: both mask eos the same way
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    prompt = inputs["input_ids"][0].tolist()
-    tokens = out.sequences[0, len(prompt):].tolist()
-    logprobs = [torch.log_softmax(step[0], -1)[t].item() for step, t in zip(out.logits, tokens)]
-    return prompt, tokens, logprobs
+IMAGES = [noise_image(336, 252, seed=1), noise_image(200, 300, seed=2)]
 
 
 @pytest.mark.parametrize("arch", ARCHES)
@@ -94,13 +45,13 @@ def test_loads_in_transformers(tiny_checkpoint, arch):
     from transformers import AutoProcessor
 
     path = tiny_checkpoint(arch)
-    model, info = _hf_model(path)
+    model, info = hf_model(path)
     # Every checkpoint key maps onto a parameter, and every parameter comes from the file.
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     processor = AutoProcessor.from_pretrained(path)
-    chat = _chat(IMAGES[:1], lambda image: {"type": "image", "image": image})
+    messages = chat(IMAGES[:1], lambda image: {"type": "image", "image": image})
     inputs = processor.apply_chat_template(
-        chat, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     )
     n_image = int((inputs["input_ids"] == image_token_id(path)).sum())
     assert n_image == count_image_tokens(path, IMAGES[0].size) > 0
@@ -120,7 +71,7 @@ def test_vllm_matches_transformers(tiny_checkpoint, arch):
     # transformers' OneVision tiles an image (anyres) only when it is the prompt's sole
     # image (several images: base tile each); vLLM tiles every image. One image agrees.
     images = IMAGES[:1] if arch == "llava-onevision" else IMAGES
-    want_prompt, want_tokens, want_logprobs = _hf_greedy(path, images)
+    want_prompt, want_tokens, want_logprobs = hf_greedy(path, images)
 
     llm = LLM(
         model=str(path),
@@ -132,8 +83,8 @@ def test_vllm_matches_transformers(tiny_checkpoint, arch):
     )
     try:
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=0)
-        chat = _chat(images, lambda image: {"type": "image_pil", "image_pil": image})
-        (out,) = llm.chat(chat, params, use_tqdm=False)
+        messages = chat(images, lambda image: {"type": "image_pil", "image_pil": image})
+        (out,) = llm.chat(messages, params, use_tqdm=False)
     finally:
         llm.llm_engine.engine_core.shutdown()
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import subprocess
-import sys
 import time
 
 import openai
