@@ -1,0 +1,271 @@
+"""Feature extraction, synthetic images, the training loop and the `train` command, on the tiny LLaVA."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_tokenprune.budget import keep_count
+from vllm_tokenprune.features import ImageFolderError, cached_features, extract_features, find_images, load_images
+from vllm_tokenprune.selector import check_compatible, load_selector, vision_signature
+from vllm_tokenprune.synthetic import make_shapes_image, write_image_folder
+from vllm_tokenprune.train import TrainConfig, format_report, idle_cpu_threads, split_indices, train_selector
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tiny_checkpoint):
+    return tiny_checkpoint("llava")
+
+
+@pytest.fixture(scope="module")
+def llava_config(tiny_llava):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(tiny_llava)
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _content_patches(image, patch: int) -> torch.Tensor:
+    """Patches (row-major) holding any pixel far from the background (the image's median colour).
+
+    The canvas noise has std 4, so a deviation of 40 is a shape pixel.
+    """
+    pixels = np.asarray(image, dtype=np.float32)
+    background = np.median(pixels.reshape(-1, 3), axis=0)
+    ink = np.abs(pixels - background).max(axis=-1) > 40
+    rows, cols = ink.shape[0] // patch, ink.shape[1] // patch
+    return torch.from_numpy(ink.reshape(rows, patch, cols, patch).any(axis=(1, 3)).reshape(-1))
+
+
+# ---------------------------------------------------------------------------------------
+# Synthetic images
+
+
+def test_shapes_images_are_seeded_and_mostly_empty(tmp_path):
+    a = write_image_folder(tmp_path / "a", 3, seed=5, size=112)
+    b = write_image_folder(tmp_path / "b", 6, seed=5, size=112)
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b[:3]]  # image i depends on (seed, i)
+    assert a[0].read_bytes() != a[1].read_bytes()
+    image = make_shapes_image(np.random.default_rng(0), (120, 80))
+    assert image.size == (120, 80) and image.mode == "RGB"
+    for i in range(20):
+        content = _content_patches(make_shapes_image(np.random.default_rng(i), 112), 14)
+        assert 0 < content.float().mean() < 0.5
+
+
+# ---------------------------------------------------------------------------------------
+# Feature extraction
+
+
+def test_extract_features_are_what_the_projector_receives(tiny_llava, llava_config):
+    from transformers import AutoImageProcessor, LlavaForConditionalGeneration
+
+    from vllm_tokenprune.tiny import count_image_tokens
+
+    size = llava_config.vision_config.image_size
+    images = [make_shapes_image(np.random.default_rng(i), size) for i in range(4)]
+    images.append(make_shapes_image(np.random.default_rng(9), (size + 40, size - 30)))  # resized + cropped
+    features, info = extract_features(tiny_llava, images, batch_size=2, progress=False)
+
+    num_tokens = count_image_tokens(tiny_llava, (size, size))
+    assert features.shape == (5, num_tokens, llava_config.vision_config.hidden_size)
+    assert features.dtype == torch.float32
+    assert info == {
+        "source_model": str(tiny_llava),
+        "feature_layer": llava_config.vision_feature_layer,
+        "vision_signature": vision_signature(llava_config),
+        "num_tokens": num_tokens,
+        "feature_dim": llava_config.vision_config.hidden_size,
+        "grid": [size // 14, size // 14],
+    }
+
+    # Direct: the whole HF model, capturing the input of its projector.
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_llava).eval()
+    captured = []
+    model.model.multi_modal_projector.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    pixels = AutoImageProcessor.from_pretrained(tiny_llava)(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        model.model.get_image_features(
+            pixel_values=pixels,
+            vision_feature_layer=llava_config.vision_feature_layer,
+            vision_feature_select_strategy=llava_config.vision_feature_select_strategy,
+        )
+    torch.testing.assert_close(features, captured[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llava-next", "llava-onevision", "qwen2.5-vl"])
+def test_extract_features_other_families(tiny_checkpoint, arch):
+    """LLaVA-NeXT / OneVision: the projector input of each image's base view (its first
+    patch); Qwen2.5-VL: the merged tokens of an image resized to a fixed square."""
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor
+
+    path = tiny_checkpoint(arch)
+    config = AutoConfig.from_pretrained(path)
+    images = [make_shapes_image(np.random.default_rng(i), (200, 150)) for i in range(3)]
+    features, info = extract_features(path, images, batch_size=2, progress=False, qwen_image_size=112)
+    model = getattr(transformers, config.architectures[0]).from_pretrained(path).eval()
+    processor = AutoImageProcessor.from_pretrained(path)
+    with torch.no_grad():
+        if arch == "qwen2.5-vl":
+            inputs = processor(images=[im.resize((112, 112), 3) for im in images], return_tensors="pt")
+            merged = model.model.get_image_features(
+                pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]
+            ).pooler_output
+            reference = torch.stack(list(merged))
+            assert info["grid"] == [4, 4] and info["feature_layer"] == "merger"
+            assert features.shape[-1] == config.vision_config.out_hidden_size
+        else:
+            from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+            captured = []
+            model.model.multi_modal_projector.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+            inputs = processor(images=images, return_tensors="pt")
+            model.model.get_image_features(
+                pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy,
+            )
+            patches = [image_size_to_num_patches(tuple(s.tolist()), config.image_grid_pinpoints,
+                                                 config.vision_config.image_size) for s in inputs["image_sizes"]]
+            first = np.cumsum([0] + patches[:-1]).tolist()
+            reference = captured[0][first]
+    assert info["num_tokens"] == features.shape[1] and info["vision_signature"] == vision_signature(config)
+    torch.testing.assert_close(features, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_feature_cache_hits_and_invalidates(tiny_llava, tmp_path):
+    paths = write_image_folder(tmp_path / "imgs", 4, seed=1, size=168)
+    cache = tmp_path / "cache"
+    first, info, hit = cached_features(tiny_llava, paths, cache_dir=cache, progress=False)
+    assert not hit
+    second, info2, hit = cached_features(tiny_llava, paths, cache_dir=cache, progress=False)
+    assert hit and torch.equal(first, second) and info == info2
+    stat = paths[0].stat()
+    os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # an edited image
+    assert not cached_features(tiny_llava, paths, cache_dir=cache, progress=False)[2]
+    assert not cached_features(tiny_llava, paths[:3], cache_dir=cache, progress=False)[2]
+    assert len(list(cache.glob("*.safetensors"))) == 3
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(ImageFolderError, match="not found"):
+        find_images(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(ImageFolderError, match="no images"):
+        find_images(tmp_path / "empty")
+    nested = tmp_path / "nested"
+    write_image_folder(nested / "b", 2, seed=0, size=32)
+    write_image_folder(nested / "a", 1, seed=0, size=32)
+    (nested / "broken.JPG").write_bytes(b"not a jpeg")
+    paths = find_images(nested)
+    assert [p.relative_to(nested).as_posix() for p in paths] == [
+        "a/shapes_00000.png", "b/shapes_00000.png", "b/shapes_00001.png", "broken.JPG",
+    ]
+    with pytest.raises(ImageFolderError, match="broken.JPG"):
+        load_images(paths)
+
+
+def test_split_is_deterministic_and_disjoint():
+    train, held = split_indices(64, 0.2, seed=3)
+    assert (train, held) == split_indices(64, 0.2, seed=3)
+    assert len(held) == 13 and sorted(train + held) == list(range(64))
+    assert split_indices(2, 0.01, seed=0)[1] != []
+    assert split_indices(5, 0.0, seed=0) == ([0, 1, 2, 3, 4], [])
+    with pytest.raises(ImageFolderError):
+        split_indices(1, 0.2, seed=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Learning
+
+
+def test_selector_learns_to_keep_the_shapes(tiny_llava, llava_config, tmp_path, restore_threads):
+    """On mostly empty canvases with a few shapes, with features from the random-weight tiny
+    tower: a trained selector rebuilds held-out images much better than random selection,
+    and the tokens it keeps are the shape patches."""
+    torch.set_num_threads(idle_cpu_threads())
+    size, patch = llava_config.vision_config.image_size, llava_config.vision_config.patch_size
+    paths = write_image_folder(tmp_path / "imgs", 96, seed=0, size=size)
+    features, info = extract_features(tiny_llava, load_images(paths), progress=False)
+    content = torch.stack([_content_patches(im, patch) for im in load_images(paths)])
+    train_idx, held_idx = split_indices(len(paths), 0.25, seed=0)
+
+    start = time.time()
+    selector, _, report = train_selector(
+        features[train_idx], TrainConfig(steps=150, eval_every=50), grid=info["grid"],
+        eval_features=features[held_idx], progress=False, log=print,
+    )
+    elapsed = time.time() - start
+    results = report["eval"]
+    print(format_report(results, f"held-out, {len(held_idx)} images, trained in {elapsed:.0f} s"))
+
+    at_quarter = results["0.25"]
+    assert at_quarter["learned"] < 0.5 * at_quarter["random"], results
+    for r in results.values():
+        assert r["learned"] < r["random"], results
+
+    held_content = content[held_idx]
+    kept = selector.topk(features[held_idx], 0.25)
+    assert kept.shape == (len(held_idx), keep_count(features.shape[1], 0.25))
+    kept_content = held_content.gather(1, kept).float().mean().item()
+    base_rate = held_content.float().mean().item()
+    recall = (held_content.gather(1, kept).sum() / held_content.sum()).item()
+    print(f"content patches among kept: {kept_content:.3f} (base rate {base_rate:.3f}); "
+          f"content patches kept: {recall:.3f}")
+    assert kept_content > 3 * base_rate
+    assert recall > 0.8
+
+
+# ---------------------------------------------------------------------------------------
+# The command
+
+
+def test_cli_train_writes_a_checkpoint_that_loads(tiny_llava, llava_config, tmp_path, capsys, restore_threads):
+    from vllm_tokenprune.cli import main
+
+    write_image_folder(tmp_path / "imgs" / "sub", 12, seed=2, size=168)
+    out = tmp_path / "out" / "selector.safetensors"
+    argv = [
+        "train", "--model", str(tiny_llava), "--images", str(tmp_path / "imgs"), "--out", str(out),
+        "--steps", "6", "--eval-every", "3", "--batch-size", "4", "--cache-dir", str(tmp_path / "cache"),
+        "--no-progress", "--width", "32",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "extracted" in printed and "learned/random" in printed
+
+    selector, meta = load_selector(out)
+    check_compatible(meta, llava_config)
+    assert selector.config.width == 32
+    assert meta["source_model"] == str(tiny_llava)
+    assert meta["training"]["steps"] == 6 and meta["training"]["target_keep_ratio"] == 0.25
+    assert (meta["training"]["num_train_images"], meta["training"]["num_heldout_images"]) == (10, 2)
+    assert [row["step"] for row in meta["training"]["history"]] == [3, 6]
+    assert set(meta["eval"]["results"]) == {"0.1", "0.25", "0.5"}
+    k = keep_count(meta["num_tokens"], 0.25)
+    assert selector.topk(torch.randn(meta["num_tokens"], meta["feature_dim"]), 0.25).shape == (k,)
+
+    assert main(argv) == 0
+    assert "from cache" in capsys.readouterr().out
+
+
+def test_cli_train_reports_a_folder_without_images(tmp_path, capsys):
+    from vllm_tokenprune.cli import main
+
+    (tmp_path / "empty").mkdir()
+    argv = ["train", "--model", "unused", "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "s.safetensors")]
+    assert main(argv) == 2
+    assert "no images" in capsys.readouterr().err
+    assert not (tmp_path / "s.safetensors").exists()
