@@ -15,7 +15,9 @@ import sys
 SUBCOMMANDS = {
     "serve": ("vllm_tokenprune.serve", "serve a VLM with per-request visual-token pruning"),
     "train": ("vllm_tokenprune.train", "train a token selector on a model's vision features"),
+    "bench": ("vllm_tokenprune.bench", "load-test a pruning server: latency, throughput, limit"),
     "make-tiny": ("vllm_tokenprune.tiny", "write a small random-weight VLM checkpoint"),
+    "vllm": ("vllm_tokenprune.vllm_passthrough", "run vLLM's own CLI (e.g. `vllm bench serve`)"),
 }
 
 
@@ -24,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-tokenprune", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
-        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        # `vllm` hands everything, --help included, to vLLM's own parser.
+        sub = subparsers.add_parser(name, help=help_text, description=help_text,
+                                    add_help=name != "vllm")
         sub.set_defaults(_module=module)
         # Only the chosen subcommand's module is imported (its arguments may need it).
         if argv[:1] == [name]:

