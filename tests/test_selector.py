@@ -184,7 +184,8 @@ def _reference_topk(scores, k):
 def test_topk_sorted_batched_and_per_row_k():
     scores = torch.tensor([[0.0, 5.0, 1.0, 5.0], [9.0, 0.0, 0.0, 8.0]])
     assert topk_sorted(scores, 2).tolist() == [[1, 3], [0, 3]]
-    rows = topk_sorted(scores, [1, 3])
+    assert topk_sorted(scores, torch.tensor(2)).tolist() == [[1, 3], [0, 3]]
+    rows = topk_sorted(scores, torch.tensor([1, 3]))
     assert [r.tolist() for r in rows] == [[1], [0, 1, 3]]
     for bad in (0, 5):
         with pytest.raises(ValueError):

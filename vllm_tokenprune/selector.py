@@ -19,6 +19,7 @@ rebuild the selector and to check at start-up that it fits the served model
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -170,7 +171,9 @@ def topk_sorted(scores: torch.Tensor, k: int | Sequence[int]) -> torch.Tensor | 
     among equal values), so the selection is deterministic. scores (N,) with int k ->
     (k,); (B, N) with int k -> (B, k); (B, N) with one k per row -> list of (k_b,).
     """
-    if scores.dim() == 2 and not isinstance(k, int):
+    if torch.is_tensor(k) and k.dim() == 0:
+        k = int(k)
+    if scores.dim() == 2 and not isinstance(k, numbers.Integral):
         ks = [int(v) for v in k]
         if len(ks) != scores.shape[0]:
             raise ValueError(f"got {len(ks)} values of k for {scores.shape[0]} rows")

@@ -10,6 +10,8 @@ random selection, and writes a safetensors checkpoint carrying all of it.
 Training choices beyond the paper (each for a stated reason):
 - Features are standardized per dimension with the training set's statistics (stored in
   the selector), so the MSE and the rate term have the same scale for every tower.
+- The reconstruction term is divided by the number of dropped tokens expected at the
+  target, not the sampled number (see ``selector_loss``: the latter collapsed training).
 - Gumbel temperature is annealed exponentially from tau_start to tau_end. The hard sample
   does not depend on tau; tau only sharpens the straight-through gradient around the
   keep/drop boundary as the selector settles.
@@ -56,7 +58,7 @@ def _opt(default, help: str):
 @dataclass
 class TrainConfig:
     keep_ratio: float = _opt(0.25, "target keep fraction p; pruning pressure stops there")
-    steps: int = _opt(600, "optimizer steps")
+    steps: int = _opt(300, "optimizer steps; suits 50-100 images (600 overfit the reconstructor on 51)")
     batch_size: int = _opt(32, "images per step")
     lr: float = _opt(2e-3, "AdamW peak learning rate (linear warmup, cosine decay to lr/10)")
     warmup_steps: int = _opt(30, "learning-rate warmup steps")
