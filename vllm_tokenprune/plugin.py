@@ -8,11 +8,18 @@ model with that architecture is loaded, and importing this package never imports
 
 from __future__ import annotations
 
+import functools
+import logging
+
+logger = logging.getLogger(__name__)
+
 # Stock architecture -> the pruned architecture that serves it. Select one with
 # --hf-overrides '{"architectures": ["<pruned>"]}' (``vllm-tokenprune serve`` does).
 PRUNED_ARCHITECTURES: dict[str, str] = {
     "LlavaForConditionalGeneration": "PrunedLlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration": "PrunedLlavaNextForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "PrunedQwen2_5_VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "PrunedQwen3VLForConditionalGeneration",
 }
 
 # Pruned architecture -> "module:Class".
@@ -21,6 +28,10 @@ PRUNED_MODELS: dict[str, str] = {
         "vllm_tokenprune.models.llava:PrunedLlavaForConditionalGeneration",
     "PrunedLlavaNextForConditionalGeneration":
         "vllm_tokenprune.models.llava_next:PrunedLlavaNextForConditionalGeneration",
+    "PrunedQwen2_5_VLForConditionalGeneration":
+        "vllm_tokenprune.models.qwen2_5_vl:PrunedQwen2_5_VLForConditionalGeneration",
+    "PrunedQwen3VLForConditionalGeneration":
+        "vllm_tokenprune.models.qwen3_vl:PrunedQwen3VLForConditionalGeneration",
 }
 
 
@@ -31,3 +42,48 @@ def register() -> None:
     for arch, target in PRUNED_MODELS.items():
         if arch not in supported:
             ModelRegistry.register_model(arch, target)
+    _let_runner_recompute_mrope()
+
+
+# Marks a wrapped load_model, so that register() patches each runner class once.
+_PATCHED = "_tokenprune_recomputes_mrope"
+
+
+def _let_runner_recompute_mrope() -> None:
+    """The one patch of vLLM internals: turn on the V1 runners' M-RoPE position recompute
+    for our M-RoPE models (``models/mrope.py`` explains what it computes).
+
+    vLLM rewrites positions after the encoder (``model.recompute_mrope_positions``) only
+    when the runner's ``is_multimodal_pruning_enabled`` is set, which
+    ``GPUModelRunner.load_model`` does only for EVS video pruning (``video_pruning_rate >
+    0``) and ``CPUModelRunner.load_model`` never does. The flag lives on the runner, which
+    the model cannot reach, and no config option sets it without also turning on EVS, so
+    this wraps ``load_model``: when the loaded model is one of ours, it sets the flag on
+    the runner and on the model together (the model appends position columns exactly when
+    the runner strips them). Any other model loads untouched.
+    """
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    except ImportError as exc:
+        logger.warning("tokenprune: vLLM's V1 runners moved (%s); pruned M-RoPE models will "
+                       "keep provisional image positions", exc)
+        return
+    for runner in (GPUModelRunner, CPUModelRunner):
+        original = runner.__dict__.get("load_model")
+        if original is None or getattr(original, _PATCHED, False):
+            if original is None:
+                logger.warning("tokenprune: %s.load_model moved; not patched", runner.__name__)
+            continue
+
+        @functools.wraps(original)
+        def load_model(self, *args, _original=original, **kwargs):
+            _original(self, *args, **kwargs)
+            from vllm_tokenprune.models.mrope import MRopePruningModelMixin
+
+            model = self.get_model()
+            if isinstance(model, MRopePruningModelMixin):
+                self.is_multimodal_pruning_enabled = model.is_multimodal_pruning_enabled = True
+
+        setattr(load_model, _PATCHED, True)
+        runner.load_model = load_model

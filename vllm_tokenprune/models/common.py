@@ -91,13 +91,15 @@ class PruningProcessorMixin:
 
     # -- vLLM processor hooks ---------------------------------------------------------
 
-    def _call_hf_processor(self, hf_data, hf_kwargs):
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs):
+        # The one entry every family's processor goes through (Qwen3-VL's calls the HF
+        # processor itself, never ``_call_hf_processor``).
         ratio, method = self._prune_choice(hf_kwargs)
-        processed = super()._call_hf_processor(hf_data, self._without_prune_kwargs(hf_kwargs))
-        images = hf_data.get("images")
-        if not images:
-            return processed
-        items = ImageProcessorItems(images)
+        processed = super()._apply_hf_processor_main(
+            mm_items, self._without_prune_kwargs(hf_kwargs))
+        items = mm_items.get("image")
+        if not isinstance(items, ImageProcessorItems) or not len(items):
+            return processed  # no images, or precomputed embeddings (never pruned)
         keep = [keep_count(self._unpruned_tokens(items.get_image_size(i)), ratio)
                 for i in range(len(items))]
         # Always emitted (dummy profiling included), so every batch has the fields.

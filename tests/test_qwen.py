@@ -1,0 +1,308 @@
+"""Pruned Qwen2.5-VL and Qwen3-VL offline (`vllm.LLM`, fp32): keep 1.0 is the stock model,
+and kept image tokens, the text after them and decode get the stock M-RoPE positions,
+with the prefix cache, in 32-token prefill chunks, and next to a video.
+
+"Stock positions" are transformers' (what its language model receives while generating).
+The positions tested are the ones vLLM's language model receives: a forward pre-hook
+in the worker records them, and a wrapper records which indices the method kept, so
+the expected positions are the stock ones at those indices.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from reference import NEW_TOKENS, chat, hf_greedy, noise_image
+from vllm_tokenprune import plugin
+from vllm_tokenprune.budget import keep_count
+from vllm_tokenprune.plugin import PRUNED_ARCHITECTURES
+from vllm_tokenprune.tiny import count_image_tokens, image_token_id
+
+STOCK_ARCH = {"qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
+              "qwen3-vl": "Qwen3VLForConditionalGeneration"}
+METHODS = ("learned", "random", "norm")
+
+
+def images(seed: int):
+    """A wide and a tall image (h > w: text after a tall image continues at start + h)."""
+    return [noise_image(336, 252, seed=seed), noise_image(200, 300, seed=seed + 1)]
+
+
+# --- in the worker (sent by `LLM.apply_model`) -------------------------------------------
+
+def _install_probes(model) -> None:
+    """Record the positions the language model receives and the indices each image keeps."""
+    model.probe_positions, model.probe_kept = [], []
+    # The first decoder layer: vLLM's compile decorator calls the language model's
+    # forward directly, past module hooks; its layers are called as modules.
+    model.language_model.model.layers[0].register_forward_pre_hook(
+        lambda _, args: model.probe_positions.append(args[0].tolist()))
+    keep_indices = model._keep_indices
+
+    def recording(*args, **kwargs):
+        kept = keep_indices(*args, **kwargs)
+        model.probe_kept.append(kept.tolist())
+        return kept
+
+    model._keep_indices = recording
+
+
+def _take_probes(model):
+    taken = model.probe_positions, model.probe_kept
+    model.probe_positions, model.probe_kept = [], []
+    return taken
+
+
+def _runner_flag(worker) -> bool:
+    return worker.model_runner.is_multimodal_pruning_enabled
+
+
+# --- fixtures ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=list(STOCK_ARCH))
+def arch(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def path(tiny_checkpoint, arch):
+    return tiny_checkpoint(arch)
+
+
+@pytest.fixture(scope="module")
+def probe_env():
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model sends functions
+        yield
+
+
+def load(path, arch, selector, **engine_args):
+    from vllm import LLM
+
+    overrides = {"architectures": [PRUNED_ARCHITECTURES[STOCK_ARCH[arch]]],
+                 "tokenprune_selector": str(selector)}
+    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=4096,
+              hf_overrides=overrides, limit_mm_per_prompt={"image": 2, "video": 1},
+              seed=0, **engine_args)
+    llm.apply_model(_install_probes)
+    return llm
+
+
+@pytest.fixture(scope="module")
+def llm(path, arch, random_selector, probe_env):
+    # 32-token blocks: a repeated tiny prompt finds its images in cached blocks.
+    llm = load(path, arch, random_selector(arch), block_size=32)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+CHUNK = 32  # tokens per prefill step: even the prompts at keep 0.25 take several
+
+
+@pytest.fixture(scope="module")
+def chunked_llm(path, arch, random_selector, probe_env):
+    llm = load(path, arch, random_selector(arch), enable_chunked_prefill=True,
+               max_num_batched_tokens=CHUNK, max_num_seqs=4, enable_prefix_caching=False)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+def hf_positions(path, imgs) -> torch.Tensor:
+    """transformers' (t, h, w) positions for the chat with ``imgs``: the prompt's, then one
+    column per decode step (NEW_TOKENS - 1)."""
+    from transformers import AutoProcessor
+
+    from reference import hf_model
+
+    processor = AutoProcessor.from_pretrained(path)
+    model, _ = hf_model(path)
+    inputs = processor.apply_chat_template(
+        chat(imgs, lambda image: {"type": "image", "image": image}),
+        add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    seen = []
+    # Row 0 of position_ids is the 1-D text position; rows 1-3 are M-RoPE's (t, h, w).
+    model.model.language_model.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs["position_ids"][1:, 0]), with_kwargs=True)
+    with torch.no_grad():
+        model.generate(**inputs, do_sample=False, max_new_tokens=NEW_TOKENS,
+                       min_new_tokens=NEW_TOKENS)
+    return torch.cat(seen, dim=1)
+
+
+@pytest.fixture(scope="module")
+def stock(path):
+    """transformers' prompt ids, greedy tokens and positions for images(1)."""
+    prompt, tokens, _ = hf_greedy(path, images(1))
+    return prompt, tokens, hf_positions(path, images(1))
+
+
+def probes(llm) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Positions (3, tokens) per forward step and kept indices per encoded image, since the
+    last call (sent as lists: tensors nested in an RPC result do not survive the trip)."""
+    ((steps, kept),) = llm.apply_model(_take_probes)
+    return [torch.tensor(s) for s in steps], [torch.tensor(k) for k in kept]
+
+
+def run(llm, imgs, **mm_kwargs):
+    """One greedy chat: (output, positions per step, kept indices per image)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
+    (out,) = llm.chat(chat(imgs, lambda im: {"type": "image_pil", "image_pil": im}), params,
+                      use_tqdm=False, mm_processor_kwargs=mm_kwargs)
+    return (out, *probes(llm))
+
+
+def stock_columns(stock_ids: list[int], image_token: int, kept: list[torch.Tensor]) -> list[int]:
+    """For each token of the pruned prompt, the index of the stock token whose position it
+    must have: text maps to the same text, image i's j-th token to kept[i][j]."""
+    columns, i, runs = [], 0, iter(kept)
+    while i < len(stock_ids):
+        if stock_ids[i] != image_token:
+            columns.append(i)
+            i += 1
+            continue
+        start = i
+        while i < len(stock_ids) and stock_ids[i] == image_token:
+            i += 1
+        columns += (start + next(runs)).tolist()
+    return columns
+
+
+def assert_stock_positions(out, steps, kept, stock_ids, stock_positions, image_token):
+    """The recorded positions (uncached prompt tokens, then decode) are the stock ones."""
+    positions = torch.cat(steps, dim=1)
+    columns = stock_columns(stock_ids, image_token, kept)
+    assert [stock_ids[c] for c in columns] == out.prompt_token_ids
+    cached = out.num_cached_tokens or 0
+    decode = stock_positions[:, len(stock_ids):]
+    want = torch.cat([stock_positions[:, columns][:, cached:], decode], dim=1)
+    assert torch.equal(positions, want)
+
+
+def full_kept(path, imgs):
+    return [torch.arange(count_image_tokens(path, im.size)) for im in imgs]
+
+
+# --- tests -------------------------------------------------------------------------------
+
+def test_runner_shim_targets_are_where_vllm_keeps_them():
+    """If this fails, vLLM moved what plugin._let_runner_recompute_mrope patches."""
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    plugin.register()
+    plugin.register()
+    for runner in (GPUModelRunner, CPUModelRunner):
+        load_model = runner.__dict__["load_model"]
+        assert getattr(load_model, plugin._PATCHED)
+        assert not getattr(load_model.__wrapped__, plugin._PATCHED, False)  # wrapped once
+    # The flag is the runner's, read where it gathers encoder outputs, and only then does
+    # the runner let the model recompute positions.
+    gather = inspect.getsource(GPUModelRunner._gather_mm_embeddings)
+    assert "if self.is_multimodal_pruning_enabled and self.uses_mrope:" in gather
+    assert "self.model.recompute_mrope_positions(" in gather
+    # The CPU runner still never sets it (when it does, the shim is no longer needed).
+    assert "is_multimodal_pruning_enabled" not in inspect.getsource(CPUModelRunner)
+
+
+@pytest.mark.vllm
+def test_runner_recomputes_positions_for_our_model(llm):
+    assert llm.collective_rpc(_runner_flag) == [True]
+
+
+@pytest.mark.vllm
+def test_keep_one_is_the_stock_model(llm, path, stock):
+    prompt, tokens, positions = stock
+    for kwargs in ({}, *({"keep_ratio": 1.0, "prune_method": m} for m in METHODS)):
+        out, seen, kept = run(llm, images(1), **kwargs)
+        assert out.prompt_token_ids == prompt, kwargs
+        assert list(out.outputs[0].token_ids) == tokens, kwargs
+        assert_stock_positions(out, seen, kept or full_kept(path, images(1)), prompt, positions,
+                               image_token_id(path))
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_kept_tokens_text_and_decode_have_stock_positions(llm, path, stock, ratio):
+    prompt, _, positions = stock
+    sizes = [count_image_tokens(path, im.size) for im in images(1)]
+    for method in METHODS:
+        out, seen, kept = run(llm, images(1), keep_ratio=ratio, prune_method=method)
+        assert [len(k) for k in kept] == [keep_count(n, ratio) for n in sizes], method
+        assert_stock_positions(out, seen, kept, prompt, positions, image_token_id(path))
+
+
+@pytest.mark.vllm
+def test_prefix_cache_hit_gives_the_same_output_and_positions(llm, path):
+    imgs = images(3)
+    prompt, _, _ = hf_greedy(path, imgs, new_tokens=1)
+    positions = hf_positions(path, imgs)
+    first, first_seen, kept = run(llm, imgs, keep_ratio=0.25, prune_method="norm")
+    again, again_seen, _ = run(llm, imgs, keep_ratio=0.25, prune_method="norm")
+    # The repeat reads the first image's tokens from cached blocks, runs no recompute
+    # there, and still continues at the stock positions.
+    first_image = again.prompt_token_ids.index(image_token_id(path))
+    assert again.num_cached_tokens > first_image
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    for out, seen in ((first, first_seen), (again, again_seen)):
+        assert_stock_positions(out, seen, kept, prompt, positions, image_token_id(path))
+
+
+@pytest.mark.vllm
+def test_chunked_prefill_matches_one_step_prefill(llm, chunked_llm, path, stock):
+    prompt, _, positions = stock
+    for kwargs in ({"keep_ratio": 0.25, "prune_method": "norm"},
+                   {"keep_ratio": 0.5, "prune_method": "random"}, {"keep_ratio": 1.0}):
+        whole, _, _ = run(llm, images(1), **kwargs)
+        chunked, seen, kept = run(chunked_llm, images(1), **kwargs)
+        assert chunked.outputs[0].token_ids == whole.outputs[0].token_ids, kwargs
+        prefill_steps = seen[: len(seen) - (NEW_TOKENS - 1)]
+        assert len(prefill_steps) > 1 and prefill_steps[0].shape[1] == CHUNK, kwargs
+        assert_stock_positions(chunked, seen, kept or full_kept(path, images(1)), prompt,
+                               positions, image_token_id(path))
+
+
+def video(frames: int = 4, side: int = 112):
+    pixels = np.random.default_rng(7).integers(0, 256, (frames, side, side, 3), dtype=np.uint8)
+    metadata = {"fps": 2.0, "duration": frames / 2.0, "total_num_frames": frames,
+                "frames_indices": list(range(frames)), "video_backend": "opencv",
+                "do_sample_frames": False}
+    return pixels, metadata
+
+
+@pytest.mark.vllm
+def test_pruned_images_around_an_unpruned_video(llm, path):
+    """image, video, image in one prompt: the images pruned, the video whole, every
+    position as in the same prompt at keep 1.0 (the stock layout)."""
+    from vllm import SamplingParams
+
+    wide, tall = images(5)
+    content = [{"type": "image"}, {"type": "video"}, {"type": "image"},
+               {"type": "text", "text": "What happens?"}]
+    text = llm.get_tokenizer().apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
+
+    def generate(**mm_kwargs):
+        (out,) = llm.generate({"prompt": text, "mm_processor_kwargs": mm_kwargs,
+                               "multi_modal_data": {"image": [wide, tall], "video": video()}},
+                              params, use_tqdm=False)
+        return (out, *probes(llm))
+
+    full, full_seen, _ = generate(keep_ratio=1.0)
+    pruned, seen, kept = generate(keep_ratio=0.25, prune_method="norm")
+    assert not full.num_cached_tokens
+    sizes = [count_image_tokens(path, im.size) for im in (wide, tall)]
+    assert [len(k) for k in kept] == [keep_count(n, 0.25) for n in sizes]
+    assert len(full.prompt_token_ids) - len(pruned.prompt_token_ids) == sum(
+        n - keep_count(n, 0.25) for n in sizes)
+    assert_stock_positions(pruned, seen, kept, full.prompt_token_ids, torch.cat(full_seen, dim=1),
+                           image_token_id(path))

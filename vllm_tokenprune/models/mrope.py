@@ -1,0 +1,192 @@
+"""Pruning for the M-RoPE families (Qwen2.5-VL, Qwen3-VL): placeholders, selection, positions.
+
+What the method scores: the merged tokens the language model receives, i.e. the vision
+module's output after the patch merger. Those are what the placeholders count (one per
+2 x 2 patch group) and the only per-token units the model keeps or drops; scoring the
+tower's un-merged patches would need a rule to turn four patch scores into one token
+score, and the selector's ``vision_signature`` uses ``out_hidden_size`` (the merger's
+output width) as its feature dim for exactly this reason.
+
+Positions. The language model places a text token at (p, p, p) and an image's merged
+token at row r, column c at (b, b + r, b + c), b = the position after the image's
+``<|vision_start|>``; text after the image continues at b + max(grid_h, grid_w). A
+pruned image keeps the (t, h, w) positions its kept tokens have in the stock model, and
+everything after it keeps its stock positions, which therefore depend only on the grid,
+never on which tokens were kept. In vLLM's V1 runner that takes three steps:
+
+1. ``get_mrope_input_positions`` runs when a request arrives, before the encoder. It
+   computes the stock positions of the unpruned prompt (vLLM's own code, on the prompt
+   with every image's dropped placeholders put back) and keeps the columns of the tokens
+   this prompt has: text exact, each image's K tokens provisionally at its first K grid
+   cells (exact at keep 1.0), and the stock position delta for decode.
+2. ``embed_multimodal`` keeps each image's K rows and appends their relative (t, h, w)
+   positions as three extra columns; videos (never pruned) get three zero columns,
+   because the runner strips the columns of every multimodal embedding.
+3. ``recompute_mrope_positions``, called by the runner while it gathers the
+   embeddings of each prefill chunk, strips the columns and writes the image tokens'
+   true positions (b + relative). Text and video tokens are left as step 1 made them.
+
+Because text positions never depend on the kept set, a prefix-cache hit (no encoder
+run, no recompute for the cached part) and chunked prefill (an image split over steps)
+see the same positions as one uncached prefill. The runner calls the recompute only
+when its ``is_multimodal_pruning_enabled`` is set, which the plugin's
+``_let_runner_recompute_mrope`` arranges for these models (it sets the model's flag of
+the same name with it, so the model appends columns exactly when the runner strips
+them). If the runner is one the plugin does not reach, nothing breaks: the columns are
+not appended and kept image tokens keep their provisional positions (a warning says so).
+
+The columns travel in the embedding dtype: exact in fp32, and in bf16 for grids of up
+to 256 merged rows or columns, which is why they hold relative, not absolute, positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+import torch
+from vllm.logger import init_logger
+from vllm.multimodal.parse import ImageSize
+from vllm.multimodal.video_prune.evs import compute_mrope_for_media
+
+from vllm_tokenprune.models.common import PruningModelMixin, PruningProcessorMixin
+
+logger = init_logger(__name__)
+
+POSITION_COLUMNS = 3  # relative (t, h, w) appended to every multimodal embedding
+
+
+class MRopePruningProcessorMixin(PruningProcessorMixin):
+    """The Qwen processors' image token counts and per-image pixel rows."""
+
+    def _unpruned_tokens(self, image_size: ImageSize) -> int:
+        return self.info.get_num_image_tokens(
+            image_width=image_size.width, image_height=image_size.height,
+            image_processor=self.info.get_image_processor(), mm_kwargs={},
+        )
+
+    def _image_pixels(self, processed, index: int) -> torch.Tensor:
+        # All images' patches are concatenated; image i owns grid_t * grid_h * grid_w rows.
+        patches = processed["image_grid_thw"].prod(-1).tolist()
+        start = sum(patches[:index])
+        return processed["pixel_values"][start:start + patches[index]]
+
+
+class MRopePruningModelMixin(PruningModelMixin):
+    """Mix into a Qwen-VL model class (before it in the MRO). Expects the stock class's
+    ``visual``, ``config``, ``is_multimodal_pruning_enabled``,
+    ``_parse_and_validate_multimodal_inputs``, ``_process_image_input``,
+    ``_process_video_input`` and ``get_mrope_input_positions``."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        if self.is_multimodal_pruning_enabled:  # set by the stock class from the config
+            raise ValueError(
+                "video pruning (video_pruning_rate > 0) cannot be combined with image "
+                "token pruning; serve the stock architecture for EVS")
+        self._init_pruning(vllm_config, self.visual.device)
+
+    def _selection_features(self, embeds: torch.Tensor) -> torch.Tensor:
+        """The part of an image's embeddings (N, D) the method scores."""
+        return embeds
+
+    # -- embeddings -------------------------------------------------------------------
+
+    def embed_multimodal(self, **kwargs: object):
+        fields = self._pop_prune_fields(kwargs)
+        merge = self.config.vision_config.spatial_merge_size
+        out: list[torch.Tensor] = []
+        for modality, mm_input in self._parse_and_validate_multimodal_inputs(**kwargs).items():
+            if modality == "video":
+                out += [self._with_positions(e, None) for e in self._process_video_input(mm_input)]
+                continue
+            prune = fields is not None and mm_input["type"] == "pixel_values"
+            grids = mm_input["image_grid_thw"].tolist()
+            for i, (embeds, grid) in enumerate(zip(self._process_image_input(mm_input), grids)):
+                relative = compute_mrope_for_media(grid, merge)[:, :POSITION_COLUMNS]
+                if prune:
+                    keep = self._keep_indices(self._selection_features(embeds), fields, i)
+                    if len(keep) < len(embeds) and not self.is_multimodal_pruning_enabled:
+                        logger.warning_once(
+                            "tokenprune: this vLLM runner does not recompute M-RoPE positions; "
+                            "kept image tokens get provisional positions")
+                    embeds, relative = embeds[keep], relative[keep.cpu()]
+                out.append(self._with_positions(embeds, relative))
+        return tuple(out)
+
+    def _with_positions(self, embeds: torch.Tensor, relative: torch.Tensor | None
+                        ) -> torch.Tensor:
+        """Append the rows' relative positions (zeros for a video) when the runner strips
+        them again; otherwise the embeddings as they are."""
+        if not self.is_multimodal_pruning_enabled:
+            return embeds
+        if relative is None:
+            relative = torch.zeros(len(embeds), POSITION_COLUMNS)
+        return torch.cat([embeds, relative.to(embeds)], dim=1)
+
+    # -- positions --------------------------------------------------------------------
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features):
+        """Stock positions of the unpruned prompt at the tokens this prompt has (see the
+        module docstring, step 1), and the stock delta."""
+        image_token = self.config.image_token_id
+        merge = self.config.vision_config.spatial_merge_size
+        stock_tokens: list[int] = []
+        stock_features = []
+        dropped: list[tuple[int, int]] = []  # spans of the stock prompt absent here
+        cursor = 0
+        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            place = feature.mm_position
+            start = place.offset + len(stock_tokens) - cursor  # offset in the stock prompt
+            stock_tokens += input_tokens[cursor:place.offset + place.length]
+            cursor = place.offset + place.length
+            stock_features.append(dataclasses.replace(
+                feature, mm_position=dataclasses.replace(place, offset=start)))
+            if feature.modality == "image":
+                missing = int(feature.data["image_grid_thw"].data.prod()) // merge**2 - place.length
+                if missing > 0:
+                    stock_tokens += [image_token] * missing
+                    dropped.append((start + place.length, start + place.length + missing))
+        stock_tokens += input_tokens[cursor:]
+        positions, delta = super().get_mrope_input_positions(stock_tokens, stock_features)
+        if not dropped:
+            return positions, delta
+        present = torch.ones(positions.shape[1], dtype=torch.bool)
+        for begin, end in dropped:
+            present[begin:end] = False
+        return positions[:, present], delta + len(stock_tokens) - len(input_tokens)
+
+    def recompute_mrope_positions(
+        self,
+        input_ids: list[int] | torch.Tensor,
+        multimodal_embeddings: Sequence[torch.Tensor],
+        mrope_positions: torch.Tensor,
+        num_computed_tokens: int,
+    ) -> tuple[Sequence[torch.Tensor], torch.Tensor, int]:
+        """Strip the position columns and write the image tokens' true positions (module
+        docstring, step 3). Called for every request on every step, decode included."""
+        positions = mrope_positions
+        stripped = [e[:, :-POSITION_COLUMNS] for e in multimodal_embeddings]
+        if multimodal_embeddings:
+            device = positions.device
+            ids = torch.as_tensor(input_ids).to(device)
+            relative = torch.cat([e[:, -POSITION_COLUMNS:] for e in multimodal_embeddings])
+            relative = relative.to(device).long()
+            # The embeddings of this step fill the media tokens from num_computed_tokens
+            # on, in order (a partly computed image continues where it stopped).
+            media = (ids == self.config.image_token_id) | (ids == self.config.video_token_id)
+            media[:num_computed_tokens] = False
+            rows = media.nonzero().squeeze(1)[: len(relative)]
+            is_image = ids[rows] == self.config.image_token_id
+            rows, relative = rows[is_image], relative[is_image]
+            index = torch.arange(len(ids), device=device)
+            last_start = torch.where(ids == self.config.vision_start_token_id, index, -1).cummax(0).values
+            positions = positions.clone()
+            positions[:, rows] = positions[0, last_start[rows]] + 1 + relative.T
+        # Equals the stock delta of step 1: the prompt's last position is text
+        # (<|vision_end|> follows every image), and text positions are never rewritten.
+        delta = int(positions.max()) + 1 - len(input_ids)
+        return stripped, positions, delta
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return super().load_weights(weights) | set(self._selector_weight_names())
