@@ -70,22 +70,18 @@ def tower(name: str, device: str, dtype) -> tuple[torch.nn.Module, torch.Tensor,
 
 
 @torch.inference_mode()
-def measure_towers(device: str, dtype, repeats: int) -> dict:
-    results = {}
-    for name in TOWERS:
-        model, pixels, dim = tower(name, device, dtype)
-        tokens = model(pixels).last_hidden_state
-        t_tower = timeit(lambda: model(pixels), device, repeats)
-        with torch.device(device):
-            selector = TokenSelector(SelectorConfig(feature_dim=dim)).eval()
-        t_selector = timeit(lambda: selector.scores(tokens[0]), device, repeats)
-        results[name] = {"tokens": tokens.shape[1], "feature_dim": dim, "tower_s": t_tower,
-                         "selector_s": t_selector, "selector_fraction": t_selector / t_tower,
-                         "selector_params": sum(p.numel() for p in selector.parameters())}
-        print(f"{name}: tower {t_tower * 1e3:.1f} ms, selector {t_selector * 1e3:.2f} ms "
-              f"({100 * t_selector / t_tower:.1f}% of the tower)", flush=True)
-        del model
-    return results
+def measure_tower(name: str, device: str, dtype, repeats: int) -> dict:
+    model, pixels, dim = tower(name, device, dtype)
+    tokens = model(pixels).last_hidden_state
+    t_tower = timeit(lambda: model(pixels), device, repeats)
+    with torch.device(device):
+        selector = TokenSelector(SelectorConfig(feature_dim=dim)).eval()
+    t_selector = timeit(lambda: selector.scores(tokens[0]), device, repeats)
+    print(f"{name}: tower {t_tower * 1e3:.1f} ms, selector {t_selector * 1e3:.2f} ms "
+          f"({100 * t_selector / t_tower:.1f}% of the tower)", flush=True)
+    return {"tokens": tokens.shape[1], "feature_dim": dim, "tower_s": t_tower,
+            "selector_s": t_selector, "selector_fraction": t_selector / t_tower,
+            "selector_params": sum(p.numel() for p in selector.parameters())}
 
 
 @torch.inference_mode()
@@ -140,7 +136,7 @@ def main() -> int:
     report = {"device": args.device, "dtype": args.dtype,
               "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda")
               else "cpu", "torch": torch.__version__, "repeats": args.repeats}
-    report["towers"] = measure_towers(args.device, dtype, args.repeats)
+    report["towers"] = {name: measure_tower(name, args.device, dtype, args.repeats) for name in TOWERS}
     if not args.no_lm:
         counts = [int(t) for t in args.tokens.split(",")]
         report["prefill"] = measure_prefill(args.device, dtype, args.repeats, counts, args.lm_layers)

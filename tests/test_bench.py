@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from server import Server
+
 from vllm_tokenprune import cli
 from vllm_tokenprune.bench import run_vllm_bench
 from vllm_tokenprune.budget import keep_count

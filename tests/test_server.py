@@ -13,9 +13,9 @@ import time
 import openai
 import pytest
 import requests
-
 from reference import NEW_TOKENS, chat, hf_greedy, noise_image
 from server import Server, serve_command
+
 from vllm_tokenprune.budget import keep_count
 from vllm_tokenprune.client import image_url
 from vllm_tokenprune.tiny import count_image_tokens
@@ -26,7 +26,7 @@ IMAGE = noise_image(336, 252, seed=1)
 RATIOS = (1.0, 0.5, 0.25, 0.1)
 
 
-@pytest.fixture(scope="module", params=["llava", "llava-next"])
+@pytest.fixture(scope="module", params=["llava", "llava-next", "qwen2.5-vl", "qwen3-vl"])
 def arch(request):
     return request.param
 

@@ -109,7 +109,7 @@ class RatioPolicy:
                 try:
                     values[f.name] = float(raw)
                 except ValueError:
-                    raise ValueError(f"{cls.ENV_PREFIX + f.name.upper()}={raw!r} is not a number")
+                    raise ValueError(f"{cls.ENV_PREFIX + f.name.upper()}={raw!r} is not a number") from None
         return cls(**values)
 
     def to_env(self) -> dict[str, str]:

@@ -17,9 +17,9 @@ import json
 import math
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -533,7 +533,8 @@ def _build_qwen3_vl(p: Preset):
         tie_word_embeddings=False,
     )
     size = _qwen_size(p, 16)
-    common = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    common = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+              "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
     processor = Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(size=size, **common),
         video_processor=Qwen3VLVideoProcessor(size=size, **common),

@@ -27,9 +27,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -136,7 +137,8 @@ def evaluate(
 def format_report(results: dict[str, dict[str, float]], title: str) -> str:
     lines = [title, "keep  K     learned  random  learned/random"]
     for ratio, r in results.items():
-        lines.append(f"{float(ratio):<5} {r['k']:<5} {r['learned']:.4f}   {r['random']:.4f}  {r['learned'] / r['random']:.3f}")
+        lines.append(f"{float(ratio):<5} {r['k']:<5} {r['learned']:.4f}   {r['random']:.4f}  "
+                     f"{r['learned'] / r['random']:.3f}")
     return "\n".join(lines)
 
 
