@@ -487,9 +487,9 @@ def served_samples(metrics_text: str) -> dict[str, set[str]]:
 def test_every_dashboard_metric_is_served(promql, tiny_checkpoint, tmp_path):
     import openai
     import requests
-
     from reference import noise_image
     from server import Server
+
     from vllm_tokenprune.client import image_url, prune_headers
 
     with Server(tiny_checkpoint("llava"), "--dtype", "float32", "--max-model-len", "4096",

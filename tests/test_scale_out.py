@@ -17,9 +17,9 @@ import pytest
 import requests
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
-
 from reference import chat, noise_image
 from server import Server
+
 from vllm_tokenprune.budget import keep_count
 from vllm_tokenprune.client import image_url
 from vllm_tokenprune.tiny import count_image_tokens
