@@ -9,14 +9,14 @@ ARG VLLM_VERSION=0.32.0
 FROM vllm/vllm-openai:v${VLLM_VERSION}
 
 # Install the plugin without touching vLLM, torch or anything else in the image: every
-# package already there is pinned to its installed version, so pip adds only what is
-# missing (matplotlib and its few pure-Python dependencies) and fails the build, rather
-# than replace a package, if one of our requirements ever disagrees with the image.
-# The source is bind-mounted (read-write for setuptools' build files), so no copy of
-# it stays in a layer.
+# package already there is pinned to its installed version, so only what is missing is
+# added (matplotlib and its few small dependencies), and the build fails, rather than
+# replace a package, if one of our requirements ever disagrees with the image. uv is
+# what vLLM's image installs with and what vLLM's docs use to extend it. The source is
+# bind-mounted (read-write for setuptools' build files), so no copy stays in a layer.
 RUN --mount=type=bind,target=/src,rw \
-    python3 -m pip list --format=freeze > /tmp/image-packages.txt \
-    && python3 -m pip install --no-cache-dir --constraint /tmp/image-packages.txt /src \
+    uv pip list --system --format=freeze > /tmp/image-packages.txt \
+    && uv pip install --system --no-cache --constraint /tmp/image-packages.txt /src \
     && rm /tmp/image-packages.txt \
     && python3 -c "import importlib.metadata as m; \
 assert 'tokenprune' in {e.name for e in m.entry_points(group='vllm.general_plugins')}" \
