@@ -176,17 +176,17 @@ def run_our_cli(monkeypatch):
     return run
 
 
-def container_args_in_docs() -> list[list[str]]:
-    """The container arguments (after the image name) of every `docker run IMAGE ...`
-    in docs/deploy.md that uses the image's own entrypoint."""
+def docker_runs_in_docs() -> list[list[str]]:
+    """The words of every `docker run` command in docs/deploy.md."""
     text = (ROOT / "docs" / "deploy.md").read_text()
-    runs = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        for command in block.replace("\\\n", " ").splitlines():
-            if command.startswith("docker run") and "--entrypoint" not in command:
-                words = shlex.split(command)
-                runs.append(words[words.index(IMAGE) + 1:])
-    return runs
+    return [shlex.split(command)
+            for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+            for command in block.replace("\\\n", " ").splitlines()
+            if command.startswith("docker run")]
+
+
+def after_image(words: list[str]) -> list[str]:
+    return words[words.index(IMAGE) + 1:]
 
 
 def assert_pruning_flags(args, local) -> None:
@@ -198,11 +198,21 @@ def assert_pruning_flags(args, local) -> None:
 
 
 def test_documented_docker_runs_are_accepted(run_our_cli, parse_vllm_serve, local):
-    runs = container_args_in_docs()
-    assert len(runs) >= 2  # the basic run and the tensor-parallel one
-    for container_args in runs:
-        argv, _ = run_our_cli([*entrypoint(ROOT / "Dockerfile")[1:], *local(container_args)])
+    runs = docker_runs_in_docs()
+    ours = [w for w in runs if "--entrypoint" not in w]
+    plain = [w for w in runs if "--entrypoint" in w]
+    assert len(ours) >= 2 and len(plain) == 1  # basic and tensor-parallel; plain `vllm serve`
+    for words in ours:
+        argv, _ = run_our_cli([*entrypoint(ROOT / "Dockerfile")[1:], *local(after_image(words))])
         assert_pruning_flags(parse_vllm_serve(argv[1:]), local)
+    (words,) = plain
+    assert words[words.index("--entrypoint") + 1] == "vllm"
+    command = local(after_image(words))
+    assert command[0] == "serve"
+    assert_pruning_flags(parse_vllm_serve(command[1:]), local)
+    env = dict(words[i + 1].split("=", 1) for i, w in enumerate(words) if w == "-e" and "=" in words[i + 1])
+    RatioPolicy.from_env(env)  # the policy given to plain `vllm serve` is valid
+    assert set(env) <= set(RatioPolicy().to_env())
 
 
 def load_manifests() -> dict[str, dict]:
