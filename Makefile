@@ -1,5 +1,5 @@
 # The two commands a new user needs:  make serve   and   make test
-.PHONY: install serve test test-fast
+.PHONY: install serve test test-fast bench
 
 install:
 	bash scripts/install.sh
@@ -12,3 +12,6 @@ test: install
 
 test-fast: install
 	.venv/bin/python -m pytest -ra -m "not server and not vllm" $(PYTEST_ARGS)
+
+bench: install
+	bash benchmarks/run_cpu.sh
