@@ -113,6 +113,13 @@ def _pop_option(extra: list[str], name: str) -> str | None:
     return None
 
 
+def _pop_model(extra: list[str]) -> str | None:
+    """MODEL as the first positional argument or as vLLM's older ``--model X`` form."""
+    if extra and not extra[0].startswith("-"):
+        return extra.pop(0)
+    return _pop_option(extra, "--model")
+
+
 def _has_option(extra: list[str], *names: str) -> bool:
     return any(a == n or a.startswith(n + "=") for a in extra for n in names)
 
@@ -152,9 +159,8 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     extra = list(args.extra_args)
-    if extra and not extra[0].startswith("-"):
-        model = extra.pop(0)
-    else:
+    model = _pop_model(extra)
+    if model is None:
         model = str(default_model())
         if not _has_option(extra, "--served-model-name"):
             extra += ["--served-model-name", DEFAULT_SERVED_NAME]

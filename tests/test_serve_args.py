@@ -1,0 +1,43 @@
+"""How `vllm-tokenprune serve` turns its command line into `vllm serve` arguments."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vllm_tokenprune.serve import MIDDLEWARE, ServeError, _pop_model, build_vllm_args
+
+
+def test_model_positional_or_flag():
+    extra = ["/m", "--port", "8001"]
+    assert _pop_model(extra) == "/m" and extra == ["--port", "8001"]
+    extra = ["--port", "8001", "--model", "/m"]
+    assert _pop_model(extra) == "/m" and extra == ["--port", "8001"]
+    extra = ["--model=/m"]
+    assert _pop_model(extra) == "/m" and extra == []
+    assert _pop_model(["--port", "8001"]) is None
+
+
+def test_adds_what_pruning_needs_and_keeps_user_overrides(tiny_checkpoint):
+    model = str(tiny_checkpoint("llava"))
+    args = build_vllm_args(model, "/abs/sel.safetensors",
+                           ["--port", "8001", "--hf-overrides", '{"image_seq_length": 144}'])
+    assert args[:3] == [model, "--port", "8001"]
+    overrides = json.loads(args[args.index("--hf-overrides") + 1])
+    assert overrides == {"image_seq_length": 144,
+                         "architectures": ["PrunedLlavaForConditionalGeneration"],
+                         "tokenprune_selector": "/abs/sel.safetensors"}
+    assert args.count("--hf-overrides") == 1
+    assert args[args.index("--middleware") + 1] == MIDDLEWARE
+    assert "--trust-request-mm-kwargs" in args and "--enable-prompt-tokens-details" in args
+    assert "--enforce-eager" in args  # CPU default
+    compiled = build_vllm_args(model, None, ["--no-enforce-eager"])
+    assert "--no-enforce-eager" in compiled and "--enforce-eager" not in compiled
+
+
+def test_unsupported_architecture_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(ServeError, match="LlamaForCausalLM; pruning supports"):
+        build_vllm_args(str(tmp_path), None, [])
