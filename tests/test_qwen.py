@@ -11,13 +11,12 @@ the expected positions are the stock ones at those indices.
 from __future__ import annotations
 
 import inspect
-import os
 
 import numpy as np
 import pytest
 import torch
+from reference import NEW_TOKENS, QUESTION, chat, hf_greedy, hf_model, noise_image
 
-from reference import NEW_TOKENS, chat, hf_greedy, noise_image
 from vllm_tokenprune import plugin
 from vllm_tokenprune.budget import keep_count
 from vllm_tokenprune.plugin import PRUNED_ARCHITECTURES
@@ -119,8 +118,6 @@ def hf_positions(path, imgs) -> torch.Tensor:
     column per decode step (NEW_TOKENS - 1)."""
     from transformers import AutoProcessor
 
-    from reference import hf_model
-
     processor = AutoProcessor.from_pretrained(path)
     model, _ = hf_model(path)
     inputs = processor.apply_chat_template(
@@ -150,13 +147,28 @@ def probes(llm) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return [torch.tensor(s) for s in steps], [torch.tensor(k) for k in kept]
 
 
-def run(llm, imgs, **mm_kwargs):
-    """One greedy chat: (output, positions per step, kept indices per image)."""
+GREEDY = dict(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
+
+
+def request(llm, imgs, video=None, **mm_kwargs) -> dict:
+    """``LLM.generate`` input for the reference chat (``reference.chat``): the images, a
+    video after the first one if given, then the question."""
+    content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": QUESTION}]
+    data = {"image": imgs}
+    if video is not None:
+        content.insert(1, {"type": "video"})
+        data["video"] = video
+    text = llm.get_tokenizer().apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    return {"prompt": text, "multi_modal_data": data, "mm_processor_kwargs": mm_kwargs}
+
+
+def run(llm, imgs, video=None, **mm_kwargs):
+    """One greedy request alone: (output, positions per step, kept indices per image)."""
     from vllm import SamplingParams
 
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
-    (out,) = llm.chat(chat(imgs, lambda im: {"type": "image_pil", "image_pil": im}), params,
-                      use_tqdm=False, mm_processor_kwargs=mm_kwargs)
+    (out,) = llm.generate(request(llm, imgs, video, **mm_kwargs), SamplingParams(**GREEDY),
+                          use_tqdm=False)
     return (out, *probes(llm))
 
 
@@ -282,27 +294,36 @@ def video(frames: int = 4, side: int = 112):
 def test_pruned_images_around_an_unpruned_video(llm, path):
     """image, video, image in one prompt: the images pruned, the video whole, every
     position as in the same prompt at keep 1.0 (the stock layout)."""
-    from vllm import SamplingParams
-
-    wide, tall = images(5)
-    content = [{"type": "image"}, {"type": "video"}, {"type": "image"},
-               {"type": "text", "text": "What happens?"}]
-    text = llm.get_tokenizer().apply_chat_template(
-        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
-
-    def generate(**mm_kwargs):
-        (out,) = llm.generate({"prompt": text, "mm_processor_kwargs": mm_kwargs,
-                               "multi_modal_data": {"image": [wide, tall], "video": video()}},
-                              params, use_tqdm=False)
-        return (out, *probes(llm))
-
-    full, full_seen, _ = generate(keep_ratio=1.0)
-    pruned, seen, kept = generate(keep_ratio=0.25, prune_method="norm")
+    imgs = images(5)
+    full, full_seen, _ = run(llm, imgs, video(), keep_ratio=1.0)
+    pruned, seen, kept = run(llm, imgs, video(), keep_ratio=0.25, prune_method="norm")
     assert not full.num_cached_tokens
-    sizes = [count_image_tokens(path, im.size) for im in (wide, tall)]
+    sizes = [count_image_tokens(path, im.size) for im in imgs]
     assert [len(k) for k in kept] == [keep_count(n, 0.25) for n in sizes]
     assert len(full.prompt_token_ids) - len(pruned.prompt_token_ids) == sum(
         n - keep_count(n, 0.25) for n in sizes)
     assert_stock_positions(pruned, seen, kept, full.prompt_token_ids, torch.cat(full_seen, dim=1),
                            image_token_id(path))
+
+
+@pytest.mark.vllm
+def test_a_batch_of_ratios_answers_as_each_request_alone(llm, path):
+    """Requests of different ratios sent together: requests scheduled in one step share
+    one encoder call (per-image K, method, seed) and get one position recompute each."""
+    from vllm import SamplingParams
+
+    imgs = images(7)
+    asks = [{"keep_ratio": 0.25, "prune_method": "norm"}, {"keep_ratio": 1.0},
+            {"keep_ratio": 0.5, "prune_method": "random"}, {"keep_ratio": 0.1, "prune_method": "norm"}]
+    batch = llm.generate([request(llm, imgs, **kwargs) for kwargs in asks],
+                         SamplingParams(**GREEDY), use_tqdm=False)
+    steps, kept = probes(llm)
+    # The engine schedules requests as they arrive; some step prefills more than one.
+    assert max(s.shape[1] for s in steps) > max(len(out.prompt_token_ids) for out in batch) + len(asks)
+    sizes = [count_image_tokens(path, im.size) for im in imgs]
+    assert sorted(len(k) for k in kept) == sorted(
+        keep_count(n, kwargs["keep_ratio"]) for kwargs in asks for n in sizes)
+    for out, kwargs in zip(batch, asks):
+        alone, _, _ = run(llm, imgs, **kwargs)
+        assert alone.prompt_token_ids == out.prompt_token_ids, kwargs
+        assert alone.outputs[0].token_ids == out.outputs[0].token_ids, kwargs
