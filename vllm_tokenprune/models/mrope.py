@@ -2,10 +2,10 @@
 
 What the method scores: the merged tokens the language model receives, i.e. the vision
 module's output after the patch merger. Those are what the placeholders count (one per
-2 x 2 patch group) and the only per-token units the model keeps or drops; scoring the
-tower's un-merged patches would need a rule to turn four patch scores into one token
-score, and the selector's ``vision_signature`` uses ``out_hidden_size`` (the merger's
-output width) as its feature dim for exactly this reason.
+2 x 2 patch group) and the only units the model can keep or drop; scoring the tower's
+un-merged patches would need a rule to fold four patch scores into one token score. The
+selector checkpoint's ``vision_signature`` records ``out_hidden_size`` (the merger's
+output width) as its feature dim accordingly.
 
 Positions. The language model places a text token at (p, p, p) and an image's merged
 token at row r, column c at (b, b + r, b + c), b = the position after the image's
@@ -22,9 +22,10 @@ never on which tokens were kept. In vLLM's V1 runner that takes three steps:
 2. ``embed_multimodal`` keeps each image's K rows and appends their relative (t, h, w)
    positions as three extra columns; videos (never pruned) get three zero columns,
    because the runner strips the columns of every multimodal embedding.
-3. ``recompute_mrope_positions``, called by the runner while it gathers the
-   embeddings of each prefill chunk, strips the columns and writes the image tokens'
-   true positions (b + relative). Text and video tokens are left as step 1 made them.
+3. ``recompute_mrope_positions``, called by the runner for each scheduled request
+   while it gathers the step's embeddings (a prefill chunk's, or none), strips the
+   columns and writes the image tokens' true positions (b + relative). Text and video
+   tokens are left as step 1 made them.
 
 Because text positions never depend on the kept set, a prefix-cache hit (no encoder
 run, no recompute for the cached part) and chunked prefill (an image split over steps)
