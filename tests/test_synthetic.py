@@ -1,0 +1,126 @@
+"""The question-answering scenes: disjoint splits, answers right by construction (checked
+against the pixels, independently of the generator's bookkeeping), the eval-set writer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, deque
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vllm_tokenprune.cli import main
+from vllm_tokenprune.synthetic import (
+    COUNT_WORDS,
+    QUESTIONS,
+    SPLITS,
+    TASK_COLOURS,
+    TASK_PATCH,
+    make_scene,
+    scene_seed,
+)
+
+
+def _components(mask: np.ndarray, min_pixels: int = 10) -> int:
+    """4-connected regions of at least min_pixels True pixels."""
+    seen = np.zeros_like(mask)
+    count = 0
+    for y, x in zip(*np.nonzero(mask)):
+        if seen[y, x]:
+            continue
+        seen[y, x] = True
+        size, queue = 0, deque([(y, x)])
+        while queue:
+            cy, cx = queue.popleft()
+            size += 1
+            for ny, nx in ((cy + 1, cx), (cy - 1, cx), (cy, cx + 1), (cy, cx - 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+        count += size >= min_pixels
+    return count
+
+
+def _shapes_by_colour(image: Image.Image) -> Counter:
+    """Shapes counted from pixels: blobs of pixels within noise of a task colour."""
+    pixels = np.asarray(image, np.float32)
+    counts = Counter()
+    for name, rgb in TASK_COLOURS.items():
+        near = np.abs(pixels - np.array(rgb, np.float32)).max(axis=-1) < 25  # noise std is 4
+        counts[name] = _components(near)
+    return counts
+
+
+def test_split_seed_ranges_are_disjoint_and_checked():
+    ranges = sorted(SPLITS.values())
+    assert all(stop <= next_start for (_, stop), (next_start, _) in zip(ranges, ranges[1:]))
+    assert scene_seed("train", 0) != scene_seed("test", 0) != scene_seed("val", 0)
+    test_size = SPLITS["test"][1] - SPLITS["test"][0]
+    with pytest.raises(ValueError, match="outside split"):
+        scene_seed("test", test_size)  # would be the first val seed
+    with pytest.raises(ValueError, match="outside split"):
+        scene_seed("train", -1)
+    with pytest.raises(ValueError, match="unknown split"):
+        scene_seed("dev", 0)
+
+
+@pytest.mark.parametrize("variant", ["textured", "plain"])
+def test_train_and_test_images_never_coincide(variant):
+    def digests(split):
+        return {hashlib.sha256(make_scene(variant, scene_seed(split, i)).image.tobytes()).hexdigest()
+                for i in range(150)}
+
+    train, test = digests("train"), digests("test")
+    assert len(train) == len(test) == 150 and not train & test
+
+
+def test_same_seed_same_pixels_and_variants_differ():
+    a, b = make_scene("textured", 7), make_scene("textured", 7)
+    assert a.image.tobytes() == b.image.tobytes() and a.shapes == b.shapes
+    assert make_scene("plain", 7).image.tobytes() != a.image.tobytes()
+    with pytest.raises(ValueError, match="unknown variant"):
+        make_scene("striped", 0)
+
+
+@pytest.mark.parametrize("variant", ["textured", "plain"])
+def test_answers_are_right_by_construction(variant):
+    answers = Counter()
+    for i in range(60):
+        scene = make_scene(variant, scene_seed("test", i))
+        from_pixels = _shapes_by_colour(scene.image)
+        assert sum(from_pixels.values()) == len(scene.shapes)
+        assert scene.answer("count") == COUNT_WORDS[sum(from_pixels.values()) - 1]
+        (top, top_n), *rest = from_pixels.most_common()
+        assert not rest or rest[0][1] < top_n, "the most frequent colour must be unique"
+        assert scene.answer("colour") == top
+        answers.update(scene.answer(q) for q in QUESTIONS)
+        assert bool(scene.textures) == (variant == "textured")
+    assert set(COUNT_WORDS) <= set(answers) and len(set(TASK_COLOURS) & set(answers)) >= 5
+
+
+def test_textures_are_patch_aligned_repeating_and_hold_no_content():
+    scene = make_scene("textured", scene_seed("test", 3))
+    content = scene.content_patches()
+    assert content.shape == (12, 12) and content.sum() >= len(scene.shapes)
+    pixels = np.asarray(scene.image, np.float32)
+    for texture in scene.textures:
+        c0, r0, c1, r1 = texture.cells
+        assert not content[r0:r1, c0:c1].any()
+        if texture.kind == "gradient":
+            continue
+        patches = [pixels[r * TASK_PATCH:(r + 1) * TASK_PATCH, c * TASK_PATCH:(c + 1) * TASK_PATCH]
+                   for r in range(r0, r1) for c in range(c0, c1)]
+        # every patch of a periodic texture is the first one, up to the pixel noise
+        assert max(np.abs(p - patches[0]).mean() for p in patches) < 8
+
+
+def test_make_eval_set_writes_images_and_items(tmp_path):
+    assert main(["make-eval-set", "--variant", "plain", "--split", "test", "--n", "6", "--out", str(tmp_path)]) == 0
+    items = [json.loads(line) for line in (tmp_path / "items.jsonl").read_text().splitlines()]
+    assert [it["kind"] for it in items] == ["count", "colour"] * 3
+    for i, item in enumerate(items):
+        scene = make_scene("plain", scene_seed("test", i))
+        assert item["question"] == QUESTIONS[item["kind"]] and item["answer"] == scene.answer(item["kind"])
+        assert Image.open(tmp_path / item["image"]).tobytes() == scene.image.tobytes()
