@@ -3,14 +3,14 @@
 One run, against one server, measures:
 
 1. **prefill line**: text-only requests of several lengths (1 output token), interleaved;
-   a least-squares fit latency = fixed + per_token * prompt_tokens.
+   a least-squares fit latency = fixed + per_token * prompt_tokens (for reading only: it
+   is measured in rounds of its own, not interleaved with the image requests).
 2. **paired single-client latency**: per round one request per keep ratio, each with a
    fresh image (no encoder or prefix cache hits), interleaved so the host's slow
    stretches hit every ratio alike; medians and median paired ratios to keep 1.0.
-3. **the limit**: pruning can only save the prefill of the dropped tokens, so the ideal
-   speedup at ratio r is T(1.0) / (T(1.0) - per_token * (tokens(1.0) - tokens(r))),
-   with per_token from (1) and T, tokens from (2); each cell reports the fraction of it
-   achieved.
+3. **the limit**: pruning can at best make prefill proportionally shorter, so the ideal
+   speedup at ratio r is tokens(1.0) / tokens(r) of the whole prompt (every other cost
+   taken as free: an upper bound); each cell reports the fraction of it achieved.
 4. **sweep**: vLLM's own ``vllm bench serve`` (random-mm dataset, ``--header
    x-keep-ratio=R``) for every keep ratio x method x concurrency: TTFT mean/p50/p99,
    TPOT, end-to-end latency, request throughput, prompt tokens.
@@ -48,8 +48,10 @@ ACCEPTS_EXTRA_ARGS = True  # extra arguments go to the server it starts
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.usage = "%(prog)s --model DIR [--url URL] [options] [serve args...]"
-    parser.add_argument("--model", required=True,
+    parser.add_argument("--model",
                         help="checkpoint directory (its tokenizer is used; served unless --url)")
+    parser.add_argument("--render", type=Path, metavar="DIR",
+                        help="only rebuild DIR's tables and plot from its results.json")
     parser.add_argument("--url", help="target a running server (http://host:port) instead of "
                                       "starting one")
     parser.add_argument("--selector", help="selector for the server it starts")
@@ -135,14 +137,28 @@ def measure_paired(client, model: str, ratios, method: str | None, rounds: int, 
     return {"method": method, "rounds": rounds, "cells": cells}
 
 
-def add_limit(paired: dict, prefill: dict) -> None:
-    """Ideal speedup per ratio from the token counts, and the fraction achieved."""
-    full = paired["cells"][0]
-    per_token = max(prefill["per_token_s"], 0.0)  # a negative fit is noise, not a speed-up
-    for cell in paired["cells"]:
-        saved = per_token * (full["prompt_tokens"] - cell["prompt_tokens"])
-        cell["ideal_speedup"] = full["median_s"] / max(full["median_s"] - saved, 1e-9)
+def ideal_speedup(full_tokens: float, tokens: float) -> float:
+    """What the token count allows: prefill time proportional to prompt tokens and every
+    other cost free. An upper bound for a prefill-bound model (fixed costs only lower it),
+    free of any fitted constant."""
+    return full_tokens / tokens
+
+
+def add_limits(report: dict) -> None:
+    """Ideal speedup and the fraction achieved, for the paired cells and every sweep cell."""
+    full = report["paired"]["cells"][0]
+    for cell in report["paired"]["cells"]:
+        cell["ideal_speedup"] = ideal_speedup(full["prompt_tokens"], cell["prompt_tokens"])
         cell["fraction_of_ideal"] = cell["speedup_median_paired"] / cell["ideal_speedup"]
+    sweep = report.get("sweep") or []
+    by_key = {(x["concurrency"], x["method"], x["keep_ratio"]): x for x in sweep}
+    for x in sweep:
+        base = by_key[(x["concurrency"], x["method"], 1.0)]
+        x["ttft_speedup"] = base["median_ttft_ms"] / x["median_ttft_ms"]
+        x["throughput_ratio"] = x["request_throughput"] / base["request_throughput"]
+        x["ideal_speedup"] = ideal_speedup(base["prompt_tokens_per_request"],
+                                           x["prompt_tokens_per_request"])
+        x["ttft_fraction_of_ideal"] = x["ttft_speedup"] / x["ideal_speedup"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -197,11 +213,6 @@ def run_sweep(root, model_name, tokenizer, ratios, methods, concurrencies, args,
             root, model_name, tokenizer, ratio=r, method=m, concurrency=c, prompts=prompts,
             size=args.image_size, text_tokens=args.text_tokens, output_tokens=args.output_tokens,
             seed=seed + i))  # a fresh image set per cell: no cache hits across cells
-    by_key = {(x["concurrency"], x["method"], x["keep_ratio"]): x for x in results}
-    for x in results:
-        full = by_key[(x["concurrency"], x["method"], ratios[0])]
-        x["ttft_speedup"] = full["median_ttft_ms"] / x["median_ttft_ms"]
-        x["throughput_ratio"] = x["request_throughput"] / full["request_throughput"]
     return results
 
 
@@ -306,15 +317,16 @@ def markdown(report: dict) -> str:
     if report.get("sweep"):
         lines += ["", "## Sweep (`vllm bench serve`, random-mm images)", "",
                   "| conc | method | keep | prompt tok | TTFT mean / p50 / p99 ms | TPOT p50 ms | "
-                  "E2E p50 ms | req/s | TTFT speedup | throughput x |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "E2E p50 ms | req/s | TTFT speedup | of ideal | throughput x |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in report["sweep"]:
             lines.append(
                 f"| {c['concurrency']} | {c['method']} | {c['keep_ratio']} | "
                 f"{c['prompt_tokens_per_request']:.0f} | {c['mean_ttft_ms']:.0f} / "
                 f"{c['median_ttft_ms']:.0f} / {c['p99_ttft_ms']:.0f} | {c['median_tpot_ms']:.1f} | "
                 f"{c['median_e2el_ms']:.0f} | {c['request_throughput']:.2f} | "
-                f"{c['ttft_speedup']:.2f}x | {c['throughput_ratio']:.2f}x |")
+                f"{c['ttft_speedup']:.2f}x | {c['ttft_fraction_of_ideal']:.2f} | "
+                f"{c['throughput_ratio']:.2f}x |")
     if report.get("soak"):
         s = report["soak"]
         lines += ["", "## Soak", "",
@@ -361,7 +373,22 @@ def plot(report: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------
 
 
+def write_report(report: dict, out: Path) -> None:
+    add_limits(report)
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "results.md").write_text(markdown(report))
+    if report.get("sweep"):
+        plot(report, out / "ttft_throughput.png")
+    print(markdown(report))
+    print(f"results in {out}")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.render:
+        write_report(json.loads((args.render / "results.json").read_text()), args.render)
+        return 0
+    if not args.model:
+        raise SystemExit("vllm-tokenprune bench: error: --model is required")
     import openai
 
     from vllm_tokenprune.launcher import Server
@@ -396,7 +423,6 @@ def run(args: argparse.Namespace) -> int:
         print("paired single-client latency ...", flush=True)
         report["paired"] = measure_paired(client, model_name, ratios, methods[0],
                                           args.paired_rounds, args.image_size, rng)
-        add_limit(report["paired"], report["prefill"])
         if concurrencies:
             report["sweep"] = run_sweep(root, model_name, args.model, ratios, methods,
                                         concurrencies, args, seed)
@@ -405,11 +431,6 @@ def run(args: argparse.Namespace) -> int:
             report["soak"] = run_soak(root + "/v1", model_name, args.soak_seconds, ratios,
                                       methods, args.image_size, seed, server)
 
-    (out / "results.json").write_text(json.dumps(report, indent=2))
-    (out / "results.md").write_text(markdown(report))
-    if report.get("sweep"):
-        plot(report, out / "ttft_throughput.png")
-    print(markdown(report))
-    print(f"results in {out}")
+    write_report(report, out)
     soak = report.get("soak", {})
     return 1 if soak.get("good_failed") or soak.get("bad_other") else 0
