@@ -41,14 +41,14 @@ def _install_probes(model) -> None:
     # forward directly, past module hooks; its layers are called as modules.
     model.language_model.model.layers[0].register_forward_pre_hook(
         lambda _, args: model.probe_positions.append(args[0].tolist()))
-    keep_indices = model._keep_indices
+    keep_rows = model._keep_rows
 
     def recording(*args, **kwargs):
-        kept = keep_indices(*args, **kwargs)
-        model.probe_kept.append(kept.tolist())
+        kept = keep_rows(*args, **kwargs)
+        model.probe_kept.append(kept.index.tolist())
         return kept
 
-    model._keep_indices = recording
+    model._keep_rows = recording
 
 
 def _take_probes(model):

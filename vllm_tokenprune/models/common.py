@@ -3,14 +3,20 @@
 A request's keep ratio and method reach vLLM's multimodal processor as
 ``mm_processor_kwargs``. The processor sizes each image's placeholder run to
 K = ``keep_count(N, ratio)`` and hands K, the method id and a per-image seed to the
-model as integer batched fields. The model, after the vision tower, keeps exactly K
-tokens chosen by the method, in original order. vLLM fixes the placeholder count before
-the model runs, so K is decided once, here, and never recomputed from a float.
+model as integer batched fields. The model, after the vision tower, hands each image's
+tokens to its method and places the K rows it returns (``methods.Rows``) at their stock
+positions, in stock order. vLLM fixes the placeholder count before the model runs, so K
+is decided once, here, and never recomputed from a float.
+
+Methods that read the tower's attention get it from ``TowerProbe``, which exists only
+for a tower call in which some image asked for such a method.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -65,6 +71,10 @@ class PruningProcessorMixin:
     def _image_pixels(self, processed, index: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def _tower_statistics_unavailable(self) -> str | None:
+        """Why the served model cannot compute tower attention statistics, or None."""
+        return None
+
     # -- the request's choice ---------------------------------------------------------
 
     def _prune_choice(self, mm_kwargs: Mapping[str, object]) -> tuple[float, str]:
@@ -83,6 +93,8 @@ class PruningProcessorMixin:
                 "prune_method 'learned' needs a selector, and this server has none "
                 "(start it with --selector PATH); use 'norm' or 'random'"
             )
+        if methods.get(method).needs and (reason := self._tower_statistics_unavailable()):
+            raise ValueError(f"prune_method {method!r} reads the vision tower's attention, which {reason}")
         return ratio, method
 
     @staticmethod
@@ -168,7 +180,7 @@ class PruningModelMixin:
     """Mix into a vLLM multimodal model class (before it in the MRO).
 
     ``_init_pruning`` loads the selector named in the config (validated against the
-    served model); ``_prune`` applies each image's method to its tower features.
+    served model); ``_keep_rows`` applies an image's method to its candidate tokens.
     """
 
     token_selector: nn.Module | None
@@ -195,23 +207,97 @@ class PruningModelMixin:
         return {name: [int(x) for x in torch.as_tensor(v).flatten().tolist()]
                 for name, v in values.items()}
 
-    def _keep_indices(self, features: torch.Tensor, fields: dict[str, list[int]], i: int,
-                      k: int | None = None) -> torch.Tensor:
-        """Image i's features (N, D) -> the indices (K,) its method keeps, ascending."""
-        ctx = methods.ImageContext(seed=fields[SEED_FIELD][i], selector=self.token_selector)
+    @staticmethod
+    def _requested_probes(fields: dict[str, list[int]], counts: Sequence[int]) -> set[methods.Probe]:
+        """The tower statistics that the images of a batch need: those of the methods of
+        the images that keep fewer than their ``counts`` tokens."""
+        names = {methods.method_name(m)
+                 for m, k, n in zip(fields[METHOD_FIELD], fields[KEEP_FIELD], counts) if k < n}
+        return set().union(*(methods.get(name).needs for name in names))
+
+    def _keep_rows(self, fields: dict[str, list[int]], i: int, features: torch.Tensor, *,
+                   grids: tuple[tuple[int, int], ...], k: int | None = None,
+                   **tokens: object) -> methods.Rows:
+        """Image i's candidate tokens (N, D) -> the K rows its method keeps, ascending stock
+        positions; ``tokens`` fills the rest of ``methods.Tokens`` (values, embed, stats)."""
         name = methods.method_name(fields[METHOD_FIELD][i])
         k = fields[KEEP_FIELD][i] if k is None else k
+        candidates = methods.Tokens(features, grids, seed=fields[SEED_FIELD][i],
+                                    selector=self.token_selector, **tokens)
         with torch.inference_mode():
-            return methods.select(name, features, k, ctx).to(features.device)
-
-    def _prune(self, features: Sequence[torch.Tensor], fields: dict[str, list[int]]
-               ) -> list[torch.Tensor]:
-        """Per image: features (N, D) -> the K kept rows, in original order."""
-        return [feats.index_select(0, self._keep_indices(feats, fields, i))
-                for i, feats in enumerate(features)]
+            return methods.select(name, candidates, k)
 
     def _selector_weight_names(self) -> Iterable[str]:
         """Names vLLM's loader must see as loaded (the selector loaded itself)."""
         if self.token_selector is None:
             return ()
         return {f"token_selector.{n}" for n, _ in self.token_selector.named_parameters()}
+
+
+class TowerProbe:
+    """The per-token attention statistics of chosen tower layers, for one tower call.
+
+    On entry it puts a forward pre-hook on each needed layer's attention op (vLLM's
+    ``MMEncoderAttention``), which records the queries and keys the op receives (after
+    the layer's norm, projections and rotary embedding: exactly what the fused kernel
+    gets); on exit it removes them. ``statistics`` then computes, on the tower's device,
+    what the methods asked for (``methods.attention``). With tensor parallelism each rank
+    holds some of the heads; the head averages are summed over ranks.
+    """
+
+    def __init__(self, ops: Mapping[str, nn.Module], probes: Iterable[methods.Probe], *,
+                 has_cls: bool, total_heads: int):
+        self.probes = set(probes)
+        self.ops = {layer: ops[layer] for layer in {p.layer for p in self.probes}}
+        self.has_cls = has_cls
+        self.total_heads = total_heads
+        self._seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._hooks = contextlib.ExitStack()
+
+    def __enter__(self) -> TowerProbe:
+        for layer, op in self.ops.items():
+            handle = op.register_forward_pre_hook(functools.partial(self._record, layer),
+                                                  with_kwargs=True)
+            self._hooks.callback(handle.remove)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.close()
+
+    def _record(self, layer: str, op: nn.Module, args: tuple, kwargs: dict) -> None:
+        named = {**dict(zip(("query", "key"), args)), **kwargs}
+        self._seen[layer] = named["query"], named["key"]
+
+    def statistics(self, spans: Sequence[tuple[int, int]] | None = None
+                   ) -> list[dict[methods.Probe, torch.Tensor]]:
+        """Per attention sequence, each probe's statistic (S,) or (S, head_dim). Sequences
+        are the batch rows of the recorded tensors, or, for a packed batch of one row, the
+        (start, length) ``spans`` of it."""
+        from vllm_tokenprune.methods.attention import statistics
+
+        out: list[dict[methods.Probe, torch.Tensor]] = []
+        for layer, op in self.ops.items():
+            if layer not in self._seen:
+                raise RuntimeError(
+                    f"tokenprune: the tower's {layer} attention op did not run as a module "
+                    "(a compiled encoder?); methods that read the tower's attention need it eager")
+            q, k = (x.reshape(*x.shape[:2], op.num_heads, op.head_size) for x in self._seen[layer])
+            wanted = {p.stat for p in self.probes if p.layer == layer}
+            sequences = ([(q, k)] if spans is None
+                         else [(q[:, start:start + n], k[:, start:start + n]) for start, n in spans])
+            per_sequence = []
+            for qs, ks in sequences:
+                found = {stat: self._all_heads(v, op) for stat, v in
+                         statistics(qs, ks, op.scale, wanted, has_cls=self.has_cls).items()}
+                per_sequence += [{methods.Probe(stat, layer): v[b] for stat, v in found.items()}
+                                 for b in range(len(qs))]
+            out = per_sequence if not out else [{**a, **b} for a, b in zip(out, per_sequence)]
+        return out
+
+    def _all_heads(self, head_mean: torch.Tensor, op: nn.Module) -> torch.Tensor:
+        shards = self.total_heads // op.num_heads
+        if shards == 1:
+            return head_mean
+        from vllm.distributed import tensor_model_parallel_all_reduce
+
+        return tensor_model_parallel_all_reduce(head_mean.contiguous()) / shards

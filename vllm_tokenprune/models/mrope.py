@@ -1,11 +1,12 @@
 """Pruning for the M-RoPE families (Qwen2.5-VL, Qwen3-VL): placeholders, selection, positions.
 
-What the method scores: the merged tokens the language model receives, i.e. the vision
-module's output after the patch merger. Those are what the placeholders count (one per
-2 x 2 patch group) and the only units the model can keep or drop; scoring the tower's
-un-merged patches would need a rule to fold four patch scores into one token score. The
-selector checkpoint's ``vision_signature`` records ``out_hidden_size`` (the merger's
-output width) as its feature dim accordingly.
+What the method sees: the merged tokens the language model receives, i.e. the vision
+module's output after the patch merger, laid out as the image's merged grid. Those are
+what the placeholders count (one per 2 x 2 patch group) and the only units the model can
+keep or drop. The selector checkpoint's ``vision_signature`` records ``out_hidden_size``
+(the merger's output width) as its feature dim accordingly. Tower attention statistics
+are per patch; a merged token gets the mean over its 2 x 2 patches (keys likewise), in
+stock order (Qwen2.5-VL's tower runs its tokens in window order).
 
 Positions. The language model places a text token at (p, p, p) and an image's merged
 token at row r, column c at (b, b + r, b + c), b = the position after the image's
@@ -19,9 +20,10 @@ never on which tokens were kept. In vLLM's V1 runner that takes three steps:
    with every image's dropped placeholders put back) and keeps the columns of the tokens
    this prompt has: text exact, each image's K tokens provisionally at its first K grid
    cells (exact at keep 1.0), and the stock position delta for decode.
-2. ``embed_multimodal`` keeps each image's K rows and appends their relative (t, h, w)
-   positions as three extra columns; videos (never pruned) get three zero columns,
-   because the runner strips the columns of every multimodal embedding.
+2. ``embed_multimodal`` keeps each image's K rows (a merged row at the position its
+   method gives it) and appends their relative (t, h, w) positions as three extra
+   columns; videos (never pruned) get three zero columns, because the runner strips the
+   columns of every multimodal embedding.
 3. ``recompute_mrope_positions``, called by the runner for each scheduled request
    while it gathers the step's embeddings (a prefill chunk's, or none), strips the
    columns and writes the image tokens' true positions (b + relative). Text and video
@@ -43,6 +45,7 @@ to 256 merged rows or columns, which is why they hold relative, not absolute, po
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -50,7 +53,8 @@ from vllm.logger import init_logger
 from vllm.multimodal.parse import ImageSize
 from vllm.multimodal.video_prune.evs import compute_mrope_for_media
 
-from vllm_tokenprune.models.common import PruningModelMixin, PruningProcessorMixin
+from vllm_tokenprune import methods
+from vllm_tokenprune.models.common import PruningModelMixin, PruningProcessorMixin, TowerProbe
 
 logger = init_logger(__name__)
 
@@ -72,6 +76,11 @@ class MRopePruningProcessorMixin(PruningProcessorMixin):
         start = sum(patches[:index])
         return processed["pixel_values"][start:start + patches[index]]
 
+    def _tower_statistics_unavailable(self) -> str | None:
+        if self.info.ctx.model_config.multimodal_config.mm_encoder_tp_mode == "data":
+            return "this server spreads over data-parallel encoder ranks (--mm-encoder-tp-mode data)"
+        return None
+
 
 class MRopePruningModelMixin(PruningModelMixin):
     """Mix into a Qwen-VL model class (before it in the MRO). Expects the stock class's
@@ -91,6 +100,34 @@ class MRopePruningModelMixin(PruningModelMixin):
         """The part of an image's embeddings (N, D) the method scores."""
         return embeds
 
+    def _probe_blocks(self) -> dict[str, int]:
+        """The tower blocks of ``methods.LATE`` and ``methods.MIDDLE``."""
+        raise NotImplementedError
+
+    def _tower_order(self, grid: list[int]) -> torch.Tensor | None:
+        """The merged token at each position of the tower's sequence for an image, or None
+        when the tower runs them in stock order."""
+        return None
+
+    def _visual_features(self, mm_input, grids: list[list[int]], probes: set[methods.Probe]
+                         ) -> tuple[Sequence[torch.Tensor], list[dict[methods.Probe, torch.Tensor]]]:
+        """Each image's embeddings and, per merged token, the statistics of ``probes``."""
+        if not probes:
+            return self._process_image_input(mm_input), [{}] * len(grids)
+        ops = {layer: self.visual.blocks[block].attn.attn for layer, block in self._probe_blocks().items()}
+        probe = TowerProbe(ops, probes, has_cls=False, total_heads=self.config.vision_config.num_heads)
+        with probe:
+            embeds = self._process_image_input(mm_input)
+        patches = [t * h * w for t, h, w in grids]  # all images packed in one sequence
+        unit = self.config.vision_config.spatial_merge_size ** 2
+        stats = []
+        for image, grid in zip(probe.statistics(list(zip(itertools.accumulate([0, *patches]), patches))), grids):
+            order = self._tower_order(grid)
+            merged = {p: v.reshape(len(v) // unit, unit, *v.shape[1:]).mean(dim=1) for p, v in image.items()}
+            stats.append(merged if order is None else
+                         {p: v[order.argsort().to(v.device)] for p, v in merged.items()})
+        return embeds, stats
+
     # -- embeddings -------------------------------------------------------------------
 
     def embed_multimodal(self, **kwargs: object):
@@ -103,15 +140,18 @@ class MRopePruningModelMixin(PruningModelMixin):
                 continue
             prune = fields is not None and mm_input["type"] == "pixel_values"
             grids = mm_input["image_grid_thw"].tolist()
-            for i, (embeds, grid) in enumerate(zip(self._process_image_input(mm_input), grids)):
-                relative = compute_mrope_for_media(grid, merge)[:, :POSITION_COLUMNS]
+            probes = self._requested_probes(fields, [t * h * w // merge**2 for t, h, w in grids]) if prune else set()
+            image_embeds, stats = self._visual_features(mm_input, grids, probes)
+            for i, (embeds, (t, h, w)) in enumerate(zip(image_embeds, grids)):
+                relative = compute_mrope_for_media([t, h, w], merge)[:, :POSITION_COLUMNS]
                 if prune:
-                    keep = self._keep_indices(self._selection_features(embeds), fields, i)
-                    if len(keep) < len(embeds) and not self.is_multimodal_pruning_enabled:
+                    kept = self._keep_rows(fields, i, self._selection_features(embeds), values=embeds,
+                                           grids=((t * h // merge, w // merge),), stats=stats[i])
+                    if len(kept.index) < len(embeds) and not self.is_multimodal_pruning_enabled:
                         logger.warning_once(
                             "tokenprune: this vLLM runner does not recompute M-RoPE positions; "
                             "kept image tokens get provisional positions")
-                    embeds, relative = embeds[keep], relative[keep.cpu()]
+                    embeds, relative = kept.values, relative[kept.index.cpu()]
                 out.append(self._with_positions(embeds, relative))
         return tuple(out)
 

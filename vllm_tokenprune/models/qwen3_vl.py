@@ -14,6 +14,9 @@ the same tokens. Positions: see ``models/mrope.py``. One limit of Qwen3-VL: vLLM
 its rotary cache at ``max_position_embeddings`` positions (no headroom, unlike
 Qwen2.5-VL's four times), and pruned prompts keep the positions of the unpruned one, so
 the unpruned prompt, not only the pruned one, must fit in ``max_position_embeddings``.
+
+Tower attention statistics: every block attends over the whole image; LATE is the last,
+MIDDLE the one in the middle (HiPrune's object layer at half depth, as for Qwen2.5-VL).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from vllm.model_executor.models.qwen3_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from vllm_tokenprune import methods
 from vllm_tokenprune.models.mrope import MRopePruningModelMixin, MRopePruningProcessorMixin
 
 
@@ -42,3 +46,7 @@ class PrunedQwen3VLMultiModalProcessor(MRopePruningProcessorMixin, Qwen3VLMultiM
 class PrunedQwen3VLForConditionalGeneration(MRopePruningModelMixin, Qwen3VLForConditionalGeneration):
     def _selection_features(self, embeds: torch.Tensor) -> torch.Tensor:
         return embeds[:, : self.visual_dim]  # without the DeepStack channels
+
+    def _probe_blocks(self) -> dict[str, int]:
+        depth = len(self.visual.blocks)
+        return {methods.LATE: depth - 1, methods.MIDDLE: max(0, depth // 2 - 1)}
