@@ -18,6 +18,7 @@ from server import Server, serve_command
 
 from vllm_tokenprune.budget import keep_count
 from vllm_tokenprune.client import image_url
+from vllm_tokenprune.methods import METHOD_NAMES
 from vllm_tokenprune.tiny import count_image_tokens
 
 pytestmark = pytest.mark.server
@@ -74,7 +75,7 @@ def test_prompt_tokens_fall_by_exactly_n_minus_k_in_any_order(client, model):
 
 def test_keep_one_reproduces_the_stock_model(client, model):
     prompt, tokens, _ = hf_greedy(model, [IMAGE])
-    for method in ("learned", "random", "norm"):
+    for method in METHOD_NAMES:
         out = ask(client, headers={"X-Keep-Ratio": "1", "X-Prune-Method": method})
         assert out.choices[0].token_ids == tokens, method
         assert out.prompt_token_ids == prompt
@@ -95,7 +96,7 @@ def test_two_images_of_different_sizes(client, model):
 
 def test_every_method_gives_the_same_count_and_is_deterministic(client):
     counts = set()
-    for method in ("learned", "random", "norm"):
+    for method in METHOD_NAMES:
         first = ask(client, headers={"X-Keep-Ratio": "0.25", "X-Prune-Method": method})
         again = ask(client, headers={"X-Keep-Ratio": "0.25", "X-Prune-Method": method})
         assert first.choices[0].token_ids == again.choices[0].token_ids, method

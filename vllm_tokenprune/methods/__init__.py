@@ -34,10 +34,15 @@ if TYPE_CHECKING:
 
     from vllm_tokenprune.selector import TokenSelector
 
-METHOD_NAMES: tuple[str, ...] = ("learned", "random", "norm")
+METHOD_NAMES: tuple[str, ...] = (
+    "learned", "random", "norm", "visionzip", "hiprune", "divprune", "cls_attention", "pool",
+)
 
 # Method name -> the module of this package that defines it (as an attribute of that name).
-_MODULES = {"learned": "scores", "random": "scores", "norm": "scores"}
+_MODULES = {
+    "learned": "scores", "random": "scores", "norm": "scores", "visionzip": "visionzip",
+    "hiprune": "hiprune", "divprune": "divprune", "cls_attention": "cls_attention", "pool": "pool",
+}
 
 
 class UnknownMethodError(ValueError):

@@ -1,0 +1,461 @@
+"""The selection methods against their definitions on small inputs worked out by hand or by
+brute force; the tower attention statistics against transformers' own attention weights;
+and those statistics as vLLM's towers produce them (offline, tiny checkpoints)."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from reference import noise_image
+
+from vllm_tokenprune import methods
+from vllm_tokenprune.methods import (
+    ATTENTION,
+    GLOBAL_ATTENTION,
+    KEYS,
+    LATE,
+    METHOD_NAMES,
+    MIDDLE,
+    Probe,
+    Tokens,
+)
+from vllm_tokenprune.methods.attention import cls_attention, global_attention, statistics
+from vllm_tokenprune.methods.divprune import greedy_max_min
+from vllm_tokenprune.methods.grid import neighbours
+from vllm_tokenprune.methods.pool import cells, shares
+from vllm_tokenprune.methods.visionzip import split
+from vllm_tokenprune.plugin import PRUNED_ARCHITECTURES
+
+ALL_PROBES = [Probe(stat, layer) for stat in (ATTENTION, GLOBAL_ATTENTION, KEYS) for layer in (LATE, MIDDLE)]
+
+
+def random_tokens(grids, dim: int = 8, seed: int = 0, **kwargs) -> Tokens:
+    """Tokens with random features and every statistic a method may ask for."""
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(r * c for r, c in grids)
+    stats = {p: torch.randn(n, 4, generator=gen) if p.stat == KEYS else torch.rand(n, generator=gen)
+             for p in ALL_PROBES}
+    return Tokens(torch.randn(n, dim, generator=gen), tuple(grids), seed=seed, stats=stats, **kwargs)
+
+
+# --- the registry ------------------------------------------------------------------------
+
+def test_wire_ids_are_stable_and_every_name_resolves():
+    assert METHOD_NAMES[:3] == ("learned", "random", "norm")  # ids already on the wire
+    assert len(set(METHOD_NAMES)) == len(METHOD_NAMES)
+    for ident, name in enumerate(METHOD_NAMES):
+        assert methods.method_id(name) == ident and methods.get(name).name == name
+
+
+def test_importing_the_method_names_imports_neither_torch_nor_vllm():
+    code = ("import sys, vllm_tokenprune.methods, vllm_tokenprune.budget; "
+            "sys.exit('torch' in sys.modules or 'vllm' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES[1:])
+def test_every_k_gives_k_rows_at_ascending_stock_positions(name):
+    tokens = random_tokens([(1, 1), (3, 4)])  # a [CLS]-like 1 x 1 grid, then a patch grid
+    for k in range(1, len(tokens)):
+        rows = methods.select(name, tokens, k)
+        assert len(rows.index) == k == len(rows.values), (name, k)
+        assert rows.index.diff().gt(0).all() and 0 <= rows.index.min() and rows.index.max() < len(tokens)
+    everything = methods.select(name, tokens, len(tokens))
+    assert torch.equal(everything.index, torch.arange(len(tokens)))
+    assert everything.values is tokens.values  # K = N: the stock rows, untouched
+
+
+def test_rows_carry_the_values_not_the_scored_features():
+    """Qwen3-VL scores the main embedding and carries the DeepStack channels along."""
+    tokens = random_tokens([(4, 4)])
+    wide = torch.cat([tokens.features, -tokens.features], dim=1)
+    tokens.values = wide
+    for name in METHOD_NAMES[1:]:
+        rows = methods.select(name, tokens, 5)
+        assert rows.values.shape == (5, 16)
+        assert torch.allclose(rows.values[:, :8], -rows.values[:, 8:]), name
+
+
+# --- [CLS]-attention ---------------------------------------------------------------------
+
+def test_cls_attention_keeps_the_k_tokens_the_cls_token_attends_to_most():
+    tokens = random_tokens([(4, 4)])
+    tokens.stats[Probe(ATTENTION, LATE)] = torch.tensor(
+        [.01, .2, .02, .03, .3, .04, .05, .06, .07, .08, .09, .1, .25, .11, .12, .13])
+    rows = methods.select("cls_attention", tokens, 3)
+    assert rows.index.tolist() == [1, 4, 12]
+    assert torch.equal(rows.values, tokens.features[[1, 4, 12]])
+
+
+# --- VisionZip ---------------------------------------------------------------------------
+
+def test_visionzip_splits_k_as_the_paper():
+    assert [split(k) for k in (64, 128, 192)] == [(54, 10), (108, 20), (162, 30)]
+    assert split(1) == (1, 0)
+
+
+def test_visionzip_keeps_the_top_attention_tokens_and_merges_the_rest_into_uniform_targets():
+    n, k = 20, 13  # 11 dominant + 2 contextual
+    tokens = random_tokens([(4, 5)])
+    attention = torch.linspace(0, 1, n)[torch.randperm(n, generator=torch.Generator().manual_seed(1))]
+    tokens.stats[Probe(ATTENTION, LATE)] = attention
+    dominant = attention.argsort(descending=True)[:11].sort().values
+    rest = [i for i in range(n) if i not in dominant]  # 9 tokens; targets every 9 // 2 = 4th
+    targets = [rest[0], rest[4]]
+    # Keys: rest[1..3] point like the first target, rest[5..8] like the second.
+    keys = torch.zeros(n, 2)
+    keys[:, 0] = 1
+    for i in rest[4:]:
+        keys[i] = torch.tensor([0.1, 1.0])
+    tokens.stats[Probe(KEYS, LATE)] = keys
+
+    rows = methods.select("visionzip", tokens, k)
+    assert rows.index.tolist() == sorted([*dominant.tolist(), *targets])
+    values = dict(zip(rows.index.tolist(), rows.values))
+    for i in dominant.tolist():
+        assert torch.equal(values[i], tokens.features[i])
+    assert torch.allclose(values[rest[0]], tokens.features[rest[:4]].mean(0))
+    assert torch.allclose(values[rest[4]], tokens.features[rest[4:]].mean(0))
+
+
+# --- HiPrune -----------------------------------------------------------------------------
+
+def test_neighbours_stay_inside_each_grid():
+    grids = ((3, 3), (2, 4))  # tokens 0-8, then 9-16
+    assert neighbours(torch.tensor([4]), grids).tolist() == [1, 3, 5, 7]
+    assert neighbours(torch.tensor([2]), grids).tolist() == [1, 5]  # no wrap to token 3
+    assert neighbours(torch.tensor([9]), grids).tolist() == [10, 13]  # not token 8 of grid one
+    assert neighbours(torch.tensor([8, 16]), grids).tolist() == [5, 7, 12, 15]
+
+
+def test_hiprune_takes_anchors_their_buffers_then_registers():
+    tokens = random_tokens([(10, 10)])
+    k = 50  # round(50 * 0.1 / 5) = 1 anchor
+    obj = torch.zeros(100)
+    obj[44] = 1.0  # the anchor: row 4, column 4
+    tokens.stats[Probe(GLOBAL_ATTENTION, MIDDLE)] = obj
+    deep = torch.arange(100.0)  # registers: the highest deep attention, outside the anchor's cross
+    tokens.stats[Probe(GLOBAL_ATTENTION, LATE)] = deep
+    rows = methods.select("hiprune", tokens, k)
+    local = {34, 43, 44, 45, 54}
+    registers = set(range(55, 100))  # 45 of them, fills K = 50
+    assert set(rows.index.tolist()) == local | registers
+    assert torch.equal(rows.values, tokens.features[rows.index])
+
+
+def test_hiprune_without_anchors_for_small_k_is_deep_attention_top_k():
+    tokens = random_tokens([(6, 6)])
+    rows = methods.select("hiprune", tokens, 10)  # round(10 * 0.1 / 5) = 0 anchors
+    deep = tokens.stats[Probe(GLOBAL_ATTENTION, LATE)]
+    assert rows.index.tolist() == deep.argsort(descending=True)[:10].sort().values.tolist()
+
+
+# --- DivPrune ----------------------------------------------------------------------------
+
+def cosine_distances(points: torch.Tensor) -> torch.Tensor:
+    unit = torch.nn.functional.normalize(points.double(), dim=-1)
+    return 1 - unit @ unit.T
+
+
+def min_pairwise(dist: torch.Tensor, subset) -> float:
+    return min(dist[i, j].item() for i, j in itertools.combinations(subset, 2))
+
+
+CIRCLE_DEGREES = torch.tensor([0, 10, 20, 90, 100, 180, 185, 270, 275], dtype=torch.float64)
+CIRCLE = torch.stack([CIRCLE_DEGREES.deg2rad().cos(), CIRCLE_DEGREES.deg2rad().sin()], dim=1)
+
+
+def test_divprune_finds_the_brute_force_max_min_subset_on_a_tiny_case():
+    dist = cosine_distances(CIRCLE)
+    tokens = Tokens(CIRCLE.float(), ((1, len(CIRCLE)),), seed=0)
+    for k in range(2, len(CIRCLE)):
+        best = max(min_pairwise(dist, s) for s in itertools.combinations(range(len(CIRCLE)), k))
+        kept = methods.select("divprune", tokens, k).index.tolist()
+        if k == 3:  # the greedy rule is the paper's approximation: 90 deg where 95 exist
+            assert min_pairwise(dist, kept) == pytest.approx(1 - math.cos(math.radians(90)), abs=1e-6)
+            assert best == pytest.approx(1 - math.cos(math.radians(95)))
+        else:
+            assert min_pairwise(dist, kept) == pytest.approx(best, abs=1e-6), k
+    # By hand: ties go to the lower index; 0 deg first (nearest neighbour 10 deg away,
+    # like 10, 20, 90 and 100), then 180, then 90 (90 deg from both, like 270), then 270.
+    assert methods.select("divprune", tokens, 4).index.tolist() == [0, 3, 5, 7]
+
+
+def test_divprune_each_pick_follows_the_greedy_rule():
+    points = torch.randn(30, 6, generator=torch.Generator().manual_seed(2))
+    dist = cosine_distances(points)
+    picks = greedy_max_min(points, 12).tolist()
+    off_diagonal = dist + torch.diag(torch.full((30,), math.inf, dtype=torch.float64))
+    assert picks[0] == off_diagonal.min(dim=1).values.argmax().item()  # most isolated token
+    for i in range(1, len(picks)):
+        to_kept = dist[:, picks[:i]].min(dim=1).values
+        to_kept[picks[:i]] = -math.inf
+        assert dist[picks[i], picks[:i]].min() == pytest.approx(to_kept.max().item(), abs=1e-6)
+
+
+def test_divprune_never_keeps_a_token_twice_among_duplicates():
+    points = torch.ones(6, 3)
+    assert sorted(greedy_max_min(points, 4).tolist()) == [0, 1, 2, 3]
+
+
+def test_divprune_measures_diversity_as_the_language_model_sees_tokens():
+    """LLaVA: distances between projected tokens; the rows still carry tower features."""
+    features = torch.randn(len(CIRCLE), 4)
+    tokens = Tokens(features, ((1, len(CIRCLE)),), seed=0, embed=lambda f: CIRCLE.float())
+    rows = methods.select("divprune", tokens, 4)
+    assert rows.index.tolist() == [0, 3, 5, 7]
+    assert torch.equal(rows.values, features[[0, 3, 5, 7]])
+
+
+# --- pooling -----------------------------------------------------------------------------
+
+def test_pool_at_a_quarter_of_24x24_is_2x2_average_pooling():
+    tokens = random_tokens([(24, 24)], dim=5)
+    rows = methods.select("pool", tokens, 144)
+    grid = tokens.features.T.reshape(1, 5, 24, 24)
+    want = torch.nn.functional.avg_pool2d(grid, 2).reshape(5, 144).T
+    assert torch.allclose(rows.values, want, atol=1e-6)
+    top_left = torch.arange(0, 24, 2)[:, None] * 24 + torch.arange(0, 24, 2)[None, :]
+    assert torch.equal(rows.index, top_left.flatten())
+
+
+@pytest.mark.parametrize("rows_cols", [(5, 7), (1, 9), (6, 2), (4, 4)])
+def test_pool_partitions_any_grid_into_exactly_k_cells(rows_cols):
+    rows, cols = rows_cols
+    tokens = random_tokens([rows_cols])
+    for k in range(1, rows * cols):
+        cell_of, centres = cells(rows, cols, k)
+        assert sorted(set(cell_of.tolist())) == list(range(k))  # every cell has a token
+        assert torch.equal(cell_of[centres], torch.arange(k))  # a cell sits at one of its own
+        blocks = cell_of.view(rows, cols)
+        for cell in range(k):  # cells are rectangles
+            ys, xs = (blocks == cell).nonzero(as_tuple=True)
+            assert len(ys) == (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+        pooled = methods.select("pool", tokens, k)
+        assert torch.equal(pooled.index, centres)
+        for cell in range(k):
+            assert torch.allclose(pooled.values[cell], tokens.features[cell_of == cell].mean(0), atol=1e-6)
+
+
+def test_pool_shares_k_between_grids_in_proportion():
+    assert shares(10, [576, 1200]) == [3, 7]  # 3.24 and 6.76
+    assert shares(3, [4, 4, 4]) == [1, 1, 1]
+    assert shares(2, [1, 576]) == [0, 2]  # a [CLS] 1 x 1 grid gets its share, here none
+    tokens = random_tokens([(2, 2), (4, 6)])
+    rows = methods.select("pool", tokens, 7)  # 1 cell from the first grid, 6 from the second
+    assert rows.index[0] == 0 and torch.allclose(rows.values[0], tokens.features[:4].mean(0))
+    assert (rows.index[1:] >= 4).all()
+
+
+# --- tower attention statistics ----------------------------------------------------------
+
+def tiny_clip(layers: int = 3):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                              num_attention_heads=4, image_size=56, patch_size=14)
+    config._attn_implementation = "eager"
+    return CLIPVisionModel(config).eval()
+
+
+def clip_queries_keys(model, hidden: torch.Tensor, layer: int):
+    """A CLIP layer's queries and keys (B, S, H, d) from its input hidden states."""
+    attn = model.encoder.layers[layer]
+    x = attn.layer_norm1(hidden)
+    heads = model.config.num_attention_heads
+
+    def split_heads(t):
+        return t.reshape(*t.shape[:2], heads, -1)
+
+    return split_heads(attn.self_attn.q_proj(x)), split_heads(attn.self_attn.k_proj(x)), attn.self_attn.scale
+
+
+@torch.no_grad()
+def test_attention_statistics_equal_transformers_attention_weights(monkeypatch):
+    model = tiny_clip()
+    pixels = torch.randn(2, 3, 56, 56)
+    out = model(pixels, output_attentions=True, output_hidden_states=True)
+    for layer in range(model.config.num_hidden_layers):
+        q, k, scale = clip_queries_keys(model, out.hidden_states[layer], layer)
+        weights = out.attentions[layer]  # (B, H, S, S), softmax(q k^T * scale)
+        assert torch.allclose(cls_attention(q, k, scale), weights[:, :, 0].mean(1), atol=1e-6)
+        assert torch.allclose(global_attention(q, k, scale), weights.mean(dim=(1, 2)), atol=1e-6)
+        # Query chunks of one row at a time give the same sums.
+        monkeypatch.setattr("vllm_tokenprune.methods.attention._CHUNK_ELEMENTS", 1)
+        assert torch.allclose(global_attention(q, k, scale), weights.mean(dim=(1, 2)), atol=1e-6)
+        monkeypatch.undo()
+        found = statistics(q, k, scale, {ATTENTION, GLOBAL_ATTENTION, KEYS}, has_cls=False)
+        assert torch.equal(found[ATTENTION], found[GLOBAL_ATTENTION])  # no [CLS]: all queries
+        assert torch.allclose(found[KEYS], k.mean(dim=2))
+
+
+def test_tower_probe_records_queries_and_keys_only_while_active():
+    from vllm_tokenprune.models.common import TowerProbe
+
+    class Op(torch.nn.Module):  # the interface of vLLM's MMEncoderAttention that is used
+        num_heads, head_size, scale = 2, 3, 0.5
+
+        def forward(self, query, key, value, cu_seqlens=None):
+            return value
+
+    op = Op()
+    q, k = torch.randn(2, 5, 6), torch.randn(2, 5, 6)
+    probes = {Probe(ATTENTION, LATE), Probe(KEYS, LATE)}
+    for call in (lambda: op(q, k, k), lambda: op(query=q, key=k, value=k)):
+        with TowerProbe({LATE: op, MIDDLE: op}, probes, has_cls=True, total_heads=2) as probe:
+            call()
+        assert not op._forward_pre_hooks
+        found = probe.statistics()
+        q4, k4 = q.view(2, 5, 2, 3), k.view(2, 5, 2, 3)
+        assert len(found) == 2 and set(found[0]) == probes
+        for b in range(2):
+            assert torch.allclose(found[b][Probe(ATTENTION, LATE)], cls_attention(q4, k4, 0.5)[b])
+            assert torch.allclose(found[b][Probe(KEYS, LATE)], k4[b].mean(1))
+        packed = probe.statistics(spans=[(0, 2), (2, 3)])  # one packed row of two sequences
+        assert [len(s[Probe(KEYS, LATE)]) for s in packed] == [2, 2, 3, 3]
+
+
+def test_attention_is_computed_only_for_pruned_images_of_methods_that_read_it():
+    from vllm_tokenprune.models.common import KEEP_FIELD, METHOD_FIELD, SEED_FIELD, PruningModelMixin
+
+    def fields(*pairs):
+        return {METHOD_FIELD: [methods.method_id(m) for m, _ in pairs], KEEP_FIELD: [k for _, k in pairs],
+                SEED_FIELD: [0] * len(pairs)}
+
+    requested = PruningModelMixin._requested_probes
+    assert requested(fields(("norm", 5), ("pool", 5), ("divprune", 5)), [10, 10, 10]) == set()
+    assert requested(fields(("visionzip", 10), ("hiprune", 10)), [10, 10]) == set()  # K = N
+    assert requested(fields(("norm", 5), ("visionzip", 5)), [10, 10]) == {Probe(ATTENTION, LATE), Probe(KEYS, LATE)}
+    assert requested(fields(("cls_attention", 5), ("hiprune", 5)), [10, 10]) == {
+        Probe(ATTENTION, LATE), Probe(GLOBAL_ATTENTION, LATE), Probe(GLOBAL_ATTENTION, MIDDLE)}
+
+
+# --- the statistics as vLLM's towers produce them ----------------------------------------
+
+STOCK_ARCH = {"llava": "LlavaForConditionalGeneration",
+              "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
+              "qwen3-vl": "Qwen3VLForConditionalGeneration"}
+
+
+def hf_eager(path):
+    """transformers' model in fp32 with eager attention (the only one returning weights)."""
+    import transformers
+    from transformers import AutoConfig
+
+    model_class = getattr(transformers, AutoConfig.from_pretrained(path).architectures[0])
+    return model_class.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+@torch.no_grad()
+def hf_llava_statistics(path, pixels) -> list[dict[Probe, torch.Tensor]]:
+    """Per image, at the patch tokens the projector gets: the [CLS] row and the mean over
+    queries of transformers' attention weights, and the keys, of tiny LLaVA's one layer
+    below vision_feature_layer = -2 (both LATE and MIDDLE)."""
+    tower = hf_eager(path).model.vision_tower
+    out = tower(pixels, output_attentions=True, output_hidden_states=True)
+    layer = tower.encoder.layers[0]
+    keys = layer.self_attn.k_proj(layer.layer_norm1(out.hidden_states[0]))
+    keys = keys.reshape(*keys.shape[:2], tower.config.num_attention_heads, -1).mean(2)
+    weights = out.attentions[0]
+    found = {ATTENTION: weights[:, :, 0].mean(1), GLOBAL_ATTENTION: weights.mean(dim=(1, 2)), KEYS: keys}
+    return [{Probe(stat, layer): v[b, 1:] for stat, v in found.items() for layer in (LATE, MIDDLE)}
+            for b in range(len(pixels))]
+
+
+@torch.no_grad()
+def hf_qwen_statistics(path, arch, pixels, grid_thw, blocks: dict[str, int], monkeypatch):
+    """Per image, per merged token in stock order: the mean over heads and queries of
+    transformers' attention weights and the head-mean keys of the given blocks, each
+    patch statistic averaged over the 2 x 2 patches of its merged token."""
+    import importlib
+
+    model = hf_eager(path)
+    visual = model.model.visual
+    module = importlib.import_module(type(visual).__module__)
+    seen: dict[str, list] = {layer: [] for layer in blocks}
+    eager = module.eager_attention_forward
+
+    def recording(attn, query, key, *args, **kwargs):
+        output, weights = eager(attn, query, key, *args, **kwargs)
+        for layer, block in blocks.items():
+            if attn is visual.blocks[block].attn:  # one call per image: (1, H, n, n)
+                seen[layer].append((weights[0].mean(dim=(0, 1)), key[0].mean(0)))
+        return output, weights
+
+    monkeypatch.setattr(module, "eager_attention_forward", recording)
+    visual(pixels, grid_thw=grid_thw)
+    unit = visual.spatial_merge_size ** 2
+    order = None
+    if arch == "qwen2.5-vl":  # transformers runs the tower in window order too
+        from transformers.vision_utils import get_vision_window_index
+
+        order, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                           window_size=visual.window_size, patch_size=visual.patch_size,
+                                           kwargs={})
+    sizes = (grid_thw.prod(-1) // unit).tolist()
+    per_layer = {}
+    for layer, calls in seen.items():
+        attention = torch.cat([a for a, _ in calls]).reshape(-1, unit).mean(1)
+        keys = torch.cat([k for _, k in calls]).reshape(-1, unit, calls[0][1].shape[-1]).mean(1)
+        if order is not None:
+            attention, keys = attention[order.argsort()], keys[order.argsort()]
+        per_layer[layer] = (attention.split(sizes), keys.split(sizes))
+    return [{probe: per_layer[probe.layer][probe.stat == KEYS][i] for probe in ALL_PROBES}
+            for i in range(len(sizes))]
+
+
+# In the worker (sent by `LLM.apply_model`; results as lists, which survive the trip).
+
+def _llava_statistics(pixels, model):
+    _, stats = model._tower_features(pixels.to(model.vision_tower.device), set(ALL_PROBES))
+    return [{tuple(p): v.tolist() for p, v in image.items()} for image in stats]
+
+
+def _qwen_statistics(pixels, grid, model):
+    image_input = {"type": "pixel_values", "pixel_values": pixels, "image_grid_thw": grid}
+    _, stats = model._visual_features(image_input, grid.tolist(), set(ALL_PROBES))
+    return [{tuple(p): v.tolist() for p, v in image.items()} for image in stats]
+
+
+def _probe_blocks(model):
+    return model._probe_blocks()
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("arch", list(STOCK_ARCH))
+def test_tower_statistics_in_vllm_equal_transformers_attention(arch, tiny_checkpoint, monkeypatch):
+    from transformers import AutoProcessor
+    from vllm import LLM
+
+    path = tiny_checkpoint(arch)
+    images = [noise_image(336, 252, seed=1), noise_image(200, 300, seed=2)]
+    image_processor = AutoProcessor.from_pretrained(path).image_processor
+    processed = image_processor(images=images, return_tensors="pt")
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model sends functions
+    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
+              hf_overrides={"architectures": [PRUNED_ARCHITECTURES[STOCK_ARCH[arch]]]})
+    try:
+        if arch == "llava":
+            want = hf_llava_statistics(path, processed["pixel_values"])
+            (got,) = llm.apply_model(functools.partial(_llava_statistics, processed["pixel_values"]))
+        else:
+            pixels, grid = processed["pixel_values"], processed["image_grid_thw"]
+            (blocks,) = llm.apply_model(_probe_blocks)
+            want = hf_qwen_statistics(path, arch, pixels, grid, blocks, monkeypatch)
+            # vLLM's Qwen towers rescale and normalise the pixels themselves (FusedMMInputNorm).
+            raw = image_processor(images=images, do_rescale=False, do_normalize=False, return_tensors="pt")
+            (got,) = llm.apply_model(functools.partial(_qwen_statistics, raw["pixel_values"], grid))
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    assert len(got) == len(want) == len(images)
+    for image_got, image_want in zip(got, want):
+        assert set(image_got) == {tuple(p) for p in ALL_PROBES}
+        for probe in ALL_PROBES:
+            assert torch.allclose(torch.tensor(image_got[tuple(probe)]), image_want[probe], atol=1e-5), probe
