@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import os
 import subprocess
 import sys
 
@@ -25,7 +26,7 @@ from vllm_tokenprune.methods import (
     Probe,
     Tokens,
 )
-from vllm_tokenprune.methods.attention import cls_attention, global_attention, statistics
+from vllm_tokenprune.methods.attention import TowerProbe, cls_attention, global_attention, statistics
 from vllm_tokenprune.methods.divprune import greedy_max_min
 from vllm_tokenprune.methods.grid import neighbours
 from vllm_tokenprune.methods.pool import cells, shares
@@ -297,8 +298,6 @@ def test_attention_statistics_equal_transformers_attention_weights(monkeypatch):
 
 
 def test_tower_probe_records_queries_and_keys_only_while_active():
-    from vllm_tokenprune.models.common import TowerProbe
-
     class Op(torch.nn.Module):  # the interface of vLLM's MMEncoderAttention that is used
         num_heads, head_size, scale = 2, 3, 0.5
 
@@ -312,14 +311,46 @@ def test_tower_probe_records_queries_and_keys_only_while_active():
         with TowerProbe({LATE: op, MIDDLE: op}, probes, has_cls=True, total_heads=2) as probe:
             call()
         assert not op._forward_pre_hooks
-        found = probe.statistics()
+        found = probe.results()
         q4, k4 = q.view(2, 5, 2, 3), k.view(2, 5, 2, 3)
         assert len(found) == 2 and set(found[0]) == probes
         for b in range(2):
             assert torch.allclose(found[b][Probe(ATTENTION, LATE)], cls_attention(q4, k4, 0.5)[b])
             assert torch.allclose(found[b][Probe(KEYS, LATE)], k4[b].mean(1))
-        packed = probe.statistics(spans=[(0, 2), (2, 3)])  # one packed row of two sequences
+        packed = probe.results(spans=[(0, 2), (2, 3)])  # one packed row of two sequences
         assert [len(s[Probe(KEYS, LATE)]) for s in packed] == [2, 2, 3, 3]
+
+
+TP_ORDER = """
+import torch
+from vllm_tokenprune.methods import ATTENTION, GLOBAL_ATTENTION, KEYS, LATE, MIDDLE, Probe
+from vllm_tokenprune.methods.attention import TowerProbe
+
+class Op(torch.nn.Module):
+    num_heads, head_size, scale = 2, 3, 0.5
+
+    def forward(self, query, key, value):
+        return value
+
+reduced = []
+TowerProbe._all_heads = lambda self, v, op: reduced.append(round(float(v.flatten()[1]), 5)) or v
+ops, q = {LATE: Op(), MIDDLE: Op()}, torch.arange(30.0).reshape(1, 5, 6) / 30
+with TowerProbe(ops, {Probe(s, l) for s in (ATTENTION, GLOBAL_ATTENTION, KEYS) for l in (LATE, MIDDLE)},
+                has_cls=True, total_heads=4) as probe:
+    ops[LATE](q, q * 2, q)
+    ops[MIDDLE](q, q * 3, q)
+probe.results()
+print(reduced)
+"""
+
+
+def test_tower_probe_reduces_in_one_order_whatever_the_process():
+    """Tensor-parallel ranks are separate processes, whose set orders differ (salted string
+    hashes); their all-reduces of head averages must still pair up."""
+    orders = {subprocess.run([sys.executable, "-c", TP_ORDER], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout
+              for seed in range(4)}
+    assert len(orders) == 1, orders
 
 
 def test_attention_is_computed_only_for_pruned_images_of_methods_that_read_it():

@@ -13,7 +13,7 @@ rows carry (the same tensor, or wider: Qwen3-VL's DeepStack channels), the token
 as row-major grids, a per-image seed, the learned selector, the map to language-model
 embeddings, and the tower statistics it declares in ``Method.needs``. vLLM's towers
 return no attention weights, so a family computes a statistic only when an image in the
-batch uses a method that declared it (``models/common.py``, ``TowerProbe``).
+batch uses a method that declared it (``attention.TowerProbe``).
 
 A method's position in ``METHOD_NAMES`` is the integer id the processor hands to the
 model (multimodal fields must be tensors, not strings); append, never reorder. Each name

@@ -8,15 +8,13 @@ tokens to its method and places the K rows it returns (``methods.Rows``) at thei
 positions, in stock order. vLLM fixes the placeholder count before the model runs, so K
 is decided once, here, and never recomputed from a float.
 
-Methods that read the tower's attention get it from ``TowerProbe``, which exists only
-for a tower call in which some image asked for such a method.
+Methods that read the tower's attention get it from ``methods.attention.TowerProbe``,
+used only for a tower call in which some image asked for such a method.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -233,71 +231,3 @@ class PruningModelMixin:
             return ()
         return {f"token_selector.{n}" for n, _ in self.token_selector.named_parameters()}
 
-
-class TowerProbe:
-    """The per-token attention statistics of chosen tower layers, for one tower call.
-
-    On entry it puts a forward pre-hook on each needed layer's attention op (vLLM's
-    ``MMEncoderAttention``), which records the queries and keys the op receives (after
-    the layer's norm, projections and rotary embedding: exactly what the fused kernel
-    gets); on exit it removes them. ``statistics`` then computes, on the tower's device,
-    what the methods asked for (``methods.attention``). With tensor parallelism each rank
-    holds some of the heads; the head averages are summed over ranks.
-    """
-
-    def __init__(self, ops: Mapping[str, nn.Module], probes: Iterable[methods.Probe], *,
-                 has_cls: bool, total_heads: int):
-        self.probes = set(probes)
-        self.ops = {layer: ops[layer] for layer in {p.layer for p in self.probes}}
-        self.has_cls = has_cls
-        self.total_heads = total_heads
-        self._seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._hooks = contextlib.ExitStack()
-
-    def __enter__(self) -> TowerProbe:
-        for layer, op in self.ops.items():
-            handle = op.register_forward_pre_hook(functools.partial(self._record, layer),
-                                                  with_kwargs=True)
-            self._hooks.callback(handle.remove)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.close()
-
-    def _record(self, layer: str, op: nn.Module, args: tuple, kwargs: dict) -> None:
-        named = {**dict(zip(("query", "key"), args)), **kwargs}
-        self._seen[layer] = named["query"], named["key"]
-
-    def statistics(self, spans: Sequence[tuple[int, int]] | None = None
-                   ) -> list[dict[methods.Probe, torch.Tensor]]:
-        """Per attention sequence, each probe's statistic (S,) or (S, head_dim). Sequences
-        are the batch rows of the recorded tensors, or, for a packed batch of one row, the
-        (start, length) ``spans`` of it."""
-        from vllm_tokenprune.methods.attention import statistics
-
-        out: list[dict[methods.Probe, torch.Tensor]] = []
-        for layer, op in self.ops.items():
-            if layer not in self._seen:
-                raise RuntimeError(
-                    f"tokenprune: the tower's {layer} attention op did not run as a module "
-                    "(a compiled encoder?); methods that read the tower's attention need it eager")
-            q, k = (x.reshape(*x.shape[:2], op.num_heads, op.head_size) for x in self._seen[layer])
-            wanted = {p.stat for p in self.probes if p.layer == layer}
-            sequences = ([(q, k)] if spans is None
-                         else [(q[:, start:start + n], k[:, start:start + n]) for start, n in spans])
-            per_sequence = []
-            for qs, ks in sequences:
-                found = {stat: self._all_heads(v, op) for stat, v in
-                         statistics(qs, ks, op.scale, wanted, has_cls=self.has_cls).items()}
-                per_sequence += [{methods.Probe(stat, layer): v[b] for stat, v in found.items()}
-                                 for b in range(len(qs))]
-            out = per_sequence if not out else [{**a, **b} for a, b in zip(out, per_sequence)]
-        return out
-
-    def _all_heads(self, head_mean: torch.Tensor, op: nn.Module) -> torch.Tensor:
-        shards = self.total_heads // op.num_heads
-        if shards == 1:
-            return head_mean
-        from vllm.distributed import tensor_model_parallel_all_reduce
-
-        return tensor_model_parallel_all_reduce(head_mean.contiguous()) / shards

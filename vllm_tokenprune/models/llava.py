@@ -27,7 +27,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageSize
 
 from vllm_tokenprune import methods
-from vllm_tokenprune.models.common import PruningModelMixin, PruningProcessorMixin, TowerProbe
+from vllm_tokenprune.methods.attention import TowerProbe
+from vllm_tokenprune.models.common import PruningModelMixin, PruningProcessorMixin
 
 # HiPrune's object layer: the 9th of CLIP-L's 24 layers, the paper's default (arXiv 2508.00553).
 OBJECT_LAYER_SHARE = 9 / 24
@@ -78,7 +79,7 @@ class LlavaTowerMixin:
         def at_features(v: torch.Tensor) -> torch.Tensor:  # (S,) or (S, d), as select wants
             return select(v.reshape(1, len(v), -1))[0].reshape(-1, *v.shape[1:])
 
-        return features, [{p: at_features(v) for p, v in crop.items()} for crop in probe.statistics()]
+        return features, [{p: at_features(v) for p, v in crop.items()} for crop in probe.results()]
 
 
 @MULTIMODAL_REGISTRY.register_processor(

@@ -54,7 +54,8 @@ from vllm.multimodal.parse import ImageSize
 from vllm.multimodal.video_prune.evs import compute_mrope_for_media
 
 from vllm_tokenprune import methods
-from vllm_tokenprune.models.common import PruningModelMixin, PruningProcessorMixin, TowerProbe
+from vllm_tokenprune.methods.attention import TowerProbe
+from vllm_tokenprune.models.common import PruningModelMixin, PruningProcessorMixin
 
 logger = init_logger(__name__)
 
@@ -121,7 +122,7 @@ class MRopePruningModelMixin(PruningModelMixin):
         patches = [t * h * w for t, h, w in grids]  # all images packed in one sequence
         unit = self.config.vision_config.spatial_merge_size ** 2
         stats = []
-        for image, grid in zip(probe.statistics(list(zip(itertools.accumulate([0, *patches]), patches))), grids):
+        for image, grid in zip(probe.results(list(zip(itertools.accumulate([0, *patches]), patches))), grids):
             order = self._tower_order(grid)
             merged = {p: v.reshape(len(v) // unit, unit, *v.shape[1:]).mean(dim=1) for p, v in image.items()}
             stats.append(merged if order is None else
