@@ -133,6 +133,15 @@ def test_rate_term_stops_at_the_target():
     assert torch.all(above.grad > 0)
 
 
+def test_rate_term_is_per_image():
+    # One image keeps too many, one too few: the batch's mean is at p, yet the first image
+    # is still pushed to drop (serving keeps K of each image, not K on average).
+    target = torch.zeros(2, 8, 4)
+    keep = torch.tensor([[1.0] * 4 + [0.0] * 4, [0.0] * 8], requires_grad=True)
+    selector_loss(target, target, keep, target_keep=0.25)[0].backward()
+    assert torch.all(keep.grad[0] > 0) and torch.all(keep.grad[1] == 0)
+
+
 # ---------------------------------------------------------------------------------------
 # Top-K
 

@@ -12,6 +12,8 @@ Training choices beyond the paper (each for a stated reason):
   the selector), so the MSE and the rate term have the same scale for every tower.
 - The reconstruction term is divided by the number of dropped tokens expected at the
   target, not the sampled number (see ``selector_loss``: the latter collapsed training).
+- The rate term max(kept fraction, p) is taken per image, as serving keeps K of every
+  image (see ``selector_loss``: over the batch, the budget went to some images only).
 - Gumbel temperature is annealed exponentially from tau_start to tau_end. The hard sample
   does not depend on tau; tau only sharpens the straight-through gradient around the
   keep/drop boundary as the selector settles.
