@@ -81,12 +81,13 @@ def write_image_folder(out_dir: str | Path, n: int, seed: int, size: int | tuple
 # ---------------------------------------------------------------------------------------
 # The question-answering task: scenes with verifiable answers
 #
-# A scene holds 1-5 small solid shapes (the content) on a near-white canvas. The textured
+# A scene holds 1-5 small solid shapes (the content) on a near-white canvas, each inside
+# its own patch cell: one shape is one content token, so a pruning method that drops it
+# loses that shape, and shapes never touch, so counts are unambiguous. The textured
 # variant adds 1-3 patterned regions (stripes, checkerboards, gradients): busy, high
 # contrast, but periodic with a period dividing the patch size and aligned to the patch
-# grid, so every patch of a region is predictable from its neighbours. Shapes never
-# overlap each other or a region, so counts are unambiguous. Answers come from the
-# generator, never from looking at pixels.
+# grid, so every patch of a region is predictable from its neighbours. Answers come from
+# the generator, never from looking at pixels.
 
 TASK_IMAGE_SIZE = 168  # 12 x 12 patches of 14 px: the tower input, so no resize happens
 TASK_PATCH = 14
@@ -215,23 +216,17 @@ def _place_textures(rng: np.random.Generator, grid: tuple[int, int]) -> list[Tex
     return textures
 
 
-def _place_shapes(rng: np.random.Generator, colours: list[str], size: int, blocked: np.ndarray,
-                  margin: int = 3) -> list[Shape] | None:
-    """Boxes of 11-20 px that avoid ``blocked`` pixels and each other by ``margin``; None if stuck."""
-    occupied = blocked.copy()
+def _place_shapes(rng: np.random.Generator, colours: list[str], free: np.ndarray, patch: int) -> list[Shape]:
+    """One shape of 8-12 px per colour, each inside its own free patch cell (1 px clear of
+    the cell's edges): a shape is exactly one content token, and shapes never touch."""
+    cells = np.flatnonzero(free)
     shapes = []
-    for colour in colours:
-        for _try in range(200):
-            side = int(rng.integers(11, 21))
-            x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, size=2))
-            x1, y1 = x0 + side - 1, y0 + side - 1
-            if occupied[max(0, y0 - margin):y1 + margin + 1, max(0, x0 - margin):x1 + margin + 1].any():
-                continue
-            occupied[y0:y1 + 1, x0:x1 + 1] = True
-            shapes.append(Shape(SHAPES[int(rng.integers(len(SHAPES)))], colour, (x0, y0, x1, y1)))
-            break
-        else:
-            return None
+    for colour, cell in zip(colours, rng.choice(cells, size=len(colours), replace=False)):
+        side = int(rng.integers(8, 13))
+        row, col = divmod(int(cell), free.shape[1])
+        x0, y0 = (int(v) for v in rng.integers(1, patch - side, size=2))
+        x0, y0 = col * patch + x0, row * patch + y0
+        shapes.append(Shape(SHAPES[int(rng.integers(len(SHAPES)))], colour, (x0, y0, x0 + side - 1, y0 + side - 1)))
     return shapes
 
 
@@ -251,17 +246,13 @@ def make_scene(variant: str, seed: int, *, size: int = TASK_IMAGE_SIZE, patch: i
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     rng = np.random.default_rng([seed, VARIANTS.index(variant)])
-    grid = (size // patch, size // patch)
-    while True:  # rarely more than once: a layout with no room for the shapes is redrawn
-        textures = _place_textures(rng, grid) if variant == "textured" else []
-        blocked = np.zeros((size, size), bool)
-        for t in textures:
-            c0, r0, c1, r1 = t.cells
-            blocked[r0 * patch:r1 * patch, c0 * patch:c1 * patch] = True
-        n = int(rng.integers(1, len(COUNT_WORDS) + 1))
-        shapes = _place_shapes(rng, _shape_colours(rng, n), size, blocked)
-        if shapes is not None:
-            break
+    free = np.ones((size // patch, size // patch), bool)
+    textures = _place_textures(rng, free.shape) if variant == "textured" else []
+    for t in textures:
+        c0, r0, c1, r1 = t.cells
+        free[r0:r1, c0:c1] = False
+    n = int(rng.integers(1, len(COUNT_WORDS) + 1))
+    shapes = _place_shapes(rng, _shape_colours(rng, n), free, patch)
     pixels = np.empty((size, size, 3), np.float32)
     pixels[:] = rng.integers(235, 256, size=3)  # near-white with a slight random tint
     for t in textures:
