@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "bench": ("vllm_tokenprune.bench", "load-test a pruning server: latency, throughput, limit"),
     "make-tiny": ("vllm_tokenprune.tiny", "write a small random-weight VLM checkpoint"),
     "vllm": ("vllm_tokenprune.vllm_passthrough", "run vLLM's own CLI (e.g. `vllm bench serve`)"),
+    "train-demo": ("vllm_tokenprune.demo_model", "train the demo VLM and its selector from scratch"),
     "make-eval-set": ("vllm_tokenprune.synthetic", "write synthetic question-answer items for eval"),
 }
 

@@ -1,0 +1,132 @@
+"""The shipped demo model: it loads in transformers in the hub layout, prompts are what
+it was trained on, it answers held-out scenes, its selector fits it and keeps the shapes;
+and training is deterministic (a few steps, twice)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_tokenprune.budget import keep_count
+from vllm_tokenprune.demo_model import (
+    DEMO_DIR,
+    Batch,
+    DemoConfig,
+    answer_logits,
+    pixel_values,
+    prompt_pieces,
+    save_checkpoint,
+    train_vlm,
+)
+from vllm_tokenprune.synthetic import QUESTIONS, make_scene, question_of, scene_seed
+
+MODEL = DEMO_DIR / "model"
+SELECTOR = DEMO_DIR / "selector.safetensors"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(MODEL).eval(), AutoProcessor.from_pretrained(MODEL)
+
+
+def _test_items(variant: str, n: int):
+    scenes = [make_scene(variant, scene_seed("test", i)) for i in range(n)]
+    return scenes, [question_of(i) for i in range(n)]
+
+
+def test_shipped_files_are_small_and_complete():
+    names = {p.name for p in MODEL.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja",
+            "processor_config.json"} <= names
+    assert (MODEL / "model.safetensors").stat().st_size < 8 * 2**20
+    assert SELECTOR.stat().st_size < 8 * 2**20
+    assert not list(MODEL.glob("*selector*"))  # vLLM loads every safetensors file in the folder
+
+
+def test_prompt_is_what_training_used(demo):
+    """The HF processor's input ids (what vLLM prefills at keep 1.0) are the training prompt
+    with the image placeholder expanded to 144 tokens."""
+    _, processor = demo
+    scene = make_scene("plain", scene_seed("test", 0))
+    for question in QUESTIONS.values():
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        ids = processor(text=text, images=[scene.image], return_tensors="pt")["input_ids"][0].tolist()
+        before, after = prompt_pieces(processor.tokenizer, question)
+        image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+        assert ids == before + [image_id] * 144 + after
+    # pixels as training computed them
+    reference = processor.image_processor(images=[scene.image], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixel_values([scene.image], processor), reference, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["textured", "plain"])
+def test_answers_held_out_scenes_with_all_tokens_and_with_the_shapes_only(demo, variant):
+    """transformers' own generate() at keep 1.0; then only the content patches kept."""
+    model, processor = demo
+    scenes, kinds = _test_items(variant, 32)
+    right = 0
+    for scene, kind in zip(scenes[:8], kinds):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[kind]}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(text=text, images=[scene.image], return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        right += processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True) == scene.answer(kind)
+    assert right >= 7
+    pieces = {k: prompt_pieces(processor.tokenizer, q) for k, q in QUESTIONS.items()}
+    content = [torch.from_numpy(np.flatnonzero(s.content_patches().reshape(-1))) for s in scenes]
+    batch = Batch(pixel_values([s.image for s in scenes], processor), content, kinds,
+                  [s.answer(k) for s, k in zip(scenes, kinds)])
+    with torch.no_grad():
+        predicted = processor.tokenizer.convert_ids_to_tokens(answer_logits(model, batch, pieces).argmax(-1))
+    assert np.mean([p == a for p, a in zip(predicted, batch.answers)]) >= 0.9
+
+
+@pytest.mark.parametrize("variant", ["textured", "plain"])
+def test_selector_fits_the_model_and_keeps_the_shapes(demo, variant):
+    """At keep 0.25 (random keeps a quarter of the shape tokens) the selector keeps nearly
+    all of them, on textured scenes too, where busy texture tokens compete for the budget."""
+    from transformers import AutoConfig
+
+    from vllm_tokenprune.features import extract_features
+    from vllm_tokenprune.selector import check_compatible, load_selector
+
+    selector, metadata = load_selector(SELECTOR)
+    check_compatible(metadata, AutoConfig.from_pretrained(MODEL))
+    scenes, _ = _test_items(variant, 32)
+    features, _ = extract_features(MODEL, [s.image for s in scenes], progress=False)
+    kept = shapes = 0
+    for scene, feats in zip(scenes, features):
+        content = scene.content_patches().reshape(-1)
+        keep = selector.topk(feats, 0.25)
+        assert len(keep) == keep_count(144, 0.25)
+        kept += int(content[keep.numpy()].sum())
+        shapes += int(content.sum())
+    assert kept / shapes > 0.95
+
+
+def test_training_is_deterministic_and_saves_the_hub_layout(tmp_path):
+    from safetensors import safe_open
+    from transformers import LlavaForConditionalGeneration
+
+    cfg = DemoConfig(vision_layers=1, text_layers=1, steps=2, batch_size=4, eval_every=0, eval_scenes=4)
+    first, processor, report = train_vlm(cfg, progress=False)
+    second, _, _ = train_vlm(cfg, progress=False)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert report["history"][-1]["step"] == 2
+
+    path = save_checkpoint(first, processor, tmp_path / "model")
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "vision_tower.vision_model.embeddings.patch_embedding.weight" in keys
+    assert "language_model.model.embed_tokens.weight" in keys and "language_model.lm_head.weight" in keys
+    loaded = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    scenes, kinds = _test_items("plain", 2)
+    batch = Batch(pixel_values([s.image for s in scenes], processor), [torch.arange(144)] * 2, kinds, [])
+    pieces = {k: prompt_pieces(processor.tokenizer, q) for k, q in QUESTIONS.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(answer_logits(loaded, batch, pieces), answer_logits(first.eval(), batch, pieces))
