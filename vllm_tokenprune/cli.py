@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "vllm": ("vllm_tokenprune.vllm_passthrough", "run vLLM's own CLI (e.g. `vllm bench serve`)"),
     "train-demo": ("vllm_tokenprune.demo_model", "train the demo VLM and its selector from scratch"),
     "make-eval-set": ("vllm_tokenprune.synthetic", "write synthetic question-answer items for eval"),
+    "eval": ("vllm_tokenprune.eval", "answer accuracy per keep ratio x method against a server"),
 }
 
 

@@ -1,0 +1,129 @@
+"""`vllm-tokenprune eval`: matching, item files, scoring and the report offline; then
+accuracy against a real server (the shipped demo model) checked request by request."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import openai
+import pytest
+
+from vllm_tokenprune.cli import main
+from vllm_tokenprune.eval import Item, Matcher, evaluate, load_items, markdown, plot, score, server_methods
+
+# ---------------------------------------------------------------------------------------
+# Offline
+
+
+def test_matching_modes():
+    exact = Matcher()
+    assert exact("Five.", "five") and exact("  five\n", "FIVE") and not exact("five shapes", "five")
+    assert not Matcher(case_sensitive=True)("Five", "five")
+    assert not Matcher(keep_punctuation=True)("five.", "five")
+    first = Matcher("first-word")
+    assert first("Five shapes.", "five") and not first("There are five", "five")
+    assert first("dark blue, I think", "dark blue")
+    contains = Matcher("contains")
+    assert contains("There are five.", "five") and not contains("fivefold", "five")
+
+
+def test_items_from_paths_data_urls_and_errors(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(b"\x89PNG fake")
+    data = tmp_path / "items.jsonl"
+    data.write_text("\n".join([
+        json.dumps({"image": "img/a.png", "question": "q1", "answer": 3, "kind": "count"}),
+        "",
+        json.dumps({"image": "data:image/png;base64,AAAA", "question": "q2", "answer": "red"}),
+        json.dumps({"image": "https://example.com/x.jpg", "question": "q3", "answer": "no"}),
+    ]))
+    items = load_items(data)
+    assert items[0] == Item("data:image/png;base64," + base64.b64encode(b"\x89PNG fake").decode(),
+                            "q1", "3", "count")
+    assert items[1].image_url == "data:image/png;base64,AAAA" and items[1].kind is None
+    assert items[2].image_url.startswith("https://") and len(load_items(data, limit=2)) == 2
+    data.write_text(json.dumps({"image": "x.png", "question": "q"}))
+    with pytest.raises(ValueError, match="items.jsonl:1"):
+        load_items(data)
+
+
+def test_score_counts_failures_as_wrong_and_splits_by_kind():
+    items = [Item("u", "q", "five", "count"), Item("u", "q", "red", "colour"), Item("u", "q", "two", "count")]
+    cell = score(items, [("Five", 160, None), ("blue", 160, None), (None, None, "500: boom")], Matcher())
+    assert cell["correct"] == 1 and cell["accuracy"] == pytest.approx(1 / 3)
+    assert cell["errors"] == 1 and cell["first_error"] == "500: boom" and cell["mean_prompt_tokens"] == 160
+    assert cell["by_kind"] == {"colour": 0.0, "count": 0.5}
+
+
+def test_report_table_and_plot(tmp_path):
+    def cell(method, ratio, acc):
+        return {"method": method, "keep_ratio": ratio, "n": 10, "correct": round(10 * acc), "accuracy": acc,
+                "mean_prompt_tokens": 20 + 144 * ratio, "errors": 0, "first_error": None}
+
+    result = {"n": 10, "refused": {}, "cells": [cell(m, 1.0, 1.0) for m in ("learned", "random")] + [
+        cell("learned", 0.25, 0.9), cell("random", 0.25, 0.4)]}
+    report = {"model": "demo", "command": "vllm-tokenprune eval", "commit": "abc", "match": Matcher().__dict__,
+              "ratios": [1.0, 0.25], "methods": ["learned", "random"], "datasets": {"plain": result}}
+    text = markdown(report)
+    assert "| learned | 100.0 | 90.0 |" in text and "| random | 100.0 | 40.0 |" in text
+    assert "| *prompt tokens* | 164 | 56 |" in text
+    assert "keep 0.25: learned keeps 90.0% of the keep-1.0 accuracy, +50.0 points vs random" in text
+    assert "No `pool` method" in text
+    plot(report, tmp_path / "accuracy.png")
+    assert (tmp_path / "accuracy.png").stat().st_size > 10_000
+
+
+def test_missing_data_file_is_a_clear_error(tmp_path, capsys):
+    assert main(["eval", "--url", "http://127.0.0.1:9", "--data", str(tmp_path / "none.jsonl")]) == 2
+    assert "none.jsonl" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# Against a real server
+
+
+@pytest.mark.server
+def test_accuracy_against_a_real_server(tmp_path):
+    """Six held-out items plus one with a wrong answer key, at keep 1.0 and 0.25, learned
+    and random: every cell's count equals the one found by asking request by request,
+    and the CLI writes its three files."""
+    from server import Server
+
+    from vllm_tokenprune.demo_model import DEMO_DIR
+    from vllm_tokenprune.methods import METHOD_NAMES
+
+    assert main(["make-eval-set", "--variant", "textured", "--n", "6", "--out", str(tmp_path / "set")]) == 0
+    data = tmp_path / "set" / "items.jsonl"
+    lines = data.read_text().splitlines()
+    wrong = json.loads(lines[0])
+    wrong["answer"] = "seven"  # no such answer: always counted wrong
+    data.write_text("\n".join([*lines, json.dumps(wrong)]) + "\n")
+    items = load_items(data)
+
+    with Server(DEMO_DIR / "model", "--selector", str(DEMO_DIR / "selector.safetensors"),
+                "--served-model-name", "demo", log_path=tmp_path / "server.log") as server:
+        assert server_methods(server.url, "demo") == list(METHOD_NAMES)
+        report = evaluate(server.url, {"set": items}, [1.0, 0.25], ["learned", "random"], Matcher(),
+                          concurrency=4, progress=False)
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+        for c in report["datasets"]["set"]["cells"]:
+            headers = {"X-Keep-Ratio": str(c["keep_ratio"]), "X-Prune-Method": c["method"]}
+            right = 0
+            for item in items:
+                out = client.chat.completions.create(
+                    model="demo", max_tokens=8, temperature=0, extra_headers=headers,
+                    messages=[{"role": "user", "content": [
+                        {"type": "image_url", "image_url": {"url": item.image_url}},
+                        {"type": "text", "text": item.question}]}])
+                right += out.choices[0].message.content.strip().lower() == item.answer
+            assert c["correct"] == right and c["n"] == 7 and c["errors"] == 0, c
+        assert main(["eval", "--url", server.root, "--data", str(data), "--ratios", "1.0,0.25",
+                     "--methods", "learned,random", "--out", str(tmp_path / "out")]) == 0
+    full = next(c for c in report["datasets"]["set"]["cells"] if c["keep_ratio"] == 1.0)
+    assert full["correct"] <= 6 and full["mean_prompt_tokens"] - 108 == pytest.approx(
+        next(c for c in report["datasets"]["set"]["cells"] if c["keep_ratio"] == 0.25)["mean_prompt_tokens"])
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["datasets"]["set"]["cells"] == report["datasets"]["set"]["cells"]
+    assert (tmp_path / "out" / "accuracy.png").exists()
+    assert "| learned |" in (tmp_path / "out" / "results.md").read_text()
