@@ -1,32 +1,33 @@
-"""The README's first command: `vllm-tokenprune serve` with no model serves an embedded
-default, built locally with no model hub."""
+"""The README's first command: `vllm-tokenprune serve` with no model serves the shipped
+demo model with its selector, and answers a held-out question right at keep 0.25."""
 
 from __future__ import annotations
 
 import openai
 import pytest
-
-from reference import noise_image
 from server import Server
+
 from vllm_tokenprune.client import image_url, prune_headers
 from vllm_tokenprune.serve import DEFAULT_SERVED_NAME
+from vllm_tokenprune.synthetic import QUESTIONS, make_scene, scene_seed
 
 pytestmark = pytest.mark.server
 
 
 def test_serve_without_a_model(tmp_path):
-    cache = tmp_path / "cache"
-    with Server(None, log_path=tmp_path / "server.log",
-                env={"VLLM_TOKENPRUNE_CACHE": str(cache)}) as server:
+    scenes = [make_scene(variant, scene_seed("test", 0)) for variant in ("plain", "textured")]
+    with Server(None, log_path=tmp_path / "server.log") as server:
         client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list().data] == [DEFAULT_SERVED_NAME]
-        messages = [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": image_url(noise_image(64, 64, 0))}},
-            {"type": "text", "text": "What is this?"}]}]
-        tokens = {}
-        for ratio in (1.0, 0.25):
-            out = client.chat.completions.create(model=DEFAULT_SERVED_NAME, messages=messages,
-                                                 max_tokens=4, extra_headers=prune_headers(ratio))
-            tokens[ratio] = out.usage.prompt_tokens_details.multimodal_tokens["image"]
-        assert tokens[0.25] == round(tokens[1.0] * 0.25)
-    assert (cache / "default-llava" / "config.json").exists()
+        for scene in scenes:
+            messages = [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": image_url(scene.image)}},
+                {"type": "text", "text": QUESTIONS["count"]}]}]
+            # 'learned' is refused without a selector; with one loaded it is also the default
+            for ratio, method in [(1.0, None), (0.25, None), (0.25, "learned")]:
+                out = client.chat.completions.create(model=DEFAULT_SERVED_NAME, messages=messages, max_tokens=4,
+                                                     temperature=0, extra_headers=prune_headers(ratio, method))
+                # decoded after the prompt, the answer word comes with its leading space
+                assert out.choices[0].message.content == " " + scene.answer("count"), (ratio, server.log_tail())
+                image_tokens = out.usage.prompt_tokens_details.multimodal_tokens["image"]
+                assert image_tokens == {1.0: 144, 0.25: 36}[ratio]

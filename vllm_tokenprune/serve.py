@@ -36,19 +36,12 @@ class ServeError(SystemExit):
         super().__init__(f"vllm-tokenprune serve: error: {message}")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("VLLM_TOKENPRUNE_CACHE", Path.home() / ".cache" / "vllm_tokenprune"))
+def default_model() -> tuple[Path, Path]:
+    """The embedded default, shipped in the package: the demo LLaVA trained on the
+    synthetic shapes task (``vllm-tokenprune train-demo``), and its selector."""
+    from vllm_tokenprune.demo_model import DEMO_DIR
 
-
-def default_model() -> Path:
-    """The embedded default: a tiny LLaVA built once, locally, with no model hub."""
-    from vllm_tokenprune.tiny import build_tiny
-
-    path = cache_dir() / "default-llava"
-    if not (path / "config.json").exists():
-        log.warning("no MODEL given: building the embedded tiny LLaVA into %s", path)
-        build_tiny("llava", path, seed=0)
-    return path
+    return DEMO_DIR / "model", DEMO_DIR / "selector.safetensors"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,8 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-ratio-step", type=float, default=policy.keep_ratio_step,
                         help="round requested ratios to multiples of this step, so near-equal "
                              "ratios share cache entries (default: no rounding)")
-    parser.epilog = ("MODEL is a local checkpoint directory or hub id; without it an embedded "
-                     "tiny LLaVA is served. All other arguments go to `vllm serve`.")
+    parser.epilog = ("MODEL is a local checkpoint directory or hub id; without it the embedded "
+                     "demo LLaVA is served with its selector. All other arguments go to `vllm serve`.")
 
 
 def pruned_architecture(model: str) -> str:
@@ -161,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
     extra = list(args.extra_args)
     model = _pop_model(extra)
     if model is None:
-        model = str(default_model())
+        model, selector = map(str, default_model())
+        args.selector = args.selector or selector
         if not _has_option(extra, "--served-model-name"):
             extra += ["--served-model-name", DEFAULT_SERVED_NAME]
     try:
