@@ -47,17 +47,20 @@ def test_bench_command_writes_results_and_soaks_cleanly(served, tmp_path):
     out = tmp_path / "results"
     code = cli.main(["bench", "--model", str(model), "--url", server.root, "--out", str(out),
                      "--ratios", "1.0,0.25", "--methods", "norm", "--concurrency", "1,4",
-                     "--prompts-per-cell", "8", "--paired-rounds", "3", "--prefill-rounds", "2",
+                     "--prompts-per-cell", "8", "--paired-rounds", "3", "--prefill-rounds", "2", "--parts-rounds", "2",
                      "--image-size", str(SIZE), "--output-tokens", "2", "--soak-seconds", "10"])
     assert code == 0
     report = json.loads((out / "results.json").read_text())
     n = count_image_tokens(model, (SIZE, SIZE))
     paired = {c["keep_ratio"]: c for c in report["paired"]["cells"]}
     assert paired[1.0]["prompt_tokens"] - paired[0.25]["prompt_tokens"] == n - keep_count(n, 0.25)
-    assert paired[1.0]["ideal_speedup"] == 1.0
+    assert paired[1.0]["ideal_speedup"] == pytest.approx(1.0)
     assert paired[0.25]["fraction_of_ideal"] == pytest.approx(
         paired[0.25]["speedup_median_paired"] / paired[0.25]["ideal_speedup"])
     assert len(report["prefill"]["points"]) == 5
+    parts = report["parts"]
+    assert parts["tokens"] == n and parts["tower_s"] > 0 and not parts["trained_selector"]
+    assert parts["selector_of_tower"] == pytest.approx(parts["selector_s"] / parts["tower_s"])
     cells = {(c["concurrency"], c["keep_ratio"]) for c in report["sweep"]}
     assert cells == {(1, 1.0), (1, 0.25), (4, 1.0), (4, 0.25)}
     assert all(c["completed"] == 8 and c["failed"] == 0 for c in report["sweep"])
@@ -65,4 +68,5 @@ def test_bench_command_writes_results_and_soaks_cleanly(served, tmp_path):
     assert soak["good"] > 0 and soak["good_failed"] == 0 and soak["bad_other"] == 0
     assert report["environment"]["commit"]
     assert (out / "results.md").read_text().startswith("# Benchmark")
+    assert "% of the tower" in (out / "results.md").read_text()
     assert (out / "ttft_throughput.png").stat().st_size > 10_000

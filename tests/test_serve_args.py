@@ -41,3 +41,15 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
         {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(ServeError, match="LlamaForCausalLM; pruning supports"):
         build_vllm_args(str(tmp_path), None, [])
+
+
+def test_bench_times_the_tower_in_the_serving_dtype(tmp_path):
+    from vllm_tokenprune.bench import serving_dtype
+
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "bfloat16"}))
+    assert serving_dtype(str(tmp_path), []) == "bfloat16"
+    assert serving_dtype(str(tmp_path), ["--dtype", "auto"]) == "bfloat16"
+    assert serving_dtype(str(tmp_path), ["--port", "1", "--dtype", "float32"]) == "float32"
+    assert serving_dtype(str(tmp_path), ["--dtype=half"]) == "float16"
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "float32"}))
+    assert serving_dtype(str(tmp_path), []) == "bfloat16"  # vLLM's "auto" downcasts float32

@@ -8,9 +8,12 @@ One run, against one server, measures:
 2. **paired single-client latency**: per round one request per keep ratio, each with a
    fresh image (no encoder or prefix cache hits), interleaved so the host's slow
    stretches hit every ratio alike; medians and median paired ratios to keep 1.0.
-3. **the limit**: pruning can at best make prefill proportionally shorter, so the ideal
-   speedup at ratio r is tokens(1.0) / tokens(r) of the whole prompt (every other cost
-   taken as free: an upper bound); each cell reports the fraction of it achieved.
+3. **the limit**: the checkpoint's vision tower and the selector per image, timed in this
+   process (the server idle meanwhile) as the server runs them. Pruning cannot shorten the
+   tower and adds the selector; at best the rest of the keep-1.0 latency shrinks with the
+   prompt, so the ideal speedup at ratio r is T1 / (tower + selector + (T1 - tower) x
+   tokens(r) / tokens(1.0)) (every other fixed cost counted as prefill: an upper bound);
+   each cell reports the fraction of it achieved.
 4. **sweep**: vLLM's own ``vllm bench serve`` (random-mm dataset, ``--header
    x-keep-ratio=R``) for every keep ratio x method x concurrency: TTFT mean/p50/p99,
    TPOT, end-to-end latency, request throughput, prompt tokens.
@@ -67,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paired-rounds", type=int, default=30,
                         help="rounds of the interleaved single-client comparison")
     parser.add_argument("--prefill-rounds", type=int, default=8)
+    parser.add_argument("--parts-rounds", type=int, default=20,
+                        help="rounds timing the vision tower and the selector")
     parser.add_argument("--image-size", type=int, default=336)
     parser.add_argument("--text-tokens", type=int, default=32, help="text per sweep request")
     parser.add_argument("--output-tokens", type=int, default=16, help="output per sweep request")
@@ -137,18 +142,74 @@ def measure_paired(client, model: str, ratios, method: str | None, rounds: int, 
     return {"method": method, "rounds": rounds, "cells": cells}
 
 
-def ideal_speedup(full_tokens: float, tokens: float) -> float:
-    """What the token count allows: prefill time proportional to prompt tokens and every
-    other cost free. An upper bound for a prefill-bound model (fixed costs only lower it),
-    free of any fitted constant."""
-    return full_tokens / tokens
+def measure_parts(model: str, selector: str | None, dtype: str, rounds: int, size: int,
+                  rng: np.random.Generator) -> dict:
+    """Vision tower forward and selector per image, medians of interleaved rounds, each on
+    a fresh image: the tower in the serving dtype, the selector in float32 (as the server
+    runs both). Without a selector checkpoint an untrained one of the same shape is timed."""
+    import torch
+
+    from vllm_tokenprune.features import load_tower
+    from vllm_tokenprune.selector import SelectorConfig, TokenSelector, load_selector
+
+    tower = load_tower(model, dtype=getattr(torch, dtype))
+    times: dict[str, list[float]] = {"tower": [], "selector": []}
+    with torch.inference_mode():
+        for r in range(rounds + 1):  # round 0 warms up
+            inputs = tower.preprocess([random_image(rng, size)])
+            start = time.perf_counter()
+            features = tower.forward(inputs)[0]
+            middle = time.perf_counter()
+            if r == 0:
+                scorer = (load_selector(selector)[0] if selector
+                          else TokenSelector(SelectorConfig(feature_dim=features.shape[-1]))).eval()
+                middle = time.perf_counter()
+            scorer.scores(features)
+            end = time.perf_counter()
+            if r:
+                times["tower"].append(middle - start)
+                times["selector"].append(end - middle)
+    tower_s, selector_s = statistics.median(times["tower"]), statistics.median(times["selector"])
+    return {"tower_dtype": dtype, "rounds": rounds, "tokens": features.shape[0], "feature_dim": features.shape[1],
+            "trained_selector": selector is not None, "tower_s": tower_s, "selector_s": selector_s,
+            "selector_of_tower": selector_s / tower_s}
+
+
+def serving_dtype(model: str, serve_args: list[str]) -> str:
+    """The dtype vLLM serves ``model`` in: ``--dtype`` if given, else from the checkpoint's."""
+    for i, arg in enumerate(serve_args):
+        if arg.startswith("--dtype"):
+            value = arg.partition("=")[2] or serve_args[i + 1]
+            if value != "auto":
+                return {"half": "float16", "float": "float32"}.get(value, value)
+    config = json.loads((Path(model) / "config.json").read_text())
+    found = config.get("dtype") or config.get("torch_dtype") or config.get("text_config", {}).get("dtype")
+    # vLLM's "auto" serves float32 checkpoints in its platform's preferred dtype (bfloat16).
+    return "bfloat16" if found in (None, "float32") else found
+
+
+def ideal_speedup(full_s: float, full_tokens: float, tokens: float, *, tower_s: float = 0.0,
+                  selector_s: float = 0.0) -> float:
+    """What the token count allows: of the keep-1.0 latency ``full_s``, the vision tower
+    stays, the selector is added, and everything else is taken to scale with prompt tokens
+    (every fixed cost but the tower counted as prefill: an upper bound for a prefill-bound
+    model, free of any fitted constant). With no parts timed: full_tokens / tokens."""
+    return full_s / (tower_s + selector_s + (full_s - tower_s) * tokens / full_tokens)
 
 
 def add_limits(report: dict) -> None:
     """Ideal speedup and the fraction achieved, for the paired cells and every sweep cell."""
-    full = report["paired"]["cells"][0]
-    for cell in report["paired"]["cells"]:
-        cell["ideal_speedup"] = ideal_speedup(full["prompt_tokens"], cell["prompt_tokens"])
+    parts = report.get("parts") or {}
+
+    def ideal(full_s, full_tokens, tokens, method):
+        selector_s = parts.get("selector_s", 0.0) if method == "learned" and tokens < full_tokens else 0.0
+        return ideal_speedup(full_s, full_tokens, tokens, tower_s=parts.get("tower_s", 0.0), selector_s=selector_s)
+
+    paired = report["paired"]
+    full = paired["cells"][0]
+    for cell in paired["cells"]:
+        cell["ideal_speedup"] = ideal(full["median_s"], full["prompt_tokens"], cell["prompt_tokens"],
+                                      paired["method"])
         cell["fraction_of_ideal"] = cell["speedup_median_paired"] / cell["ideal_speedup"]
     sweep = report.get("sweep") or []
     by_key = {(x["concurrency"], x["method"], x["keep_ratio"]): x for x in sweep}
@@ -156,8 +217,8 @@ def add_limits(report: dict) -> None:
         base = by_key[(x["concurrency"], x["method"], 1.0)]
         x["ttft_speedup"] = base["median_ttft_ms"] / x["median_ttft_ms"]
         x["throughput_ratio"] = x["request_throughput"] / base["request_throughput"]
-        x["ideal_speedup"] = ideal_speedup(base["prompt_tokens_per_request"],
-                                           x["prompt_tokens_per_request"])
+        x["ideal_speedup"] = ideal(base["median_ttft_ms"] / 1e3, base["prompt_tokens_per_request"],
+                                   x["prompt_tokens_per_request"], x["method"])
         x["ttft_fraction_of_ideal"] = x["ttft_speedup"] / x["ideal_speedup"]
 
 
@@ -306,6 +367,13 @@ def markdown(report: dict) -> str:
     lines += ["## Prefill line (text only, 1 output token)", "",
               f"latency = {pf['fixed_s'] * 1e3:.1f} ms + {pf['per_token_s'] * 1e3:.3f} ms x "
               f"prompt tokens (medians of {pf['rounds']} interleaved rounds)", ""]
+    if report.get("parts"):
+        pa = report["parts"]
+        lines += ["## Vision tower and selector, per image", "",
+                  f"tower forward ({pa['tower_dtype']}, {pa['tokens']} tokens of {pa['feature_dim']}) "
+                  f"{pa['tower_s'] * 1e3:.1f} ms; selector (float32) {pa['selector_s'] * 1e3:.2f} ms = "
+                  f"**{100 * pa['selector_of_tower']:.2f}% of the tower** (medians of {pa['rounds']} "
+                  f"interleaved rounds{'' if pa['trained_selector'] else ', untrained selector'})", ""]
     pr = report["paired"]
     lines += [f"## One client, interleaved ({pr['rounds']} rounds, method {pr['method']})", "",
               "| keep | prompt tokens | median ms | p90 ms | speedup (paired median) | ideal | "
@@ -420,6 +488,9 @@ def run(args: argparse.Namespace) -> int:
                   "startup_s": server.startup_s if server else None}
         print("prefill line ...", flush=True)
         report["prefill"] = measure_prefill_line(client, model_name, args.prefill_rounds)
+        print("vision tower and selector ...", flush=True)
+        report["parts"] = measure_parts(args.model, args.selector, serving_dtype(args.model, args.extra_args),
+                                        args.parts_rounds, args.image_size, rng)
         print("paired single-client latency ...", flush=True)
         report["paired"] = measure_paired(client, model_name, ratios, methods[0],
                                           args.paired_rounds, args.image_size, rng)

@@ -23,6 +23,8 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -158,11 +160,15 @@ def _build_tower(model: str, config) -> tuple[torch.nn.Module, list[Path]]:
 # Extraction
 
 
-def _llava_batch(tower, processor, config, images, device) -> torch.Tensor:
+def _llava_inputs(processor, images) -> dict:
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]
     if pixels.dim() == 5:  # LLaVA-NeXT / OneVision: (B, patches, C, H, W), base view first
         pixels = pixels[:, 0]
-    hidden = tower(pixels.to(device), output_hidden_states=True).hidden_states
+    return {"pixel_values": pixels}
+
+
+def _llava_forward(tower, config, inputs: dict) -> torch.Tensor:
+    hidden = tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
     layers = config.vision_feature_layer
     layers = [layers] if isinstance(layers, int) else list(layers)
     feats = [hidden[layer] for layer in layers]
@@ -171,14 +177,17 @@ def _llava_batch(tower, processor, config, images, device) -> torch.Tensor:
     return torch.cat(feats, dim=-1)
 
 
-def _qwen_batch(tower, processor, config, images, device, image_size) -> torch.Tensor:
+def _qwen_inputs(processor, config, images, image_size: int) -> dict:
     factor = config.vision_config.patch_size * config.vision_config.spatial_merge_size
     side = max(factor, round(image_size / factor) * factor)
     images = [im.resize((side, side), Image.BICUBIC) for im in images]
     inputs = processor(images=images, return_tensors="pt")
-    grid = inputs["image_grid_thw"]
-    merged = tower(inputs["pixel_values"].to(device), grid_thw=grid.to(device)).pooler_output
-    return merged.reshape(len(images), -1, merged.shape[-1])
+    return {"pixel_values": inputs["pixel_values"], "grid_thw": inputs["image_grid_thw"]}
+
+
+def _qwen_forward(tower, inputs: dict) -> torch.Tensor:
+    merged = tower(inputs["pixel_values"], grid_thw=inputs["grid_thw"]).pooler_output
+    return merged.reshape(len(inputs["grid_thw"]), -1, merged.shape[-1])
 
 
 def _grid(config, num_tokens: int, qwen_image_size: int) -> list[int] | None:
@@ -190,6 +199,45 @@ def _grid(config, num_tokens: int, qwen_image_size: int) -> list[int] | None:
     else:
         side = vc.image_size // vc.patch_size
     return [side, side] if side * side == num_tokens else None
+
+
+@dataclass
+class Tower:
+    """A checkpoint's vision tower up to the selector's input (LLaVA: the feature layer
+    without CLS; Qwen: after the merger), with the model's own preprocessing.
+
+    ``tower(images)`` gives features (B, N, D); ``preprocess`` and ``forward`` are its two
+    halves, for timing the forward alone. Call under ``torch.inference_mode()``.
+    """
+
+    config: Any
+    preprocess: Callable[[list[Image.Image]], dict[str, torch.Tensor]]
+    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
+        return self.forward(self.preprocess(images))
+
+
+def load_tower(model: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               qwen_image_size: int = QWEN_IMAGE_SIZE) -> Tower:
+    """The tower of ``model`` with its checkpoint weights, in ``dtype`` on ``device``."""
+    from transformers import AutoConfig, AutoImageProcessor
+
+    config = AutoConfig.from_pretrained(model)
+    module, _ = _build_tower(model, config)
+    module.to(device=device, dtype=dtype)
+    processor = AutoImageProcessor.from_pretrained(model)
+    llava = _family(config) == "llava"
+
+    def preprocess(images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        images = [im.convert("RGB") for im in images]
+        inputs = _llava_inputs(processor, images) if llava else _qwen_inputs(processor, config, images, qwen_image_size)
+        return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+
+    def forward(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _llava_forward(module, config, inputs) if llava else _qwen_forward(module, inputs)
+
+    return Tower(config, preprocess, forward)
 
 
 @torch.inference_mode()
@@ -207,25 +255,16 @@ def extract_features(
     info: source_model (as given), feature_layer, vision_signature, num_tokens,
     feature_dim, grid ([rows, cols] of the tokens, or None).
     """
-    from transformers import AutoConfig, AutoImageProcessor
-
     if not images:
         raise ValueError("no images to extract features from")
     model = str(model_dir_or_id)
-    config = AutoConfig.from_pretrained(model)
-    family = _family(config)
-    tower, _ = _build_tower(model, config)
-    tower.to(device)
-    processor = AutoImageProcessor.from_pretrained(model)
+    tower = load_tower(model, device=device, qwen_image_size=qwen_image_size)
+    config = tower.config
     chunks = []
     for start in tqdm(range(0, len(images), batch_size), desc="features", unit="batch", disable=not progress):
-        batch = [im.convert("RGB") for im in images[start:start + batch_size]]
-        if family == "llava":
-            feats = _llava_batch(tower, processor, config, batch, device)
-        else:
-            feats = _qwen_batch(tower, processor, config, batch, device, qwen_image_size)
-        chunks.append(feats.float().cpu())
+        chunks.append(tower(images[start:start + batch_size]).float().cpu())
     features = torch.cat(chunks)
+    family = _family(config)
     info = {
         "source_model": model,
         "feature_layer": getattr(config, "vision_feature_layer", None) if family == "llava" else "merger",
