@@ -1,5 +1,5 @@
 # The two commands a new user needs:  make serve   and   make test
-.PHONY: install serve test test-fast bench
+.PHONY: install serve test test-fast bench quality
 
 install:
 	bash scripts/install.sh
@@ -15,3 +15,6 @@ test-fast: install
 
 bench: install
 	bash benchmarks/run_cpu.sh
+
+quality: install
+	bash benchmarks/quality.sh
