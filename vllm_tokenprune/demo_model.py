@@ -31,7 +31,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from vllm_tokenprune.options import add_options, from_args, opt, warmup_cosine
 from vllm_tokenprune.synthetic import (
     COUNT_WORDS,
     QUESTIONS,
@@ -53,36 +54,32 @@ DEMO_DIR = Path(__file__).parent / "demo"  # the shipped result: model/ and sele
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 
 
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class DemoConfig:
     # model (vLLM's CPU attention needs head_dim in {32, 64, ...}: 128 / 4 = 32)
-    vision_hidden: int = _opt(128, "CLIP tower width")
-    vision_layers: int = _opt(4, "CLIP tower layers (the last one feeds the projector)")
-    vision_heads: int = _opt(4, "CLIP tower heads")
-    vision_intermediate: int = _opt(256, "CLIP tower MLP width (2x: a third less compute than 4x)")
-    text_hidden: int = _opt(128, "Llama width")
-    text_layers: int = _opt(2, "Llama layers")
-    text_heads: int = _opt(4, "Llama heads (and KV heads)")
-    text_intermediate: int = _opt(256, "Llama MLP width")
+    vision_hidden: int = opt(128, "CLIP tower width")
+    vision_layers: int = opt(4, "CLIP tower layers (the last one feeds the projector)")
+    vision_heads: int = opt(4, "CLIP tower heads")
+    vision_intermediate: int = opt(256, "CLIP tower MLP width (2x: a third less compute than 4x)")
+    text_hidden: int = opt(128, "Llama width")
+    text_layers: int = opt(2, "Llama layers")
+    text_heads: int = opt(4, "Llama heads (and KV heads)")
+    text_intermediate: int = opt(256, "Llama MLP width")
     # training
-    steps: int = _opt(2400, "optimizer steps")
-    batch_size: int = _opt(16, "scenes per step, half textured, half plain")
-    lr: float = _opt(1e-3, "AdamW peak learning rate (warmup, cosine to lr/10); 3e-3 never left the prior")
-    warmup_steps: int = _opt(100, "learning-rate warmup steps")
-    weight_decay: float = _opt(0.01, "AdamW weight decay")
-    dropout_frac: float = _opt(0.75, "share of samples that keep content + a random part of the rest")
-    curriculum_steps: int = _opt(600, "steps over which the other tokens fade in (0: none)")
-    eval_every: int = _opt(400, "steps between validation accuracy reports (0: only at the end)")
-    eval_scenes: int = _opt(200, "validation scenes per variant")
-    seed: int = _opt(0, "seed of initialization, data order and dropout")
-    threads: int = _opt(1, "CPU threads (the bytes depend on it; 1 is kind to a shared machine)")
+    steps: int = opt(2400, "optimizer steps")
+    batch_size: int = opt(16, "scenes per step, half textured, half plain")
+    lr: float = opt(1e-3, "AdamW peak learning rate (warmup, cosine to lr/10); 3e-3 never left the prior")
+    warmup_steps: int = opt(100, "learning-rate warmup steps")
+    weight_decay: float = opt(0.01, "AdamW weight decay")
+    dropout_frac: float = opt(0.75, "share of samples that keep content + a random part of the rest")
+    curriculum_steps: int = opt(600, "steps over which the other tokens fade in (0: none)")
+    eval_every: int = opt(400, "steps between validation accuracy reports (0: only at the end)")
+    eval_scenes: int = opt(200, "validation scenes per variant")
+    seed: int = opt(0, "seed of initialization, data order and dropout")
+    threads: int = opt(1, "CPU threads (the bytes depend on it; 1 is kind to a shared machine)")
     # selector, trained afterwards with `vllm-tokenprune train`
-    selector_images: int = _opt(2000, "textured training scenes for the selector (1200 kept 76% of the shapes at 0.25)")
-    selector_steps: int = _opt(600, "selector optimizer steps")
+    selector_images: int = opt(2000, "textured training scenes for the selector (1200 kept 76% of the shapes at 0.25)")
+    selector_steps: int = opt(600, "selector optimizer steps")
 
 
 # ---------------------------------------------------------------------------------------
@@ -304,11 +301,7 @@ def train_vlm(cfg: DemoConfig, progress: bool = True, log=tqdm.write):
     start, cpu_start = time.time(), time.process_time()
     bar = tqdm(range(cfg.steps), desc="train-demo", unit="step", disable=not progress)
     for step in bar:
-        if step < cfg.warmup_steps:
-            lr = cfg.lr * (step + 1) / cfg.warmup_steps
-        else:
-            t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-            lr = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * t)))
+        lr = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = training_batch(step, cfg, processor, rng)
@@ -384,22 +377,17 @@ def write_selector_images(folder: Path, n: int) -> None:
 # Command line
 
 
-_ARG_TYPES = {"int": int, "float": float}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path,
                         help="folder for model/ (the checkpoint), selector.safetensors, training.json")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--selector-only", action="store_true",
                         help="keep OUT/model and retrain only its selector (minutes, not a quarter hour)")
-    for f in fields(DemoConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=_ARG_TYPES[f.type], default=f.default,
-                            help=f.metadata["help"] + f" (default: {f.default})")
+    add_options(parser, DemoConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in fields(DemoConfig)})
+    cfg = from_args(DemoConfig, args)
     progress = not args.no_progress
     out: Path = args.out
     model_dir = out / "model"

@@ -25,12 +25,11 @@ Training choices beyond the paper (each for a stated reason):
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from tqdm.auto import tqdm
 
 from vllm_tokenprune.budget import keep_count
 from vllm_tokenprune.features import DEFAULT_CACHE_DIR, ImageFolderError, cached_features, find_images
+from vllm_tokenprune.options import add_options, from_args, opt, warmup_cosine
 from vllm_tokenprune.selector import (
     ReconstructorConfig,
     SelectorConfig,
@@ -54,33 +54,29 @@ EVAL_RATIOS = (0.1, 0.25, 0.5)
 RANDOM_DRAWS = 5  # random selections averaged per image in the final comparison
 
 
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class TrainConfig:
-    keep_ratio: float = _opt(0.25, "target keep fraction p; pruning pressure stops there")
-    steps: int = _opt(300, "optimizer steps; suits 50-100 images (600 overfit the reconstructor on 51)")
-    batch_size: int = _opt(32, "images per step")
-    lr: float = _opt(2e-3, "AdamW peak learning rate (linear warmup, cosine decay to lr/10)")
-    warmup_steps: int = _opt(30, "learning-rate warmup steps")
-    weight_decay: float = _opt(0.01, "AdamW weight decay")
-    width: int | None = _opt(None, "selector width (default min(256, feature dim))")
-    layers: int = _opt(3, "selector Transformer layers")
-    recon_width: int | None = _opt(None, "reconstructor width (default min(256, feature dim))")
-    recon_layers: int = _opt(2, "reconstructor Transformer layers")
-    rate_weight: float = _opt(1.0, "weight of the rate term max(kept fraction, p)")
-    tau_start: float = _opt(1.0, "Gumbel-Softmax temperature at the start")
-    tau_end: float = _opt(0.3, "Gumbel-Softmax temperature at the end (exponential anneal)")
-    random_mask_frac: float = _opt(0.5, "share of each batch rebuilt from random masks (reconstructor only)")
-    eval_every: int = _opt(100, "steps between evaluations (0: only at the end)")
-    holdout: float = _opt(0.2, "fraction of images held out for evaluation")
-    seed: int = _opt(0, "seed of the split, initialization, masks")
-    device: str = _opt("cpu", "torch device for extraction and training")
-    threads: int = _opt(0, "CPU threads for torch (0: the currently idle cores, at least 1)")
-    feature_batch_size: int = _opt(16, "images per vision-tower forward")
-    cache_dir: str = _opt(DEFAULT_CACHE_DIR, "feature cache directory")
+    keep_ratio: float = opt(0.25, "target keep fraction p; pruning pressure stops there")
+    steps: int = opt(300, "optimizer steps; suits 50-100 images (600 overfit the reconstructor on 51)")
+    batch_size: int = opt(32, "images per step")
+    lr: float = opt(2e-3, "AdamW peak learning rate (linear warmup, cosine decay to lr/10)")
+    warmup_steps: int = opt(30, "learning-rate warmup steps")
+    weight_decay: float = opt(0.01, "AdamW weight decay")
+    width: int | None = opt(None, "selector width (default min(256, feature dim))")
+    layers: int = opt(3, "selector Transformer layers")
+    recon_width: int | None = opt(None, "reconstructor width (default min(256, feature dim))")
+    recon_layers: int = opt(2, "reconstructor Transformer layers")
+    rate_weight: float = opt(1.0, "weight of the rate term max(kept fraction, p)")
+    tau_start: float = opt(1.0, "Gumbel-Softmax temperature at the start")
+    tau_end: float = opt(0.3, "Gumbel-Softmax temperature at the end (exponential anneal)")
+    random_mask_frac: float = opt(0.5, "share of each batch rebuilt from random masks (reconstructor only)")
+    eval_every: int = opt(100, "steps between evaluations (0: only at the end)")
+    holdout: float = opt(0.2, "fraction of images held out for evaluation")
+    seed: int = opt(0, "seed of the split, initialization, masks")
+    device: str = opt("cpu", "torch device for extraction and training")
+    threads: int = opt(0, "CPU threads for torch (0: the currently idle cores, at least 1)")
+    feature_batch_size: int = opt(16, "images per vision-tower forward")
+    cache_dir: str = opt(DEFAULT_CACHE_DIR, "feature cache directory")
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,11 +181,7 @@ def train_selector(
     bar = tqdm(range(cfg.steps), desc="train", unit="step", disable=not progress)
     for step in bar:
         # schedules: linear warmup then cosine to lr/10; exponential temperature anneal
-        if step < cfg.warmup_steps:
-            lr = cfg.lr * (step + 1) / cfg.warmup_steps
-        else:
-            t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-            lr = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+        lr = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, cfg.steps - 1))
@@ -265,23 +257,16 @@ def idle_cpu_threads() -> int:
 # Command line
 
 
-_ARG_TYPES = {"int": int, "float": float, "str": str, "int | None": int}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="VLM checkpoint folder or hub id")
     parser.add_argument("--images", required=True, type=Path, help="folder of training images (recursive)")
     parser.add_argument("--out", required=True, type=Path, help="checkpoint to write (.safetensors)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    for f in fields(TrainConfig):
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"), type=_ARG_TYPES[f.type], default=f.default,
-            help=f.metadata["help"] + ("" if f.default is None else f" (default: {f.default})"),
-        )
+    add_options(parser, TrainConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    cfg = from_args(TrainConfig, args)
     if cfg.device == "cpu":
         torch.set_num_threads(cfg.threads or idle_cpu_threads())
     progress = not args.no_progress
