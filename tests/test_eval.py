@@ -74,9 +74,13 @@ def test_report_table_and_plot(tmp_path):
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000
 
 
-def test_missing_data_file_is_a_clear_error(tmp_path, capsys):
+def test_missing_data_file_or_server_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "--url", "http://127.0.0.1:9", "--data", str(tmp_path / "none.jsonl")]) == 2
     assert "none.jsonl" in capsys.readouterr().err
+    data = tmp_path / "items.jsonl"
+    data.write_text(json.dumps({"image": "data:image/png;base64,AAAA", "question": "q", "answer": "a"}))
+    assert main(["eval", "--url", "http://127.0.0.1:9", "--data", str(data), "--out", str(tmp_path / "out")]) == 2
+    assert "no OpenAI-compatible server answers at http://127.0.0.1:9/v1" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vllm_tokenprune.client import image_url, prune_headers
+from vllm_tokenprune.client import ServerUnreachableError, image_url, prune_headers, served_model
 
 ACCEPTS_EXTRA_ARGS = True  # extra arguments go to the server it starts
 
@@ -482,8 +482,12 @@ def run(args: argparse.Namespace) -> int:
             server = stack.enter_context(Server(args.model, *serve_args, log_path=out / "server.log"))
             root = server.root
             print(f"server healthy after {server.startup_s:.0f} s", flush=True)
+        try:
+            model_name = served_model(root + "/v1")
+        except ServerUnreachableError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         client = openai.OpenAI(base_url=root + "/v1", api_key="unused", max_retries=0, timeout=600)
-        model_name = client.models.list().data[0].id
         report = {"environment": environment(args.model), "seed": seed,
                   "startup_s": server.startup_s if server else None}
         print("prefill line ...", flush=True)

@@ -23,3 +23,17 @@ def prune_headers(keep_ratio: float | None = None, method: str | None = None) ->
     if method is not None:
         headers[METHOD_HEADER] = method
     return headers
+
+
+class ServerUnreachableError(RuntimeError):
+    pass
+
+
+def served_model(base_url: str) -> str:
+    """The first model the server at ``base_url`` (ending in /v1) serves."""
+    import openai
+
+    try:
+        return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0).models.list().data[0].id
+    except openai.APIConnectionError:
+        raise ServerUnreachableError(f"no OpenAI-compatible server answers at {base_url}") from None

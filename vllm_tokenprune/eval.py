@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_tokenprune.client import METHOD_HEADER, prune_headers
+from vllm_tokenprune.client import METHOD_HEADER, ServerUnreachableError, prune_headers, served_model
 
 ACCEPTS_EXTRA_ARGS = True  # extra arguments go to the server it starts
 MATCHES = ("exact", "first-word", "contains")
@@ -205,9 +205,7 @@ def evaluate(url: str, datasets: dict[str, list[Item]], ratios: list[float], met
     A method the server refuses (every request a 400, e.g. 'learned' with no selector) is
     left out and named under "refused".
     """
-    import openai
-
-    model = openai.OpenAI(base_url=url, api_key="unused").models.list().data[0].id
+    model = served_model(url)
     pruned = [r for r in ratios if r < 1.0]
     cells = ([(1.0, None)] if 1.0 in ratios else []) + [(r, m) for m in methods for r in pruned]
     results = {}
@@ -332,8 +330,6 @@ def _datasets(specs: list[str], limit: int) -> dict[str, list[Item]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import openai
-
     from vllm_tokenprune.launcher import Server
 
     if args.render:
@@ -359,7 +355,11 @@ def run(args: argparse.Namespace) -> int:
             server = stack.enter_context(Server(args.model, *serve_args, log_path=args.out / "server.log"))
             root = server.root
             print(f"server healthy after {server.startup_s:.0f} s", flush=True)
-        model = openai.OpenAI(base_url=root + "/v1", api_key="unused").models.list().data[0].id
+        try:
+            model = served_model(root + "/v1")
+        except ServerUnreachableError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         methods = args.methods.split(",") if args.methods else server_methods(root + "/v1", model)
         start = time.time()
         report = evaluate(root + "/v1", datasets, ratios, methods, matcher, args.concurrency, args.max_tokens)
