@@ -130,3 +130,27 @@ def test_training_is_deterministic_and_saves_the_hub_layout(tmp_path):
     pieces = {k: prompt_pieces(processor.tokenizer, q) for k, q in QUESTIONS.items()}
     with torch.no_grad():
         torch.testing.assert_close(answer_logits(loaded, batch, pieces), answer_logits(first.eval(), batch, pieces))
+
+
+def test_selector_only_retrains_the_selector_of_a_saved_model(tmp_path):
+    """`train-demo --selector-only`: the model stays byte for byte, a selector that fits it
+    is written, and training.json records the selector settings used."""
+    import json
+
+    from transformers import AutoConfig
+
+    from vllm_tokenprune.cli import main
+    from vllm_tokenprune.selector import check_compatible, load_selector
+
+    cfg = DemoConfig(vision_layers=1, text_layers=1, steps=1, batch_size=2, eval_every=0, eval_scenes=2)
+    model, processor, report = train_vlm(cfg, progress=False)
+    save_checkpoint(model, processor, tmp_path / "model")
+    (tmp_path / "training.json").write_text(json.dumps(report))
+    weights = (tmp_path / "model" / "model.safetensors").read_bytes()
+    assert main(["train-demo", "--out", str(tmp_path), "--selector-only", "--no-progress",
+                 "--selector-images", "10", "--selector-steps", "2", "--threads", "1"]) == 0
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == weights
+    _, metadata = load_selector(tmp_path / "selector.safetensors")
+    check_compatible(metadata, AutoConfig.from_pretrained(tmp_path / "model"))
+    config = json.loads((tmp_path / "training.json").read_text())["config"]
+    assert config["selector_images"] == 10 and config["selector_steps"] == 2 and config["steps"] == 1
