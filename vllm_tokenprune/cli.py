@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from vllm_tokenprune.client import ServerUnreachableError
+
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "serve": ("vllm_tokenprune.serve", "serve a VLM with per-request visual-token pruning"),
@@ -41,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(module, "ACCEPTS_EXTRA_ARGS", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra_args = extra
-    return module.run(args) or 0
+    try:
+        return module.run(args) or 0
+    except ServerUnreachableError as err:  # bench or eval pointed at nothing
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

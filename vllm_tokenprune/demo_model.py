@@ -47,6 +47,7 @@ from vllm_tokenprune.synthetic import (
     TASK_IMAGE_SIZE,
     TASK_PATCH,
     make_scene,
+    question_of,
     scene_seed,
 )
 
@@ -265,7 +266,7 @@ def validation_accuracy(model, processor, pieces, cfg: DemoConfig, keep: str = "
         for start in range(0, cfg.eval_scenes, 64):
             idx = range(start, min(start + 64, cfg.eval_scenes))
             scenes = [make_scene(variant, scene_seed("val", i)) for i in idx]
-            kinds = [tuple(QUESTIONS)[i % 2] for i in idx]
+            kinds = [question_of(i) for i in idx]
             n = scenes[0].content_patches().size
             kept = [torch.from_numpy(np.flatnonzero(s.content_patches().reshape(-1))) if keep == "content"
                     else torch.arange(n) for s in scenes]

@@ -23,18 +23,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import json
 import mimetypes
 import re
 import string
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_tokenprune.client import METHOD_HEADER, ServerUnreachableError, prune_headers, served_model
+from vllm_tokenprune.client import METHOD_HEADER, prune_headers, served_model
 
 ACCEPTS_EXTRA_ARGS = True  # extra arguments go to the server it starts
 MATCHES = ("exact", "first-word", "contains")
@@ -199,13 +197,14 @@ def score(items: list[Item], answers: list[tuple], matcher: Matcher) -> dict:
 
 
 def evaluate(url: str, datasets: dict[str, list[Item]], ratios: list[float], methods: list[str],
-             matcher: Matcher, concurrency: int = 16, max_tokens: int = 8, progress: bool = True) -> dict:
+             matcher: Matcher, concurrency: int = 16, max_tokens: int = 8, progress: bool = True,
+             model: str | None = None) -> dict:
     """{name: {"n", "cells": [{"method", "keep_ratio", ...score}]}} for each data set.
 
     A method the server refuses (every request a 400, e.g. 'learned' with no selector) is
-    left out and named under "refused".
+    left out and named under "refused". ``model``: the served name (default: asked).
     """
-    model = served_model(url)
+    model = model or served_model(url)
     pruned = [r for r in ratios if r < 1.0]
     cells = ([(1.0, None)] if 1.0 in ratios else []) + [(r, m) for m in methods for r in pruned]
     results = {}
@@ -330,7 +329,7 @@ def _datasets(specs: list[str], limit: int) -> dict[str, list[Item]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vllm_tokenprune.launcher import Server
+    from vllm_tokenprune.launcher import source_commit, target
 
     if args.render:
         write_report(json.loads((args.render / "results.json").read_text()), args.render)
@@ -346,26 +345,15 @@ def run(args: argparse.Namespace) -> int:
     ratios = sorted({float(r) for r in args.ratios.split(",")}, reverse=True)
     matcher = Matcher(args.match, args.case_sensitive, args.keep_punctuation)
     args.out.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as stack:
-        if args.url:
-            root = args.url.rstrip("/").removesuffix("/v1")
-        else:
-            serve_args = [*args.extra_args, *(["--selector", args.selector] if args.selector else [])]
-            print(f"starting a server for {args.model or 'the demo model'} ...", flush=True)
-            server = stack.enter_context(Server(args.model, *serve_args, log_path=args.out / "server.log"))
-            root = server.root
-            print(f"server healthy after {server.startup_s:.0f} s", flush=True)
-        try:
-            model = served_model(root + "/v1")
-        except ServerUnreachableError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        methods = args.methods.split(",") if args.methods else server_methods(root + "/v1", model)
+    serve_args = [*args.extra_args, *(["--selector", args.selector] if args.selector else [])]
+    with target(args.url, args.model, serve_args, args.out / "server.log") as server:
+        url = server.root + "/v1"
+        methods = args.methods.split(",") if args.methods else server_methods(url, server.model)
         start = time.time()
-        report = evaluate(root + "/v1", datasets, ratios, methods, matcher, args.concurrency, args.max_tokens)
-    report.update(seconds=round(time.time() - start, 1), command=" ".join(["vllm-tokenprune", "eval", *sys.argv[2:]]),
-                  commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=Path(__file__).parent).stdout.strip() or None)
+        report = evaluate(url, datasets, ratios, methods, matcher, args.concurrency, args.max_tokens,
+                          model=server.model)
+    report.update(seconds=round(time.time() - start, 1), commit=source_commit(),
+                  command=" ".join(["vllm-tokenprune", "eval", *sys.argv[2:]]))
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     write_report(report, args.out)
     return 0

@@ -1,7 +1,8 @@
-"""Start a real ``vllm-tokenprune serve`` process (tests, benchmarks), and talk to it."""
+"""Start a real ``vllm-tokenprune serve`` process (tests, bench, eval), and talk to it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -10,7 +11,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
+
+from vllm_tokenprune.client import served_model
 
 STARTUP_TIMEOUT_S = 300  # ~25-50 s on an idle 2-core machine; generous for a busy one
 
@@ -102,3 +107,32 @@ class Server:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class Target(NamedTuple):
+    root: str  # http://host:port
+    model: str  # the served model name
+    server: Server | None  # the server started for the command, if it started one
+
+
+@contextlib.contextmanager
+def target(url: str | None, model: str | Path | None, serve_args: list[str], log_path: Path) -> Iterator[Target]:
+    """The server a command talks to: the one at ``url``, or one started for ``model`` (None:
+    the embedded demo) and stopped on exit. Raises client.ServerUnreachableError if none answers."""
+    with contextlib.ExitStack() as stack:
+        server = None
+        if url:
+            root = url.rstrip("/").removesuffix("/v1")
+        else:
+            print(f"starting a server for {model or 'the demo model'} ...", flush=True)
+            server = stack.enter_context(Server(model, *serve_args, log_path=log_path))
+            root = server.root
+            print(f"server healthy after {server.startup_s:.0f} s", flush=True)
+        yield Target(root, served_model(root + "/v1"), server)
+
+
+def source_commit() -> str | None:
+    """The git commit this package runs from, for results; None outside a checkout."""
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(__file__).parent)
+    return out.stdout.strip() or None
