@@ -1,15 +1,18 @@
 """The keep count K and the parsing of a request's ratio and method."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 
 from vllm_tokenprune.budget import (
+    PrunePolicy,
+    PruneRequest,
     PruneRequestError,
-    RatioPolicy,
     keep_count,
     parse_keep_ratio,
     parse_method,
+    resolve,
 )
 
 
@@ -42,13 +45,14 @@ def test_keep_count_rejects_empty_image():
 
 
 @pytest.mark.parametrize("raw,expected", [("0.25", 0.25), (" 1 ", 1.0), (0.5, 0.5), (1, 1.0),
-                                          ("1e-3", 0.001)])
+                                          ("1e-3", 0.001), ("2.5E-1", 0.25), (".5", 0.5), ("+1.", 1.0)])
 def test_parse_keep_ratio_accepts(raw, expected):
     assert parse_keep_ratio(raw, param="X-Keep-Ratio header") == expected
 
 
 @pytest.mark.parametrize("raw", ["nan", "NaN", "inf", "-inf", "0", "-0.5", "1.01", "abc", "",
-                                 "0x1", "9" * 100, True, None, [0.5], {"a": 1}])
+                                 "0x1", "0x1p-2", "0.2_5", "\uff10.5", "1e", "9" * 100, 10**400,
+                                 1e400, True, None, [0.5], {"a": 1}])
 def test_parse_keep_ratio_rejects_and_names_the_param(raw):
     with pytest.raises(PruneRequestError) as err:
         parse_keep_ratio(raw, param="X-Keep-Ratio header")
@@ -65,25 +69,60 @@ def test_parse_method():
 
 
 def test_policy_floor_and_step():
-    policy = RatioPolicy(default_keep_ratio=0.5, min_keep_ratio=0.1, keep_ratio_step=0.05)
+    policy = PrunePolicy(default_keep_ratio=0.5, min_keep_ratio=0.1, keep_ratio_step=0.05)
     assert policy.apply(None) == 0.5
     assert policy.apply(0.26) == 0.25
     assert policy.apply(0.276) == 0.3
     assert policy.apply(0.01) == 0.1  # floor wins over the step
     assert policy.apply(1.0) == 1.0
-    assert RatioPolicy().apply(0.123) == 0.123
+    assert PrunePolicy().apply(0.123) == 0.123
 
 
-def test_policy_env_round_trip():
-    policy = RatioPolicy(default_keep_ratio=0.5, min_keep_ratio=0.1, keep_ratio_step=0.05)
-    assert RatioPolicy.from_env(policy.to_env()) == policy
-    assert RatioPolicy.from_env({}) == RatioPolicy()
-    with pytest.raises(ValueError, match="VLLM_TOKENPRUNE_MIN_KEEP_RATIO"):
-        RatioPolicy.from_env({"VLLM_TOKENPRUNE_MIN_KEEP_RATIO": "lots"})
+def test_policy_travels_in_the_model_config():
+    policy = PrunePolicy(default_keep_ratio=0.5, min_keep_ratio=0.1, keep_ratio_step=0.05,
+                         allowed_mm_kwargs=("max_pixels",))
+    overrides = policy.to_overrides()
+    assert overrides == {"tokenprune_default_keep_ratio": 0.5, "tokenprune_min_keep_ratio": 0.1,
+                         "tokenprune_keep_ratio_step": 0.05, "tokenprune_allowed_mm_kwargs": ["max_pixels"]}
+    assert PrunePolicy().to_overrides() == {}
+    assert PrunePolicy.from_config(SimpleNamespace(**overrides)) == policy
+    assert PrunePolicy.from_config(SimpleNamespace()) == PrunePolicy()
+    with pytest.raises(ValueError, match="tokenprune policy in the model config: min_keep_ratio"):
+        PrunePolicy.from_config(SimpleNamespace(tokenprune_min_keep_ratio="lots"))
 
 
 @pytest.mark.parametrize("kwargs", [{"default_keep_ratio": 0}, {"min_keep_ratio": 2},
-                                    {"keep_ratio_step": -1}])
+                                    {"keep_ratio_step": -1}, {"allowed_mm_kwargs": "max_pixels"},
+                                    {"allowed_mm_kwargs": ["keep_ratio"]}])
 def test_policy_rejects_bad_settings(kwargs):
     with pytest.raises(ValueError):
-        RatioPolicy(**kwargs)
+        PrunePolicy(**kwargs)
+
+
+POLICY = PrunePolicy(default_keep_ratio=0.5, min_keep_ratio=0.1, keep_ratio_step=0.05,
+                     allowed_mm_kwargs=("max_pixels",))
+
+
+def test_resolve_applies_the_policy_and_passes_allowed_kwargs():
+    assert resolve(None, POLICY) == PruneRequest(0.5, None, {})
+    assert resolve({"keep_ratio": 0.26, "prune_method": "Random"}, POLICY) == PruneRequest(0.25, "random", {})
+    assert resolve({"keep_ratio": "0.01"}, POLICY).keep_ratio == 0.1
+    got = resolve({"max_pixels": 1000, "keep_ratio": None}, POLICY)
+    assert got == PruneRequest(0.5, None, {"max_pixels": 1000})
+    assert resolve({"tokenprune_not_served": True}, POLICY).served is False
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    ({"min_pixels": 1}, "mm_processor_kwargs.min_pixels"),
+    ({"keep_ratio": 0.5, "size": {"height": 9}}, "mm_processor_kwargs.size"),
+    ({"keep_ratio": "nan"}, "mm_processor_kwargs.keep_ratio"),
+    ({"keep_ratio": 10**400}, "mm_processor_kwargs.keep_ratio"),
+    ({"keep_ratio": "0.2_5"}, "mm_processor_kwargs.keep_ratio"),
+    ({"keep_ratio": "\uff10.5"}, "mm_processor_kwargs.keep_ratio"),
+    ({"prune_method": "magic"}, "mm_processor_kwargs.prune_method"),
+])
+def test_resolve_refuses_and_names_the_key(kwargs, param):
+    with pytest.raises(PruneRequestError) as err:
+        resolve(kwargs, POLICY)
+    assert err.value.param == param
+    assert param in str(err.value)

@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from types import SimpleNamespace
 
 import jsonschema
 import pytest
@@ -26,7 +27,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from vllm_tokenprune import cli
-from vllm_tokenprune.budget import RatioPolicy
+from vllm_tokenprune.budget import PrunePolicy
 from vllm_tokenprune.serve import MIDDLEWARE, build_vllm_args
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,18 +161,15 @@ def local(tiny_checkpoint, random_selector):
 @pytest.fixture
 def run_our_cli(monkeypatch):
     """Runs `vllm-tokenprune ARGV` up to the point where it would start vLLM; returns the
-    `vllm` argv it would run and the policy environment it set."""
+    `vllm` argv it would run."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id left in an artefact fails fast
-    policy_keys = list(RatioPolicy().to_env())
-    for key in policy_keys:
-        monkeypatch.setenv(key, "")  # restored after the test; serve sets them
     calls = []
     monkeypatch.setattr("vllm_tokenprune.vllm_cli.run_vllm_cli",
                         lambda argv: calls.append(list(argv)) or 0)
 
-    def run(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    def run(argv: list[str]) -> list[str]:
         assert cli.main(argv) == 0
-        return calls[-1], {k: os.environ[k] for k in policy_keys}
+        return calls[-1]
 
     return run
 
@@ -203,16 +201,20 @@ def test_documented_docker_runs_are_accepted(run_our_cli, parse_vllm_serve, loca
     plain = [w for w in runs if "--entrypoint" in w]
     assert len(ours) >= 2 and len(plain) == 1  # basic and tensor-parallel; plain `vllm serve`
     for words in ours:
-        argv, _ = run_our_cli([*entrypoint(ROOT / "Dockerfile")[1:], *local(after_image(words))])
+        argv = run_our_cli([*entrypoint(ROOT / "Dockerfile")[1:], *local(after_image(words))])
         assert_pruning_flags(parse_vllm_serve(argv[1:]), local)
     (words,) = plain
     assert words[words.index("--entrypoint") + 1] == "vllm"
     command = local(after_image(words))
     assert command[0] == "serve"
-    assert_pruning_flags(parse_vllm_serve(command[1:]), local)
-    env = dict(words[i + 1].split("=", 1) for i, w in enumerate(words) if w == "-e" and "=" in words[i + 1])
-    RatioPolicy.from_env(env)  # the policy given to plain `vllm serve` is valid
-    assert set(env) <= set(RatioPolicy().to_env())
+    args = parse_vllm_serve(command[1:])
+    assert_pruning_flags(args, local)
+    assert policy_of(args) == PrunePolicy(min_keep_ratio=0.1, keep_ratio_step=0.05)
+
+
+def policy_of(args) -> PrunePolicy:
+    """The operator policy a parsed `vllm serve` command line carries."""
+    return PrunePolicy.from_config(SimpleNamespace(**args.hf_overrides))
 
 
 def load_manifests() -> dict[str, dict]:
@@ -232,11 +234,11 @@ CONTAINER = DEPLOYMENT["spec"]["template"]["spec"]["containers"][0]
 
 
 def test_deployment_args_are_accepted(run_our_cli, parse_vllm_serve, local):
-    argv, policy = run_our_cli([*entrypoint(ROOT / "Dockerfile")[1:], *local(CONTAINER["args"])])
+    argv = run_our_cli([*entrypoint(ROOT / "Dockerfile")[1:], *local(CONTAINER["args"])])
     args = parse_vllm_serve(argv[1:])
     assert_pruning_flags(args, local)
     assert args.port == CONTAINER["ports"][0]["containerPort"]
-    assert RatioPolicy.from_env(policy) == RatioPolicy(min_keep_ratio=0.1, keep_ratio_step=0.05)
+    assert policy_of(args) == PrunePolicy(min_keep_ratio=0.1, keep_ratio_step=0.05)
 
 
 VALUES = yaml.safe_load((DEPLOY / "production-stack-values.yaml").read_text())
@@ -264,14 +266,13 @@ def test_production_stack_values_match_what_serve_adds(parse_vllm_serve, local):
     command = local(chart_command(MODEL_SPEC))
     assert command[:2] == ["vllm", "serve"]
     chart = parse_vllm_serve(command[2:])
-    ours = parse_vllm_serve(build_vllm_args(local.model, local.selector, []))
+    policy = PrunePolicy(min_keep_ratio=0.1, keep_ratio_step=0.05)
+    ours = parse_vllm_serve(build_vllm_args(local.model, local.selector, [], policy))
     for flag in ("model_tag", "hf_overrides", "middleware", "trust_request_mm_kwargs",
                  "enable_prompt_tokens_details"):
         assert getattr(chart, flag) == getattr(ours, flag), flag
     assert_pruning_flags(chart, local)
-    env = {e["name"]: e["value"] for e in MODEL_SPEC["env"]}
-    assert set(env) <= set(RatioPolicy().to_env())
-    RatioPolicy.from_env(env)  # valid numbers in range
+    assert "env" not in MODEL_SPEC  # the policy travels in the model config, not the environment
 
 
 def test_production_stack_values_follow_the_charts_schema():
@@ -282,8 +283,6 @@ def test_production_stack_values_follow_the_charts_schema():
     for key, kind in required.items():
         assert isinstance(MODEL_SPEC[key], kind), key
     assert all(isinstance(a, str) for a in MODEL_SPEC["vllmConfig"]["extraArgs"])
-    assert all(set(e) == {"name", "value"} and isinstance(e["value"], str)
-               for e in MODEL_SPEC["env"])
     assert (MODEL_SPEC["repository"], MODEL_SPEC["tag"]) == tuple(IMAGE.split(":"))
     mounts = {m["name"] for m in MODEL_SPEC["extraVolumeMounts"]}
     assert mounts == {v["name"] for v in MODEL_SPEC["extraVolumes"]}

@@ -1,43 +1,59 @@
-"""The ASGI middleware, driven directly (the server tests cover it inside vLLM)."""
+"""The ASGI middleware, driven directly (tests/test_contract.py drives it inside vLLM)."""
 
 import asyncio
 import json
+from types import SimpleNamespace
 
 import pytest
 
+from vllm_tokenprune import http
+from vllm_tokenprune.budget import PrunePolicy
 from vllm_tokenprune.http import KeepRatioMiddleware
 
 
-async def _echo_app(scope, receive, send):
-    """Downstream app: answers 200 with the body and headers it received."""
-    message = await receive()
-    payload = json.dumps({
-        "body": json.loads(message["body"]) if message["body"] else None,
-        "content_length": dict(scope["headers"]).get(b"content-length", b"").decode(),
-    }).encode()
-    await send({"type": "http.response.start", "status": 200, "headers": []})
-    await send({"type": "http.response.body", "body": payload})
+def fake_app(policy=None, status=200, reply=None):
+    """Downstream app: reads the body like a route, answers with it (or with ``reply``);
+    carries the model config the middleware reads its policy from."""
+
+    async def app(scope, receive, send):
+        message = await receive()
+        if message["type"] == "http.disconnect":  # what FastAPI does: a 400 of its own
+            answer, code = {"detail": "There was an error parsing the body"}, 400
+        else:
+            body = message["body"]
+            answer = reply if reply is not None else {
+                "body": json.loads(body) if body else None, "raw": body.decode(),
+                "content_length": dict(scope["headers"]).get(b"content-length", b"").decode()}
+            code = status
+        payload = json.dumps(answer).encode()
+        await send({"type": "http.response.start", "status": code,
+                    "headers": [(b"content-length", str(len(payload)).encode())]})
+        await send({"type": "http.response.body", "body": payload})
+
+    hf_config = SimpleNamespace(**(policy or PrunePolicy()).to_overrides())
+    app.state = SimpleNamespace(vllm_config=SimpleNamespace(model_config=SimpleNamespace(hf_config=hf_config)))
+    return app
 
 
-def call(body, headers=(), path="/v1/chat/completions", env=None, monkeypatch=None):
-    if env:
-        for k, v in env.items():
-            monkeypatch.setenv(k, v)
+def call(body, headers=(), path="/v1/chat/completions", app=None, root_path=""):
+    app = app or fake_app()
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    scope = {"type": "http", "method": "POST", "path": path,
-             "headers": [(k.lower().encode(), v.encode()) for k, v in headers]
+    scope = {"type": "http", "method": "POST", "path": root_path + path, "root_path": root_path,
+             "app": app, "headers": [(k.encode(), v.encode()) for k, v in headers]
              + [(b"content-length", str(len(raw)).encode())]}
+    chunks = [raw[i:i + 1000] for i in range(0, len(raw), 1000)] or [b""]
     sent = []
 
     async def receive():
-        return {"type": "http.request", "body": raw, "more_body": False}
+        chunk = chunks.pop(0)
+        return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
 
     async def send(message):
         sent.append(message)
 
-    asyncio.run(KeepRatioMiddleware(_echo_app)(scope, receive, send))
-    start, body_msg = sent
-    return start["status"], dict(start["headers"]), json.loads(body_msg["body"])
+    asyncio.run(KeepRatioMiddleware(app)(scope, receive, send))
+    start, *bodies = sent
+    return start["status"], dict(start["headers"]), json.loads(b"".join(b["body"] for b in bodies))
 
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -48,67 +64,105 @@ def test_header_becomes_mm_processor_kwargs():
     assert status == 200
     assert out["body"]["mm_processor_kwargs"] == {"keep_ratio": 0.25, "prune_method": "random"}
     assert headers[b"x-keep-ratio-applied"] == b"0.25"
-    assert int(out["content_length"]) == len(json.dumps(out["body"]).encode())
+    assert out["content_length"] == ""  # the route reads the body it is given, whatever its length
 
 
-def test_body_field_works_and_header_wins():
-    body = dict(CHAT, mm_processor_kwargs={"keep_ratio": 0.5, "prune_method": "norm"})
-    _, _, out = call(body)
-    assert out["body"]["mm_processor_kwargs"] == {"keep_ratio": 0.5, "prune_method": "norm"}
-    _, _, out = call(body, [("x-keep-ratio", "0.1")])
-    assert out["body"]["mm_processor_kwargs"] == {"keep_ratio": 0.1, "prune_method": "norm"}
+def test_header_wins_and_other_body_kwargs_stay_for_the_processor():
+    body = dict(CHAT, mm_processor_kwargs={"keep_ratio": 0.5, "prune_method": "norm", "max_pixels": 9})
+    _, headers, out = call(body, [("x-keep-ratio", "0.1")])
+    assert out["body"]["mm_processor_kwargs"] == {"keep_ratio": 0.1, "prune_method": "norm", "max_pixels": 9}
+    assert headers[b"x-keep-ratio-applied"] == b"0.1"
 
 
-def test_foreign_processor_kwargs_are_dropped():
-    body = dict(CHAT, mm_processor_kwargs={"keep_ratio": 0.5, "max_pixels": 10**9,
-                                           "num_crops": 64},
-                media_io_kwargs={"video": {"num_frames": 10**6}})
-    _, _, out = call(body)
-    assert out["body"]["mm_processor_kwargs"] == {"keep_ratio": 0.5}
-    assert "media_io_kwargs" not in out["body"]
+def test_a_body_without_headers_passes_byte_for_byte():
+    raw = json.dumps(dict(CHAT, mm_processor_kwargs={"keep_ratio": 0.5})).encode() + b"  "
+    _, headers, out = call(raw)
+    assert out["raw"].encode() == raw
+    assert headers[b"x-keep-ratio-applied"] == b"0.5"
 
 
-def test_default_ratio_when_none_given(monkeypatch):
-    _, _, out = call(CHAT)
-    assert out["body"]["mm_processor_kwargs"] == {"keep_ratio": 1.0}
-    _, _, out = call(CHAT, env={"VLLM_TOKENPRUNE_DEFAULT_KEEP_RATIO": "0.5",
-                                "VLLM_TOKENPRUNE_MIN_KEEP_RATIO": "0.2",
-                                "VLLM_TOKENPRUNE_KEEP_RATIO_STEP": "0.1"},
-                     monkeypatch=monkeypatch)
-    assert out["body"]["mm_processor_kwargs"] == {"keep_ratio": 0.5}
-    _, _, out = call(CHAT, [("X-Keep-Ratio", "0.05")])
-    assert out["body"]["mm_processor_kwargs"] == {"keep_ratio": 0.2}  # the floor
-    _, _, out = call(CHAT, [("X-Keep-Ratio", "0.33")])
-    assert out["body"]["mm_processor_kwargs"] == {"keep_ratio": 0.3}  # the step
+def test_applied_ratio_follows_the_policy_from_the_model_config():
+    app = fake_app(PrunePolicy(default_keep_ratio=0.5, min_keep_ratio=0.2, keep_ratio_step=0.1))
+    assert call(CHAT, app=app)[1][b"x-keep-ratio-applied"] == b"0.5"
+    assert call(CHAT, [("X-Keep-Ratio", "0.05")], app=app)[1][b"x-keep-ratio-applied"] == b"0.2"
+    _, headers, out = call(CHAT, [("X-Keep-Ratio", "0.33")], app=app)
+    assert headers[b"x-keep-ratio-applied"] == b"0.3"
+    assert out["body"]["mm_processor_kwargs"] == {"keep_ratio": 0.33}  # the processor applies it
 
 
-@pytest.mark.parametrize("headers,body_kwargs,param", [
-    ([("X-Keep-Ratio", "nan")], None, "X-Keep-Ratio header"),
-    ([("X-Keep-Ratio", "inf")], None, "X-Keep-Ratio header"),
-    ([("X-Keep-Ratio", "0")], None, "X-Keep-Ratio header"),
-    ([("X-Keep-Ratio", "-1")], None, "X-Keep-Ratio header"),
-    ([("X-Keep-Ratio", "1.5")], None, "X-Keep-Ratio header"),
-    ([("X-Keep-Ratio", "half")], None, "X-Keep-Ratio header"),
-    ([("X-Keep-Ratio", "0." + "1" * 5000)], None, "X-Keep-Ratio header"),
-    ([("X-Keep-Ratio", "0.5"), ("X-Keep-Ratio", "0.25")], None, "X-Keep-Ratio"),
-    ([("X-Prune-Method", "magic")], None, "X-Prune-Method header"),
-    ([], {"keep_ratio": "abc"}, "mm_processor_kwargs.keep_ratio"),
-    ([], {"keep_ratio": 2}, "mm_processor_kwargs.keep_ratio"),
-    ([], {"prune_method": 7}, "mm_processor_kwargs.prune_method"),
-    ([], "not-an-object", "mm_processor_kwargs"),
+@pytest.mark.parametrize("path", ["/v1/responses", "/invocations", "/v1/chat/completions/batch",
+                                  "/v1/completions", "/tokenize"])
+def test_every_post_route_and_the_root_path(path):
+    for root in ("", "/proxy"):
+        status, _, out = call(CHAT, [("X-Keep-Ratio", "0.5")], path=path, root_path=root)
+        assert status == 200
+        assert out["body"]["mm_processor_kwargs"]["keep_ratio"] == 0.5
+        status, _, out = call(CHAT, [("X-Keep-Ratio", "nan")], path=path, root_path=root)
+        assert (status, out["error"]["param"]) == (400, "X-Keep-Ratio header")
+
+
+def test_tokenize_is_marked_as_not_served():
+    _, _, out = call(CHAT, path="/tokenize")
+    assert out["body"]["mm_processor_kwargs"] == {"tokenprune_not_served": True}
+
+
+@pytest.mark.parametrize("headers,body,param", [
+    ([("X-Keep-Ratio", "nan")], CHAT, "X-Keep-Ratio header"),
+    ([("X-Keep-Ratio", "inf")], CHAT, "X-Keep-Ratio header"),
+    ([("X-Keep-Ratio", "0")], CHAT, "X-Keep-Ratio header"),
+    ([("X-Keep-Ratio", "1.5")], CHAT, "X-Keep-Ratio header"),
+    ([("X-Keep-Ratio", "0x1p-2")], CHAT, "X-Keep-Ratio header"),
+    ([("X-Keep-Ratio", "0." + "1" * 5000)], CHAT, "X-Keep-Ratio header"),
+    ([("X-Keep-Ratio", "0.5"), ("x-keep-ratio", "0.25")], CHAT, "X-Keep-Ratio"),
+    ([("X-Prune-Method", "magic")], CHAT, "X-Prune-Method header"),
+    ([("X-Keep-Ratio", "0.5")], dict(CHAT, mm_processor_kwargs=[1]), "mm_processor_kwargs"),
+    ([("X-Keep-Ratio", "0.5")], b"[1, 2]", None),
+    ([("X-Keep-Ratio", "0.5")], b'{"a": ' * 5000 + b"1" + b"}" * 5000, None),
+    ([], b'{"mm_processor_kwargs": ' * 5000 + b"1" + b"}" * 5000, None),
 ])
-def test_bad_input_is_an_openai_400_naming_the_source(headers, body_kwargs, param):
-    body = dict(CHAT) if body_kwargs is None else dict(CHAT, mm_processor_kwargs=body_kwargs)
+def test_bad_input_is_an_openai_400_naming_the_source(headers, body, param):
     status, _, out = call(body, headers)
     assert status == 400
     assert out["error"]["code"] == 400
     assert out["error"]["type"] == "BadRequestError"
     assert out["error"]["param"] == param
-    assert param.split()[0] in out["error"]["message"]
+    if param:
+        assert param.split()[0] in out["error"]["message"]
 
 
-def test_other_routes_and_non_json_pass_through():
-    status, _, out = call(CHAT, [("X-Keep-Ratio", "nan")], path="/v1/models")
-    assert status == 200 and "mm_processor_kwargs" not in out["body"]
-    status, _, out = call(b"[1, 2]", [("X-Keep-Ratio", "0.5")])
-    assert status == 200 and out["body"] == [1, 2]
+def test_anthropic_route_refuses_what_it_cannot_carry():
+    for headers, body in [([("X-Keep-Ratio", "0.5")], CHAT), ([], dict(CHAT, mm_processor_kwargs={}))]:
+        status, _, out = call(body, headers, path="/v1/messages")
+        assert status == 400 and "/v1/messages" in out["error"]["message"]
+    assert call(CHAT, path="/v1/messages")[0] == 200
+
+
+def test_a_body_over_the_limit_is_refused(monkeypatch):
+    monkeypatch.setattr(http, "MAX_BODY_BYTES", 5000)
+    status, _, out = call(dict(CHAT, pad="x" * 6000), [("X-Keep-Ratio", "0.5")])
+    assert status == 413 and "larger than 5000 bytes" in out["error"]["message"]
+
+
+def test_processor_errors_on_header_values_name_the_header():
+    reply = {"error": {"message": "mm_processor_kwargs.prune_method 'learned' needs a selector",
+                       "type": "BadRequestError", "param": "mm_processor_kwargs.prune_method", "code": 400}}
+    app = fake_app(status=400, reply=reply)
+    status, headers, out = call(CHAT, [("X-Prune-Method", "learned")], app=app)
+    assert status == 400 and out["error"]["param"] == "X-Prune-Method header"
+    assert out["error"]["message"].startswith("X-Prune-Method header 'learned'")
+    assert int(headers[b"content-length"]) == len(json.dumps(out))
+    # From the body, the processor's own name stands.
+    _, _, out = call(dict(CHAT, mm_processor_kwargs={"prune_method": "learned"}), app=app)
+    assert out["error"]["param"] == "mm_processor_kwargs.prune_method"
+
+
+def test_get_and_non_http_pass_through():
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(scope["type"])
+
+    for scope in ({"type": "lifespan"}, {"type": "http", "method": "GET", "path": "/v1/models",
+                                         "headers": [(b"x-keep-ratio", b"nan")]}):
+        asyncio.run(KeepRatioMiddleware(app)(scope, None, None))
+    assert seen == ["lifespan", "http"]

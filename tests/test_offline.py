@@ -1,18 +1,20 @@
 """Offline `vllm.LLM` with a pruned architecture: no server, no middleware, the request's
-ratio passed as `mm_processor_kwargs` (no trust flag needed offline)."""
+ratio passed as `mm_processor_kwargs` (no trust flag needed offline). The operator policy
+travels in `hf_overrides`, as for a server, and the processor enforces it here too."""
 
 from __future__ import annotations
 
 import pytest
 from reference import NEW_TOKENS, chat, hf_greedy, noise_image
 
-from vllm_tokenprune.budget import keep_count
+from vllm_tokenprune.budget import PrunePolicy, keep_count
 from vllm_tokenprune.plugin import PRUNED_ARCHITECTURES
 from vllm_tokenprune.tiny import count_image_tokens
 
 pytestmark = pytest.mark.vllm
 
 IMAGE = noise_image(336, 252, seed=1)
+POLICY = PrunePolicy(min_keep_ratio=0.1, keep_ratio_step=0.05, allowed_mm_kwargs=("do_normalize",))
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,8 @@ def llava(tiny_checkpoint):
 
     path = tiny_checkpoint("llava")
     llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=2048,
-              hf_overrides={"architectures": [PRUNED_ARCHITECTURES["LlavaForConditionalGeneration"]]},
+              hf_overrides={"architectures": [PRUNED_ARCHITECTURES["LlavaForConditionalGeneration"]],
+                            **POLICY.to_overrides()},
               seed=0)
     yield path, llm
     llm.llm_engine.engine_core.shutdown()
@@ -55,10 +58,26 @@ def test_ratio_sets_the_placeholder_count(llava):
             assert full - len(out.prompt_token_ids) == n - keep_count(n, ratio)
 
 
-def test_learned_without_a_selector_is_a_clear_error(llava):
+def test_the_operator_policy_applies_offline(llava):
+    path, llm = llava
+    n = count_image_tokens(path, IMAGE.size)
+    full = len(run(llm).prompt_token_ids)
+    for asked, applied in ((0.05, 0.1), (0.26, 0.25), (0.5, 0.5)):  # the floor, the step
+        assert full - len(run(llm, keep_ratio=asked).prompt_token_ids) == n - keep_count(n, applied)
+    # A kwarg the operator allowed reaches the HF processor; any other is refused.
+    assert len(run(llm, keep_ratio=0.5, do_normalize=True).prompt_token_ids) == full - n + keep_count(n, 0.5)
+
+
+@pytest.mark.parametrize("kwargs,param,match", [
+    ({"keep_ratio": 0.5, "prune_method": "learned"}, "mm_processor_kwargs.prune_method", "needs a selector"),
+    ({"keep_ratio": 2}, "mm_processor_kwargs.keep_ratio", "keep_ratio must be a number"),
+    ({"size": {"height": 10}}, "mm_processor_kwargs.size", "is not accepted by this server"),
+])
+def test_refusals_name_the_key(llava, kwargs, param, match):
+    from vllm.exceptions import VLLMValidationError
+
     _, llm = llava
-    with pytest.raises(ValueError, match="needs a selector"):
-        run(llm, keep_ratio=0.5, prune_method="learned")
-    with pytest.raises(ValueError, match="keep_ratio must be a number"):
-        run(llm, keep_ratio=2)
+    with pytest.raises(VLLMValidationError, match=match) as err:
+        run(llm, **kwargs)
+    assert err.value.parameter == param
     assert run(llm, keep_ratio=0.5).outputs[0].token_ids  # the engine is still fine

@@ -133,14 +133,15 @@ def test_body_field_works_and_header_wins(client, model):
     assert full - got.usage.prompt_tokens == n - keep_count(n, 0.25)
 
 
-def test_foreign_processor_kwargs_have_no_effect(client):
-    want = ask(client, headers={"X-Keep-Ratio": "0.5"})
-    # Passed to the HF image processor, this would shrink the image and break the request.
-    body = {"mm_processor_kwargs": {"keep_ratio": 0.5, "size": {"shortest_edge": 28},
-                                    "crop_size": {"height": 28, "width": 28}}}
-    got = ask(client, extra_body=body)
-    assert got.usage.prompt_tokens == want.usage.prompt_tokens
-    assert got.choices[0].token_ids == want.choices[0].token_ids
+@pytest.mark.parametrize("foreign", [{"size": {"shortest_edge": 28}}, {"max_pixels": 10**9},
+                                     {"min_pixels": 1}, {"num_crops": 64}])
+def test_foreign_processor_kwargs_are_refused_by_name(client, foreign):
+    # Passed to the HF image processor, these would choose the image's token count and memory.
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(client, extra_body={"mm_processor_kwargs": {"keep_ratio": 0.5, **foreign}}, max_tokens=1)
+    (key,) = foreign
+    assert err.value.body["param"] == f"mm_processor_kwargs.{key}"
+    assert ask(client, headers={"X-Keep-Ratio": "0.5"}, max_tokens=1).usage.prompt_tokens
 
 
 BAD_HEADERS = [

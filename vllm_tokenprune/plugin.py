@@ -43,6 +43,23 @@ def register() -> None:
         if arch not in supported:
             ModelRegistry.register_model(arch, target)
     _let_runner_recompute_mrope()
+    _let_vllm_refuse_huge_images()
+
+
+def _let_vllm_refuse_huge_images() -> None:
+    """Make vLLM's own image-size limit answer first, with a 400.
+
+    vLLM refuses an image over ``VLLM_MAX_IMAGE_PIXELS`` with a ValueError (a 400) after
+    ``PIL.Image.open``; but PIL's decompression-bomb guard raises inside ``open`` for
+    anything over twice its own ``MAX_IMAGE_PIXELS``, an error vLLM answers with a 500.
+    With PIL's threshold at vLLM's limit, every oversized image meets vLLM's check first,
+    and PIL still guards at twice that. A limit of 0 (vLLM's check off) leaves PIL as is.
+    """
+    from PIL import Image
+    from vllm import envs
+
+    if envs.VLLM_MAX_IMAGE_PIXELS > 0:
+        Image.MAX_IMAGE_PIXELS = envs.VLLM_MAX_IMAGE_PIXELS
 
 
 # Marks a wrapped load_model, so that register() patches each runner class once.

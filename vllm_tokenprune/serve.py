@@ -3,7 +3,7 @@
 Starts vLLM's own OpenAI-compatible server with what pruning needs, so users don't
 have to assemble it:
 
-  --hf-overrides '{"architectures": ["Pruned..."], "tokenprune_selector": PATH}'
+  --hf-overrides '{"architectures": ["Pruned..."], "tokenprune_selector": PATH, <policy>}'
   --middleware vllm_tokenprune.http.KeepRatioMiddleware
   --trust-request-mm-kwargs --enable-prompt-tokens-details
 
@@ -20,7 +20,7 @@ import logging
 import os
 from pathlib import Path
 
-from vllm_tokenprune.budget import RatioPolicy
+from vllm_tokenprune.budget import PrunePolicy
 
 ACCEPTS_EXTRA_ARGS = True  # everything we don't know goes to `vllm serve`
 
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--selector", metavar="PATH",
                         help="selector checkpoint (.safetensors) from `vllm-tokenprune train`; "
                              "enables the 'learned' method and makes it the default")
-    policy = RatioPolicy()
+    policy = PrunePolicy()
     parser.add_argument("--default-keep-ratio", type=float, default=policy.default_keep_ratio,
                         help="keep ratio for requests that send none (default: %(default)s)")
     parser.add_argument("--min-keep-ratio", type=float, default=policy.min_keep_ratio,
@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-ratio-step", type=float, default=policy.keep_ratio_step,
                         help="round requested ratios to multiples of this step, so near-equal "
                              "ratios share cache entries (default: no rounding)")
+    parser.add_argument("--allow-mm-kwargs", metavar="KEY[,KEY]", default="",
+                        help="HF processor kwargs clients may send in mm_processor_kwargs besides "
+                             "keep_ratio and prune_method (default: none; others get a 400)")
     parser.epilog = ("MODEL is a local checkpoint directory or hub id; without it the embedded "
                      "demo LLaVA is served with its selector. All other arguments go to `vllm serve`.")
 
@@ -117,13 +120,15 @@ def _has_option(extra: list[str], *names: str) -> bool:
     return any(a == n or a.startswith(n + "=") for a in extra for n in names)
 
 
-def build_vllm_args(model: str, selector: str | None, extra: list[str]) -> list[str]:
+def build_vllm_args(model: str, selector: str | None, extra: list[str],
+                    policy: PrunePolicy | None = None) -> list[str]:
     """The `vllm serve` argument list (without the leading 'serve')."""
     extra = list(extra)
     overrides = json.loads(_pop_option(extra, "--hf-overrides") or "{}")
     overrides["architectures"] = [pruned_architecture(model)]
     if selector:
         overrides["tokenprune_selector"] = str(Path(selector).resolve())
+    overrides.update((policy or PrunePolicy()).to_overrides())
     args = [model, *extra, "--hf-overrides", json.dumps(overrides), "--middleware", MIDDLEWARE,
             "--trust-request-mm-kwargs", "--enable-prompt-tokens-details"]
     from vllm.platforms import current_platform
@@ -159,13 +164,13 @@ def run(args: argparse.Namespace) -> int:
         if not _has_option(extra, "--served-model-name"):
             extra += ["--served-model-name", DEFAULT_SERVED_NAME]
     try:
-        policy = RatioPolicy(args.default_keep_ratio, args.min_keep_ratio, args.keep_ratio_step)
+        policy = PrunePolicy(args.default_keep_ratio, args.min_keep_ratio, args.keep_ratio_step,
+                             tuple(k for k in args.allow_mm_kwargs.split(",") if k))
     except ValueError as err:
         raise ServeError(str(err)) from None
     if args.selector:
         check_selector(args.selector, model)
-    vllm_args = build_vllm_args(model, args.selector, extra)
+    vllm_args = build_vllm_args(model, args.selector, extra, policy)
     _cpu_environment(extra)
-    os.environ.update(policy.to_env())
     log.info("vllm serve %s", " ".join(vllm_args))
     return run_vllm_cli(["serve", *vllm_args])

@@ -15,11 +15,14 @@ used only for a tower call in which some image asked for such a method.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
+from contextvars import ContextVar
 
 import torch
 import torch.nn as nn
+from vllm.exceptions import VLLMValidationError
 from vllm.logger import init_logger
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import ImageProcessorItems, ImageSize
@@ -29,9 +32,11 @@ from vllm_tokenprune import methods
 from vllm_tokenprune.budget import (
     KEEP_RATIO_KEY,
     METHOD_KEY,
+    OUR_KEYS,
+    PrunePolicy,
+    PruneRequestError,
     keep_count,
-    parse_keep_ratio,
-    parse_method,
+    resolve,
 )
 
 logger = init_logger(__name__)
@@ -49,76 +54,143 @@ def selector_path(hf_config) -> str | None:
     return getattr(hf_config, SELECTOR_CONFIG_KEY, None) or None
 
 
-def image_seed(pixels: torch.Tensor) -> int:
-    """A seed that depends only on an image's content (for the ``random`` method)."""
-    raw = pixels.detach().cpu().contiguous().view(torch.uint8)  # any dtype, bf16 included
-    digest = hashlib.blake2b(raw.numpy().tobytes(), digest_size=8)
-    return int.from_bytes(digest.digest(), "little") & (2**63 - 1)
+def item_seed(item_hash: str) -> int:
+    """The ``random`` method's seed for an item: from the identity vLLM already computed
+    for it (content hash, or the client's uuid), so the same image draws the same tokens."""
+    digest = hashlib.blake2b(item_hash.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+@dataclasses.dataclass
+class _Call:
+    """One ``apply`` call's state, for the processor hooks vLLM calls inside it."""
+
+    inputs: object
+    hashes: object = None  # vLLM's item hashes, computed once
+    image_hashes: list[str] | None = None  # those of the images the next HF call processes
+
+
+class PruningRequestError(VLLMValidationError):
+    """A refused pruning request: vLLM answers it with a 400 naming ``parameter``."""
+
+    def __str__(self) -> str:  # the message alone; the param travels in its own field
+        return Exception.__str__(self)
+
+
+_CALL: ContextVar[_Call | None] = ContextVar("tokenprune_processor_call", default=None)
+_COUNTED: ContextVar[bool] = ContextVar("tokenprune_counted", default=True)
 
 
 class PruningProcessorMixin:
     """Mix into a vLLM ``BaseMultiModalProcessor`` subclass (before it in the MRO).
 
-    A family implements ``_unpruned_tokens(image_size)`` (its stock token count N for an
-    image) and ``_image_pixels(processed, i)`` (image i's pixel tensor, for the seed).
+    ``apply`` is where every request's pruning is decided, whatever route or client it
+    came from: the kwargs are resolved under the operator's policy (``budget.resolve``)
+    and replaced by their canonical form, so that the item hashes, which key vLLM's
+    processor, encoder and prefix caches, are those of what the request gets.
+
+    A family implements ``_unpruned_tokens(image_size, hf_kwargs)``, its stock token count N
+    for an image under the HF processor kwargs the request passes on.
     """
 
-    def _unpruned_tokens(self, image_size: ImageSize) -> int:
-        raise NotImplementedError
-
-    def _image_pixels(self, processed, index: int) -> torch.Tensor:
+    def _unpruned_tokens(self, image_size: ImageSize, hf_kwargs: Mapping[str, object]) -> int:
         raise NotImplementedError
 
     def _tower_statistics_unavailable(self) -> str | None:
         """Why the served model cannot compute tower attention statistics, or None."""
         return None
 
+    @functools.cached_property
+    def _policy(self) -> PrunePolicy:
+        return PrunePolicy.from_config(self.info.get_hf_config())
+
     # -- the request's choice ---------------------------------------------------------
 
-    def _prune_choice(self, mm_kwargs: Mapping[str, object]) -> tuple[float, str]:
-        """(ratio, method) from the request's kwargs; defaults: keep all, 'learned' when a
-        selector is loaded, else 'norm'. Raises ValueError (a 400 for the client)."""
-        raw_ratio = mm_kwargs.get(KEEP_RATIO_KEY)
-        ratio = 1.0 if raw_ratio is None else parse_keep_ratio(raw_ratio, param=KEEP_RATIO_KEY)
+    def _method(self, requested: str | None) -> str:
+        """The method an image gets: the one asked for, if this server can run it; by
+        default 'learned' when a selector is loaded, else 'norm'."""
         has_selector = selector_path(self.info.get_hf_config()) is not None
-        raw_method = mm_kwargs.get(METHOD_KEY)
-        if raw_method is None:
-            method = "learned" if has_selector else "norm"
-        else:
-            method = parse_method(raw_method, param=METHOD_KEY)
-        if method == "learned" and not has_selector:
-            raise ValueError(
+        if requested is None:
+            return "learned" if has_selector else "norm"
+        param = "mm_processor_kwargs." + METHOD_KEY
+        if requested == "learned" and not has_selector:
+            raise PruneRequestError(
                 "prune_method 'learned' needs a selector, and this server has none "
-                "(start it with --selector PATH); use 'norm' or 'random'"
-            )
-        if methods.get(method).needs and (reason := self._tower_statistics_unavailable()):
-            raise ValueError(f"prune_method {method!r} reads the vision tower's attention, which {reason}")
-        return ratio, method
+                "(start it with --selector PATH); use 'norm' or 'random'", param)
+        if methods.get(requested).needs and (reason := self._tower_statistics_unavailable()):
+            raise PruneRequestError(
+                f"prune_method {requested!r} reads the vision tower's attention, which {reason}", param)
+        return requested
 
     @staticmethod
     def _without_prune_kwargs(mm_kwargs: Mapping[str, object]) -> dict[str, object]:
-        return {k: v for k, v in mm_kwargs.items() if k not in (KEEP_RATIO_KEY, METHOD_KEY)}
+        return {k: v for k, v in mm_kwargs.items() if k not in OUR_KEYS}
 
     # -- vLLM processor hooks ---------------------------------------------------------
 
+    def apply(self, inputs, timing_ctx):
+        try:
+            request = resolve(inputs.hf_processor_mm_kwargs, self._policy)
+            method = self._method(request.method)
+        except PruneRequestError as err:
+            raise PruningRequestError(str(err), parameter=err.param) from None
+        inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={
+            **request.hf_kwargs, KEEP_RATIO_KEY: request.keep_ratio, METHOD_KEY: method})
+        call = _Call(inputs)
+        if method == "random" and inputs.mm_data_items.get_count("image", strict=False):
+            call.image_hashes = self._get_mm_hashes(inputs)["image"]  # the seeds' source
+        token = _CALL.set(call)
+        try:
+            result = super().apply(inputs, timing_ctx)
+        finally:
+            _CALL.reset(token)
+        if request.served and _COUNTED.get():
+            self._record_metrics(inputs, result, request.keep_ratio, method)
+        return result
+
+    def get_dummy_mm_inputs(self, *args, **kwargs):
+        token = _COUNTED.set(False)  # profiling and warm-up inputs are not requests
+        try:
+            return super().get_dummy_mm_inputs(*args, **kwargs)
+        finally:
+            _COUNTED.reset(token)
+
+    def _get_mm_hashes(self, inputs):
+        call = _CALL.get()
+        if call is None or call.inputs is not inputs:
+            return super()._get_mm_hashes(inputs)
+        if call.hashes is None:
+            call.hashes = super()._get_mm_hashes(inputs)
+        return call.hashes
+
+    def _get_cache_missing_items(self, cache, mm_data_items, mm_hashes):
+        is_cached, missing = super()._get_cache_missing_items(cache, mm_data_items, mm_hashes)
+        call = _CALL.get()
+        if call is not None and call.image_hashes is not None:  # only the missing ones are processed
+            call.image_hashes = [h for h, hit in zip(mm_hashes.get("image", []), is_cached.get("image", []))
+                                 if not hit]
+        return is_cached, missing
+
     def _apply_hf_processor_main(self, mm_items, hf_kwargs):
         # The one entry every family's processor goes through (Qwen3-VL's calls the HF
-        # processor itself, never ``_call_hf_processor``).
-        ratio, method = self._prune_choice(hf_kwargs)
-        processed = super()._apply_hf_processor_main(
-            mm_items, self._without_prune_kwargs(hf_kwargs))
+        # processor itself, never ``_call_hf_processor``). ``hf_kwargs`` are canonical.
+        processed = super()._apply_hf_processor_main(mm_items, self._without_prune_kwargs(hf_kwargs))
         items = mm_items.get("image")
         if not isinstance(items, ImageProcessorItems) or not len(items):
             return processed  # no images, or precomputed embeddings (never pruned)
-        keep = [keep_count(self._unpruned_tokens(items.get_image_size(i)), ratio)
+        ratio, method = hf_kwargs[KEEP_RATIO_KEY], hf_kwargs[METHOD_KEY]
+        passed_on = self._without_prune_kwargs(hf_kwargs)
+        keep = [keep_count(self._unpruned_tokens(items.get_image_size(i), passed_on), ratio)
                 for i in range(len(items))]
+        call = _CALL.get()
+        hashes = call.image_hashes if call is not None else None
+        if method == "random" and (hashes is None or len(hashes) != len(items)):
+            raise RuntimeError(f"tokenprune: no item hashes for {len(items)} images to seed 'random'")
         # Always emitted (dummy profiling included), so every batch has the fields.
         processed[KEEP_FIELD] = torch.tensor(keep, dtype=torch.int64)
         processed[METHOD_FIELD] = torch.full((len(items),), methods.method_id(method))
         processed[SEED_FIELD] = torch.tensor(
-            [image_seed(self._image_pixels(processed, i)) for i in range(len(items))],
-            dtype=torch.int64,
-        )
+            [item_seed(h) for h in hashes] if method == "random" else [0] * len(items), dtype=torch.int64)
         return processed
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
@@ -153,20 +225,15 @@ class PruningProcessorMixin:
 
         return dataclasses.replace(update, replacement=replacement)
 
-    def apply(self, inputs, timing_ctx):
-        result = super().apply(inputs, timing_ctx)
-        self._record_metrics(inputs, result)
-        return result
-
-    def _record_metrics(self, inputs, result) -> None:
+    def _record_metrics(self, inputs, result, ratio: float, method: str) -> None:
         from vllm_tokenprune.metrics import record_request
 
         placeholders = result["mm_placeholders"].get("image", [])
-        if not placeholders or KEEP_RATIO_KEY not in inputs.hf_processor_mm_kwargs:
-            return  # offline or dummy (profiling) inputs; metrics count served requests
-        ratio, method = self._prune_choice(inputs.hf_processor_mm_kwargs)
+        if not placeholders:
+            return
         images = inputs.mm_data_items.get_items("image", ImageProcessorItems)
-        counts = [(self._unpruned_tokens(images.get_image_size(i)), p.length)
+        passed_on = self._without_prune_kwargs(inputs.hf_processor_mm_kwargs)
+        counts = [(self._unpruned_tokens(images.get_image_size(i), passed_on), p.length)
                   for i, p in enumerate(placeholders)]
         model_name = self.info.ctx.model_config.served_model_name
         if isinstance(model_name, (list, tuple)):

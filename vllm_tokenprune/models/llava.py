@@ -8,7 +8,7 @@ projector into the K placeholders the processor reserved.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from transformers import CLIPVisionConfig
@@ -35,13 +35,10 @@ OBJECT_LAYER_SHARE = 9 / 24
 
 
 class PrunedLlavaMultiModalProcessor(PruningProcessorMixin, LlavaMultiModalProcessor):
-    def _unpruned_tokens(self, image_size: ImageSize) -> int:
+    def _unpruned_tokens(self, image_size: ImageSize, hf_kwargs: Mapping[str, object]) -> int:
         return self.info.get_num_image_tokens(
             image_width=image_size.width, image_height=image_size.height
         )
-
-    def _image_pixels(self, processed, index: int) -> torch.Tensor:
-        return processed["pixel_values"][index]
 
 
 class LlavaTowerMixin:

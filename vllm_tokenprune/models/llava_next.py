@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import math
 import types
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
@@ -40,13 +40,10 @@ from vllm_tokenprune.models.llava import LlavaTowerMixin
 
 
 class PrunedLlavaNextMultiModalProcessor(PruningProcessorMixin, LlavaNextMultiModalProcessor):
-    def _unpruned_tokens(self, image_size: ImageSize) -> int:
+    def _unpruned_tokens(self, image_size: ImageSize, hf_kwargs: Mapping[str, object]) -> int:
         return self.info.get_num_image_tokens(
             image_width=image_size.width, image_height=image_size.height
         )
-
-    def _image_pixels(self, processed, index: int) -> torch.Tensor:
-        return processed["pixel_values"][index]
 
 
 @MULTIMODAL_REGISTRY.register_processor(

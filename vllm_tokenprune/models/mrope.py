@@ -46,9 +46,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
+from vllm.config import CompilationMode
 from vllm.logger import init_logger
 from vllm.multimodal.parse import ImageSize
 from vllm.multimodal.video_prune.evs import compute_mrope_for_media
@@ -60,27 +61,37 @@ from vllm_tokenprune.models.common import PruningModelMixin, PruningProcessorMix
 logger = init_logger(__name__)
 
 POSITION_COLUMNS = 3  # relative (t, h, w) appended to every multimodal embedding
+# hf_config attribute (set with --hf-overrides) that tells the processor, which cannot see
+# the compilation config, that the tower is compiled: attention methods are refused then.
+TOWER_COMPILED_KEY = "tokenprune_tower_compiled"
 
 
 class MRopePruningProcessorMixin(PruningProcessorMixin):
     """The Qwen processors' image token counts and per-image pixel rows."""
 
-    def _unpruned_tokens(self, image_size: ImageSize) -> int:
+    def _unpruned_tokens(self, image_size: ImageSize, hf_kwargs: Mapping[str, object]) -> int:
         return self.info.get_num_image_tokens(
             image_width=image_size.width, image_height=image_size.height,
-            image_processor=self.info.get_image_processor(), mm_kwargs={},
+            image_processor=self.info.get_image_processor(), mm_kwargs=hf_kwargs,
         )
-
-    def _image_pixels(self, processed, index: int) -> torch.Tensor:
-        # All images' patches are concatenated; image i owns grid_t * grid_h * grid_w rows.
-        patches = processed["image_grid_thw"].prod(-1).tolist()
-        start = sum(patches[:index])
-        return processed["pixel_values"][start:start + patches[index]]
 
     def _tower_statistics_unavailable(self) -> str | None:
         if self.info.ctx.model_config.multimodal_config.mm_encoder_tp_mode == "data":
             return "this server spreads over data-parallel encoder ranks (--mm-encoder-tp-mode data)"
+        if getattr(self.info.get_hf_config(), TOWER_COMPILED_KEY, False):
+            return "this server compiles (compile_mm_encoder), so no hook can read it"
         return None
+
+
+def check_tower_compilation(compilation_config, hf_config) -> None:
+    """Refuse to start with a compiled tower unless the processor knows it is compiled."""
+    if (compilation_config.compile_mm_encoder and compilation_config.mode != CompilationMode.NONE
+            and not getattr(hf_config, TOWER_COMPILED_KEY, False)):
+        raise ValueError(
+            "compile_mm_encoder compiles the vision tower, whose attention the methods "
+            f"{', '.join(n for n in methods.METHOD_NAMES if methods.get(n).needs)} read through a hook "
+            f"that compiled code skips; add \"{TOWER_COMPILED_KEY}\": true to --hf-overrides so that "
+            "requests for them are refused, or drop compile_mm_encoder")
 
 
 class MRopePruningModelMixin(PruningModelMixin):
@@ -95,6 +106,7 @@ class MRopePruningModelMixin(PruningModelMixin):
             raise ValueError(
                 "video pruning (video_pruning_rate > 0) cannot be combined with image "
                 "token pruning; serve the stock architecture for EVS")
+        check_tower_compilation(vllm_config.compilation_config, self.config)
         self._init_pruning(vllm_config, self.visual.device)
 
     def _selection_features(self, embeds: torch.Tensor) -> torch.Tensor:

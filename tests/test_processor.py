@@ -1,0 +1,157 @@
+"""The multimodal processor decides every request's pruning: vLLM's own processor class,
+built from a tiny checkpoint's model config, driven directly (no engine, no server)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from reference import noise_image
+
+from vllm_tokenprune.budget import PrunePolicy, keep_count
+from vllm_tokenprune.plugin import PRUNED_ARCHITECTURES
+
+pytestmark = pytest.mark.vllm
+
+POLICY = PrunePolicy(min_keep_ratio=0.1, keep_ratio_step=0.05)
+IMAGES = [noise_image(64, 48, seed=1), noise_image(48, 64, seed=2)]
+IMAGE_TEXT = {"llava": "<image>\n", "qwen2.5-vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+
+
+@pytest.fixture(scope="module", params=list(IMAGE_TEXT))
+def processor(request, tiny_checkpoint):
+    """(arch, processor factory taking extra hf_overrides)."""
+    from transformers import AutoConfig
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    from vllm_tokenprune import plugin
+
+    plugin.register()
+    path = tiny_checkpoint(request.param)
+    stock = AutoConfig.from_pretrained(path).architectures[0]
+
+    def make(**overrides):
+        config = ModelConfig(model=str(path), limit_mm_per_prompt={"image": 2}, hf_overrides={
+            "architectures": [PRUNED_ARCHITECTURES[stock]], **POLICY.to_overrides(), **overrides})
+        return MULTIMODAL_REGISTRY.create_processor(config)
+
+    return request.param, make
+
+
+def process(proc, arch, images=IMAGES, cache=None, **kwargs):
+    return proc(IMAGE_TEXT[arch] * len(images) + "hi", proc.info.parse_mm_data({"image": list(images)}),
+                hf_processor_mm_kwargs=kwargs, cache=cache)
+
+
+def kept(out) -> list[int]:
+    return [p.length for p in out["mm_placeholders"]["image"]]
+
+
+def field(out, name: str) -> list[int]:
+    return [int(item[name].data) for item in out["mm_kwargs"]["image"]]
+
+
+def unpruned(proc) -> list[int]:
+    return [proc._unpruned_tokens(proc.info.parse_mm_data({"image": [im]})["image"].get_image_size(0), {})
+            for im in IMAGES]
+
+
+def test_the_processor_applies_the_policy_and_hashes_what_the_request_gets(processor):
+    arch, make = processor
+    proc = make()
+    n = unpruned(proc)
+    for asked, applied in ((None, 1.0), (0.5, 0.5), (0.02, 0.1), (0.26, 0.25)):
+        out = process(proc, arch, **({} if asked is None else {"keep_ratio": asked}))
+        assert kept(out) == [keep_count(x, applied) for x in n]
+    # Ratios that resolve alike are one cache item; another ratio is another.
+    hashes = {r: process(proc, arch, keep_ratio=r)["mm_hashes"]["image"] for r in (0.25, 0.26, 0.5)}
+    assert hashes[0.25] == hashes[0.26] != hashes[0.5]
+
+
+def test_random_is_seeded_from_vllms_item_hash_on_cache_hits_and_misses(processor):
+    from vllm.multimodal.cache import MultiModalProcessorOnlyCache
+
+    from vllm_tokenprune.models.common import SEED_FIELD, item_seed
+
+    arch, make = processor
+    proc = make()
+    cache = MultiModalProcessorOnlyCache(proc.info.ctx.model_config)
+    first = process(proc, arch, images=IMAGES[1:], cache=cache, keep_ratio=0.5, prune_method="random")
+    both = process(proc, arch, cache=cache, keep_ratio=0.5, prune_method="random")  # one hit, one miss
+    again = process(proc, arch, keep_ratio=0.5, prune_method="random")  # no cache at all
+    expected = [item_seed(h) for h in both["mm_hashes"]["image"]]
+    assert field(both, SEED_FIELD) == field(again, SEED_FIELD) == expected
+    assert field(first, SEED_FIELD) == expected[1:]
+    assert len(set(expected)) == 2
+    # Methods that draw nothing are not handed a seed.
+    assert field(process(proc, arch, keep_ratio=0.5, prune_method="norm"), SEED_FIELD) == [0, 0]
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    ({"size": {"height": 4}}, "mm_processor_kwargs.size"),
+    ({"keep_ratio": "nan"}, "mm_processor_kwargs.keep_ratio"),
+    ({"prune_method": "learned"}, "mm_processor_kwargs.prune_method"),  # no selector here
+])
+def test_refusals_name_the_key(processor, kwargs, param):
+    from vllm.exceptions import VLLMValidationError
+
+    arch, make = processor
+    with pytest.raises(VLLMValidationError) as err:
+        process(make(), arch, **kwargs)
+    assert err.value.parameter == param
+
+
+def test_an_allowed_hf_kwarg_reaches_the_hf_processor_and_k_follows_it(processor):
+    arch, make = processor
+    if arch == "llava":  # the image's pixels change, its token count does not
+        proc = make(tokenprune_allowed_mm_kwargs=["do_normalize"])
+        raw, normalized = (process(proc, arch, keep_ratio=0.5, do_normalize=flag) for flag in (False, True))
+        assert kept(raw) == kept(normalized) == [keep_count(n, 0.5) for n in unpruned(proc)]
+        assert not (raw["mm_kwargs"]["image"][0]["pixel_values"].data
+                    == normalized["mm_kwargs"]["image"][0]["pixel_values"].data).all()
+        return
+    # Qwen: max_pixels decides how many tokens an image has, and so K.
+    proc = make(tokenprune_allowed_mm_kwargs=["max_pixels"])
+    image = [noise_image(336, 252, seed=3)]
+    full, small = (process(proc, arch, images=image, keep_ratio=0.5, **kw) for kw in ({}, {"max_pixels": 28 * 28 * 16}))
+    n = [int(g.prod()) // 4 for g in (o["mm_kwargs"]["image"][0]["image_grid_thw"].data for o in (full, small))]
+    assert n[1] < n[0]
+    assert kept(full) == [keep_count(n[0], 0.5)] and kept(small) == [keep_count(n[1], 0.5)]
+
+
+def test_metrics_count_served_requests_only(processor):
+    from vllm_tokenprune.metrics import REQUESTS
+
+    arch, make = processor
+    proc = make()
+    counter = REQUESTS.labels(str(proc.info.ctx.model_config.served_model_name), "norm")
+    before = counter._value.get()
+    proc.get_dummy_mm_inputs({"image": 1})  # profiling and warm-up
+    process(proc, arch, keep_ratio=0.5, tokenprune_not_served=True)  # /tokenize
+    assert counter._value.get() == before
+    process(proc, arch, keep_ratio=0.5)
+    assert counter._value.get() == before + 1
+
+
+def test_attention_methods_are_refused_up_front_when_the_tower_is_compiled(tiny_checkpoint):
+    from vllm.config import CompilationMode, ModelConfig
+    from vllm.exceptions import VLLMValidationError
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    from vllm_tokenprune.models.mrope import TOWER_COMPILED_KEY, check_tower_compilation
+
+    path = tiny_checkpoint("qwen2.5-vl")
+    config = ModelConfig(model=str(path), hf_overrides={
+        "architectures": [PRUNED_ARCHITECTURES["Qwen2_5_VLForConditionalGeneration"]], TOWER_COMPILED_KEY: True})
+    proc = MULTIMODAL_REGISTRY.create_processor(config)
+    with pytest.raises(VLLMValidationError, match="compile_mm_encoder") as err:
+        process(proc, "qwen2.5-vl", keep_ratio=0.5, prune_method="cls_attention")
+    assert err.value.parameter == "mm_processor_kwargs.prune_method"
+    assert kept(process(proc, "qwen2.5-vl", keep_ratio=1.0, prune_method="norm"))
+    # Without the key, a compiled tower stops the model at start-up.
+    compiled = SimpleNamespace(compile_mm_encoder=True, mode=CompilationMode.VLLM_COMPILE)
+    with pytest.raises(ValueError, match=TOWER_COMPILED_KEY):
+        check_tower_compilation(compiled, SimpleNamespace())
+    check_tower_compilation(compiled, SimpleNamespace(**{TOWER_COMPILED_KEY: True}))
+    check_tower_compilation(SimpleNamespace(compile_mm_encoder=True, mode=CompilationMode.NONE), SimpleNamespace())
