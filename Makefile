@@ -1,5 +1,5 @@
 # The two commands a new user needs:  make serve   and   make test
-.PHONY: install serve test test-fast bench quality
+.PHONY: install serve test test-fast bench bench-stock quality
 
 install:
 	bash scripts/install.sh
@@ -15,6 +15,9 @@ test-fast: install
 
 bench: install
 	bash benchmarks/run_cpu.sh
+
+bench-stock: install
+	bash benchmarks/against_stock.sh
 
 quality: install
 	bash benchmarks/quality.sh

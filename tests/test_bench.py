@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 
+import numpy as np
 import pytest
+from PIL import Image
 from server import Server
 
 from vllm_tokenprune import cli
@@ -70,3 +73,33 @@ def test_bench_command_writes_results_and_soaks_cleanly(served, tmp_path):
     assert (out / "results.md").read_text().startswith("# Benchmark")
     assert "% of the tower" in (out / "results.md").read_text()
     assert (out / "ttft_throughput.png").stat().st_size > 10_000
+
+
+def test_unique_images_differ_in_bytes_not_pixels():
+    from vllm_tokenprune.overhead import base_images, unique
+
+    jpeg = base_images(64, 1, seed=0)[0]
+    a, b = unique(jpeg, 1), unique(jpeg, 2)
+    assert len({jpeg, a, b}) == 3
+    decoded = [np.asarray(Image.open(io.BytesIO(x))) for x in (jpeg, a, b)]
+    assert (decoded[0] == decoded[1]).all() and (decoded[0] == decoded[2]).all()
+
+
+def test_against_stock_compares_interleaved_rounds(tiny_checkpoint, tmp_path):
+    model = tiny_checkpoint("llava")
+    out = tmp_path / "against-stock"
+    code = cli.main(["bench", "--against-stock", "--model", str(model), "--out", str(out),
+                     "--stock-rounds", "2", "--stock-images", "1,2", "--stock-concurrency", "2",
+                     "--stock-image-size", "256", "--dtype", "float32", "--max-model-len", "1024"])
+    assert code == 0
+    report = json.loads((out / "results.json").read_text())
+    n = count_image_tokens(model, (256, 256))
+    assert [(c["concurrency"], c["images"]) for c in report["cells"]] == [(2, 1), (2, 2)]
+    for cell in report["cells"]:
+        assert cell["failed"] == 0 and len(cell["ratios"]) == 2
+        # keep 1.0 through the plugin prefills exactly what stock does
+        assert cell["prompt_tokens"]["stock"] == cell["prompt_tokens"]["plugin"]
+        assert cell["prompt_tokens"]["plugin"][0] > cell["images"] * n
+        assert cell["ratio_median_paired"] == pytest.approx(sum(cell["ratios"]) / 2)
+    assert (out / "results.md").read_text().startswith("# The plugin at keep 1.0 against stock vLLM")
+    assert (out / "against_stock.png").stat().st_size > 10_000

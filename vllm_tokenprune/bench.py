@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vllm_tokenprune import overhead
 from vllm_tokenprune.client import image_url, prune_headers
 
 ACCEPTS_EXTRA_ARGS = True  # extra arguments go to the server it starts
@@ -76,6 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-tokens", type=int, default=16, help="output per sweep request")
     parser.add_argument("--soak-seconds", type=float, default=0, help="also run a soak this long")
     parser.add_argument("--seed", type=int, default=None, help="default: from the clock")
+    overhead.add_arguments(parser)
 
 
 # ---------------------------------------------------------------------------------------
@@ -468,6 +470,8 @@ def run(args: argparse.Namespace) -> int:
     rng = np.random.default_rng(seed)
     out = args.out or Path("benchmarks/results") / f"{Path(args.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
+    if args.against_stock:
+        return overhead.run(args, out, seed)
 
     serve_args = [*args.extra_args] + (["--selector", args.selector] if args.selector else [])
     with target(args.url, args.model, serve_args, out / "server.log") as (root, model_name, server):

