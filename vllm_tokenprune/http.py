@@ -63,40 +63,58 @@ def pruning_headers(raw_headers) -> dict[str, str]:
 
 def translate(path: str, headers: dict[str, str], raw: bytes) -> tuple[bytes, dict | None]:
     """A body with the headers written into its ``mm_processor_kwargs``; and those kwargs
-    (None when the body carries none). Raises RequestError for what the client must fix."""
-    if not headers and _KWARGS_MARK not in raw and path not in NOT_SERVED_ROUTES:
+    (None when the body carries none). Raises RequestError for what the client must fix.
+
+    A body is parsed only when it carries ``mm_processor_kwargs``. The kwargs are written by
+    appending the key to the object, not by serializing it again (the body may hold
+    megabytes of images): JSON parsers, Python's and so vLLM's included, keep the last of
+    repeated names."""
+    served = path not in NOT_SERVED_ROUTES
+    if not headers and _KWARGS_MARK not in raw and served:
         return raw, None
-    try:
-        body = json.loads(raw)
-    except RecursionError:
-        raise RequestError("request body nests too deeply", None) from None
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
+    kwargs: dict = {}
+    if _KWARGS_MARK in raw:
+        try:
+            body = json.loads(raw)
+        except RecursionError:
+            raise RequestError("request body nests too deeply", None) from None
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            if headers:
+                raise RequestError("a request with pruning headers needs a JSON object body", None)
+            return raw, None  # not ours to judge: vLLM answers it
+        kwargs = body.get("mm_processor_kwargs")
+        if kwargs is None:
+            kwargs = {}
+        elif not isinstance(kwargs, dict):
+            raise RequestError("mm_processor_kwargs must be an object", "mm_processor_kwargs")
+        if path in NO_KWARGS_ROUTES:
+            raise RequestError(f"mm_processor_kwargs is not supported on {path}: vLLM passes no "
+                               "processor kwargs there; images get the server's default keep ratio",
+                               "mm_processor_kwargs")
+        if not headers and served:
+            return raw, kwargs
+    stripped = raw.strip()
+    if not (stripped.startswith(b"{") and stripped.endswith(b"}")):
         if headers:
             raise RequestError("a request with pruning headers needs a JSON object body", None)
-        return raw, None  # not ours to judge: vLLM answers it
-    kwargs = body.get("mm_processor_kwargs")
-    if path in NO_KWARGS_ROUTES and (headers or kwargs is not None):
-        param = f"{next(iter(headers))} header" if headers else "mm_processor_kwargs"
-        raise RequestError(f"{param} is not supported on {path}: vLLM passes no processor kwargs "
-                           "there; images get the server's default keep ratio", param)
-    if kwargs is None:
-        kwargs = {}
-    elif not isinstance(kwargs, dict):
-        raise RequestError("mm_processor_kwargs must be an object", "mm_processor_kwargs")
+        return raw, None
+    if path in NO_KWARGS_ROUTES:
+        header = next(iter(headers))
+        raise RequestError(f"{header} header is not supported on {path}: vLLM passes no processor "
+                           "kwargs there; images get the server's default keep ratio", f"{header} header")
     for header, value in headers.items():
         key, parse = HEADERS[header]
         try:
             kwargs[key] = parse(value, param=f"{header} header")
         except PruneRequestError as err:
             raise RequestError(str(err), err.param) from None
-    if path in NOT_SERVED_ROUTES:
+    if not served:
         kwargs[NOT_SERVED_KEY] = True
-    if not headers and path not in NOT_SERVED_ROUTES:
-        return raw, kwargs
-    body["mm_processor_kwargs"] = kwargs
-    return json.dumps(body).encode(), kwargs
+    empty = not stripped[1:-1].strip()
+    return (stripped[:-1] + (b"" if empty else b",") + b'"mm_processor_kwargs":'
+            + json.dumps(kwargs).encode() + b"}"), kwargs
 
 
 def applied_ratio(policy: PrunePolicy, kwargs: dict | None) -> str | None:
