@@ -90,7 +90,8 @@ def test_against_stock_compares_interleaved_rounds(tiny_checkpoint, tmp_path):
     out = tmp_path / "against-stock"
     code = cli.main(["bench", "--against-stock", "--model", str(model), "--out", str(out),
                      "--stock-rounds", "2", "--stock-images", "1,2", "--stock-concurrency", "2",
-                     "--stock-image-size", "256", "--dtype", "float32", "--max-model-len", "1024"])
+                     "--stock-image-size", "256", "--stock-requests", "2", "--dtype", "float32",
+                     "--max-model-len", "1024"])
     assert code == 0
     report = json.loads((out / "results.json").read_text())
     n = count_image_tokens(model, (256, 256))
@@ -101,5 +102,6 @@ def test_against_stock_compares_interleaved_rounds(tiny_checkpoint, tmp_path):
         assert cell["prompt_tokens"]["stock"] == cell["prompt_tokens"]["plugin"]
         assert cell["prompt_tokens"]["plugin"][0] > cell["images"] * n
         assert cell["ratio_median_paired"] == pytest.approx(sum(cell["ratios"]) / 2)
+    assert set(report["translation"]) == {"1", "2"} and all(t["ms"] > 0 for t in report["translation"].values())
     assert (out / "results.md").read_text().startswith("# The plugin at keep 1.0 against stock vLLM")
     assert (out / "against_stock.png").stat().st_size > 10_000

@@ -135,7 +135,12 @@ def target(url: str | None, model: str | Path | None, serve_args: list[str], log
 
 
 def source_commit() -> str | None:
-    """The git commit this package runs from, for results; None outside a checkout."""
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=Path(__file__).parent)
-    return out.stdout.strip() or None
+    """The git commit this package runs from, for results, with "-dirty" when the checkout
+    has uncommitted changes; None outside a checkout."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout
+
+    commit = git("rev-parse", "--short", "HEAD").strip()
+    if not commit:
+        return None
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no").strip() else "")
