@@ -10,6 +10,7 @@ the expected positions are the stock ones at those indices.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import numpy as np
@@ -35,8 +36,10 @@ def images(seed: int):
 # --- in the worker (sent by `LLM.apply_model`) -------------------------------------------
 
 def _install_probes(model) -> None:
-    """Record the positions the language model receives and the indices each image keeps."""
-    model.probe_positions, model.probe_kept = [], []
+    """Record the positions the language model receives and the indices each image keeps;
+    and of the last request, its position inputs and encoder outputs (position columns
+    included)."""
+    model.probe_positions, model.probe_kept, model.probe_embeds, model.probe_mrope = [], [], [], []
     # The first decoder layer: vLLM's compile decorator calls the language model's
     # forward directly, past module hooks; its layers are called as modules.
     model.language_model.model.layers[0].register_forward_pre_hook(
@@ -49,12 +52,71 @@ def _install_probes(model) -> None:
         return kept
 
     model._keep_rows = recording
+    embed, positions = model.embed_multimodal, model.get_mrope_input_positions
+
+    def embedding(**kwargs):
+        out = embed(**kwargs)
+        model.probe_embeds.extend(e.clone() for e in out)
+        return out
+
+    def positioning(input_tokens, mm_features):  # a request arrives: it is the one recorded
+        model.probe_mrope, model.probe_embeds = [(list(input_tokens), mm_features)], []
+        return positions(input_tokens, mm_features)
+
+    model.embed_multimodal, model.get_mrope_input_positions = embedding, positioning
 
 
 def _take_probes(model):
     taken = model.probe_positions, model.probe_kept
     model.probe_positions, model.probe_kept = [], []
     return taken
+
+
+def _replay_on_runner_v2(model, windows):
+    """For ``apply_model``: the last request's prefill again, through Model Runner V2's own
+    ``RopeState`` and ``MultiModalPruner`` with this model, one step per (start, end)
+    window of prompt tokens; returns V2's prefill positions and delta afterwards."""
+    from types import SimpleNamespace
+
+    from vllm.v1.worker.cpu import buffer_utils as cpu_buffers
+    from vllm.v1.worker.gpu import buffer_utils
+    from vllm.v1.worker.gpu.mm.encoder_cache import EncoderCache
+    from vllm.v1.worker.gpu.mm.rope import RopeState
+    from vllm.v1.worker.gpu.model_states.mm_pruning import MultiModalPruner
+
+    (tokens, features), embeds = model.probe_mrope[0], model.probe_embeds  # images in prompt order
+    pinned, buffer_utils.UvaBuffer = buffer_utils.UvaBuffer, cpu_buffers.UvaBuffer  # pinning needs CUDA
+    try:
+        rope = RopeState(3, 1, len(tokens), len(tokens) + 1, torch.device("cpu"))
+    finally:
+        buffer_utils.UvaBuffer = pinned
+    # V2's init_prefill_positions, its staged write applied by hand (a Triton kernel in V2)
+    positions, delta = type(model).get_mrope_input_positions(model, tokens, features)  # unrecorded
+    rope.prefill_positions.gpu[:3, :len(tokens)] = positions
+    rope.prefill_delta.np[0] = delta
+    cache = EncoderCache()
+    cache.mm_features["r"] = features
+    width = embeds[0].shape[1] - 3
+    pruner = MultiModalPruner(model, rope, cache, width)
+    states = SimpleNamespace(all_token_ids=SimpleNamespace(gpu=torch.tensor([tokens], dtype=torch.int32)))
+    for start, end in windows:
+        # What V2's EncoderRunner.gather_mm_embeddings hands over for this window
+        gathered = []
+        for feature, embed in zip(features, embeds):
+            place = feature.mm_position
+            lo, hi = max(start - place.offset, 0), min(end - place.offset, place.length)
+            if lo < hi:
+                gathered.append(embed[lo:hi])
+        if not gathered:
+            continue
+        batch = SimpleNamespace(req_ids=["r"], idx_mapping_np=np.array([0]),
+                                prefill_len_np=np.array([len(tokens)]),
+                                num_computed_prefill_tokens_np=np.array([start]),
+                                num_scheduled_tokens=np.array([end - start]))
+        cleaned = pruner.recompute(gathered, batch, states)
+        assert [c.shape for c in cleaned] == [(len(g), width) for g in gathered]
+        assert all(torch.equal(c, g[:, :width]) for c, g in zip(cleaned, gathered))
+    return rope.prefill_positions.gpu[:3, :len(tokens)].tolist(), int(rope.prefill_delta.np[0])
 
 
 def _runner_flag(worker) -> bool:
@@ -327,3 +389,94 @@ def test_a_batch_of_ratios_answers_as_each_request_alone(llm, path):
         alone, _, _ = run(llm, imgs, **kwargs)
         assert alone.prompt_token_ids == out.prompt_token_ids, kwargs
         assert alone.outputs[0].token_ids == out.outputs[0].token_ids, kwargs
+
+
+# --- Model Runner V2 (the GPU default; it needs Triton, so its pruner is driven directly) --
+
+def test_runner_v2_hooks_are_where_vllm_keeps_them():
+    """If this fails, vLLM moved what models/runner_v2.py relies on."""
+    from vllm.v1.worker.gpu.model_states import resolve_model_state_cls
+    from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+    from vllm.v1.worker.gpu.model_states.mm_pruning import MultiModalPruner
+
+    assert 'if hasattr(model, "get_model_state_cls"):' in inspect.getsource(resolve_model_state_cls)
+    assert list(inspect.signature(DefaultModelState.__init__).parameters) == [
+        "self", "vllm_config", "model", "encoder_cache", "device"]
+    assert "self.mm_pruner.recompute(" in inspect.getsource(DefaultModelState.prepare_inputs_embeds)
+    assert list(inspect.signature(MultiModalPruner.__init__).parameters) == [
+        "self", "model", "rope_state", "encoder_cache", "inputs_embeds_size"]
+    assert "self.model.recompute_mrope_positions(" in inspect.getsource(MultiModalPruner.recompute)
+
+
+def test_our_model_state_turns_the_v2_pruner_on(monkeypatch):
+    from types import SimpleNamespace
+
+    from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+    from vllm.v1.worker.gpu.model_states.mm_pruning import MultiModalPruner
+
+    from vllm_tokenprune.models.runner_v2 import PrunedMRopeModelState
+
+    seen = {}
+
+    def default_init(self, vllm_config, model, encoder_cache, device):
+        seen["flag while the state is built"] = model.is_multimodal_pruning_enabled
+        self.rope_state, self.mm_pruner, self.inputs_embeds_size = vllm_config.rope_state, None, 8
+
+    monkeypatch.setattr(DefaultModelState, "__init__", default_init)
+    model = SimpleNamespace(is_multimodal_pruning_enabled=False)
+    state = PrunedMRopeModelState(SimpleNamespace(rope_state="rope"), model, "cache", "cpu")
+    assert seen == {"flag while the state is built": True}
+    assert isinstance(state.mm_pruner, MultiModalPruner) and state.mm_pruner.model is model
+    assert (state.mm_pruner.rope_state, state.mm_pruner.encoder_cache) == ("rope", "cache")
+    with pytest.raises(ValueError, match="provisional positions"):
+        PrunedMRopeModelState(SimpleNamespace(rope_state=None), model, "cache", "cpu")
+
+
+def test_a_configuration_that_would_serve_wrong_positions_stops_at_start_up(monkeypatch):
+    from types import SimpleNamespace
+
+    from vllm_tokenprune.models import mrope
+    from vllm_tokenprune.models.runner_v2 import PrunedMRopeModelState
+
+    def config(pp=1, v2=False):
+        return SimpleNamespace(parallel_config=SimpleNamespace(pipeline_parallel_size=pp), use_v2_model_runner=v2)
+
+    ours = SimpleNamespace(get_model_state_cls=lambda: PrunedMRopeModelState)
+    plugin.register()
+    mrope.check_position_recompute(config(), ours)  # V1, patched
+    mrope.check_position_recompute(config(v2=True), ours)
+    with pytest.raises(ValueError, match="pipeline parallelism"):
+        mrope.check_position_recompute(config(pp=2), ours)
+    with pytest.raises(ValueError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+        mrope.check_position_recompute(config(v2=True), SimpleNamespace())  # V2 would not ask the model
+    monkeypatch.setattr(plugin, "v1_runners_recompute_mrope", lambda: False)
+    with pytest.raises(ValueError, match="V1 runners moved"):
+        mrope.check_position_recompute(config(), ours)
+
+
+def prompt_windows(length: int, cached: int = 0, chunk: int | None = None) -> list[tuple[int, int]]:
+    step = chunk or length
+    return [(start, min(start + step, length)) for start in range(cached, length, step)]
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("count", [1, 2])
+def test_runner_v2_recomputes_stock_positions(llm, path, count):
+    """Our model's embeddings and positions through V2's MultiModalPruner: one and two
+    images, text before and after them, in one step, in 32-token chunks (boundaries inside
+    images), and after a cached prefix that ends inside and after the first image."""
+    imgs = images(11 + count)[:count]
+    prompt, _, _ = hf_greedy(path, imgs, new_tokens=1)
+    stock_positions = hf_positions(path, imgs)
+    out, _, kept = run(llm, imgs, keep_ratio=0.25, prune_method="norm")
+    ids = out.prompt_token_ids
+    want = stock_positions[:, stock_columns(prompt, image_token_id(path), kept)]
+    first_image = ids.index(image_token_id(path))
+    first_end = first_image + len(kept[0])
+    for cached, chunk in [(0, None), (0, CHUNK), (first_image + len(kept[0]) // 2, None), (first_end + 1, None)]:
+        replay = functools.partial(_replay_on_runner_v2, windows=prompt_windows(len(ids), cached, chunk))
+        positions, delta = llm.apply_model(replay)[0]
+        positions = torch.tensor(positions)
+        assert torch.equal(positions[:, cached:], want[:, cached:]), (cached, chunk)
+        # Decode continues at position + delta, as the stock model's first decode step does.
+        assert len(ids) + delta == int(stock_positions[0, len(prompt)]), (cached, chunk)

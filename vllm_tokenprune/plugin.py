@@ -66,6 +66,21 @@ def _let_vllm_refuse_huge_images() -> None:
 _PATCHED = "_tokenprune_recomputes_mrope"
 
 
+def _v1_runners():
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    return GPUModelRunner, CPUModelRunner
+
+
+def v1_runners_recompute_mrope() -> bool:
+    """Whether ``_let_runner_recompute_mrope`` patched both V1 runners."""
+    try:
+        return all(getattr(r.__dict__.get("load_model"), _PATCHED, False) for r in _v1_runners())
+    except ImportError:
+        return False
+
+
 def _let_runner_recompute_mrope() -> None:
     """The one patch of vLLM internals: turn on the V1 runners' M-RoPE position recompute
     for our M-RoPE models (``models/mrope.py`` explains what it computes).
@@ -77,16 +92,16 @@ def _let_runner_recompute_mrope() -> None:
     the model cannot reach, and no config option sets it without also turning on EVS, so
     this wraps ``load_model``: when the loaded model is one of ours, it sets the flag on
     the runner and on the model together (the model appends position columns exactly when
-    the runner strips them). Any other model loads untouched.
+    the runner strips them). Any other model loads untouched. Model Runner V2 needs no
+    patch: there the models bring their own model state (``models/runner_v2.py``).
     """
     try:
-        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+        runners = _v1_runners()
     except ImportError as exc:
         logger.warning("tokenprune: vLLM's V1 runners moved (%s); pruned M-RoPE models will "
-                       "keep provisional image positions", exc)
+                       "refuse to start on them", exc)
         return
-    for runner in (GPUModelRunner, CPUModelRunner):
+    for runner in runners:
         original = runner.__dict__.get("load_model")
         if original is None or getattr(original, _PATCHED, False):
             if original is None:

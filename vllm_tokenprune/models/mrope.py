@@ -32,11 +32,13 @@ never on which tokens were kept. In vLLM's V1 runner that takes three steps:
 Because text positions never depend on the kept set, a prefix-cache hit (no encoder
 run, no recompute for the cached part) and chunked prefill (an image split over steps)
 see the same positions as one uncached prefill. The runner calls the recompute only
-when its ``is_multimodal_pruning_enabled`` is set, which the plugin's
-``_let_runner_recompute_mrope`` arranges for these models (it sets the model's flag of
-the same name with it, so the model appends columns exactly when the runner strips
-them). If the runner is one the plugin does not reach, nothing breaks: the columns are
-not appended and kept image tokens keep their provisional positions (a warning says so).
+when its ``is_multimodal_pruning_enabled`` is set. On the V1 runners (vLLM's CPU runner,
+and the GPU runner with ``VLLM_USE_V2_MODEL_RUNNER=0``) the plugin's
+``_let_runner_recompute_mrope`` sets it for these models; Model Runner V2 (the GPU
+default) runs the same recompute through the model state ``runner_v2.py`` gives it. Either
+sets the model's flag of the same name too, so the model appends columns exactly when
+the runner strips them. ``check_position_recompute`` stops the model at start-up where
+neither would happen (a runner that moved, pipeline parallelism).
 
 The columns travel in the embedding dtype: exact in fp32, and in bf16 for grids of up
 to 256 merged rows or columns, which is why they hold relative, not absolute, positions.
@@ -94,6 +96,32 @@ def check_tower_compilation(compilation_config, hf_config) -> None:
             "requests for them are refused, or drop compile_mm_encoder")
 
 
+def check_position_recompute(vllm_config, model) -> None:
+    """Refuse to start where kept image tokens would keep provisional positions: the
+    runner this server will use must recompute them (step 3 of the module docstring)."""
+    name = type(model).__name__
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        raise ValueError(f"{name}: pipeline parallelism is not supported with pruning: later stages "
+                         "compute M-RoPE positions without the encoder's kept tokens")
+    if vllm_config.use_v2_model_runner:
+        from vllm_tokenprune.models.runner_v2 import PrunedMRopeModelState
+
+        try:
+            from vllm.v1.worker.gpu.model_states import resolve_model_state_cls
+        except ImportError as exc:
+            raise ValueError(f"{name}: vLLM's Model Runner V2 moved its model states ({exc}); "
+                             "set VLLM_USE_V2_MODEL_RUNNER=0 to serve pruned models on V1") from None
+        if resolve_model_state_cls(vllm_config, model) is not PrunedMRopeModelState:
+            raise ValueError(f"{name}: Model Runner V2 ignores the model's own state, so it would not "
+                             "recompute M-RoPE positions; set VLLM_USE_V2_MODEL_RUNNER=0")
+    else:
+        from vllm_tokenprune.plugin import v1_runners_recompute_mrope
+
+        if not v1_runners_recompute_mrope():
+            raise ValueError(f"{name}: vLLM's V1 runners moved, so they would not recompute M-RoPE "
+                             "positions of pruned images (see plugin._let_runner_recompute_mrope)")
+
+
 class MRopePruningModelMixin(PruningModelMixin):
     """Mix into a Qwen-VL model class (before it in the MRO). Expects the stock class's
     ``visual``, ``config``, ``is_multimodal_pruning_enabled``,
@@ -107,7 +135,15 @@ class MRopePruningModelMixin(PruningModelMixin):
                 "video pruning (video_pruning_rate > 0) cannot be combined with image "
                 "token pruning; serve the stock architecture for EVS")
         check_tower_compilation(vllm_config.compilation_config, self.config)
+        check_position_recompute(vllm_config, self)
         self._init_pruning(vllm_config, self.visual.device)
+
+    @staticmethod
+    def get_model_state_cls():
+        """Model Runner V2's hook for a model's own state (``models/runner_v2.py``)."""
+        from vllm_tokenprune.models.runner_v2 import PrunedMRopeModelState
+
+        return PrunedMRopeModelState
 
     def _selection_features(self, embeds: torch.Tensor) -> torch.Tensor:
         """The part of an image's embeddings (N, D) the method scores."""
@@ -160,10 +196,6 @@ class MRopePruningModelMixin(PruningModelMixin):
                 if prune:
                     kept = self._keep_rows(fields, i, self._selection_features(embeds), values=embeds,
                                            grids=((t * h // merge, w // merge),), stats=stats[i])
-                    if len(kept.index) < len(embeds) and not self.is_multimodal_pruning_enabled:
-                        logger.warning_once(
-                            "tokenprune: this vLLM runner does not recompute M-RoPE positions; "
-                            "kept image tokens get provisional positions")
                     embeds, relative = kept.values, relative[kept.index.cpu()]
                 out.append(self._with_positions(embeds, relative))
         return tuple(out)
@@ -218,7 +250,9 @@ class MRopePruningModelMixin(PruningModelMixin):
         num_computed_tokens: int,
     ) -> tuple[Sequence[torch.Tensor], torch.Tensor, int]:
         """Strip the position columns and write the image tokens' true positions (module
-        docstring, step 3). Called for every request on every step, decode included."""
+        docstring, step 3). The V1 runners call it for every request on every step, decode
+        included (token ids as a list); V2 only for requests whose step holds media
+        embeddings (token ids as a device tensor, resumed outputs included)."""
         positions = mrope_positions
         stripped = [e[:, :-POSITION_COLUMNS] for e in multimodal_embeddings]
         if multimodal_embeddings:

@@ -1,0 +1,39 @@
+"""Model Runner V2 (vLLM's default runner on GPU) for the pruned M-RoPE models.
+
+V2 rewrites M-RoPE positions after the encoder through its ``MultiModalPruner``: for each
+request whose prefill window holds media embeddings, it calls the model's
+``recompute_mrope_positions`` and writes the result into its position buffers (the same
+contract as the V1 runner's, step 3 of ``models/mrope.py``). Its ``DefaultModelState``
+creates that pruner only for EVS video pruning. V2 lets a model bring its own model state
+(``get_model_state_cls``, read first by ``resolve_model_state_cls``); the pruned M-RoPE
+models return ``PrunedMRopeModelState``: the default state with the pruner always on.
+
+The model's ``is_multimodal_pruning_enabled`` is set before the default state is built,
+because that is where Qwen's encoder CUDA graphs (``cudagraph_mm_encoder``) read it: with
+it set they stay off, as their replay would bypass ``embed_multimodal`` and so pruning.
+It also makes the model append the position columns the pruner strips.
+
+This module imports V2's internals; only V2 imports it (V1 never calls the hook).
+"""
+
+from __future__ import annotations
+
+from vllm.logger import init_logger
+from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+from vllm.v1.worker.gpu.model_states.mm_pruning import MultiModalPruner
+
+logger = init_logger(__name__)
+
+
+class PrunedMRopeModelState(DefaultModelState):
+    def __init__(self, vllm_config, model, encoder_cache, device):
+        model.is_multimodal_pruning_enabled = True
+        super().__init__(vllm_config, model, encoder_cache, device)
+        if self.rope_state is None or encoder_cache is None:
+            raise ValueError(
+                f"{type(model).__name__}: Model Runner V2 built no M-RoPE state or encoder cache "
+                "for this rank, so pruned image tokens would keep provisional positions")
+        if self.mm_pruner is None:
+            self.mm_pruner = MultiModalPruner(model, self.rope_state, encoder_cache, self.inputs_embeds_size)
+        logger.info("tokenprune: Model Runner V2 recomputes the M-RoPE positions of pruned images "
+                    "(%s)", type(self).__name__)
