@@ -447,8 +447,13 @@ def test_a_configuration_that_would_serve_wrong_positions_stops_at_start_up(monk
     mrope.check_position_recompute(config(v2=True), ours)
     with pytest.raises(ValueError, match="pipeline parallelism"):
         mrope.check_position_recompute(config(pp=2), ours)
-    with pytest.raises(ValueError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
-        mrope.check_position_recompute(config(v2=True), SimpleNamespace())  # V2 would not ask the model
+    from vllm.v1.worker.gpu import model_states
+    from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+
+    with monkeypatch.context() as vllm_without_the_hook:
+        vllm_without_the_hook.setattr(model_states, "resolve_model_state_cls", lambda *_: DefaultModelState)
+        with pytest.raises(ValueError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+            mrope.check_position_recompute(config(v2=True), ours)
     monkeypatch.setattr(plugin, "v1_runners_recompute_mrope", lambda: False)
     with pytest.raises(ValueError, match="V1 runners moved"):
         mrope.check_position_recompute(config(), ours)
