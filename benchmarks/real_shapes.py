@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_tokenprune.budget import keep_count
-from vllm_tokenprune.selector import SelectorConfig, TokenSelector
+from vllm_tokenprune.selection.selector import SelectorConfig, TokenSelector
+from vllm_tokenprune.serving.policy import keep_count
 
 TOWERS = {
     "clip-l-336": dict(kind="clip", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,

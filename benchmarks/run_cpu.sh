@@ -8,7 +8,7 @@ bin=.venv/bin
 work=${WORK:-.cache/bench}
 mkdir -p "$work"
 [ -f "$work/model/config.json" ] || $bin/vllm-tokenprune make-tiny --arch llava --preset bench --out "$work/model"
-[ -d "$work/images" ] || $bin/python -c "from vllm_tokenprune.synthetic import write_image_folder as w; w('$work/images', 64, seed=0, size=336)"
+[ -d "$work/images" ] || $bin/python -c "from vllm_tokenprune.testbed.synthetic import write_image_folder as w; w('$work/images', 64, seed=0, size=336)"
 # Timing needs a selector of the real shape, not a good one: a short run (~3 min) will do.
 [ -f "$work/selector.safetensors" ] || $bin/vllm-tokenprune train --model "$work/model" \
     --images "$work/images" --out "$work/selector.safetensors" --steps 120 --batch-size 8

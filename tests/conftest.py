@@ -18,7 +18,7 @@ def tiny_checkpoint(tmp_path_factory):
 
     def get(arch: str):
         if arch not in built:
-            from vllm_tokenprune.tiny import build_tiny
+            from vllm_tokenprune.testbed.tiny import build_tiny
 
             built[arch] = build_tiny(arch, tmp_path_factory.mktemp(f"tiny-{arch}"), seed=0)
         return built[arch]
@@ -37,12 +37,8 @@ def random_selector(tiny_checkpoint, tmp_path_factory):
             import torch
             from transformers import AutoConfig
 
-            from vllm_tokenprune.selector import (
-                SelectorConfig,
-                TokenSelector,
-                save_selector,
-                vision_signature,
-            )
+            from vllm_tokenprune.selection.selector import SelectorConfig, TokenSelector, vision_signature
+            from vllm_tokenprune.training.reconstruction import save_selector
 
             model = tiny_checkpoint(arch)
             signature = vision_signature(AutoConfig.from_pretrained(model))

@@ -11,9 +11,9 @@ from PIL import Image
 from server import Server
 
 from vllm_tokenprune import cli
-from vllm_tokenprune.bench import run_vllm_bench
-from vllm_tokenprune.budget import keep_count
-from vllm_tokenprune.tiny import count_image_tokens
+from vllm_tokenprune.serving.policy import keep_count
+from vllm_tokenprune.testbed.tiny import count_image_tokens
+from vllm_tokenprune.tools.bench import run_vllm_bench
 
 pytestmark = pytest.mark.server
 SIZE = 168
@@ -76,7 +76,7 @@ def test_bench_command_writes_results_and_soaks_cleanly(served, tmp_path):
 
 
 def test_unique_images_differ_in_bytes_not_pixels():
-    from vllm_tokenprune.overhead import base_images, unique
+    from vllm_tokenprune.tools.overhead import base_images, unique
 
     jpeg = base_images(64, 1, seed=0)[0]
     a, b = unique(jpeg, 1), unique(jpeg, 2)

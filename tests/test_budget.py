@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from vllm_tokenprune.budget import (
+from vllm_tokenprune.serving.policy import (
     PrunePolicy,
     PruneRequest,
     PruneRequestError,

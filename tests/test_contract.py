@@ -17,9 +17,9 @@ import requests
 from PIL import Image
 from server import Server
 
-from vllm_tokenprune.budget import PrunePolicy, keep_count
-from vllm_tokenprune.serve import DEFAULT_SERVED_NAME
-from vllm_tokenprune.synthetic import QUESTIONS, make_scene, scene_seed
+from vllm_tokenprune.serving.policy import PrunePolicy, keep_count
+from vllm_tokenprune.testbed.synthetic import QUESTIONS, make_scene, scene_seed
+from vllm_tokenprune.tools.serve import DEFAULT_SERVED_NAME
 
 pytestmark = pytest.mark.server
 
@@ -295,7 +295,7 @@ def test_the_batch_runner_follows_the_same_contract(tmp_path):
     import subprocess
     import sys
 
-    from vllm_tokenprune.serve import build_vllm_args, default_model
+    from vllm_tokenprune.tools.serve import build_vllm_args, default_model
 
     model, selector = map(str, default_model())
     asked = [{"keep_ratio": 0.25}, {"keep_ratio": 0.02}, {"size": {"shortest_edge": 9}}, {}]

@@ -7,9 +7,9 @@ import openai
 import pytest
 from server import Server
 
-from vllm_tokenprune.client import image_url, prune_headers
-from vllm_tokenprune.serve import DEFAULT_SERVED_NAME
-from vllm_tokenprune.synthetic import QUESTIONS, make_scene, scene_seed
+from vllm_tokenprune.testbed.synthetic import QUESTIONS, make_scene, scene_seed
+from vllm_tokenprune.tools.client import image_url, prune_headers
+from vllm_tokenprune.tools.serve import DEFAULT_SERVED_NAME
 
 pytestmark = pytest.mark.server
 

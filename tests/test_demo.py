@@ -7,9 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from keep import learned_keep
 
-from vllm_tokenprune.budget import keep_count
-from vllm_tokenprune.demo_model import (
+from vllm_tokenprune.serving.policy import keep_count
+from vllm_tokenprune.testbed.demo_model import (
     DEMO_DIR,
     Batch,
     DemoConfig,
@@ -19,7 +20,7 @@ from vllm_tokenprune.demo_model import (
     save_checkpoint,
     train_vlm,
 )
-from vllm_tokenprune.synthetic import QUESTIONS, make_scene, question_of, scene_seed
+from vllm_tokenprune.testbed.synthetic import QUESTIONS, make_scene, question_of, scene_seed
 
 MODEL = DEMO_DIR / "model"
 SELECTOR = DEMO_DIR / "selector.safetensors"
@@ -91,8 +92,8 @@ def test_selector_fits_the_model_and_keeps_the_shapes(demo, variant):
     all of them, on textured scenes too, where busy texture tokens compete for the budget."""
     from transformers import AutoConfig
 
-    from vllm_tokenprune.features import extract_features
-    from vllm_tokenprune.selector import check_compatible, load_selector
+    from vllm_tokenprune.selection.selector import check_compatible, load_selector
+    from vllm_tokenprune.training.features import extract_features
 
     selector, metadata = load_selector(SELECTOR)
     check_compatible(metadata, AutoConfig.from_pretrained(MODEL))
@@ -101,7 +102,7 @@ def test_selector_fits_the_model_and_keeps_the_shapes(demo, variant):
     kept = shapes = 0
     for scene, feats in zip(scenes, features):
         content = scene.content_patches().reshape(-1)
-        keep = selector.topk(feats, 0.25)
+        keep = learned_keep(selector, feats, 0.25)
         assert len(keep) == keep_count(144, 0.25)
         kept += int(content[keep.numpy()].sum())
         shapes += int(content.sum())
@@ -140,7 +141,7 @@ def test_selector_only_retrains_the_selector_of_a_saved_model(tmp_path):
     from transformers import AutoConfig
 
     from vllm_tokenprune.cli import main
-    from vllm_tokenprune.selector import check_compatible, load_selector
+    from vllm_tokenprune.selection.selector import check_compatible, load_selector
 
     cfg = DemoConfig(vision_layers=1, text_layers=1, steps=1, batch_size=2, eval_every=0, eval_scenes=2)
     model, processor, report = train_vlm(cfg, progress=False)

@@ -27,8 +27,8 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from vllm_tokenprune import cli
-from vllm_tokenprune.budget import PrunePolicy
-from vllm_tokenprune.serve import MIDDLEWARE, build_vllm_args
+from vllm_tokenprune.serving.policy import PrunePolicy
+from vllm_tokenprune.tools.serve import MIDDLEWARE, build_vllm_args
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -164,7 +164,7 @@ def run_our_cli(monkeypatch):
     `vllm` argv it would run."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id left in an artefact fails fast
     calls = []
-    monkeypatch.setattr("vllm_tokenprune.vllm_cli.run_vllm_cli",
+    monkeypatch.setattr("vllm_tokenprune.tools.vllm_cli.run_vllm_cli",
                         lambda argv: calls.append(list(argv)) or 0)
 
     def run(argv: list[str]) -> list[str]:
@@ -499,7 +499,7 @@ def test_every_dashboard_metric_is_served(promql, tiny_checkpoint, tmp_path):
     from reference import noise_image
     from server import Server
 
-    from vllm_tokenprune.client import image_url, prune_headers
+    from vllm_tokenprune.tools.client import image_url, prune_headers
 
     with Server(tiny_checkpoint("llava"), "--dtype", "float32", "--max-model-len", "4096",
                 "--served-model-name", "tiny", log_path=tmp_path / "server.log") as server:

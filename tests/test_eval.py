@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from vllm_tokenprune.cli import main
-from vllm_tokenprune.eval import Item, Matcher, evaluate, load_items, markdown, plot, score, server_methods
+from vllm_tokenprune.tools.eval import Item, Matcher, evaluate, load_items, markdown, plot, score, server_methods
 
 # ---------------------------------------------------------------------------------------
 # Offline
@@ -94,8 +94,8 @@ def test_accuracy_against_a_real_server(tmp_path):
     and the CLI writes its three files."""
     from server import Server
 
-    from vllm_tokenprune.demo_model import DEMO_DIR
-    from vllm_tokenprune.methods import METHOD_NAMES
+    from vllm_tokenprune.selection.methods import METHOD_NAMES
+    from vllm_tokenprune.testbed.demo_model import DEMO_DIR
 
     assert main(["make-eval-set", "--variant", "textured", "--n", "6", "--out", str(tmp_path / "set")]) == 0
     data = tmp_path / "set" / "items.jsonl"

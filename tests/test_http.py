@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from vllm_tokenprune import http
-from vllm_tokenprune.budget import PrunePolicy
-from vllm_tokenprune.http import KeepRatioMiddleware
+from vllm_tokenprune.serving import http
+from vllm_tokenprune.serving.http import KeepRatioMiddleware
+from vllm_tokenprune.serving.policy import PrunePolicy
 
 
 def fake_app(policy=None, status=200, reply=None):

@@ -15,8 +15,8 @@ import pytest
 import torch
 from reference import noise_image
 
-from vllm_tokenprune import methods
-from vllm_tokenprune.methods import (
+from vllm_tokenprune.selection import methods
+from vllm_tokenprune.selection.methods import (
     ATTENTION,
     GLOBAL_ATTENTION,
     KEYS,
@@ -26,12 +26,12 @@ from vllm_tokenprune.methods import (
     Probe,
     Tokens,
 )
-from vllm_tokenprune.methods.attention import TowerProbe, cls_attention, global_attention, statistics
-from vllm_tokenprune.methods.divprune import greedy_max_min
-from vllm_tokenprune.methods.grid import neighbours
-from vllm_tokenprune.methods.pool import cells, shares
-from vllm_tokenprune.methods.visionzip import split
-from vllm_tokenprune.plugin import PRUNED_ARCHITECTURES
+from vllm_tokenprune.selection.methods.attention import TowerProbe, cls_attention, global_attention, statistics
+from vllm_tokenprune.selection.methods.divprune import greedy_max_min
+from vllm_tokenprune.selection.methods.grid import neighbours
+from vllm_tokenprune.selection.methods.pool import cells, shares
+from vllm_tokenprune.selection.methods.visionzip import split
+from vllm_tokenprune.serving.families import of_architectures
 
 ALL_PROBES = [Probe(stat, layer) for stat in (ATTENTION, GLOBAL_ATTENTION, KEYS) for layer in (LATE, MIDDLE)]
 
@@ -55,7 +55,7 @@ def test_wire_ids_are_stable_and_every_name_resolves():
 
 
 def test_importing_the_method_names_imports_neither_torch_nor_vllm():
-    code = ("import sys, vllm_tokenprune.methods, vllm_tokenprune.budget; "
+    code = ("import sys, vllm_tokenprune.selection.methods, vllm_tokenprune.serving.policy; "
             "sys.exit('torch' in sys.modules or 'vllm' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
@@ -289,7 +289,7 @@ def test_attention_statistics_equal_transformers_attention_weights(monkeypatch):
         assert torch.allclose(cls_attention(q, k, scale), weights[:, :, 0].mean(1), atol=1e-6)
         assert torch.allclose(global_attention(q, k, scale), weights.mean(dim=(1, 2)), atol=1e-6)
         # Query chunks of one row at a time give the same sums.
-        monkeypatch.setattr("vllm_tokenprune.methods.attention._CHUNK_ELEMENTS", 1)
+        monkeypatch.setattr("vllm_tokenprune.selection.methods.attention._CHUNK_ELEMENTS", 1)
         assert torch.allclose(global_attention(q, k, scale), weights.mean(dim=(1, 2)), atol=1e-6)
         monkeypatch.undo()
         found = statistics(q, k, scale, {ATTENTION, GLOBAL_ATTENTION, KEYS}, has_cls=False)
@@ -323,8 +323,8 @@ def test_tower_probe_records_queries_and_keys_only_while_active():
 
 TP_ORDER = """
 import torch
-from vllm_tokenprune.methods import ATTENTION, GLOBAL_ATTENTION, KEYS, LATE, MIDDLE, Probe
-from vllm_tokenprune.methods.attention import TowerProbe
+from vllm_tokenprune.selection.methods import ATTENTION, GLOBAL_ATTENTION, KEYS, LATE, MIDDLE, Probe
+from vllm_tokenprune.selection.methods.attention import TowerProbe
 
 class Op(torch.nn.Module):
     num_heads, head_size, scale = 2, 3, 0.5
@@ -354,7 +354,7 @@ def test_tower_probe_reduces_in_one_order_whatever_the_process():
 
 
 def test_attention_is_computed_only_for_pruned_images_of_methods_that_read_it():
-    from vllm_tokenprune.models.common import KEEP_FIELD, METHOD_FIELD, SEED_FIELD, PruningModelMixin
+    from vllm_tokenprune.serving.models.common import KEEP_FIELD, METHOD_FIELD, SEED_FIELD, PruningModelMixin
 
     def fields(*pairs):
         return {METHOD_FIELD: [methods.method_id(m) for m, _ in pairs], KEEP_FIELD: [k for _, k in pairs],
@@ -471,7 +471,7 @@ def test_tower_statistics_in_vllm_equal_transformers_attention(arch, tiny_checkp
     processed = image_processor(images=images, return_tensors="pt")
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model sends functions
     llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
-              hf_overrides={"architectures": [PRUNED_ARCHITECTURES[STOCK_ARCH[arch]]]})
+              hf_overrides={"architectures": [of_architectures([STOCK_ARCH[arch]]).pruned]})
     try:
         if arch == "llava":
             want = hf_llava_statistics(path, processed["pixel_values"])

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 from reference import NEW_TOKENS, chat, hf_greedy, noise_image
 
-from vllm_tokenprune.budget import PrunePolicy, keep_count
-from vllm_tokenprune.plugin import PRUNED_ARCHITECTURES
-from vllm_tokenprune.tiny import count_image_tokens
+from vllm_tokenprune.serving.families import of_architectures
+from vllm_tokenprune.serving.policy import PrunePolicy, keep_count
+from vllm_tokenprune.testbed.tiny import count_image_tokens
 
 pytestmark = pytest.mark.vllm
 
@@ -23,7 +23,7 @@ def llava(tiny_checkpoint):
 
     path = tiny_checkpoint("llava")
     llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=2048,
-              hf_overrides={"architectures": [PRUNED_ARCHITECTURES["LlavaForConditionalGeneration"]],
+              hf_overrides={"architectures": [of_architectures(["LlavaForConditionalGeneration"]).pruned],
                             **POLICY.to_overrides()},
               seed=0)
     yield path, llm

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 from reference import noise_image
 
-from vllm_tokenprune.budget import PrunePolicy, keep_count
-from vllm_tokenprune.plugin import PRUNED_ARCHITECTURES
+from vllm_tokenprune.serving.families import of_architectures
+from vllm_tokenprune.serving.policy import PrunePolicy, keep_count
 
 pytestmark = pytest.mark.vllm
 
@@ -25,7 +25,7 @@ def processor(request, tiny_checkpoint):
     from vllm.config import ModelConfig
     from vllm.multimodal import MULTIMODAL_REGISTRY
 
-    from vllm_tokenprune import plugin
+    from vllm_tokenprune.serving import plugin
 
     plugin.register()
     path = tiny_checkpoint(request.param)
@@ -33,7 +33,7 @@ def processor(request, tiny_checkpoint):
 
     def make(**overrides):
         config = ModelConfig(model=str(path), limit_mm_per_prompt={"image": 2}, hf_overrides={
-            "architectures": [PRUNED_ARCHITECTURES[stock]], **POLICY.to_overrides(), **overrides})
+            "architectures": [of_architectures([stock]).pruned], **POLICY.to_overrides(), **overrides})
         return MULTIMODAL_REGISTRY.create_processor(config)
 
     return request.param, make
@@ -72,7 +72,7 @@ def test_the_processor_applies_the_policy_and_hashes_what_the_request_gets(proce
 def test_random_is_seeded_from_vllms_item_hash_on_cache_hits_and_misses(processor):
     from vllm.multimodal.cache import MultiModalProcessorOnlyCache
 
-    from vllm_tokenprune.models.common import SEED_FIELD, item_seed
+    from vllm_tokenprune.serving.models.common import SEED_FIELD, item_seed
 
     arch, make = processor
     proc = make()
@@ -121,7 +121,7 @@ def test_an_allowed_hf_kwarg_reaches_the_hf_processor_and_k_follows_it(processor
 
 
 def test_metrics_count_served_requests_only(processor):
-    from vllm_tokenprune.metrics import REQUESTS
+    from vllm_tokenprune.serving.metrics import REQUESTS
 
     arch, make = processor
     proc = make()
@@ -139,11 +139,11 @@ def test_attention_methods_are_refused_up_front_when_the_tower_is_compiled(tiny_
     from vllm.exceptions import VLLMValidationError
     from vllm.multimodal import MULTIMODAL_REGISTRY
 
-    from vllm_tokenprune.models.mrope import TOWER_COMPILED_KEY, check_tower_compilation
+    from vllm_tokenprune.serving.models.mrope import TOWER_COMPILED_KEY, check_tower_compilation
 
     path = tiny_checkpoint("qwen2.5-vl")
     config = ModelConfig(model=str(path), hf_overrides={
-        "architectures": [PRUNED_ARCHITECTURES["Qwen2_5_VLForConditionalGeneration"]], TOWER_COMPILED_KEY: True})
+        "architectures": [of_architectures(["Qwen2_5_VLForConditionalGeneration"]).pruned], TOWER_COMPILED_KEY: True})
     proc = MULTIMODAL_REGISTRY.create_processor(config)
     with pytest.raises(VLLMValidationError, match="compile_mm_encoder") as err:
         process(proc, "qwen2.5-vl", keep_ratio=0.5, prune_method="cls_attention")

@@ -18,10 +18,10 @@ import pytest
 import torch
 from reference import NEW_TOKENS, QUESTION, chat, hf_greedy, hf_model, noise_image
 
-from vllm_tokenprune import plugin
-from vllm_tokenprune.budget import keep_count
-from vllm_tokenprune.plugin import PRUNED_ARCHITECTURES
-from vllm_tokenprune.tiny import count_image_tokens, image_token_id
+from vllm_tokenprune.serving import plugin
+from vllm_tokenprune.serving.families import of_architectures
+from vllm_tokenprune.serving.policy import keep_count
+from vllm_tokenprune.testbed.tiny import count_image_tokens, image_token_id
 
 STOCK_ARCH = {"qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
               "qwen3-vl": "Qwen3VLForConditionalGeneration"}
@@ -145,7 +145,7 @@ def probe_env():
 def load(path, arch, selector, **engine_args):
     from vllm import LLM
 
-    overrides = {"architectures": [PRUNED_ARCHITECTURES[STOCK_ARCH[arch]]],
+    overrides = {"architectures": [of_architectures([STOCK_ARCH[arch]]).pruned],
                  "tokenprune_selector": str(selector)}
     llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=4096,
               hf_overrides=overrides, limit_mm_per_prompt={"image": 2, "video": 1},
@@ -414,7 +414,7 @@ def test_our_model_state_turns_the_v2_pruner_on(monkeypatch):
     from vllm.v1.worker.gpu.model_states.default import DefaultModelState
     from vllm.v1.worker.gpu.model_states.mm_pruning import MultiModalPruner
 
-    from vllm_tokenprune.models.runner_v2 import PrunedMRopeModelState
+    from vllm_tokenprune.serving.models.runner_v2 import PrunedMRopeModelState
 
     seen = {}
 
@@ -435,8 +435,8 @@ def test_our_model_state_turns_the_v2_pruner_on(monkeypatch):
 def test_a_configuration_that_would_serve_wrong_positions_stops_at_start_up(monkeypatch):
     from types import SimpleNamespace
 
-    from vllm_tokenprune.models import mrope
-    from vllm_tokenprune.models.runner_v2 import PrunedMRopeModelState
+    from vllm_tokenprune.serving.models import mrope
+    from vllm_tokenprune.serving.models.runner_v2 import PrunedMRopeModelState
 
     def config(pp=1, v2=False):
         return SimpleNamespace(parallel_config=SimpleNamespace(pipeline_parallel_size=pp), use_v2_model_runner=v2)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from vllm_tokenprune.serve import MIDDLEWARE, ServeError, _pop_model, build_vllm_args
+from vllm_tokenprune.tools.serve import MIDDLEWARE, ServeError, _pop_model, build_vllm_args
 
 
 def test_model_positional_or_flag():
@@ -44,7 +44,7 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
 
 
 def test_bench_times_the_tower_in_the_serving_dtype(tmp_path):
-    from vllm_tokenprune.bench import serving_dtype
+    from vllm_tokenprune.tools.bench import serving_dtype
 
     (tmp_path / "config.json").write_text(json.dumps({"dtype": "bfloat16"}))
     assert serving_dtype(str(tmp_path), []) == "bfloat16"

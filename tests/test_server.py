@@ -16,10 +16,10 @@ import requests
 from reference import NEW_TOKENS, chat, hf_greedy, noise_image
 from server import Server, serve_command
 
-from vllm_tokenprune.budget import keep_count
-from vllm_tokenprune.client import image_url
-from vllm_tokenprune.methods import METHOD_NAMES
-from vllm_tokenprune.tiny import count_image_tokens
+from vllm_tokenprune.selection.methods import METHOD_NAMES
+from vllm_tokenprune.serving.policy import keep_count
+from vllm_tokenprune.testbed.tiny import ARCHES, count_image_tokens
+from vllm_tokenprune.tools.client import image_url
 
 pytestmark = pytest.mark.server
 
@@ -27,7 +27,7 @@ IMAGE = noise_image(336, 252, seed=1)
 RATIOS = (1.0, 0.5, 0.25, 0.1)
 
 
-@pytest.fixture(scope="module", params=["llava", "llava-next", "qwen2.5-vl", "qwen3-vl"])
+@pytest.fixture(scope="module", params=ARCHES)  # every family pruning serves
 def arch(request):
     return request.param
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from vllm_tokenprune.cli import main
-from vllm_tokenprune.synthetic import (
+from vllm_tokenprune.testbed.synthetic import (
     COUNT_WORDS,
     QUESTIONS,
     SPLITS,

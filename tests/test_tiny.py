@@ -18,7 +18,7 @@ import torch
 from reference import NEW_TOKENS, chat, hf_greedy, hf_model, noise_image
 
 from vllm_tokenprune import cli
-from vllm_tokenprune.tiny import ARCHES, build_tiny, count_image_tokens, image_token_id
+from vllm_tokenprune.testbed.tiny import ARCHES, build_tiny, count_image_tokens, image_token_id
 
 
 def _sha256(path, name="model.safetensors") -> str:
@@ -68,10 +68,7 @@ def test_vllm_matches_transformers(tiny_checkpoint, arch):
     from vllm import LLM, SamplingParams
 
     path = tiny_checkpoint(arch)
-    # transformers' OneVision tiles an image (anyres) only when it is the prompt's sole
-    # image (several images: base tile each); vLLM tiles every image. One image agrees.
-    images = IMAGES[:1] if arch == "llava-onevision" else IMAGES
-    want_prompt, want_tokens, want_logprobs = hf_greedy(path, images)
+    want_prompt, want_tokens, want_logprobs = hf_greedy(path, IMAGES)
 
     llm = LLM(
         model=str(path),
@@ -83,7 +80,7 @@ def test_vllm_matches_transformers(tiny_checkpoint, arch):
     )
     try:
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=0)
-        messages = chat(images, lambda image: {"type": "image_pil", "image_pil": image})
+        messages = chat(IMAGES, lambda image: {"type": "image_pil", "image_pil": image})
         (out,) = llm.chat(messages, params, use_tqdm=False)
     finally:
         llm.llm_engine.engine_core.shutdown()
@@ -111,5 +108,5 @@ def test_cli_refuses_non_empty_dir_without_force(tmp_path, capsys):
 
 
 def test_import_does_not_import_vllm():
-    code = "import sys, vllm_tokenprune.tiny; sys.exit('vllm' in sys.modules)"
+    code = "import sys, vllm_tokenprune.testbed.tiny; sys.exit('vllm' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -8,12 +8,19 @@ import time
 import numpy as np
 import pytest
 import torch
+from keep import learned_keep
 
-from vllm_tokenprune.budget import keep_count
-from vllm_tokenprune.features import ImageFolderError, cached_features, extract_features, find_images, load_images
-from vllm_tokenprune.selector import check_compatible, load_selector, vision_signature
-from vllm_tokenprune.synthetic import make_shapes_image, write_image_folder
-from vllm_tokenprune.train import TrainConfig, format_report, idle_cpu_threads, split_indices, train_selector
+from vllm_tokenprune.selection.selector import check_compatible, load_selector, vision_signature
+from vllm_tokenprune.serving.policy import keep_count
+from vllm_tokenprune.testbed.synthetic import make_shapes_image, write_image_folder
+from vllm_tokenprune.training.features import (
+    ImageFolderError,
+    cached_features,
+    extract_features,
+    find_images,
+    load_images,
+)
+from vllm_tokenprune.training.train import TrainConfig, format_report, idle_cpu_threads, split_indices, train_selector
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +77,7 @@ def test_shapes_images_are_seeded_and_mostly_empty(tmp_path):
 def test_extract_features_are_what_the_projector_receives(tiny_llava, llava_config):
     from transformers import AutoImageProcessor, LlavaForConditionalGeneration
 
-    from vllm_tokenprune.tiny import count_image_tokens
+    from vllm_tokenprune.testbed.tiny import count_image_tokens
 
     size = llava_config.vision_config.image_size
     images = [make_shapes_image(np.random.default_rng(i), size) for i in range(4)]
@@ -103,10 +110,10 @@ def test_extract_features_are_what_the_projector_receives(tiny_llava, llava_conf
     torch.testing.assert_close(features, captured[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llava-next", "llava-onevision", "qwen2.5-vl"])
+@pytest.mark.parametrize("arch", ["llava-next", "qwen2.5-vl", "qwen3-vl"])
 def test_extract_features_other_families(tiny_checkpoint, arch):
-    """LLaVA-NeXT / OneVision: the projector input of each image's base view (its first
-    patch); Qwen2.5-VL: the merged tokens of an image resized to a fixed square."""
+    """LLaVA-NeXT: the projector input of each image's base view (its first patch); Qwen:
+    the merged tokens (Qwen3-VL: the main embedding) of an image resized to a fixed square."""
     import transformers
     from transformers import AutoConfig, AutoImageProcessor
 
@@ -117,13 +124,15 @@ def test_extract_features_other_families(tiny_checkpoint, arch):
     model = getattr(transformers, config.architectures[0]).from_pretrained(path).eval()
     processor = AutoImageProcessor.from_pretrained(path)
     with torch.no_grad():
-        if arch == "qwen2.5-vl":
-            inputs = processor(images=[im.resize((112, 112), 3) for im in images], return_tensors="pt")
+        if arch.startswith("qwen"):
+            factor = config.vision_config.patch_size * config.vision_config.spatial_merge_size
+            side = max(factor, round(112 / factor) * factor)
+            inputs = processor(images=[im.resize((side, side), 3) for im in images], return_tensors="pt")
             merged = model.model.get_image_features(
                 pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]
             ).pooler_output
             reference = torch.stack(list(merged))
-            assert info["grid"] == [4, 4] and info["feature_layer"] == "merger"
+            assert info["grid"] == [side // factor] * 2 and info["feature_layer"] == "merger"
             assert features.shape[-1] == config.vision_config.out_hidden_size
         else:
             from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -217,7 +226,7 @@ def test_selector_learns_to_keep_the_shapes(tiny_llava, llava_config, tmp_path, 
         assert r["learned"] < r["random"], results
 
     held_content = content[held_idx]
-    kept = selector.topk(features[held_idx], 0.25)
+    kept = learned_keep(selector, features[held_idx], 0.25)
     assert kept.shape == (len(held_idx), keep_count(features.shape[1], 0.25))
     kept_content = held_content.gather(1, kept).float().mean().item()
     base_rate = held_content.float().mean().item()
@@ -255,7 +264,7 @@ def test_cli_train_writes_a_checkpoint_that_loads(tiny_llava, llava_config, tmp_
     assert [row["step"] for row in meta["training"]["history"]] == [3, 6]
     assert set(meta["eval"]["results"]) == {"0.1", "0.25", "0.5"}
     k = keep_count(meta["num_tokens"], 0.25)
-    assert selector.topk(torch.randn(meta["num_tokens"], meta["feature_dim"]), 0.25).shape == (k,)
+    assert learned_keep(selector, torch.randn(meta["num_tokens"], meta["feature_dim"]), 0.25).shape == (k,)
 
     assert main(argv) == 0
     assert "from cache" in capsys.readouterr().out

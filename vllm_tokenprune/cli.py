@@ -11,18 +11,18 @@ import argparse
 import importlib
 import sys
 
-from vllm_tokenprune.client import ServerUnreachableError
+from vllm_tokenprune.tools.client import ServerUnreachableError
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
-    "serve": ("vllm_tokenprune.serve", "serve a VLM with per-request visual-token pruning"),
-    "train": ("vllm_tokenprune.train", "train a token selector on a model's vision features"),
-    "bench": ("vllm_tokenprune.bench", "load-test a pruning server: latency, throughput, limit"),
-    "make-tiny": ("vllm_tokenprune.tiny", "write a small random-weight VLM checkpoint"),
-    "vllm": ("vllm_tokenprune.vllm_passthrough", "run vLLM's own CLI (e.g. `vllm bench serve`)"),
-    "train-demo": ("vllm_tokenprune.demo_model", "train the demo VLM and its selector from scratch"),
-    "make-eval-set": ("vllm_tokenprune.synthetic", "write synthetic question-answer items for eval"),
-    "eval": ("vllm_tokenprune.eval", "answer accuracy per keep ratio x method against a server"),
+    "serve": ("vllm_tokenprune.tools.serve", "serve a VLM with per-request visual-token pruning"),
+    "train": ("vllm_tokenprune.training.train", "train a token selector on a model's vision features"),
+    "bench": ("vllm_tokenprune.tools.bench", "load-test a pruning server: latency, throughput, limit"),
+    "make-tiny": ("vllm_tokenprune.testbed.tiny", "write a small random-weight VLM checkpoint"),
+    "vllm": ("vllm_tokenprune.tools.vllm_passthrough", "run vLLM's own CLI (e.g. `vllm bench serve`)"),
+    "train-demo": ("vllm_tokenprune.testbed.demo_model", "train the demo VLM and its selector from scratch"),
+    "make-eval-set": ("vllm_tokenprune.testbed.synthetic", "write synthetic question-answer items for eval"),
+    "eval": ("vllm_tokenprune.tools.eval", "answer accuracy per keep ratio x method against a server"),
 }
 
 

@@ -1,0 +1,157 @@
+"""Token selection methods, chosen per request by name.
+
+The interface. A method gets one image's ``Tokens`` and a keep count K (fixed earlier by
+``serving.policy.keep_count`` in the processor, 1 <= K < N) and returns ``Rows``: exactly K
+(position, value) rows, positions strictly ascending. A row is either a token kept as it
+is (its own stock position and value) or a merge of several tokens (their mean value, at
+the stock position of the token that stands for them). Model families place row j where
+stock position ``index[j]`` sits: the language model sees the rows in stock order, and
+Qwen's M-RoPE gives each row the (t, h, w) of that position.
+
+What a method may read (``Tokens``): the features it scores and compares, the values its
+rows carry (the same tensor, or wider: Qwen3-VL's DeepStack channels), the tokens' layout
+as row-major grids, a per-image seed, the learned selector, the map to language-model
+embeddings, and the tower statistics it declares in ``Method.needs``. vLLM's towers
+return no attention weights, so a family computes a statistic only when an image in the
+batch uses a method that declared it (``attention.TowerProbe``).
+
+A method's position in ``METHOD_NAMES`` is the integer id the processor hands to the
+model (multimodal fields must be tensors, not strings); append, never reorder. Each name
+lives in one small module of this package; importing the package imports neither torch
+nor vLLM, so the HTTP layer can validate names cheaply.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    import torch
+
+    from vllm_tokenprune.selection.selector import TokenSelector
+
+METHOD_NAMES: tuple[str, ...] = (
+    "learned", "random", "norm", "visionzip", "hiprune", "divprune", "cls_attention", "pool",
+)
+
+# Method name -> the module of this package that defines it (as an attribute of that name).
+_MODULES = {
+    "learned": "scores", "random": "scores", "norm": "scores", "visionzip": "visionzip",
+    "hiprune": "hiprune", "divprune": "divprune", "cls_attention": "cls_attention", "pool": "pool",
+}
+
+
+def method_id(name: str) -> int:
+    try:
+        return METHOD_NAMES.index(name)
+    except ValueError:
+        raise ValueError(
+            f"unknown prune method {name!r}; choose one of {', '.join(METHOD_NAMES)}"
+        ) from None
+
+
+def method_name(ident: int) -> str:
+    return METHOD_NAMES[ident]
+
+
+# --- tower statistics a method may ask for -------------------------------------------
+
+# Attention each token receives from the [CLS] query, averaged over heads; on towers
+# without a [CLS] token (SigLIP, the Qwen towers) the GLOBAL_ATTENTION below instead.
+ATTENTION = "attention"
+# Attention each token receives, averaged over heads and over every query of its image.
+GLOBAL_ATTENTION = "global_attention"
+# The layer's key vectors averaged over heads (N, head_dim): a similarity metric.
+KEYS = "keys"
+
+# The tower layer whose output the model uses (LLaVA: ``vision_feature_layer``; Qwen: the
+# last full-attention block), and HiPrune's "object layer" in the middle of the tower.
+LATE = "late"
+MIDDLE = "middle"
+
+
+class Probe(NamedTuple):
+    """One per-token statistic of one tower layer's attention."""
+
+    stat: str
+    layer: str
+
+
+# --- what a method gets and returns ------------------------------------------------------
+
+@dataclass
+class Tokens:
+    """One image's N candidate tokens, in stock order."""
+
+    features: torch.Tensor  # (N, D): what methods score and compare
+    grids: tuple[tuple[int, int], ...]  # the N tokens as row-major (rows, cols) grids, in order
+    seed: int  # deterministic per image content (hash of its pixels)
+    values: torch.Tensor | None = None  # (N, C): what rows carry; None = the features
+    selector: TokenSelector | None = None
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None  # features -> LM input; None = same
+    stats: Mapping[Probe, torch.Tensor] = field(default_factory=dict)  # per token, as declared
+
+    def __post_init__(self):
+        if self.values is None:
+            self.values = self.features
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    @cached_property
+    def embeddings(self) -> torch.Tensor:
+        """The features as the language model receives them (LLaVA: after the projector)."""
+        return self.features if self.embed is None else self.embed(self.features)
+
+    def take(self, index: torch.Tensor) -> Rows:
+        """Rows of the tokens at ``index`` (ascending), unchanged."""
+        return Rows(index, self.values.index_select(0, index))
+
+    def merge(self, index: torch.Tensor, groups: torch.Tensor) -> Rows:
+        """Rows at ``index`` whose values are the mean of the tokens that ``groups`` assigns
+        them: ``groups[n]`` is the row token n joins, -1 for a dropped token. A row whose
+        group is just its own token keeps that token's value exactly."""
+        import torch
+
+        member = groups >= 0
+        rows = groups[member]
+        sums = torch.zeros(len(index), self.values.shape[1], dtype=torch.float32,
+                           device=self.values.device)
+        sums.index_add_(0, rows, self.values[member].float())
+        counts = torch.bincount(rows, minlength=len(index)).clamp(min=1)
+        return Rows(index, (sums / counts[:, None]).to(self.values.dtype))
+
+
+class Rows(NamedTuple):
+    """A method's output: K rows, ``index`` (K,) the ascending stock position each takes."""
+
+    index: torch.Tensor
+    values: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    keep: Callable[[Tokens, int], Rows]  # called with 1 <= k < N
+    needs: frozenset[Probe] = frozenset()  # tower statistics read from ``Tokens.stats``
+
+
+def get(name: str) -> Method:
+    module = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+    return getattr(module, name)
+
+
+def select(name: str, tokens: Tokens, k: int) -> Rows:
+    """The K rows method ``name`` keeps of ``tokens``; all of them, untouched, at K >= N."""
+    import torch
+
+    if k >= len(tokens):
+        return Rows(torch.arange(len(tokens), device=tokens.values.device), tokens.values)
+    rows = get(name).keep(tokens, k)
+    if len(rows.index) != k:
+        raise RuntimeError(f"prune method {name!r} returned {len(rows.index)} rows, not {k}")
+    return rows

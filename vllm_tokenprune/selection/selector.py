@@ -1,0 +1,222 @@
+"""The learned token selector, as the server runs it, and its checkpoint.
+
+Method: "When Less is Enough: Adaptive Token Reduction for Efficient Image Representation"
+(arXiv 2503.16660). A small Transformer scores every image token coming out of the vision
+tower (``TokenSelector.scores``); the ``learned`` method keeps the K best
+(``methods.scores``), K from ``serving.policy.keep_count``. Training (the Gumbel-Softmax
+keep mask, the reconstructor, the loss, checkpoint writing) is in ``training``.
+
+The selector has no position encoding of its own: the tower's features already carry
+position, and without one it scores any token count (other resolutions, crops, Qwen's
+variable grids) with the same weights.
+
+Checkpoints are safetensors only; their JSON metadata header holds everything needed to
+rebuild the selector and to check at start-up that it fits the served model
+(``check_compatible``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+FORMAT = "vllm_tokenprune.selector"  # written into every checkpoint: independent of the code layout
+FORMAT_VERSION = 1
+# What the writer of a checkpoint (training.reconstruction.save_selector) must record.
+REQUIRED_METADATA = ("source_model", "feature_layer", "vision_signature")
+RESERVED = ("format", "format_version", "selector_config", "reconstructor_config", "feature_dim")
+DROP, KEEP = 0, 1  # index of each logit in the head's output
+
+
+class SelectorCheckpointError(ValueError):
+    """The file is not a usable selector checkpoint (not safetensors, or not ours)."""
+
+
+class SelectorMismatchError(ValueError):
+    """The selector was trained on features other than the ones this model produces."""
+
+
+# ---------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass
+class SelectorConfig:
+    feature_dim: int  # D of the vision features the selector scores
+    width: int | None = None  # None -> min(256, feature_dim): slim keeps it ~1% of a CLIP-L tower
+    num_layers: int = 3  # Transformer encoder layers (the paper uses 3)
+    num_heads: int | None = None  # None -> max(1, width // 64)
+    mlp_ratio: float = 4.0  # feed-forward width = mlp_ratio * width
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        resolve_width_and_heads(self)
+
+
+def resolve_width_and_heads(config) -> None:
+    if config.width is None:
+        config.width = min(256, config.feature_dim)
+    if config.num_heads is None:
+        config.num_heads = max(1, config.width // 64)
+    if config.width % config.num_heads:
+        raise ValueError(f"width {config.width} is not divisible by num_heads {config.num_heads}")
+
+
+def encoder_stack(width: int, num_layers: int, num_heads: int, mlp_ratio: float, dropout: float) -> nn.Module:
+    layer = nn.TransformerEncoderLayer(
+        width, num_heads, dim_feedforward=int(width * mlp_ratio), dropout=dropout,
+        activation="gelu", batch_first=True, norm_first=True,
+    )
+    return nn.TransformerEncoder(layer, num_layers, norm=nn.LayerNorm(width), enable_nested_tensor=False)
+
+
+class TokenSelector(nn.Module):
+    """Scores image tokens: Linear(D -> width), Transformer layers, a keep/drop head.
+
+    Features are standardized per dimension with buffers set from the training set
+    (``set_normalization``), so they travel with the checkpoint.
+    """
+
+    def __init__(self, config: SelectorConfig):
+        super().__init__()
+        self.config = config
+        d, w = config.feature_dim, config.width
+        self.register_buffer("feature_mean", torch.zeros(d))
+        self.register_buffer("feature_std", torch.ones(d))
+        self.proj = nn.Linear(d, w)
+        self.encoder = encoder_stack(w, config.num_layers, config.num_heads, config.mlp_ratio, config.dropout)
+        self.head = nn.Linear(w, 2)
+
+    @torch.no_grad()
+    def set_normalization(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-6) -> None:
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std.clamp(min=eps))
+
+    def normalize(self, features: torch.Tensor) -> torch.Tensor:
+        if features.shape[-1] != self.config.feature_dim:
+            raise ValueError(
+                f"selector expects features of dim {self.config.feature_dim}, got shape {tuple(features.shape)}"
+            )
+        x = features.to(self.feature_mean.dtype)
+        return (x - self.feature_mean) / self.feature_std
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features (B, N, D) -> logits (B, N, 2), [..., DROP] and [..., KEEP]."""
+        return self.head(self.encoder(self.proj(self.normalize(features))))
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        """Keep logit minus drop logit, float32: (B, N, D) -> (B, N), (N, D) -> (N,)."""
+        single = features.dim() == 2
+        logits = self(features.unsqueeze(0) if single else features)
+        scores = (logits[..., KEEP] - logits[..., DROP]).float()
+        return scores[0] if single else scores
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _read_checkpoint(path: str | Path, map_location) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"selector checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device=str(map_location)) as f:
+            raw = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SelectorCheckpointError(
+            f"{path} is not a safetensors file ({e}); selector checkpoints are written by "
+            "`vllm-tokenprune train` (pickled torch files are not accepted)"
+        ) from e
+    try:
+        meta = {k: json.loads(v) for k, v in raw.items()}
+    except json.JSONDecodeError:
+        meta = {}
+    if meta.get("format") != FORMAT:
+        raise SelectorCheckpointError(
+            f"{path} is a safetensors file but not a vllm_tokenprune selector checkpoint "
+            f"(its metadata header lacks format={FORMAT!r}; found keys {sorted(raw)})"
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise SelectorCheckpointError(
+            f"{path} has selector format version {meta.get('format_version')!r}; this code reads {FORMAT_VERSION}"
+        )
+    missing = [k for k in ("selector_config", "feature_dim", *REQUIRED_METADATA) if k not in meta]
+    if missing:
+        raise SelectorCheckpointError(f"{path} lacks required metadata {missing}")
+    return tensors, meta
+
+
+def load_selector(path: str | Path, *, map_location="cpu") -> tuple[TokenSelector, dict[str, Any]]:
+    """Rebuild the selector (in eval mode) from nothing but the file; returns (selector, metadata)."""
+    tensors, meta = _read_checkpoint(path, map_location)
+    try:
+        selector = TokenSelector(SelectorConfig(**meta["selector_config"]))
+        selector.load_state_dict({k.removeprefix("selector."): v for k, v in tensors.items()
+                                  if k.startswith("selector.")}, strict=True)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise SelectorCheckpointError(f"{path}: cannot rebuild the selector from the checkpoint: {e}") from e
+    return selector.eval(), meta
+
+
+# ---------------------------------------------------------------------------------------
+# Compatibility with the served model
+
+
+def vision_signature(hf_config) -> dict[str, Any]:
+    """The facts about a VLM config that determine the features the selector sees.
+
+    Works on transformers' LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen2.5-VL configs (and
+    vLLM's hf_config, the same objects). For Qwen2.5-VL the selector scores the merged
+    tokens after the patch merger, so feature_dim is the merger's out_hidden_size.
+    """
+    vc = hf_config.vision_config
+    layer = getattr(hf_config, "vision_feature_layer", None)
+    out_hidden = getattr(vc, "out_hidden_size", None)
+    if out_hidden is not None:
+        feature_dim = out_hidden
+    elif isinstance(layer, (list, tuple)):  # LLaVA concatenates the listed layers
+        feature_dim = vc.hidden_size * len(layer)
+    else:
+        feature_dim = vc.hidden_size
+    num_layers = getattr(vc, "num_hidden_layers", None)
+    signature = {
+        "model_type": hf_config.model_type,
+        "vision_model_type": vc.model_type,
+        "vision_hidden_size": vc.hidden_size,
+        "feature_dim": feature_dim,
+        "patch_size": getattr(vc, "patch_size", None),
+        "image_size": getattr(vc, "image_size", None),
+        "num_vision_layers": num_layers if num_layers is not None else getattr(vc, "depth", None),
+        "vision_feature_layer": layer,
+        "vision_feature_select_strategy": getattr(hf_config, "vision_feature_select_strategy", None),
+        "spatial_merge_size": getattr(vc, "spatial_merge_size", None),
+    }
+    # Through JSON so tuples become lists and compare equal to a loaded checkpoint's.
+    return json.loads(json.dumps(signature))
+
+
+def check_compatible(metadata: dict[str, Any], hf_config) -> None:
+    """Raise SelectorMismatchError listing every field where the served model differs."""
+    expected = metadata["vision_signature"]
+    found = vision_signature(hf_config)
+    problems = [
+        f"{key}: expected {expected.get(key)!r}, found {found.get(key)!r}"
+        for key in sorted(set(expected) | set(found))
+        if expected.get(key) != found.get(key)
+    ]
+    if metadata.get("feature_dim") != found["feature_dim"]:
+        problems.append(f"selector input dim: expected {metadata.get('feature_dim')!r}, found {found['feature_dim']!r}")
+    if problems:
+        served = getattr(hf_config, "name_or_path", "") or found["model_type"]
+        raise SelectorMismatchError(
+            f"the selector was trained for {metadata.get('source_model')!r} and does not fit the served "
+            f"model {served!r}: " + "; ".join(problems)
+        )

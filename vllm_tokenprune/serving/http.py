@@ -1,0 +1,269 @@
+"""The HTTP layer: an ASGI middleware for ``vllm serve --middleware``.
+
+It only translates. The ``X-Keep-Ratio`` / ``X-Prune-Method`` headers become the
+request body's ``mm_processor_kwargs.keep_ratio`` / ``.prune_method`` (a header wins over
+the body), on every POST route, where vLLM hands them to our multimodal processor. The
+processor decides and enforces everything else (operator policy, foreign kwargs, methods
+the server cannot run), for HTTP, batch and offline requests alike; this layer maps its
+errors on header values back to the header's name.
+
+Work happens when the route reads the body, i.e. after vLLM's own middlewares (API key
+check included) let the request through; a body is read at most ``MAX_BODY_BYTES`` and
+parsed at most once, and only when a header or a body ``mm_processor_kwargs`` is present.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from vllm_tokenprune.serving.policy import (
+    KEEP_RATIO_KEY,
+    METHOD_KEY,
+    NOT_SERVED_KEY,
+    PrunePolicy,
+    PruneRequestError,
+    parse_keep_ratio,
+    parse_method,
+)
+
+KEEP_RATIO_HEADER = "X-Keep-Ratio"
+METHOD_HEADER = "X-Prune-Method"
+APPLIED_RATIO_HEADER = "X-Keep-Ratio-Applied"
+HEADERS = {KEEP_RATIO_HEADER: (KEEP_RATIO_KEY, parse_keep_ratio), METHOD_HEADER: (METHOD_KEY, parse_method)}
+MAX_BODY_BYTES = 256 * 2**20
+# Routes that render a prompt without serving it: processed, not counted in the metrics.
+NOT_SERVED_ROUTES = frozenset({"/tokenize"})
+# vLLM's Anthropic route builds its chat request without processor kwargs: pruning
+# choices sent there could not reach the processor, so they are refused, not ignored.
+NO_KWARGS_ROUTES = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
+_KWARGS_MARK = b'"mm_processor_kwargs"'
+
+
+class RequestError(Exception):
+    """An OpenAI-style error answer: status, message, param."""
+
+    def __init__(self, message: str, param: str | None, status: int = 400):
+        super().__init__(message)
+        self.param, self.status = param, status
+
+
+def pruning_headers(raw_headers) -> dict[str, str]:
+    """Our headers' values by canonical name (any case); a header given twice is an error."""
+    wanted = {name.lower().encode("latin-1"): name for name in HEADERS}
+    found: dict[str, str] = {}
+    for name, value in raw_headers:
+        canonical = wanted.get(name.lower())
+        if canonical is None:
+            continue
+        if canonical in found:
+            raise RequestError(f"{canonical} header given more than once", canonical)
+        found[canonical] = value.decode("latin-1")
+    return found
+
+
+def translate(path: str, headers: dict[str, str], raw: bytes) -> tuple[bytes, dict | None]:
+    """A body with the headers written into its ``mm_processor_kwargs``; and those kwargs
+    (None when the body carries none). Raises RequestError for what the client must fix.
+
+    A body is parsed only when it carries ``mm_processor_kwargs``. The kwargs are written by
+    appending the key to the object, not by serializing it again (the body may hold
+    megabytes of images): JSON parsers, Python's and so vLLM's included, keep the last of
+    repeated names."""
+    served = path not in NOT_SERVED_ROUTES
+    if not headers and _KWARGS_MARK not in raw and served:
+        return raw, None
+    kwargs: dict = {}
+    if _KWARGS_MARK in raw:
+        try:
+            body = json.loads(raw)
+        except RecursionError:
+            raise RequestError("request body nests too deeply", None) from None
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            if headers:
+                raise RequestError("a request with pruning headers needs a JSON object body", None)
+            return raw, None  # not ours to judge: vLLM answers it
+        kwargs = body.get("mm_processor_kwargs")
+        if kwargs is None:
+            kwargs = {}
+        elif not isinstance(kwargs, dict):
+            raise RequestError("mm_processor_kwargs must be an object", "mm_processor_kwargs")
+        if path in NO_KWARGS_ROUTES:
+            raise RequestError(f"mm_processor_kwargs is not supported on {path}: vLLM passes no "
+                               "processor kwargs there; images get the server's default keep ratio",
+                               "mm_processor_kwargs")
+        if not headers and served:
+            return raw, kwargs
+    stripped = raw.strip()
+    if not (stripped.startswith(b"{") and stripped.endswith(b"}")):
+        if headers:
+            raise RequestError("a request with pruning headers needs a JSON object body", None)
+        return raw, None
+    if path in NO_KWARGS_ROUTES:
+        header = next(iter(headers))
+        raise RequestError(f"{header} header is not supported on {path}: vLLM passes no processor "
+                           "kwargs there; images get the server's default keep ratio", f"{header} header")
+    for header, value in headers.items():
+        key, parse = HEADERS[header]
+        try:
+            kwargs[key] = parse(value, param=f"{header} header")
+        except PruneRequestError as err:
+            raise RequestError(str(err), err.param) from None
+    if not served:
+        kwargs[NOT_SERVED_KEY] = True
+    empty = not stripped[1:-1].strip()
+    return (stripped[:-1] + (b"" if empty else b",") + b'"mm_processor_kwargs":'
+            + json.dumps(kwargs).encode() + b"}"), kwargs
+
+
+def applied_ratio(policy: PrunePolicy, kwargs: dict | None) -> str | None:
+    """What ``X-Keep-Ratio-Applied`` reports: the ratio the processor will give the images
+    (None when the body's value is invalid: the processor answers that request)."""
+    try:
+        requested = (kwargs or {}).get(KEEP_RATIO_KEY)
+        ratio = None if requested is None else parse_keep_ratio(requested, param=KEEP_RATIO_KEY)
+    except PruneRequestError:
+        return None
+    return repr(policy.apply(ratio))
+
+
+@dataclass
+class _Exchange:
+    """One request's translation state, shared by its receive and send wrappers."""
+
+    headers: dict[str, str]
+    error: RequestError | None = None
+    applied: str | None = None
+    held: list = field(default_factory=list)  # a 400 being rewritten
+    answered: bool = False  # our error answer is sent
+
+
+class KeepRatioMiddleware:
+    """Pure ASGI middleware; responses stream through untouched except for one header
+    (and the param of a 400 that names a key we wrote from a header)."""
+
+    def __init__(self, app):
+        self.app = app
+        self._policy: PrunePolicy | None = None
+
+    def policy(self, scope) -> PrunePolicy:
+        if self._policy is None:
+            self._policy = PrunePolicy.from_config(scope["app"].state.vllm_config.model_config.hf_config)
+        return self._policy
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        path = scope["path"].removeprefix(scope.get("root_path") or "")
+        try:
+            exchange = _Exchange(pruning_headers(scope["headers"]))
+        except RequestError as err:
+            exchange = _Exchange({}, error=err)
+        if exchange.headers or path in NOT_SERVED_ROUTES:
+            # The body may change length after the scope is handed on: drop the stale count.
+            scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"])
+        body_read = False
+
+        async def receive_translated():
+            nonlocal body_read
+            if body_read or exchange.error is not None:
+                # The route asked again (a disconnect check), or the request is refused:
+                # a disconnect makes the route give up before doing any work.
+                return {"type": "http.disconnect"} if exchange.error else await receive()
+            body_read = True
+            try:
+                raw = await _read_body(receive)
+                raw, kwargs = translate(path, exchange.headers, raw)
+                exchange.applied = applied_ratio(self.policy(scope), kwargs)
+            except RequestError as err:
+                exchange.error = err
+                return {"type": "http.disconnect"}
+            return {"type": "http.request", "body": raw, "more_body": False}
+
+        async def send_translated(message):
+            if exchange.error is not None:
+                if message["type"] == "http.response.start":  # the route's answer to the disconnect
+                    await answer_error()
+                return
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if exchange.applied is not None:
+                    headers.append((APPLIED_RATIO_HEADER.lower().encode(), exchange.applied.encode()))
+                message = dict(message, headers=headers)
+                if message["status"] == 400 and exchange.headers:
+                    exchange.held.append(message)
+                    return
+            elif exchange.held:
+                exchange.held.append(message)
+                if not message.get("more_body", False):
+                    await _send_renamed(send, exchange.held, exchange.headers)
+                return
+            await send(message)
+
+        async def answer_error():
+            if not exchange.answered:
+                exchange.answered = True
+                await _send_error(send, exchange.error)
+
+        try:
+            await self.app(scope, receive_translated, send_translated)
+        except Exception:
+            if exchange.error is None:
+                raise
+        # Routes differ in how they give up on a disconnect (an answer, an exception, none).
+        if exchange.error is not None:
+            await answer_error()
+
+
+async def _read_body(receive) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise RequestError(f"request body larger than {MAX_BODY_BYTES} bytes", None, status=413)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+async def _send_renamed(send, held: list, headers: dict[str, str]) -> None:
+    """Send a held 400 whose param names a kwarg we wrote from a header under that header."""
+    start, *parts = held
+    raw = b"".join(p.get("body", b"") for p in parts)
+    try:
+        payload = json.loads(raw)
+        error = payload["error"]
+        for header in headers:
+            key = "mm_processor_kwargs." + HEADERS[header][0]
+            if error.get("param") == key:
+                error["param"] = f"{header} header"
+                error["message"] = str(error.get("message", "")).replace(key, f"{header} header")
+        raw = json.dumps(payload).encode()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        pass  # not an error body we know: send it as it was
+    start = dict(start, headers=[(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+                 + [(b"content-length", str(len(raw)).encode())])
+    await send(start)
+    await send({"type": "http.response.body", "body": raw, "more_body": False})
+
+
+async def _send_error(send, err: RequestError) -> None:
+    """An OpenAI-style error, the same shape vLLM's own errors have."""
+    kind = "BadRequestError" if err.status == 400 else "RequestEntityTooLarge"
+    payload = json.dumps(
+        {"error": {"message": str(err), "type": kind, "param": err.param, "code": err.status}}
+    ).encode()
+    await send({
+        "type": "http.response.start",
+        "status": err.status,
+        "headers": [(b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode())],
+    })
+    await send({"type": "http.response.body", "body": payload})

@@ -1,0 +1,319 @@
+"""What every pruned model family shares: the processor side and the model side.
+
+A request's keep ratio and method reach vLLM's multimodal processor as
+``mm_processor_kwargs``. The processor sizes each image's placeholder run to
+K = ``keep_count(N, ratio)`` and hands K, the method id and a per-image seed to the
+model as integer batched fields. The model, after the vision tower, hands each image's
+tokens to its method and places the K rows it returns (``methods.Rows``) at their stock
+positions, in stock order. vLLM fixes the placeholder count before the model runs, so K
+is decided once, here, and never recomputed from a float.
+
+Methods that read the tower's attention get it from ``methods.attention.TowerProbe``,
+used only for a tower call in which some image asked for such a method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from contextvars import ContextVar
+from typing import Annotated
+
+import torch
+import torch.nn as nn
+from vllm.exceptions import VLLMValidationError
+from vllm.logger import init_logger
+from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.parse import ImageProcessorItems, ImageSize
+from vllm.multimodal.processing import PromptReplacement
+from vllm.utils.tensor_schema import TensorSchema, TensorShape
+
+from vllm_tokenprune.selection import methods
+from vllm_tokenprune.serving.policy import (
+    KEEP_RATIO_KEY,
+    METHOD_KEY,
+    OUR_KEYS,
+    PrunePolicy,
+    PruneRequestError,
+    keep_count,
+    resolve,
+)
+
+logger = init_logger(__name__)
+
+# hf_config attribute (set with --hf-overrides) naming the selector checkpoint to load.
+SELECTOR_CONFIG_KEY = "tokenprune_selector"
+
+KEEP_FIELD = "tokenprune_keep"
+METHOD_FIELD = "tokenprune_method"
+SEED_FIELD = "tokenprune_seed"
+PRUNE_FIELDS = (KEEP_FIELD, METHOD_FIELD, SEED_FIELD)
+
+
+class PruningInputs(TensorSchema):
+    """What the processor decided for each image, as batched fields reach the model.
+
+    Dimensions:
+        - bn: Batch size * number of images
+
+    ``tokenprune_keep`` is K, the image's placeholder count; ``tokenprune_method`` the index
+    of its method in ``methods.METHOD_NAMES``; ``tokenprune_seed`` the ``random`` method's
+    seed (0 for other methods). All int64: a float field would be cast to the model dtype.
+    """
+
+    tokenprune_keep: Annotated[torch.Tensor, TensorShape("bn")]
+    tokenprune_method: Annotated[torch.Tensor, TensorShape("bn")]
+    tokenprune_seed: Annotated[torch.Tensor, TensorShape("bn")]
+
+
+def selector_path(hf_config) -> str | None:
+    return getattr(hf_config, SELECTOR_CONFIG_KEY, None) or None
+
+
+def item_seed(item_hash: str) -> int:
+    """The ``random`` method's seed for an item: from the identity vLLM already computed
+    for it (content hash, or the client's uuid), so the same image draws the same tokens."""
+    digest = hashlib.blake2b(item_hash.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+@dataclasses.dataclass
+class _Call:
+    """One ``apply`` call's state, for the processor hooks vLLM calls inside it."""
+
+    inputs: object
+    hashes: object = None  # vLLM's item hashes, computed once
+    image_hashes: list[str] | None = None  # those of the images the next HF call processes
+
+
+class PruningRequestError(VLLMValidationError):
+    """A refused pruning request: vLLM answers it with a 400 naming ``parameter``."""
+
+    def __str__(self) -> str:  # the message alone; the param travels in its own field
+        return Exception.__str__(self)
+
+
+_CALL: ContextVar[_Call | None] = ContextVar("tokenprune_processor_call", default=None)
+_COUNTED: ContextVar[bool] = ContextVar("tokenprune_counted", default=True)
+
+
+class PruningProcessorMixin:
+    """Mix into a vLLM ``BaseMultiModalProcessor`` subclass (before it in the MRO).
+
+    ``apply`` is where every request's pruning is decided, whatever route or client it
+    came from: the kwargs are resolved under the operator's policy (``policy.resolve``)
+    and replaced by their canonical form, so that the item hashes, which key vLLM's
+    processor, encoder and prefix caches, are those of what the request gets.
+
+    A family implements ``_unpruned_tokens(image_size, hf_kwargs)``, its stock token count N
+    for an image under the HF processor kwargs the request passes on.
+    """
+
+    def _unpruned_tokens(self, image_size: ImageSize, hf_kwargs: Mapping[str, object]) -> int:
+        raise NotImplementedError
+
+    def _tower_statistics_unavailable(self) -> str | None:
+        """Why the served model cannot compute tower attention statistics, or None."""
+        return None
+
+    @functools.cached_property
+    def _policy(self) -> PrunePolicy:
+        return PrunePolicy.from_config(self.info.get_hf_config())
+
+    # -- the request's choice ---------------------------------------------------------
+
+    def _method(self, requested: str | None) -> str:
+        """The method an image gets: the one asked for, if this server can run it; by
+        default 'learned' when a selector is loaded, else 'norm'."""
+        has_selector = selector_path(self.info.get_hf_config()) is not None
+        if requested is None:
+            return "learned" if has_selector else "norm"
+        param = "mm_processor_kwargs." + METHOD_KEY
+        if requested == "learned" and not has_selector:
+            raise PruneRequestError(
+                "prune_method 'learned' needs a selector, and this server has none "
+                "(start it with --selector PATH); use 'norm' or 'random'", param)
+        if methods.get(requested).needs and (reason := self._tower_statistics_unavailable()):
+            raise PruneRequestError(
+                f"prune_method {requested!r} reads the vision tower's attention, which {reason}", param)
+        return requested
+
+    @staticmethod
+    def _without_prune_kwargs(mm_kwargs: Mapping[str, object]) -> dict[str, object]:
+        return {k: v for k, v in mm_kwargs.items() if k not in OUR_KEYS}
+
+    # -- vLLM processor hooks ---------------------------------------------------------
+
+    def apply(self, inputs, timing_ctx):
+        try:
+            request = resolve(inputs.hf_processor_mm_kwargs, self._policy)
+            method = self._method(request.method)
+        except PruneRequestError as err:
+            raise PruningRequestError(str(err), parameter=err.param) from None
+        inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={
+            **request.hf_kwargs, KEEP_RATIO_KEY: request.keep_ratio, METHOD_KEY: method})
+        call = _Call(inputs)
+        if method == "random" and inputs.mm_data_items.get_count("image", strict=False):
+            call.image_hashes = self._get_mm_hashes(inputs)["image"]  # the seeds' source
+        token = _CALL.set(call)
+        try:
+            result = super().apply(inputs, timing_ctx)
+        finally:
+            _CALL.reset(token)
+        if request.served and _COUNTED.get():
+            self._record_metrics(inputs, result, request.keep_ratio, method)
+        return result
+
+    def get_dummy_mm_inputs(self, *args, **kwargs):
+        token = _COUNTED.set(False)  # profiling and warm-up inputs are not requests
+        try:
+            return super().get_dummy_mm_inputs(*args, **kwargs)
+        finally:
+            _COUNTED.reset(token)
+
+    def _get_mm_hashes(self, inputs):
+        call = _CALL.get()
+        if call is None or call.inputs is not inputs:
+            return super()._get_mm_hashes(inputs)
+        if call.hashes is None:
+            call.hashes = super()._get_mm_hashes(inputs)
+        return call.hashes
+
+    def _get_cache_missing_items(self, cache, mm_data_items, mm_hashes):
+        is_cached, missing = super()._get_cache_missing_items(cache, mm_data_items, mm_hashes)
+        call = _CALL.get()
+        if call is not None and call.image_hashes is not None:  # only the missing ones are processed
+            call.image_hashes = [h for h, hit in zip(mm_hashes.get("image", []), is_cached.get("image", []))
+                                 if not hit]
+        return is_cached, missing
+
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs):
+        # The one entry every family's processor goes through (Qwen3-VL's calls the HF
+        # processor itself, never ``_call_hf_processor``). ``hf_kwargs`` are canonical.
+        processed = super()._apply_hf_processor_main(mm_items, self._without_prune_kwargs(hf_kwargs))
+        items = mm_items.get("image")
+        if not isinstance(items, ImageProcessorItems) or not len(items):
+            return processed  # no images, or precomputed embeddings (never pruned)
+        ratio, method = hf_kwargs[KEEP_RATIO_KEY], hf_kwargs[METHOD_KEY]
+        passed_on = self._without_prune_kwargs(hf_kwargs)
+        keep = [keep_count(self._unpruned_tokens(items.get_image_size(i), passed_on), ratio)
+                for i in range(len(items))]
+        call = _CALL.get()
+        hashes = call.image_hashes if call is not None else None
+        if method == "random" and (hashes is None or len(hashes) != len(items)):
+            raise RuntimeError(f"tokenprune: no item hashes for {len(items)} images to seed 'random'")
+        # Always emitted (dummy profiling included), so every batch has the fields.
+        processed[KEEP_FIELD] = torch.tensor(keep, dtype=torch.int64)
+        processed[METHOD_FIELD] = torch.full((len(items),), methods.method_id(method))
+        processed[SEED_FIELD] = torch.tensor(
+            [item_seed(h) for h in hashes] if method == "random" else [0] * len(items), dtype=torch.int64)
+        return processed
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        for name in PRUNE_FIELDS:
+            fields[name] = MultiModalFieldConfig.batched("image")
+        return fields
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(
+            mm_items, self._without_prune_kwargs(hf_processor_mm_kwargs), out_mm_kwargs
+        )
+        return [self._pruned_update(u, out_mm_kwargs) for u in updates]
+
+    def _pruned_update(self, update, out_mm_kwargs):
+        """Shorten an image's placeholder run from N to the K its item carries."""
+        if update.modality != "image" or not isinstance(update, PromptReplacement):
+            return update
+        full_replacement = update.replacement
+
+        def replacement(item_idx: int):
+            full = full_replacement(item_idx) if callable(full_replacement) else full_replacement
+            item = out_mm_kwargs["image"][item_idx]
+            if KEEP_FIELD not in item:  # precomputed embeddings: not pruned
+                return full
+            k = int(item[KEEP_FIELD].data)
+            if not isinstance(full, list) or len(set(full)) != 1:
+                raise NotImplementedError(
+                    f"{type(self).__name__}: image replacement is not a plain placeholder run"
+                )
+            return full[:k]
+
+        return dataclasses.replace(update, replacement=replacement)
+
+    def _record_metrics(self, inputs, result, ratio: float, method: str) -> None:
+        from vllm_tokenprune.serving.metrics import record_request
+
+        placeholders = result["mm_placeholders"].get("image", [])
+        if not placeholders:
+            return
+        images = inputs.mm_data_items.get_items("image", ImageProcessorItems)
+        passed_on = self._without_prune_kwargs(inputs.hf_processor_mm_kwargs)
+        counts = [(self._unpruned_tokens(images.get_image_size(i), passed_on), p.length)
+                  for i, p in enumerate(placeholders)]
+        model_name = self.info.ctx.model_config.served_model_name
+        if isinstance(model_name, (list, tuple)):
+            model_name = model_name[0]
+        record_request(str(model_name), method, ratio, counts)
+
+
+class PruningModelMixin:
+    """Mix into a vLLM multimodal model class (before it in the MRO).
+
+    ``_init_pruning`` loads the selector named in the config (validated against the
+    served model); ``_keep_rows`` applies an image's method to its candidate tokens.
+    """
+
+    token_selector: nn.Module | None
+
+    def _init_pruning(self, vllm_config, device: torch.device) -> None:
+        hf_config = vllm_config.model_config.hf_config
+        path = selector_path(hf_config)
+        self.token_selector = None
+        if path is None:
+            return
+        from vllm_tokenprune.selection.selector import check_compatible, load_selector
+
+        selector, metadata = load_selector(path)
+        check_compatible(metadata, hf_config)
+        self.token_selector = selector.to(device=device).eval()
+        logger.info("tokenprune: loaded selector %s (trained for %s)", path,
+                    metadata.get("source_model"))
+
+    @staticmethod
+    def _pop_prune_fields(kwargs: dict) -> dict[str, list[int]] | None:
+        """The batch's ``PruningInputs`` (validated), as lists per field; None without them."""
+        values = {name: kwargs.pop(name, None) for name in PRUNE_FIELDS}
+        if any(v is None for v in values.values()):
+            return None
+        inputs = PruningInputs(**{name: torch.as_tensor(v).flatten() for name, v in values.items()})
+        return {name: [int(x) for x in getattr(inputs, name).tolist()] for name in PRUNE_FIELDS}
+
+    @staticmethod
+    def _requested_probes(fields: dict[str, list[int]], counts: Sequence[int]) -> set[methods.Probe]:
+        """The tower statistics that the images of a batch need: those of the methods of
+        the images that keep fewer than their ``counts`` tokens."""
+        names = {methods.method_name(m)
+                 for m, k, n in zip(fields[METHOD_FIELD], fields[KEEP_FIELD], counts) if k < n}
+        return set().union(*(methods.get(name).needs for name in names))
+
+    def _keep_rows(self, fields: dict[str, list[int]], i: int, features: torch.Tensor, *,
+                   grids: tuple[tuple[int, int], ...], k: int | None = None,
+                   **tokens: object) -> methods.Rows:
+        """Image i's candidate tokens (N, D) -> the K rows its method keeps, ascending stock
+        positions; ``tokens`` fills the rest of ``methods.Tokens`` (values, embed, stats)."""
+        name = methods.method_name(fields[METHOD_FIELD][i])
+        k = fields[KEEP_FIELD][i] if k is None else k
+        candidates = methods.Tokens(features, grids, seed=fields[SEED_FIELD][i],
+                                    selector=self.token_selector, **tokens)
+        with torch.inference_mode():
+            return methods.select(name, candidates, k)
+
+    def _selector_weight_names(self) -> Iterable[str]:
+        """Names vLLM's loader must see as loaded (the selector loaded itself)."""
+        if self.token_selector is None:
+            return ()
+        return {f"token_selector.{n}" for n, _ in self.token_selector.named_parameters()}
+

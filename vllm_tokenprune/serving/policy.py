@@ -1,0 +1,191 @@
+"""The pruning contract: what a request may ask for, what the operator allows, and K.
+
+``keep_count`` is the single definition of K. ``resolve`` turns a request's processor
+kwargs into the ratio and method it gets, under the operator's ``PrunePolicy``. The
+multimodal processor calls both for every request, whatever route or client it came
+from (HTTP, batch, offline ``LLM``), sizes each image's placeholder run to K and hands
+the integer to the model, which selects exactly that many embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+
+def keep_count(num_tokens: int, keep_ratio: float) -> int:
+    """K = round(N * ratio), clamped to [1, N]: never zero tokens, never more than N."""
+    if num_tokens < 1:
+        raise ValueError(f"an image must have at least one token, got {num_tokens}")
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+    # Round half up; the small epsilon absorbs float error such as 0.35 * 20 = 6.999...
+    k = math.floor(num_tokens * keep_ratio + 0.5 + 1e-9)
+    return max(1, min(num_tokens, k))
+
+
+# --- A request's ratio and method -------------------------------------------------------
+
+KEEP_RATIO_KEY = "keep_ratio"
+METHOD_KEY = "prune_method"
+# Set by the HTTP layer on routes that only render a prompt (/tokenize): such requests
+# are processed like any other but not counted in the served-request metrics.
+NOT_SERVED_KEY = "tokenprune_not_served"
+OUR_KEYS = (KEEP_RATIO_KEY, METHOD_KEY, NOT_SERVED_KEY)
+# Refuse absurd values before parsing them (a header is client-controlled).
+MAX_VALUE_LENGTH = 64
+# Plain decimal or exponent notation only: float() would also take "nan", "inf", "1_0"
+# and non-ASCII digits.
+_NUMBER = re.compile(r"[+]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
+
+
+class PruneRequestError(ValueError):
+    """A client asked for something the contract refuses; ``param`` names where."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def parse_keep_ratio(raw: object, *, param: str) -> float:
+    """A keep ratio from a header string or a JSON number, validated to (0, 1]."""
+    bad = PruneRequestError(f"{param} must be a number in (0, 1], got {_short(raw)}", param)
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        raise bad
+    if isinstance(raw, str):
+        if len(raw) > MAX_VALUE_LENGTH:
+            raise PruneRequestError(
+                f"{param} is too long ({len(raw)} characters; at most {MAX_VALUE_LENGTH})", param)
+        if not _NUMBER.fullmatch(raw.strip()):
+            raise bad
+    try:
+        value = float(raw)
+    except (ValueError, OverflowError):  # an integer with hundreds of digits
+        raise bad from None
+    if not math.isfinite(value) or not 0.0 < value <= 1.0:
+        raise bad
+    return value
+
+
+def parse_method(raw: object, *, param: str) -> str:
+    from vllm_tokenprune.selection.methods import METHOD_NAMES
+
+    if not isinstance(raw, str) or len(raw) > MAX_VALUE_LENGTH:
+        raise PruneRequestError(f"{param} must be a method name, got {_short(raw)}", param)
+    name = raw.strip().lower()
+    if name not in METHOD_NAMES:
+        raise PruneRequestError(
+            f"{param}: unknown prune method {raw!r}; choose one of {', '.join(METHOD_NAMES)}",
+            param,
+        )
+    return name
+
+
+def _short(raw: object) -> str:
+    text = repr(raw)
+    return text if len(text) <= MAX_VALUE_LENGTH else text[:MAX_VALUE_LENGTH] + "..."
+
+
+# --- The operator's policy --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrunePolicy:
+    """The operator's rules for client-chosen ratios, carried in the model config.
+
+    ``min_keep_ratio`` is a floor clients cannot go under (lower requests are raised to
+    it); ``keep_ratio_step`` rounds ratios to a grid, so that near-identical ratios
+    share one processor/encoder/prefix cache entry instead of fragmenting the caches;
+    ``allowed_mm_kwargs`` names the HF processor kwargs clients may still send (none by
+    default: on Qwen, ``max_pixels`` decides how many tokens and how much memory an
+    image costs).
+
+    The policy travels as ``tokenprune_*`` keys of ``--hf-overrides``, beside the
+    selector path, so ``vllm serve``, ``vllm-tokenprune serve`` and offline ``LLM``
+    follow the same one.
+    """
+
+    default_keep_ratio: float = 1.0
+    min_keep_ratio: float = 0.0
+    keep_ratio_step: float = 0.0
+    allowed_mm_kwargs: tuple[str, ...] = field(default=())
+
+    CONFIG_PREFIX = "tokenprune_"
+
+    def __post_init__(self):
+        parse_keep_ratio(self.default_keep_ratio, param="default_keep_ratio")
+        for name in ("min_keep_ratio", "keep_ratio_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        if isinstance(self.allowed_mm_kwargs, str) or not all(
+                isinstance(k, str) for k in self.allowed_mm_kwargs):
+            raise ValueError(f"allowed_mm_kwargs must be a list of names, got {self.allowed_mm_kwargs!r}")
+        if clash := set(self.allowed_mm_kwargs) & set(OUR_KEYS):
+            raise ValueError(f"allowed_mm_kwargs cannot name our own keys {sorted(clash)}")
+        object.__setattr__(self, "allowed_mm_kwargs", tuple(self.allowed_mm_kwargs))
+
+    @classmethod
+    def from_config(cls, hf_config) -> PrunePolicy:
+        """The policy set on a model config (by ``--hf-overrides``); defaults for the rest."""
+        values = {f.name: getattr(hf_config, cls.CONFIG_PREFIX + f.name) for f in fields(cls)
+                  if getattr(hf_config, cls.CONFIG_PREFIX + f.name, None) is not None}
+        try:
+            return cls(**values)
+        except ValueError as err:
+            raise ValueError(f"tokenprune policy in the model config: {err}") from None
+
+    def to_overrides(self) -> dict[str, object]:
+        """The ``--hf-overrides`` keys that carry this policy (only those not at default)."""
+        default = PrunePolicy()
+        return {self.CONFIG_PREFIX + f.name: list(v) if isinstance(v, tuple) else v
+                for f in fields(self) if (v := getattr(self, f.name)) != getattr(default, f.name)}
+
+    def apply(self, ratio: float | None) -> float:
+        ratio = self.default_keep_ratio if ratio is None else ratio
+        if self.keep_ratio_step > 0:
+            steps = max(1, math.floor(ratio / self.keep_ratio_step + 0.5 + 1e-9))
+            ratio = min(1.0, round(steps * self.keep_ratio_step, 12))
+        return max(ratio, self.min_keep_ratio)
+
+
+@dataclass(frozen=True)
+class PruneRequest:
+    """What a request gets: its ratio (policy applied), its method (None: the server's
+    default), the HF processor kwargs the operator lets through, and whether it counts
+    as a served request."""
+
+    keep_ratio: float
+    method: str | None
+    hf_kwargs: Mapping[str, object]
+    served: bool = True
+
+
+def resolve(mm_kwargs: Mapping[str, object] | None, policy: PrunePolicy,
+            *, param_prefix: str = "mm_processor_kwargs.") -> PruneRequest:
+    """A request's processor kwargs -> what it gets. Raises PruneRequestError naming the
+    offending key: a foreign key the operator did not allow, or a bad ratio or method."""
+    mm_kwargs = mm_kwargs or {}
+    for key in mm_kwargs:
+        if key not in OUR_KEYS and key not in policy.allowed_mm_kwargs:
+            raise PruneRequestError(
+                f"{param_prefix}{key} is not accepted by this server: clients may set "
+                f"{KEEP_RATIO_KEY} and {METHOD_KEY}" + (
+                    f", and {', '.join(policy.allowed_mm_kwargs)}" if policy.allowed_mm_kwargs else ""),
+                f"{param_prefix}{key}")
+
+    def given(key):
+        return mm_kwargs.get(key) is not None
+
+    ratio = (parse_keep_ratio(mm_kwargs[KEEP_RATIO_KEY], param=param_prefix + KEEP_RATIO_KEY)
+             if given(KEEP_RATIO_KEY) else None)
+    method = (parse_method(mm_kwargs[METHOD_KEY], param=param_prefix + METHOD_KEY)
+              if given(METHOD_KEY) else None)
+    return PruneRequest(
+        keep_ratio=policy.apply(ratio),
+        method=method,
+        hf_kwargs={k: v for k, v in mm_kwargs.items() if k in policy.allowed_mm_kwargs},
+        served=not mm_kwargs.get(NOT_SERVED_KEY),
+    )

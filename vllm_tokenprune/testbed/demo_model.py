@@ -1,0 +1,403 @@
+"""A small LLaVA-1.5 trained here, from scratch, on the synthetic shapes task; and its selector.
+
+    vllm-tokenprune train-demo --out DIR
+
+No real VLM can be downloaded here, so this is the model that shows pruning keeping what
+matters: a CLIP-style tower, a projector and a small Llama, with a word-level tokenizer
+and LLaVA-1.5's chat template, written in the hub layout that transformers and vLLM load
+(``DIR/model``). It answers "how many shapes are there ?" and "which colour appears the
+most ?" about ``synthetic.make_scene`` images with one word. Then its selector is trained
+with ``vllm-tokenprune train`` on textured training scenes (``DIR/selector.safetensors``).
+The package ships the result in ``vllm_tokenprune/testbed/demo/``; ``vllm-tokenprune serve`` with
+no MODEL serves it.
+
+Token dropout: a model trained on full token sets only answers from how many tokens look
+coloured and breaks under any pruning (docs/quality.md). So most samples keep every
+content patch (any shape pixel) plus a random number of the other tokens, in order, like
+a pruned request; the rest keep all tokens. The other tokens fade in over the first
+steps (``curriculum_steps``): started cold on the full mix, counting stayed at chance for
+4000 steps; with the fade-in both questions are learned in about 1500.
+
+Deterministic: same seed and thread count on the same kind of CPU give the same weights
+(the data, the dropout and the initialization all come from the seed; the selector's
+header also records its training time). ``--selector-only`` keeps the model and retrains
+the selector alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from vllm_tokenprune.testbed.synthetic import (
+    COUNT_WORDS,
+    QUESTIONS,
+    TASK_COLOURS,
+    TASK_IMAGE_SIZE,
+    TASK_PATCH,
+    make_scene,
+    question_of,
+    scene_seed,
+)
+from vllm_tokenprune.training.options import add_options, from_args, opt, warmup_cosine
+
+DEMO_DIR = Path(__file__).parent / "demo"  # the shipped result: model/ and selector.safetensors
+SPECIALS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
+
+
+@dataclass
+class DemoConfig:
+    # model (vLLM's CPU attention needs head_dim in {32, 64, ...}: 128 / 4 = 32)
+    vision_hidden: int = opt(128, "CLIP tower width")
+    vision_layers: int = opt(4, "CLIP tower layers (the last one feeds the projector)")
+    vision_heads: int = opt(4, "CLIP tower heads")
+    vision_intermediate: int = opt(256, "CLIP tower MLP width (2x: a third less compute than 4x)")
+    text_hidden: int = opt(128, "Llama width")
+    text_layers: int = opt(2, "Llama layers")
+    text_heads: int = opt(4, "Llama heads (and KV heads)")
+    text_intermediate: int = opt(256, "Llama MLP width")
+    # training
+    steps: int = opt(2400, "optimizer steps")
+    batch_size: int = opt(16, "scenes per step, half textured, half plain")
+    lr: float = opt(1e-3, "AdamW peak learning rate (warmup, cosine to lr/10); at 3e-3 it stays at chance")
+    warmup_steps: int = opt(100, "learning-rate warmup steps")
+    weight_decay: float = opt(0.01, "AdamW weight decay")
+    dropout_frac: float = opt(0.75, "share of samples that keep content + a random part of the rest")
+    curriculum_steps: int = opt(600, "steps over which the other tokens fade in (0: none)")
+    eval_every: int = opt(400, "steps between validation accuracy reports (0: only at the end)")
+    eval_scenes: int = opt(200, "validation scenes per variant")
+    seed: int = opt(0, "seed of initialization, data order and dropout")
+    threads: int = opt(1, "CPU threads (the bytes depend on it; 1 is kind to a shared machine)")
+    # selector, trained afterwards with `vllm-tokenprune train`
+    selector_images: int = opt(2000, "textured training scenes for the selector (1200 kept 76% of the shapes at 0.25)")
+    selector_steps: int = opt(600, "selector optimizer steps")
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizer, processor, config
+
+
+def vocabulary() -> list[str]:
+    """Specials first, then every word of the template, the questions and the answers."""
+    words = ["user", "assistant", ":"]
+    for question in QUESTIONS.values():
+        words += [w for w in question.split() if w not in words]
+    return [*SPECIALS, *words, *COUNT_WORDS, *TASK_COLOURS]
+
+
+def build_processor():
+    """LlavaProcessor: CLIP preprocessing at the task's image size, a word-level tokenizer
+    (lower-cased, punctuation split off; unknown words become <unk>), LLaVA-1.5's template."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    from vllm_tokenprune.testbed.tokenizers import vicuna_template
+
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"}, model_max_length=512,
+        clean_up_tokenization_spaces=False,
+    )
+    # The template writes bos itself and encoding adds none, so prompts have one bos
+    # however a server tokenizes them.
+    tokenizer.chat_template = vicuna_template("<image>")
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": TASK_IMAGE_SIZE},
+        crop_size={"height": TASK_IMAGE_SIZE, "width": TASK_IMAGE_SIZE},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=TASK_PATCH,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=tokenizer.chat_template,
+    )
+
+
+def build_config(cfg: DemoConfig, tokenizer):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_intermediate,
+        num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+        image_size=TASK_IMAGE_SIZE, patch_size=TASK_PATCH, projection_dim=cfg.text_hidden,
+        hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+        num_key_value_heads=cfg.text_heads, max_position_embeddings=512, rms_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        # 1/sqrt(width) (0.088 here), not the usual 0.02 that suits widths in the thousands:
+        # at 0.02 the image-to-answer path is a product of near-zero matrices (measured: a
+        # colour-only probe stayed at chance for 150 steps; at 0.088 it reached 86%).
+        initializer_range=cfg.text_hidden ** -0.5,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",  # drop CLS
+        # The last layer: with LLaVA-1.5's -2 the top layer would never be trained.
+        vision_feature_layer=-1,
+        image_seq_length=(TASK_IMAGE_SIZE // TASK_PATCH) ** 2,
+        tie_word_embeddings=False,
+    )
+    config.architectures = ["LlavaForConditionalGeneration"]
+    config.dtype = "float32"
+    return config
+
+
+def prompt_pieces(tokenizer, question: str) -> tuple[list[int], list[int]]:
+    """Token ids of the chat prompt before and after the image placeholder."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    before, after = text.split("<image>")
+    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
+    return encode(before), encode(after)
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+
+
+def pixel_values(images, processor) -> torch.Tensor:
+    """CLIP normalization of task-sized images (the processor's resize and crop are no-ops
+    at this size; tests check the result equals the processor's)."""
+    ip = processor.image_processor
+    x = torch.from_numpy(np.stack([np.asarray(im, np.float32) for im in images])).permute(0, 3, 1, 2)
+    mean = torch.tensor(ip.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(ip.image_std).view(1, 3, 1, 1)
+    return (x * ip.rescale_factor - mean) / std
+
+
+@dataclass
+class Batch:
+    pixels: torch.Tensor  # (B, 3, H, W)
+    keep: list[torch.Tensor]  # per sample, ascending token indices the language model sees
+    kinds: list[str]  # question kind per sample
+    answers: list[str]
+
+
+def training_batch(step: int, cfg: DemoConfig, processor, rng: np.random.Generator) -> Batch:
+    """Scenes step*B .. step*B+B-1 of the train split (even textured, odd plain), with dropout.
+
+    Curriculum: over the first curriculum_steps the other tokens fade in (at most a
+    growing fraction of them is kept, and full-token samples start at zero), so the
+    language model first learns to read the shapes with little else in the way.
+    """
+    ramp = min(1.0, step / cfg.curriculum_steps) if cfg.curriculum_steps else 1.0
+    scenes, kinds, keep = [], [], []
+    for j in range(cfg.batch_size):
+        index = step * cfg.batch_size + j
+        scene = make_scene("textured" if index % 2 == 0 else "plain", scene_seed("train", index))
+        content = scene.content_patches().reshape(-1)
+        if rng.random() < 1 - (1 - cfg.dropout_frac) * ramp:
+            rest = np.flatnonzero(~content)
+            extra = rng.choice(rest, size=int(rng.integers(0, round(ramp * len(rest)) + 1)), replace=False)
+            kept = np.sort(np.concatenate([np.flatnonzero(content), extra]))
+        else:
+            kept = np.arange(len(content))
+        scenes.append(scene)
+        kinds.append(tuple(QUESTIONS)[int(rng.integers(len(QUESTIONS)))])
+        keep.append(torch.from_numpy(kept))
+    return Batch(pixel_values([s.image for s in scenes], processor), keep, kinds,
+                 [s.answer(k) for s, k in zip(scenes, kinds)])
+
+
+# ---------------------------------------------------------------------------------------
+# The forward pass on pruned token sets
+
+
+def answer_logits(model, batch: Batch, pieces: dict[str, tuple[list[int], list[int]]],
+                  answer_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (B, V) of the answer, or with answer_ids (B,) also of what follows it (B, 2, V).
+
+    Each sample's sequence is exactly what the server prefills: prompt text, the kept
+    image rows in order, the rest of the prompt; right-padded (causal attention never
+    looks at the padding).
+    """
+    mm = model.model
+    features = mm.get_image_features(
+        pixel_values=batch.pixels, vision_feature_layer=model.config.vision_feature_layer,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+    ).pooler_output  # projector output, per image (N, H); the projector works per token
+    embed = mm.language_model.get_input_embeddings()
+    seqs, ends = [], []
+    for i, kind in enumerate(batch.kinds):
+        before, after = pieces[kind]
+        parts = [embed(torch.tensor(before)), features[i][batch.keep[i]], embed(torch.tensor(after))]
+        if answer_ids is not None:
+            parts.append(embed(answer_ids[i:i + 1]))
+        seqs.append(torch.cat(parts))
+        ends.append(len(before) + len(batch.keep[i]) + len(after) - 1)  # the last prompt token
+    x = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+    hidden = mm.language_model(inputs_embeds=x).last_hidden_state
+    rows = torch.arange(len(seqs))
+    ends = torch.tensor(ends)
+    if answer_ids is None:
+        return model.lm_head(hidden[rows, ends])
+    return model.lm_head(torch.stack([hidden[rows, ends], hidden[rows, ends + 1]], dim=1))
+
+
+@torch.no_grad()
+def validation_accuracy(model, processor, pieces, cfg: DemoConfig, keep: str = "all") -> dict:
+    """Greedy answer accuracy on the val split, {variant: {question: accuracy}}, keeping all
+    tokens or (keep="content") only the content patches (the most pruning could hope to keep)."""
+    model.eval()
+    tok = processor.tokenizer
+    out = {}
+    for variant in ("textured", "plain"):
+        right = {kind: [] for kind in QUESTIONS}
+        for start in range(0, cfg.eval_scenes, 64):
+            idx = range(start, min(start + 64, cfg.eval_scenes))
+            scenes = [make_scene(variant, scene_seed("val", i)) for i in idx]
+            kinds = [question_of(i) for i in idx]
+            n = scenes[0].content_patches().size
+            kept = [torch.from_numpy(np.flatnonzero(s.content_patches().reshape(-1))) if keep == "content"
+                    else torch.arange(n) for s in scenes]
+            batch = Batch(pixel_values([s.image for s in scenes], processor), kept, kinds,
+                          [s.answer(k) for s, k in zip(scenes, kinds)])
+            predicted = answer_logits(model, batch, pieces).argmax(-1)
+            for p, a, kind in zip(predicted, batch.answers, kinds):
+                right[kind].append(tok.convert_ids_to_tokens(int(p)) == a)
+        out[variant] = {kind: round(float(np.mean(r)), 3) for kind, r in right.items()}
+    model.train()
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+
+
+def train_vlm(cfg: DemoConfig, progress: bool = True, log=tqdm.write):
+    """Train from scratch; returns (model, processor, report)."""
+    from transformers import LlavaForConditionalGeneration
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng([cfg.seed, 1])
+    processor = build_processor()
+    tok = processor.tokenizer
+    model = LlavaForConditionalGeneration(build_config(cfg, tok)).float()
+    model.train()
+    pieces = {kind: prompt_pieces(tok, q) for kind, q in QUESTIONS.items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
+                                  weight_decay=cfg.weight_decay)
+    history = []
+    start, cpu_start = time.time(), time.process_time()
+    bar = tqdm(range(cfg.steps), desc="train-demo", unit="step", disable=not progress)
+    for step in bar:
+        lr = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = training_batch(step, cfg, processor, rng)
+        targets = torch.tensor([[tok.convert_tokens_to_ids(a), tok.eos_token_id] for a in batch.answers])
+        logits = answer_logits(model, batch, pieces, answer_ids=targets[:, 0])
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", kept=f"{np.mean([len(k) for k in batch.keep]):.0f}")
+        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step == cfg.steps - 1:
+            row = {"step": step + 1, "loss": round(loss.item(), 4), "seconds": round(time.time() - start, 1),
+                   "val_all": validation_accuracy(model, processor, pieces, cfg),
+                   "val_content_only": validation_accuracy(model, processor, pieces, cfg, keep="content")}
+            history.append(row)
+            log(json.dumps(row))
+    model.eval()
+    report = {"config": asdict(cfg), "train_seconds": round(time.time() - start, 1),
+              "train_cpu_seconds": round(time.process_time() - cpu_start, 1),
+              "parameters": sum(p.numel() for p in model.parameters()), "history": history}
+    return model, processor, report
+
+
+def save_checkpoint(model, processor, out_dir: Path) -> Path:
+    """The hub layout both transformers and vLLM load (fp32 safetensors, LLaVA key names)."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    from vllm_tokenprune.testbed.tiny import _LLAVA_HUB_PREFIXES, _to_hub_layout
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(_to_hub_layout(state, _LLAVA_HUB_PREFIXES), out_dir / "model.safetensors",
+              metadata={"format": "pt"})
+    model.config.save_pretrained(out_dir)
+    text = model.config.text_config
+    GenerationConfig(bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
+                     pad_token_id=text.pad_token_id).save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def train_demo_selector(model_dir: Path, out: Path, cfg: DemoConfig, progress: bool = True) -> int:
+    """``vllm-tokenprune train`` on textured training scenes, exactly as a user would run it."""
+    from vllm_tokenprune.training.train import TrainConfig, train_on_folder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        images = Path(tmp) / "images"
+        # Scenes from the far end of the train range: the VLM never saw these.
+        write_selector_images(images, cfg.selector_images)
+        train = TrainConfig(steps=cfg.selector_steps, seed=cfg.seed, threads=cfg.threads,
+                            cache_dir=str(Path(tmp) / "cache"))
+        return train_on_folder(str(model_dir), images, out, train, progress=progress)
+
+
+SELECTOR_SCENES_START = 5 * 10**8  # train-split indices far beyond any VLM training run
+
+
+def write_selector_images(folder: Path, n: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        make_scene("textured", scene_seed("train", SELECTOR_SCENES_START + i)).image.save(
+            folder / f"textured_{i:05d}.png")
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, type=Path,
+                        help="folder for model/ (the checkpoint), selector.safetensors, training.json")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--selector-only", action="store_true",
+                        help="keep OUT/model and retrain only its selector (minutes, not a quarter hour)")
+    add_options(parser, DemoConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = from_args(DemoConfig, args)
+    progress = not args.no_progress
+    out: Path = args.out
+    model_dir = out / "model"
+    if args.selector_only:
+        report = json.loads((out / "training.json").read_text())
+        selector_fields = {"selector_images", "selector_steps"}
+        report["config"].update({k: v for k, v in asdict(cfg).items() if k in selector_fields})
+    else:
+        if model_dir.exists():
+            shutil.rmtree(model_dir)  # replace, never merge with an older checkpoint
+        model, processor, report = train_vlm(cfg, progress=progress, log=tqdm.write if progress else print)
+        save_checkpoint(model, processor, model_dir)
+        print(f"wrote {model_dir} ({report['parameters']} parameters, {report['train_seconds']:.0f} s, "
+              f"{report['train_cpu_seconds']:.0f} s CPU)")
+    code = train_demo_selector(model_dir, out / "selector.safetensors", cfg, progress)
+    (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    return code

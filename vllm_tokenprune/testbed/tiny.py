@@ -1,0 +1,486 @@
+"""Tiny random-weight VLM checkpoints that both HF transformers and vLLM load.
+
+``build_tiny(arch, out_dir)`` writes what a hub checkpoint of that family holds: config,
+``model.safetensors`` (fp32, keys in the hub layout), generation config, tokenizer with a
+chat template, processor configs. Everything is made here, with no hub access: the
+tokenizer is a byte-level BPE trained on text generated in code, the weights come from
+one seeded generator, so a seed gives byte-identical weights.
+
+Never imports vLLM (the tests load these checkpoints into vLLM themselves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from vllm_tokenprune.serving.families import FAMILIES, by_name
+from vllm_tokenprune.testbed.tokenizers import chatml_template, make_tokenizer, vicuna_template
+
+ARCHES = tuple(f.name for f in FAMILIES)  # every family pruning serves, and only those
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Model sizes. Family constants (patch sizes of Qwen towers, merge sizes, ...) are not here."""
+
+    # language model (vLLM's CPU attention needs head_dim in {32, 64, 80, ...}: 128 / 4 = 32)
+    text_hidden: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 256
+    vocab_size: int = 512  # byte alphabet + special tokens + BPE merges
+    max_position_embeddings: int = 4096
+    # vision tower
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    vision_intermediate: int = 128
+    # CLIP / SigLIP towers: square input side and patch (168 / 14 -> 12 x 12 = 144 tokens)
+    image_size: int = 168
+    patch_size: int = 14
+    # LLaVA-OneVision: anyres tilings up to N x N tiles (the real model: 6 x 6 of 384 px)
+    # Qwen towers: token budget per image (the processor resizes into it)
+    qwen_min_tokens: int = 4
+    qwen_max_tokens: int = 256
+    # image size whose token count `run` reports (wide, to show the anyres / dynamic layouts)
+    probe_size: tuple[int, int] = (336, 252)
+
+
+PRESETS = {
+    "test": Preset(),
+    # Prefill-bound on a CPU: a Llama LM of ~300M parameters (hidden 1536, 12 layers,
+    # 24 heads / 6 KV heads) behind a cheap 2-layer CLIP tower at 336 px (576 image
+    # tokens, like LLaVA-1.5), so language-model prefill dominates time-to-first-token.
+    # Served in bf16 (vLLM's CPU default; fp32 is several times slower).
+    "bench": Preset(
+        text_hidden=1536, text_layers=12, text_heads=24, text_kv_heads=6,
+        text_intermediate=4096, vision_hidden=128, vision_layers=2, vision_heads=2,
+        vision_intermediate=512, image_size=336, probe_size=(336, 336),
+    ),
+}
+
+
+# --------------------------------------------------------------------------- architectures
+
+
+@dataclass(frozen=True)
+class _Arch:
+    build: Callable  # Preset -> (config, processor)
+    # transformers' state-dict prefix -> hub checkpoint prefix, first match wins
+    hub_prefixes: tuple[tuple[str, str], ...]
+
+
+# LLaVA-family hub checkpoints predate transformers' `model.` nesting and keep the CLIP /
+# SigLIP tower under `vision_model.` (vLLM's tower loaders expect that; transformers maps it).
+_LLAVA_HUB_PREFIXES = (
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.image_newline", "image_newline"),
+)
+
+
+def _text_config(p: Preset, tok, **family) -> dict:
+    """The preset's text-model sizes and the tokenizer's ids, with ``family``'s own settings."""
+    return {
+        "vocab_size": len(tok),
+        "hidden_size": p.text_hidden,
+        "intermediate_size": p.text_intermediate,
+        "num_hidden_layers": p.text_layers,
+        "num_attention_heads": p.text_heads,
+        "num_key_value_heads": p.text_kv_heads,
+        "max_position_embeddings": p.max_position_embeddings,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+        "tie_word_embeddings": False,
+        **family,
+    }
+
+
+def _llama_config(p: Preset, tok):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**_text_config(p, tok, rms_norm_eps=1e-5))
+
+
+def _clip_config(p: Preset):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=p.vision_hidden,
+        intermediate_size=p.vision_intermediate,
+        num_hidden_layers=p.vision_layers,
+        num_attention_heads=p.vision_heads,
+        image_size=p.image_size,
+        patch_size=p.patch_size,
+        projection_dim=p.text_hidden,
+        hidden_act="quick_gelu",
+    )
+
+
+def _clip_image_processor(p: Preset):
+    from transformers import CLIPImageProcessor
+
+    # CLIP's preprocessing (resize shortest edge, center crop), at the tower's input size.
+    return CLIPImageProcessor(
+        size={"shortest_edge": p.image_size},
+        crop_size={"height": p.image_size, "width": p.image_size},
+    )
+
+
+def _llama_tokenizer(p: Preset):
+    return make_tokenizer(p.vocab_size, p.max_position_embeddings,
+        specials=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
+        bos="<s>",
+        eos="</s>",
+        pad="<pad>",
+        extra={"image_token": "<image>"},
+        add_bos=True,
+    )
+
+
+def _build_llava(p: Preset):
+    from transformers import LlavaConfig, LlavaProcessor
+
+    tok = _llama_tokenizer(p)
+    tok.chat_template = vicuna_template("<image>")
+    tokens_per_image = (p.image_size // p.patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=_clip_config(p),
+        text_config=_llama_config(p, tok),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",  # drop CLS
+        vision_feature_layer=-2,
+        image_seq_length=tokens_per_image,
+        tie_word_embeddings=False,
+    )
+    processor = LlavaProcessor(
+        image_processor=_clip_image_processor(p),
+        tokenizer=tok,
+        patch_size=p.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLS, dropped by the "default" strategy
+        chat_template=tok.chat_template,
+    )
+    return config, processor
+
+
+def _anyres_pinpoints(side: int, grids) -> list[list[int]]:
+    """Resolutions (height, width) of the anyres tilings, in multiples of the tower's input side."""
+    return [[side * rows, side * cols] for rows, cols in grids]
+
+
+def _build_llava_next(p: Preset):
+    from transformers import LlavaNextConfig, LlavaNextImageProcessor, LlavaNextProcessor
+
+    tok = _llama_tokenizer(p)
+    tok.chat_template = vicuna_template("<image>")
+    # LLaVA-1.6's tilings (1x2, 2x1, 2x2, 1x3, 3x1 tiles of the tower's input).
+    pinpoints = _anyres_pinpoints(p.image_size, [(1, 2), (2, 1), (2, 2), (3, 1), (1, 3)])
+    config = LlavaNextConfig(
+        vision_config=_clip_config(p),
+        text_config=_llama_config(p, tok),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_grid_pinpoints=pinpoints,
+        image_seq_length=(p.image_size // p.patch_size) ** 2,  # the base tile's share
+        tie_word_embeddings=False,
+    )
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": p.image_size},
+        crop_size={"height": p.image_size, "width": p.image_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=p.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tok.chat_template,
+    )
+    return config, processor
+
+
+def _qwen_tokenizer(p: Preset, media: dict[str, str]):
+    """Qwen2's special tokens plus the model's media tokens (``media``: attribute -> token)."""
+    return make_tokenizer(p.vocab_size, p.max_position_embeddings,
+        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>", *media.values()],
+        bos=None,  # Qwen tokenizers add no bos
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        extra=media,
+        add_bos=False,
+    )
+
+
+_QWEN_VL_MEDIA = {
+    "vision_bos_token": "<|vision_start|>",
+    "vision_eos_token": "<|vision_end|>",
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+}
+
+
+def _qwen_vision_ids(tok) -> dict[str, int]:
+    ids = tok.convert_tokens_to_ids
+    return {
+        "image_token_id": ids("<|image_pad|>"),
+        "video_token_id": ids("<|video_pad|>"),
+        "vision_start_token_id": ids("<|vision_start|>"),
+        "vision_end_token_id": ids("<|vision_end|>"),
+    }
+
+
+def _qwen_size(p: Preset, patch_size: int) -> dict[str, int]:
+    """The Qwen processors' pixel budget (``size``) for the preset's tokens per image."""
+    pixels_per_token = (patch_size * 2) ** 2  # 2 x 2 patches merge into one token
+    return {"shortest_edge": p.qwen_min_tokens * pixels_per_token, "longest_edge": p.qwen_max_tokens * pixels_per_token}
+
+
+def _mrope_section(head_dim: int, t_share: float) -> list[int]:
+    """Split head_dim / 2 rotary frequencies over (t, h, w), h and w equal, as Qwen does."""
+    half = head_dim // 2
+    hw = round(half * (1 - t_share) / 2)
+    return [half - 2 * hw, hw, hw]
+
+
+def _qwen_text_config(p: Preset, tok, rope: dict) -> dict:
+    return _text_config(p, tok, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", **rope},
+                        bos_token_id=tok.pad_token_id)
+
+
+def _build_qwen2_5_vl(p: Preset):
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tok = _qwen_tokenizer(p, _QWEN_VL_MEDIA)
+    tok.chat_template = chatml_template(
+        "<|vision_start|><|image_pad|><|vision_end|>",
+        "<|vision_start|><|video_pad|><|vision_end|>",
+        default_system="You are a helpful assistant.",
+    )
+    head_dim = p.text_hidden // p.text_heads
+    config = Qwen2_5_VLConfig(
+        # Qwen2.5-VL splits 64 frequencies 16 / 24 / 24
+        text_config=_qwen_text_config(p, tok, {"rope_theta": 1e6, "mrope_section": _mrope_section(head_dim, 0.25)}),
+        vision_config=dict(
+            depth=p.vision_layers,
+            hidden_size=p.vision_hidden,
+            intermediate_size=p.vision_intermediate,
+            num_heads=p.vision_heads,
+            out_hidden_size=p.text_hidden,  # the merger projects straight into the LM
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,  # 4 x 4 merged tokens per window, as in the real model
+            fullatt_block_indexes=[p.vision_layers - 1],  # windowed layers, then a full one
+            tokens_per_second=2,
+        ),
+        **_qwen_vision_ids(tok),
+        tie_word_embeddings=False,
+    )
+    size = _qwen_size(p, 14)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size, patch_size=14, temporal_patch_size=2, merge_size=2),
+        video_processor=Qwen2VLVideoProcessor(size=size, patch_size=14, temporal_patch_size=2, merge_size=2),
+        tokenizer=tok,
+        chat_template=tok.chat_template,
+    )
+    return config, processor
+
+
+def _build_qwen3_vl(p: Preset):
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    tok = _qwen_tokenizer(p, _QWEN_VL_MEDIA)
+    tok.chat_template = chatml_template(
+        "<|vision_start|><|image_pad|><|vision_end|>",
+        "<|vision_start|><|video_pad|><|vision_end|>",
+        default_system=None,
+    )
+    head_dim = p.text_hidden // p.text_heads
+    # Qwen3-VL interleaves 64 frequencies 24 / 20 / 20 over (t, h, w)
+    rope = {"rope_theta": 5e6, "mrope_section": _mrope_section(head_dim, 0.375), "mrope_interleaved": True}
+    config = Qwen3VLConfig(
+        text_config={**_qwen_text_config(p, tok, rope), "head_dim": head_dim},
+        vision_config=dict(
+            depth=p.vision_layers,
+            hidden_size=p.vision_hidden,
+            intermediate_size=p.vision_intermediate,
+            num_heads=p.vision_heads,
+            out_hidden_size=p.text_hidden,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=24 * 24,  # a square grid, interpolated to each image (real: 48 x 48)
+            deepstack_visual_indexes=list(range(p.vision_layers - 1)),  # all but the last, like 8/16/24 of 27
+            hidden_act="gelu_pytorch_tanh",
+        ),
+        **_qwen_vision_ids(tok),
+        tie_word_embeddings=False,
+    )
+    size = _qwen_size(p, 16)
+    common = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+              "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size, **common),
+        video_processor=Qwen3VLVideoProcessor(size=size, **common),
+        tokenizer=tok,
+        chat_template=tok.chat_template,
+    )
+    return config, processor
+
+
+_ARCHES = {
+    "llava": _Arch(_build_llava, _LLAVA_HUB_PREFIXES),
+    # Hub Qwen2.5-VL checkpoints keep the LM at the top level (`model.layers.*`, `visual.*`).
+    "qwen2.5-vl": _Arch(_build_qwen2_5_vl, (("model.language_model.", "model."), ("model.visual.", "visual."))),
+    "llava-next": _Arch(_build_llava_next, _LLAVA_HUB_PREFIXES),
+    # Qwen3-VL was released with transformers' current layout (`model.language_model.*`).
+    "qwen3-vl": _Arch(_build_qwen3_vl, ()),
+}
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _random_weights(model_class: str, config, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded fp32 weights for every parameter of ``model_class(config)``, keyed as transformers names them.
+
+    Scales keep activations O(1) at any width (std 1/sqrt(fan_in) for matrices, norms near
+    1), so logits are spread out and greedy decoding is not decided by float noise.
+    Norm weights and biases are random too, so a loader that skips one shows up as a
+    different output, not as an identical default.
+    """
+    import transformers
+
+    with torch.device("meta"):
+        model = getattr(transformers, model_class)(config)
+    norm_params = {
+        f"{name}.{param}" if name else param
+        for name, module in model.named_modules()
+        if "norm" in type(module).__name__.lower()
+        for param, _ in module.named_parameters(recurse=False)
+    }
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, meta in model.state_dict().items():
+        if name not in params:
+            raise ValueError(f"{model_class} has a persistent buffer {name}; give it a value here")
+        noise = torch.randn(meta.shape, generator=gen, dtype=torch.float32)
+        if name in norm_params and name.endswith("weight"):
+            value = 1.0 + 0.1 * noise
+        elif name.endswith("bias"):
+            value = 0.1 * noise
+        elif meta.ndim >= 2:
+            value = noise / math.prod(meta.shape[1:]) ** 0.5  # 1 / sqrt(fan_in)
+        else:
+            value = noise / meta.numel() ** 0.5
+        weights[name] = value.contiguous()
+    return weights
+
+
+def _to_hub_layout(weights: dict[str, torch.Tensor], prefixes) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, value in weights.items():
+        for old, new in prefixes:
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        out[name] = value
+    return out
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def build_tiny(arch: str, out_dir: Path | str, seed: int = 0, preset: str = "test") -> Path:
+    """Write a tiny random-weight checkpoint of ``arch`` into ``out_dir`` and return it."""
+    from transformers import GenerationConfig
+
+    stock = by_name(arch).stock  # the transformers class
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    spec = _ARCHES[arch]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # The weights come from their own generator; this pins anything else that draws randomness.
+    torch.manual_seed(seed)
+    config, processor = spec.build(PRESETS[preset])
+    config.dtype = "float32"
+    # Without it vLLM resolves model_type to the headless LlavaModel and runs it as a pooler.
+    config.architectures = [stock]
+    weights = _random_weights(stock, config, seed)
+    save_file(_to_hub_layout(weights, spec.hub_prefixes), out / "model.safetensors", metadata={"format": "pt"})
+    config.save_pretrained(out)
+    text = config.get_text_config()
+    GenerationConfig(
+        bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id
+    ).save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def image_token_id(path: Path | str) -> int:
+    """The placeholder token id of a checkpoint's images."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    return config.get("image_token_index", config.get("image_token_id"))
+
+
+def count_image_tokens(path: Path | str, size: tuple[int, int]) -> int:
+    """Placeholder tokens the checkpoint's HF processor gives one image of ``size`` (width, height)."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    prompt = processor.apply_chat_template(chat, add_generation_prompt=True)
+    ids = processor(text=prompt, images=[Image.new("RGB", size)], return_tensors="pt")["input_ids"]
+    return int((ids == image_token_id(path)).sum())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", required=True, choices=ARCHES)
+    parser.add_argument("--out", required=True, type=Path, help="directory to write the checkpoint into")
+    parser.add_argument("--seed", type=int, default=0, help="weight seed (same seed, same bytes)")
+    parser.add_argument("--preset", default="test", choices=sorted(PRESETS), help="model sizes")
+    parser.add_argument("--force", action="store_true", help="delete OUT first if it is not empty")
+
+
+def run(args) -> int:
+    out: Path = args.out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not args.force:
+            print(f"error: {out} exists and is not empty; pass --force to replace it", file=sys.stderr)
+            return 2
+        # Replace, not merge: a leftover file of another arch would change what loads.
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    build_tiny(args.arch, out, seed=args.seed, preset=args.preset)
+    w, h = PRESETS[args.preset].probe_size
+    print(f"wrote tiny {args.arch} ({args.preset} preset, seed {args.seed}) to {out}")
+    print(f"image tokens for a {w}x{h} image: {count_image_tokens(out, (w, h))}")
+    return 0

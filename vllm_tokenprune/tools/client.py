@@ -1,0 +1,38 @@
+"""Client-side helpers for talking to a pruning server (benchmarks, eval, tests)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+from vllm_tokenprune.serving.http import KEEP_RATIO_HEADER, METHOD_HEADER
+
+
+def image_url(image) -> str:
+    """A PIL image as a data URL for an OpenAI ``image_url`` content item."""
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def prune_headers(keep_ratio: float | None = None, method: str | None = None) -> dict[str, str]:
+    headers = {}
+    if keep_ratio is not None:
+        headers[KEEP_RATIO_HEADER] = repr(float(keep_ratio))
+    if method is not None:
+        headers[METHOD_HEADER] = method
+    return headers
+
+
+class ServerUnreachableError(RuntimeError):
+    pass
+
+
+def served_model(base_url: str) -> str:
+    """The first model the server at ``base_url`` (ending in /v1) serves."""
+    import openai
+
+    try:
+        return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0).models.list().data[0].id
+    except openai.APIConnectionError:
+        raise ServerUnreachableError(f"no OpenAI-compatible server answers at {base_url}") from None

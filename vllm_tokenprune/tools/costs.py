@@ -1,0 +1,157 @@
+"""What each method costs per image next to the vision tower, at real model shapes with
+random weights (torch + transformers only, no vLLM; timings do not depend on the weights).
+
+    python -m vllm_tokenprune.tools.costs [--device cpu] [--threads 1] [--out costs.json]
+
+Shapes: LLaVA-1.5-7B (CLIP-L/14 at 336 px up to its vision_feature_layer, 23 of 24 layers,
+as vLLM builds it; 576 candidates of 1024 channels; the 1024 -> 4096 -> 4096 projector) and
+Qwen2.5-VL-7B (its 32-block tower on a 448 x 448 image: 1024 patches, 256 merged tokens of
+3584 channels), both at keep 0.25. A method's time is what serving runs for it: the tower
+statistics it declares, computed from one layer's queries and keys (``methods.attention``,
+on tensors of the layer's shapes), plus ``methods.select``. Methods and towers are timed in
+interleaved rounds; medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics as stats
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vllm_tokenprune.selection import methods
+from vllm_tokenprune.selection.methods.attention import statistics
+from vllm_tokenprune.selection.selector import SelectorConfig, TokenSelector
+from vllm_tokenprune.serving.policy import keep_count
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    tokens: int  # candidates per image
+    grid: tuple[int, int]
+    dim: int  # candidate feature width
+    sequence: int  # attention sequence of the probed layers
+    heads: int
+    head_dim: int
+    has_cls: bool
+    merge: int  # tower patches per candidate
+
+
+LLAVA = Shape("LLaVA-1.5-7B, CLIP-L/336", 576, (24, 24), 1024, 577, 16, 64, True, 1)
+QWEN = Shape("Qwen2.5-VL-7B, 448 x 448", 256, (16, 16), 3584, 1024, 16, 80, False, 4)
+
+
+def clip_tower(device, dtype):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                              num_attention_heads=16, image_size=336, patch_size=14)
+    with torch.device(device):
+        model = CLIPVisionModel(config).to(dtype).eval()
+    pixels = torch.randn(1, 3, 336, 336, device=device, dtype=dtype)
+    return lambda: model(pixels)
+
+
+def qwen_tower(device, dtype):
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    config = Qwen2_5_VLVisionConfig(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                                    out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31])
+    with torch.device(device):
+        model = Qwen2_5_VisionTransformerPretrainedModel(config).to(dtype).eval()
+    grid = torch.tensor([[1, 32, 32]], device=device)
+    pixels = torch.randn(1024, 3 * 2 * 14 * 14, device=device, dtype=dtype)
+    return lambda: model(pixels, grid_thw=grid)
+
+
+def method_runs(shape: Shape, device, dtype) -> dict[str, callable]:
+    """Per method, one image's statistics + selection at keep 0.25."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*size):
+        return torch.randn(*size, generator=gen).to(device=device, dtype=dtype)
+
+    features = rand(shape.tokens, shape.dim)
+    q, k = rand(1, shape.sequence, shape.heads, shape.head_dim), rand(1, shape.sequence, shape.heads, shape.head_dim)
+    with torch.device(device):
+        selector = TokenSelector(SelectorConfig(feature_dim=shape.dim)).to(dtype).eval()
+        projector = torch.nn.Sequential(torch.nn.Linear(shape.dim, 4096), torch.nn.GELU(),
+                                        torch.nn.Linear(4096, 4096)).to(dtype) if shape.merge == 1 else None
+    k_keep = keep_count(shape.tokens, 0.25)
+
+    def run(name: str):
+        method = methods.get(name)
+        found = {}
+        for layer in {p.layer for p in method.needs}:  # one layer's statistics at a time
+            wanted = {p.stat for p in method.needs if p.layer == layer}
+            for stat, value in statistics(q, k, shape.head_dim ** -0.5, wanted, has_cls=shape.has_cls).items():
+                value = value[0, 1:] if shape.has_cls else value[0]
+                found[methods.Probe(stat, layer)] = value.reshape(shape.tokens, shape.merge, -1).mean(1).squeeze(-1)
+        tokens = methods.Tokens(features, (shape.grid,), seed=0, selector=selector, embed=projector,
+                                stats=found)
+        return methods.select(name, tokens, k_keep)
+
+    return {name: (lambda name=name: run(name)) for name in methods.METHOD_NAMES}
+
+
+def timed(fn, device) -> float:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure(shape: Shape, tower, device: str, dtype, rounds: int, tower_every: int) -> dict:
+    runs = method_runs(shape, device, dtype)
+    for fn in [tower, *runs.values()]:  # warm-up
+        timed(fn, device)
+    times: dict[str, list[float]] = {name: [] for name in ["tower", *runs]}
+    for r in range(rounds):
+        if r % tower_every == 0:
+            times["tower"].append(timed(tower, device))
+        for name, fn in runs.items():
+            times[name].append(timed(fn, device))
+    tower_s = stats.median(times["tower"])
+    report = {"shape": shape.name, "tower_s": tower_s, "tower_runs": len(times["tower"]), "rounds": rounds,
+              "methods": {name: {"seconds": stats.median(t), "of_tower": stats.median(t) / tower_s}
+                          for name, t in times.items() if name != "tower"}}
+    print(f"{shape.name}: tower {tower_s * 1e3:.0f} ms (median of {len(times['tower'])})")
+    for name, row in report["methods"].items():
+        print(f"  {name:14s} {row['seconds'] * 1e3:8.2f} ms  {100 * row['of_tower']:6.2f}% of the tower")
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds of every method")
+    parser.add_argument("--tower-every", type=int, default=3, help="time the tower every N rounds")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    report = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
+              "torch": torch.__version__,
+              "results": [measure(LLAVA, clip_tower(args.device, dtype), args.device, dtype, args.rounds,
+                                  args.tower_every),
+                          measure(QWEN, qwen_tower(args.device, dtype), args.device, dtype, args.rounds,
+                                  args.tower_every)]}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,367 @@
+"""``vllm-tokenprune eval``: answer accuracy per keep ratio x method, through a real server.
+
+    vllm-tokenprune eval --url http://host:8000 --data items.jsonl --out DIR
+    vllm-tokenprune eval --model DIR --selector sel.safetensors --data items.jsonl [serve args]
+
+Each line of a data file is ``{"image": path | data URL | URL, "question": ..., "answer":
+...}`` (paths relative to the file; ``vllm-tokenprune make-eval-set`` writes such files,
+and an optional ``"kind"`` key gets its own accuracy). Every item is asked through the
+OpenAI chat API with ``X-Keep-Ratio`` / ``X-Prune-Method`` headers, greedily, several
+requests in flight; a prediction is right when it equals the answer after normalization
+(``--match``). With no ``--url`` and no ``--model`` the embedded demo model is served.
+
+The methods are the ones the server has (it lists them in the 400 it gives an unknown
+method), unless ``--methods`` names some. Keep 1.0 is the unpruned model whatever the
+method, so it is asked once and shown for every method.
+
+Results go to ``--out``: ``results.json``, ``results.md`` (a table per data file) and
+``accuracy.png`` (accuracy vs keep ratio, one line per method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import mimetypes
+import re
+import string
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vllm_tokenprune.tools.client import METHOD_HEADER, prune_headers, served_model
+
+ACCEPTS_EXTRA_ARGS = True  # extra arguments go to the server it starts
+MATCHES = ("exact", "first-word", "contains")
+# What a user would do instead of pruning: as many tokens, by pooling neighbours.
+POOLING_METHOD = "pool"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.usage = "%(prog)s --data ITEMS.jsonl [--url URL | --model DIR] [options] [serve args...]"
+    parser.add_argument("--data", action="append", metavar="[NAME=]PATH",
+                        help="items.jsonl to evaluate; repeat for several sets (NAME defaults to "
+                             "the folder name)")
+    parser.add_argument("--url", help="a running server (http://host:port[/v1])")
+    parser.add_argument("--model", help="checkpoint to serve (default: the embedded demo model)")
+    parser.add_argument("--selector", help="selector for the server it starts")
+    parser.add_argument("--ratios", default="1.0,0.5,0.25,0.1")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated (default: every method the server has)")
+    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--match", choices=MATCHES, default="exact",
+                        help="exact: the whole normalized prediction; first-word: its first "
+                             "word; contains: the answer as a whole word anywhere in it")
+    parser.add_argument("--case-sensitive", action="store_true")
+    parser.add_argument("--keep-punctuation", action="store_true")
+    parser.add_argument("--limit", type=int, default=0, help="first N items of each set (0: all)")
+    parser.add_argument("--out", type=Path, default=Path("eval-results"))
+    parser.add_argument("--render", type=Path, metavar="DIR",
+                        help="only rebuild DIR's table and plot from its results.json")
+
+
+# ---------------------------------------------------------------------------------------
+# Items and scoring
+
+
+@dataclass
+class Item:
+    image_url: str
+    question: str
+    answer: str
+    kind: str | None = None
+
+
+def load_items(path: Path, limit: int = 0) -> list[Item]:
+    items = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            image, question, answer = raw["image"], raw["question"], str(raw["answer"])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{number}: need a JSON object with image, question, answer ({err})") from None
+        items.append(Item(_image_url(image, path.parent), question, answer, raw.get("kind")))
+        if limit and len(items) == limit:
+            break
+    if not items:
+        raise ValueError(f"{path}: no items")
+    return items
+
+
+def _image_url(image: str, base: Path) -> str:
+    """Data and http(s) URLs pass through; a path (relative to the data file) becomes a data URL."""
+    if re.match(r"^(data:|https?://)", image):
+        return image
+    path = Path(image) if Path(image).is_absolute() else base / image
+    mime = mimetypes.guess_type(path.name)[0] or "image/png"
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+@dataclass(frozen=True)
+class Matcher:
+    mode: str = "exact"
+    case_sensitive: bool = False
+    keep_punctuation: bool = False
+
+    def normalize(self, text: str) -> str:
+        if not self.case_sensitive:
+            text = text.lower()
+        if not self.keep_punctuation:
+            text = text.translate(str.maketrans(string.punctuation, " " * len(string.punctuation)))
+        return " ".join(text.split())
+
+    def __call__(self, prediction: str, answer: str) -> bool:
+        pred, ans = self.normalize(prediction), self.normalize(answer)
+        if self.mode == "exact":
+            return pred == ans
+        if self.mode == "first-word":  # the prediction starts with the answer's words
+            return pred.split()[:len(ans.split())] == ans.split()
+        return f" {ans} " in f" {pred} "
+
+
+# ---------------------------------------------------------------------------------------
+# Talking to the server
+
+
+def server_methods(url: str, model: str) -> list[str]:
+    """The methods the server knows, read off the 400 it gives an unknown one."""
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+    try:
+        client.chat.completions.create(model=model, max_tokens=1, extra_headers={METHOD_HEADER: "?"},
+                                       messages=[{"role": "user", "content": "hi"}])
+        found, said = None, "it accepted an unknown method"
+    except openai.BadRequestError as err:
+        found, said = re.search(r"choose one of ([\w\-, ]+)", err.message), err.message
+    if not found:
+        raise RuntimeError(f"{url} does not list prune methods ({said[:300]}); is it a "
+                           "vllm-tokenprune server? Pass --methods to choose.")
+    return [m.strip() for m in found.group(1).split(",")]
+
+
+async def _ask_all(url: str, model: str, items: list[Item], cells: list[tuple[float, str | None]],
+                   concurrency: int, max_tokens: int, progress: bool) -> dict:
+    """Answers for every (cell, item): {(ratio, method): [(text or None, prompt_tokens, error)]}."""
+    import openai
+    from tqdm.auto import tqdm
+
+    client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=2, timeout=300)
+    limit = asyncio.Semaphore(concurrency)
+    bar = tqdm(total=len(items) * len(cells), desc="eval", unit="req", disable=not progress)
+
+    async def ask(item: Item, ratio: float, method: str | None):
+        async with limit:
+            try:
+                out = await client.chat.completions.create(
+                    model=model, max_tokens=max_tokens, temperature=0,
+                    messages=[{"role": "user", "content": [
+                        {"type": "image_url", "image_url": {"url": item.image_url}},
+                        {"type": "text", "text": item.question}]}],
+                    extra_headers=prune_headers(ratio, method))
+                return out.choices[0].message.content or "", out.usage.prompt_tokens, None
+            except openai.APIStatusError as err:
+                return None, None, f"{err.status_code}: {str(err)[:300]}"
+            finally:
+                bar.update()
+
+    try:
+        answers = {}
+        for ratio, method in cells:  # cell by cell, so a refused method fails fast and alone
+            answers[(ratio, method)] = await asyncio.gather(*(ask(it, ratio, method) for it in items))
+    finally:
+        bar.close()
+        await client.close()
+    return answers
+
+
+def score(items: list[Item], answers: list[tuple], matcher: Matcher) -> dict:
+    """Accuracy of one cell; failed requests count as wrong and are reported."""
+    right = [text is not None and matcher(text, item.answer) for item, (text, _, _) in zip(items, answers)]
+    tokens = [t for _, t, _ in answers if t is not None]
+    errors = [e for _, _, e in answers if e is not None]
+    cell = {"n": len(items), "correct": sum(right), "accuracy": sum(right) / len(items),
+            "mean_prompt_tokens": sum(tokens) / len(tokens) if tokens else None,
+            "errors": len(errors), "first_error": errors[0] if errors else None}
+    kinds = sorted({i.kind for i in items if i.kind is not None})
+    if kinds:
+        cell["by_kind"] = {k: sum(r for r, i in zip(right, items) if i.kind == k) /
+                           sum(i.kind == k for i in items) for k in kinds}
+    return cell
+
+
+def evaluate(url: str, datasets: dict[str, list[Item]], ratios: list[float], methods: list[str],
+             matcher: Matcher, concurrency: int = 16, max_tokens: int = 8, progress: bool = True,
+             model: str | None = None) -> dict:
+    """{name: {"n", "cells": [{"method", "keep_ratio", ...score}]}} for each data set.
+
+    A method the server refuses (every request a 400, e.g. 'learned' with no selector) is
+    left out and named under "refused". ``model``: the served name (default: asked).
+    """
+    model = model or served_model(url)
+    pruned = [r for r in ratios if r < 1.0]
+    cells = ([(1.0, None)] if 1.0 in ratios else []) + [(r, m) for m in methods for r in pruned]
+    results = {}
+    for name, items in datasets.items():
+        answers = asyncio.run(_ask_all(url, model, items, cells, concurrency, max_tokens, progress))
+        out_cells, refused = [], {}
+        for (ratio, method), got in answers.items():
+            cell = score(items, got, matcher)
+            if cell["errors"] == len(items) and cell["first_error"].startswith("400"):
+                refused[method] = cell["first_error"]
+                continue
+            for m in ([method] if method else methods):
+                out_cells.append({"method": m, "keep_ratio": ratio, **cell})
+        results[name] = {"n": len(items), "refused": refused,
+                         "cells": [c for c in out_cells if c["method"] not in refused]}
+        first = next(iter(answers.values()))  # a few predictions, to see what the model says
+        results[name]["examples"] = [{"question": i.question, "answer": i.answer, "prediction": a[0]}
+                                     for i, a in zip(items[:5], first)]
+    return {"model": model, "match": matcher.__dict__, "ratios": ratios, "methods": methods,
+            "datasets": results}
+
+
+# ---------------------------------------------------------------------------------------
+# Report
+
+
+def _cell(result: dict, method: str, ratio: float) -> dict | None:
+    return next((c for c in result["cells"] if c["method"] == method and c["keep_ratio"] == ratio), None)
+
+
+def markdown(report: dict) -> str:
+    ratios = report["ratios"]
+    lines = [f"# Accuracy vs kept visual tokens: `{report['model']}`", "",
+             f"`{report['command']}` at commit `{report['commit']}`; {report['match']['mode']} match "
+             "after normalization; greedy answers through the server's OpenAI API.", ""]
+    for name, result in report["datasets"].items():
+        methods = [m for m in report["methods"] if m not in result["refused"]]
+        tokens = {r: _cell(result, methods[0], r)["mean_prompt_tokens"] for r in ratios} if methods else {}
+        lines += [f"## {name} ({result['n']} items)", "",
+                  "| method | " + " | ".join(f"keep {r}" for r in ratios) + " |",
+                  "|---|" + "---|" * len(ratios)]
+        for m in methods:
+            row = []
+            for r in ratios:
+                c = _cell(result, m, r)
+                row.append("-" if c is None else f"{100 * c['accuracy']:.1f}")
+            lines.append(f"| {m} | " + " | ".join(row) + " |")
+        if tokens and all(v is not None for v in tokens.values()):
+            lines.append("| *prompt tokens* | " + " | ".join(f"{tokens[r]:.0f}" for r in ratios) + " |")
+        lines.append("")
+        lines += _summary(result, ratios)
+        for method, error in result["refused"].items():
+            lines.append(f"- `{method}`: refused by the server ({error[:120]})")
+        errors = sum(c["errors"] for c in result["cells"])
+        if errors:
+            lines.append(f"- {errors} failed requests counted as wrong")
+        lines.append("")
+    if POOLING_METHOD not in report["methods"]:
+        lines.append(f"No `{POOLING_METHOD}` method on this server (its methods: "
+                     f"{', '.join(report['methods'])}), so the pooling baseline is missing.")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _summary(result: dict, ratios: list[float]) -> list[str]:
+    """The comparisons the quality targets are about, where the cells exist."""
+    full = next((c for c in result["cells"] if c["keep_ratio"] == 1.0), None)
+    lines = []
+    if full is None:
+        return lines
+    for r in ratios:
+        learned = _cell(result, "learned", r)
+        if r == 1.0 or learned is None:
+            continue
+        kept = 100 * learned["accuracy"] / max(full["accuracy"], 1e-9)
+        parts = [f"learned keeps {kept:.1f}% of the keep-1.0 accuracy"]
+        for other in ("random", "norm"):
+            c = _cell(result, other, r)
+            if c is not None:
+                parts.append(f"{100 * (learned['accuracy'] - c['accuracy']):+.1f} points vs {other}")
+        lines.append(f"- keep {r}: " + ", ".join(parts))
+    return lines + ([""] if lines else [])
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["datasets"])
+    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        result = report["datasets"][name]
+        for i, m in enumerate(m for m in report["methods"] if m not in result["refused"]):
+            cells = sorted((c for c in result["cells"] if c["method"] == m), key=lambda c: c["keep_ratio"])
+            ax.plot([c["keep_ratio"] for c in cells], [100 * c["accuracy"] for c in cells],
+                    marker="o", color=f"C{i}", lw=2.5 if m == "learned" else 1.5, label=m,
+                    zorder=3 if m == "learned" else 2)
+        ax.set(xscale="log", xlabel="keep ratio (fraction of image tokens)", ylabel="accuracy (%)",
+               title=f"{name} ({result['n']} items)", ylim=(0, 102))
+        ax.set_xticks(report["ratios"], [str(r) for r in report["ratios"]])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8, frameon=False)
+    fig.suptitle(report["model"])
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def _datasets(specs: list[str], limit: int) -> dict[str, list[Item]]:
+    out = {}
+    for spec in specs:
+        name, _, path = spec.rpartition("=")
+        path = Path(path)
+        out[name or path.parent.name] = load_items(path, limit)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from vllm_tokenprune.tools.launcher import target
+    from vllm_tokenprune.tools.provenance import source_commit
+
+    if args.render:
+        write_report(json.loads((args.render / "results.json").read_text()), args.render)
+        return 0
+    if not args.data:
+        print("error: --data is required", file=sys.stderr)
+        return 2
+    try:
+        datasets = _datasets(args.data, args.limit)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    ratios = sorted({float(r) for r in args.ratios.split(",")}, reverse=True)
+    matcher = Matcher(args.match, args.case_sensitive, args.keep_punctuation)
+    args.out.mkdir(parents=True, exist_ok=True)
+    serve_args = [*args.extra_args, *(["--selector", args.selector] if args.selector else [])]
+    with target(args.url, args.model, serve_args, args.out / "server.log") as server:
+        url = server.root + "/v1"
+        methods = args.methods.split(",") if args.methods else server_methods(url, server.model)
+        start = time.time()
+        report = evaluate(url, datasets, ratios, methods, matcher, args.concurrency, args.max_tokens,
+                          model=server.model)
+    report.update(seconds=round(time.time() - start, 1), commit=source_commit(),
+                  command=" ".join(["vllm-tokenprune", "eval", *sys.argv[2:]]))
+    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
+    return 0
+
+
+def write_report(report: dict, out: Path) -> None:
+    (out / "results.md").write_text(markdown(report))
+    plot(report, out / "accuracy.png")
+    print(markdown(report))
+    print(f"results in {out}")

