@@ -374,14 +374,19 @@ def test_a_batch_of_ratios_answers_as_each_request_alone(llm, path):
     one encoder call (per-image K, method, seed) and get one position recompute each."""
     from vllm import SamplingParams
 
-    imgs = images(7)
     asks = [{"keep_ratio": 0.25, "prune_method": "norm"}, {"keep_ratio": 1.0},
             {"keep_ratio": 0.5, "prune_method": "random"}, {"keep_ratio": 0.1, "prune_method": "norm"}]
-    batch = llm.generate([request(llm, imgs, **kwargs) for kwargs in asks],
-                         SamplingParams(**GREEDY), use_tqdm=False)
-    steps, kept = probes(llm)
-    # The engine schedules requests as they arrive; some step prefills more than one.
-    assert max(s.shape[1] for s in steps) > max(len(out.prompt_token_ids) for out in batch) + len(asks)
+    for attempt in range(3):
+        imgs = images(7 + 10 * attempt)  # new images each time: no cache hit shortens a retry
+        batch = llm.generate([request(llm, imgs, **kwargs) for kwargs in asks],
+                             SamplingParams(**GREEDY), use_tqdm=False)
+        steps, kept = probes(llm)
+        # The engine schedules requests as they arrive, so some step should prefill several;
+        # where the engine happened to take them one by one, the batch is sent again.
+        if max(s.shape[1] for s in steps) > max(len(out.prompt_token_ids) for out in batch) + len(asks):
+            break
+    else:
+        pytest.fail("in three tries the engine never prefilled two of the requests in one step")
     sizes = [count_image_tokens(path, im.size) for im in imgs]
     assert sorted(len(k) for k in kept) == sorted(
         keep_count(n, kwargs["keep_ratio"]) for kwargs in asks for n in sizes)
