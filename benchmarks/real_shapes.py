@@ -1,7 +1,8 @@
 """The limit for real model sizes, with random weights: vision-tower time, selector time,
 and language-model prefill time as a function of token count.
 
-Needs only PyTorch and transformers (no vLLM), so it runs on a bare GPU machine:
+Needs only PyTorch and transformers (no vLLM), so it runs on a bare GPU machine. Every
+measurement interleaves what it compares (``tools/timing.py``):
 
     PYTHONPATH=. python benchmarks/real_shapes.py --device cuda --out benchmarks/results/real-shapes-h100
     PYTHONPATH=. python benchmarks/real_shapes.py --device cpu --no-lm   # towers + selector only
@@ -17,66 +18,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from vllm_tokenprune.selection.selector import SelectorConfig, TokenSelector
 from vllm_tokenprune.serving.policy import keep_count
+from vllm_tokenprune.tools.timing import interleaved, vit_tower
 
-TOWERS = {
-    "clip-l-336": dict(kind="clip", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                       num_attention_heads=16, image_size=336, patch_size=14),
-    "siglip-so400m-384": dict(kind="siglip", hidden_size=1152, intermediate_size=4304,
-                              num_hidden_layers=27, num_attention_heads=16, image_size=384,
-                              patch_size=14),
-}
+TOWERS = {"clip-l-336": "clip", "siglip-so400m-384": "siglip"}
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, vocab_size=32064)
 TEXT_TOKENS = 64  # a short chat prompt around the image
 RATIOS = (1.0, 0.5, 0.25, 0.1)
 
 
-def timeit(fn, device: str, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def tower(name: str, device: str, dtype) -> tuple[torch.nn.Module, torch.Tensor, int]:
-    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
-
-    spec = dict(TOWERS[name])
-    kind = spec.pop("kind")
-    config_cls, model_cls = ((CLIPVisionConfig, CLIPVisionModel) if kind == "clip"
-                             else (SiglipVisionConfig, SiglipVisionModel))
-    with torch.device(device):
-        model = model_cls(config_cls(**spec)).to(dtype).eval()
-    pixels = torch.randn(1, 3, spec["image_size"], spec["image_size"], device=device, dtype=dtype)
-    return model, pixels, spec["hidden_size"]
-
-
 @torch.inference_mode()
 def measure_tower(name: str, device: str, dtype, repeats: int) -> dict:
-    model, pixels, dim = tower(name, device, dtype)
-    tokens = model(pixels).last_hidden_state
-    t_tower = timeit(lambda: model(pixels), device, repeats)
+    forward, _, dim = vit_tower(TOWERS[name], device, dtype)
+    tokens = forward()
     with torch.device(device):
         selector = TokenSelector(SelectorConfig(feature_dim=dim)).eval()
-    t_selector = timeit(lambda: selector.scores(tokens[0]), device, repeats)
+    medians = interleaved({"tower": forward, "selector": lambda: selector.scores(tokens[0])}, repeats, device=device)
+    t_tower, t_selector = medians["tower"], medians["selector"]
     print(f"{name}: tower {t_tower * 1e3:.1f} ms, selector {t_selector * 1e3:.2f} ms "
           f"({100 * t_selector / t_tower:.1f}% of the tower)", flush=True)
     return {"tokens": tokens.shape[1], "feature_dim": dim, "tower_s": t_tower,
@@ -91,12 +55,12 @@ def measure_prefill(device: str, dtype, repeats: int, token_counts, layers: int)
     spec = dict(LLAMA_7B, num_hidden_layers=layers)
     with torch.device(device):
         model = LlamaModel(LlamaConfig(**spec)).to(dtype).eval()
-    points = []
-    for n in token_counts:
-        embeds = torch.randn(1, n, spec["hidden_size"], device=device, dtype=dtype)
-        seconds = timeit(lambda: model(inputs_embeds=embeds, use_cache=False), device, repeats)
-        points.append({"tokens": n, "seconds": seconds})
-        print(f"prefill {n:5d} tokens: {seconds * 1e3:.1f} ms", flush=True)
+    embeds = {n: torch.randn(1, n, spec["hidden_size"], device=device, dtype=dtype) for n in token_counts}
+    medians = interleaved({str(n): (lambda e=e: model(inputs_embeds=e, use_cache=False)) for n, e in embeds.items()},
+                          repeats, device=device)
+    points = [{"tokens": n, "seconds": medians[str(n)]} for n in token_counts]
+    for point in points:
+        print(f"prefill {point['tokens']:5d} tokens: {point['seconds'] * 1e3:.1f} ms", flush=True)
     return {"layers": layers, "shape": spec, "points": points}
 
 

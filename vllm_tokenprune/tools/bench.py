@@ -150,24 +150,24 @@ def measure_parts(model: str, selector: str | None, dtype: str, rounds: int, siz
     import torch
 
     from vllm_tokenprune.selection.selector import SelectorConfig, TokenSelector, load_selector
+    from vllm_tokenprune.tools.timing import interleaved
     from vllm_tokenprune.training.features import load_tower
 
     tower = load_tower(model, dtype=getattr(torch, dtype))
-    times: dict[str, list[float]] = {"tower": [], "selector": []}
     with torch.inference_mode():
-        features = tower([random_image(rng, size)])[0]  # warm-up, and the feature width
-        scorer = (load_selector(selector)[0] if selector
-                  else TokenSelector(SelectorConfig(feature_dim=features.shape[-1]))).eval()
-        scorer.scores(features)
-        for _ in range(rounds):
-            inputs = tower.preprocess([random_image(rng, size)])
-            start = time.perf_counter()
-            features = tower.forward(inputs)[0]
-            middle = time.perf_counter()
-            scorer.scores(features)
-            times["tower"].append(middle - start)
-            times["selector"].append(time.perf_counter() - middle)
-    tower_s, selector_s = statistics.median(times["tower"]), statistics.median(times["selector"])
+        state = {"features": tower([random_image(rng, size)])[0]}  # the feature width
+    scorer = (load_selector(selector)[0] if selector
+              else TokenSelector(SelectorConfig(feature_dim=state["features"].shape[-1]))).eval()
+
+    def fresh_image():
+        state["inputs"] = tower.preprocess([random_image(rng, size)])
+
+    def forward():
+        state["features"] = tower.forward(state["inputs"])[0]
+
+    medians = interleaved({"tower": forward, "selector": lambda: scorer.scores(state["features"])}, rounds,
+                          prepare=fresh_image)
+    tower_s, selector_s, features = medians["tower"], medians["selector"], state["features"]
     return {"tower_dtype": dtype, "rounds": rounds, "tokens": features.shape[0], "feature_dim": features.shape[1],
             "trained_selector": selector is not None, "tower_s": tower_s, "selector_s": selector_s,
             "selector_of_tower": selector_s / tower_s}

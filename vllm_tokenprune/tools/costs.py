@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics as stats
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from vllm_tokenprune.selection import methods
 from vllm_tokenprune.selection.methods.attention import statistics
 from vllm_tokenprune.selection.selector import SelectorConfig, TokenSelector
 from vllm_tokenprune.serving.policy import keep_count
+from vllm_tokenprune.tools.timing import interleaved, qwen_tower, vit_tower
 
 
 @dataclass(frozen=True)
@@ -44,30 +43,6 @@ class Shape:
 
 LLAVA = Shape("LLaVA-1.5-7B, CLIP-L/336", 576, (24, 24), 1024, 577, 16, 64, True, 1)
 QWEN = Shape("Qwen2.5-VL-7B, 448 x 448", 256, (16, 16), 3584, 1024, 16, 80, False, 4)
-
-
-def clip_tower(device, dtype):
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    config = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                              num_attention_heads=16, image_size=336, patch_size=14)
-    with torch.device(device):
-        model = CLIPVisionModel(config).to(dtype).eval()
-    pixels = torch.randn(1, 3, 336, 336, device=device, dtype=dtype)
-    return lambda: model(pixels)
-
-
-def qwen_tower(device, dtype):
-    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-
-    config = Qwen2_5_VLVisionConfig(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                                    out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31])
-    with torch.device(device):
-        model = Qwen2_5_VisionTransformerPretrainedModel(config).to(dtype).eval()
-    grid = torch.tensor([[1, 32, 32]], device=device)
-    pixels = torch.randn(1024, 3 * 2 * 14 * 14, device=device, dtype=dtype)
-    return lambda: model(pixels, grid_thw=grid)
 
 
 def method_runs(shape: Shape, device, dtype) -> dict[str, callable]:
@@ -100,30 +75,13 @@ def method_runs(shape: Shape, device, dtype) -> dict[str, callable]:
     return {name: (lambda name=name: run(name)) for name in methods.METHOD_NAMES}
 
 
-def timed(fn, device) -> float:
-    start = time.perf_counter()
-    with torch.inference_mode():
-        fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def measure(shape: Shape, tower, device: str, dtype, rounds: int, tower_every: int) -> dict:
-    runs = method_runs(shape, device, dtype)
-    for fn in [tower, *runs.values()]:  # warm-up
-        timed(fn, device)
-    times: dict[str, list[float]] = {name: [] for name in ["tower", *runs]}
-    for r in range(rounds):
-        if r % tower_every == 0:
-            times["tower"].append(timed(tower, device))
-        for name, fn in runs.items():
-            times[name].append(timed(fn, device))
-    tower_s = stats.median(times["tower"])
-    report = {"shape": shape.name, "tower_s": tower_s, "tower_runs": len(times["tower"]), "rounds": rounds,
-              "methods": {name: {"seconds": stats.median(t), "of_tower": stats.median(t) / tower_s}
-                          for name, t in times.items() if name != "tower"}}
-    print(f"{shape.name}: tower {tower_s * 1e3:.0f} ms (median of {len(times['tower'])})")
+    medians = interleaved({"tower": tower, **method_runs(shape, device, dtype)}, rounds, device=device,
+                          every={"tower": tower_every})
+    tower_s = medians.pop("tower")
+    report = {"shape": shape.name, "tower_s": tower_s, "tower_runs": -(-rounds // tower_every), "rounds": rounds,
+              "methods": {name: {"seconds": t, "of_tower": t / tower_s} for name, t in medians.items()}}
+    print(f"{shape.name}: tower {tower_s * 1e3:.0f} ms (median of {report['tower_runs']})")
     for name, row in report["methods"].items():
         print(f"  {name:14s} {row['seconds'] * 1e3:8.2f} ms  {100 * row['of_tower']:6.2f}% of the tower")
     return report
@@ -143,9 +101,10 @@ def main() -> int:
     dtype = getattr(torch, args.dtype)
     report = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
               "torch": torch.__version__,
-              "results": [measure(LLAVA, clip_tower(args.device, dtype), args.device, dtype, args.rounds,
-                                  args.tower_every),
-                          measure(QWEN, qwen_tower(args.device, dtype), args.device, dtype, args.rounds,
+              # LLaVA-1.5's CLIP as vLLM builds it: up to its vision_feature_layer, 23 of 24 layers
+              "results": [measure(LLAVA, vit_tower("clip", args.device, dtype, num_hidden_layers=23)[0],
+                                  args.device, dtype, args.rounds, args.tower_every),
+                          measure(QWEN, qwen_tower(args.device, dtype)[0], args.device, dtype, args.rounds,
                                   args.tower_every)]}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
