@@ -8,8 +8,9 @@ the server cannot run), for HTTP, batch and offline requests alike; this layer m
 errors on header values back to the header's name.
 
 Work happens when the route reads the body, i.e. after vLLM's own middlewares (API key
-check included) let the request through; a body is read at most ``MAX_BODY_BYTES`` and
-parsed at most once, and only when a header or a body ``mm_processor_kwargs`` is present.
+check included) let the request through. A body is read up to ``MAX_BODY_BYTES``, parsed
+only when it carries ``mm_processor_kwargs`` (at most once), and a header's kwargs are
+appended to it, never serialised again (``translate``).
 """
 
 from __future__ import annotations

@@ -81,7 +81,9 @@ def item_seed(item_hash: str) -> int:
 
 @dataclasses.dataclass
 class _Call:
-    """One ``apply`` call's state, for the processor hooks vLLM calls inside it."""
+    """One ``apply`` call's state, for the processor hooks vLLM calls inside it: the item
+    hashes, so that vLLM computes them once and the ``random`` seeds come from them. Held
+    in a context variable because one processor serves the renderer's thread pool."""
 
     inputs: object
     hashes: object = None  # vLLM's item hashes, computed once
