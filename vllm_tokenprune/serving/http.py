@@ -97,8 +97,8 @@ def translate(path: str, headers: dict[str, str], raw: bytes) -> tuple[bytes, di
                                "mm_processor_kwargs")
         if not headers and served:
             return raw, kwargs
-    stripped = raw.strip()
-    if not (stripped.startswith(b"{") and stripped.endswith(b"}")):
+    first, last = _outer_braces(raw)
+    if last < 0:
         if headers:
             raise RequestError("a request with pruning headers needs a JSON object body", None)
         return raw, None
@@ -114,9 +114,30 @@ def translate(path: str, headers: dict[str, str], raw: bytes) -> tuple[bytes, di
             raise RequestError(str(err), err.param) from None
     if not served:
         kwargs[NOT_SERVED_KEY] = True
-    empty = not stripped[1:-1].strip()
-    return (stripped[:-1] + (b"" if empty else b",") + b'"mm_processor_kwargs":'
-            + json.dumps(kwargs).encode() + b"}"), kwargs
+    empty = _skip_space(raw, first + 1) == last
+    # One copy of the body: the object up to its closing brace, then the key.
+    return b"".join([memoryview(raw)[:last], b"" if empty else b",", b'"mm_processor_kwargs":',
+                     json.dumps(kwargs).encode(), b"}"]), kwargs
+
+
+_SPACE = b" \t\r\n"
+
+
+def _skip_space(raw: bytes, i: int) -> int:
+    while i < len(raw) and raw[i] in _SPACE:
+        i += 1
+    return i
+
+
+def _outer_braces(raw: bytes) -> tuple[int, int]:
+    """Indices of a JSON object's opening and closing braces, (-1, -1) for anything else;
+    found without copying the body."""
+    first, last = _skip_space(raw, 0), len(raw) - 1
+    while last >= 0 and raw[last] in _SPACE:
+        last -= 1
+    if first < len(raw) and last > first and raw[first] == ord("{") and raw[last] == ord("}"):
+        return first, last
+    return -1, -1
 
 
 def applied_ratio(policy: PrunePolicy, kwargs: dict | None) -> str | None:
