@@ -72,10 +72,11 @@ def translate(path: str, headers: dict[str, str], raw: bytes) -> tuple[bytes, di
     megabytes of images): JSON parsers, Python's and so vLLM's included, keep the last of
     repeated names."""
     served = path not in NOT_SERVED_ROUTES
-    if not headers and _KWARGS_MARK not in raw and served:
+    carries_kwargs = _KWARGS_MARK in raw  # one scan of the body
+    if not headers and not carries_kwargs and served:
         return raw, None
     kwargs: dict = {}
-    if _KWARGS_MARK in raw:
+    if carries_kwargs:
         try:
             body = json.loads(raw)
         except RecursionError:
