@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -10,17 +11,26 @@ import pytest
 import torch
 from keep import learned_keep
 
-from vllm_tokenprune.selection.selector import check_compatible, load_selector, vision_signature
+from vllm_tokenprune.selection.selector import (
+    SelectorMismatchError,
+    check_compatible,
+    load_selector,
+    vision_signature,
+)
 from vllm_tokenprune.serving.policy import keep_count
 from vllm_tokenprune.testbed.synthetic import make_shapes_image, write_image_folder
-from vllm_tokenprune.training.features import (
-    ImageFolderError,
-    cached_features,
-    extract_features,
-    find_images,
-    load_images,
+from vllm_tokenprune.training.evaluation import format_report
+from vllm_tokenprune.training.features import ImageFolderError, extract_features, find_images, load_images
+from vllm_tokenprune.training.store import feature_store
+from vllm_tokenprune.training.stream import InMemoryFeatures
+from vllm_tokenprune.training.train import (
+    MIN_STEPS,
+    TrainConfig,
+    default_steps,
+    idle_cpu_threads,
+    split_indices,
+    train_selector,
 )
-from vllm_tokenprune.training.train import TrainConfig, format_report, idle_cpu_threads, split_indices, train_selector
 
 
 @pytest.fixture(scope="module")
@@ -153,18 +163,54 @@ def test_extract_features_other_families(tiny_checkpoint, arch):
     torch.testing.assert_close(features, reference, rtol=1e-5, atol=1e-5)
 
 
-def test_feature_cache_hits_and_invalidates(tiny_llava, tmp_path):
-    paths = write_image_folder(tmp_path / "imgs", 4, seed=1, size=168)
+def test_feature_store_is_sharded_reused_and_invalidated(tiny_llava, tmp_path):
+    paths = write_image_folder(tmp_path / "imgs", 5, seed=1, size=168)
     cache = tmp_path / "cache"
-    first, info, hit = cached_features(tiny_llava, paths, cache_dir=cache, progress=False)
-    assert not hit
-    second, info2, hit = cached_features(tiny_llava, paths, cache_dir=cache, progress=False)
-    assert hit and torch.equal(first, second) and info == info2
+    store, hit = feature_store(tiny_llava, paths, cache_dir=cache, shard_images=2, progress=False)
+    assert not hit and store.shard_sizes == [2, 2, 1]
+    expected, info = extract_features(tiny_llava, load_images(paths), progress=False)
+    assert store.info == info
+    torch.testing.assert_close(torch.cat([store.load(i) for i in range(3)]), expected, rtol=0, atol=0)
+    count, total, squares = store.sums()  # from each shard's stored sums
+    flat = expected.reshape(-1, expected.shape[-1]).double()
+    assert count == flat.shape[0]
+    torch.testing.assert_close(total, flat.sum(0))
+    torch.testing.assert_close(squares, flat.pow(2).sum(0))
+
+    again, hit = feature_store(tiny_llava, paths, cache_dir=cache, shard_images=2, progress=False)
+    assert hit and again.root == store.root
     stat = paths[0].stat()
     os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # an edited image
-    assert not cached_features(tiny_llava, paths, cache_dir=cache, progress=False)[2]
-    assert not cached_features(tiny_llava, paths[:3], cache_dir=cache, progress=False)[2]
-    assert len(list(cache.glob("*.safetensors"))) == 3
+    assert not feature_store(tiny_llava, paths, cache_dir=cache, progress=False)[1]
+    assert not feature_store(tiny_llava, paths[:3], cache_dir=cache, progress=False)[1]
+    assert len(list(cache.glob("*/index.json"))) == 3
+
+
+def test_interrupted_extraction_keeps_its_finished_shards(tiny_llava, tmp_path, monkeypatch):
+    from vllm_tokenprune.training import store as store_module
+
+    paths = write_image_folder(tmp_path / "imgs", 5, seed=1, size=168)
+    cache = tmp_path / "cache"
+    loaded = []
+
+    def load_or_fail(batch):
+        if len(loaded) == 2:
+            raise KeyboardInterrupt  # stopped while extracting the second shard
+        loaded.append(batch)
+        return load_images(batch)
+
+    monkeypatch.setattr(store_module, "load_images", load_or_fail)
+    with pytest.raises(KeyboardInterrupt):
+        feature_store(tiny_llava, paths, cache_dir=cache, shard_images=2, batch_size=1, progress=False)
+    [root] = cache.iterdir()
+    assert sorted(p.name for p in root.iterdir()) == ["shard_0000000_0000002.safetensors"]
+
+    loaded.clear()
+    monkeypatch.setattr(store_module, "load_images", lambda batch: loaded.append(batch) or load_images(batch))
+    store, hit = feature_store(tiny_llava, paths, cache_dir=cache, shard_images=2, batch_size=1, progress=False)
+    assert not hit and [p for batch in loaded for p in batch] == paths[2:]  # only the missing shards
+    torch.testing.assert_close(torch.cat([store.load(i) for i in range(3)]),
+                               extract_features(tiny_llava, load_images(paths), progress=False)[0], rtol=0, atol=0)
 
 
 def test_image_folder_errors(tmp_path):
@@ -192,8 +238,93 @@ def test_split_is_deterministic_and_disjoint():
     assert len(held) == 13 and sorted(train + held) == list(range(64))
     assert split_indices(2, 0.01, seed=0)[1] != []
     assert split_indices(5, 0.0, seed=0) == ([0, 1, 2, 3, 4], [])
+    assert len(split_indices(100_000, 0.2, seed=0, max_held=1000)[1]) == 1000
     with pytest.raises(ImageFolderError):
         split_indices(1, 0.2, seed=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Streaming
+
+
+def _numbered(sizes: list[int]) -> list[torch.Tensor]:
+    """Shards of images whose every value is the image's index."""
+    ids = torch.arange(sum(sizes), dtype=torch.float32)
+    return list(ids[:, None, None].expand(-1, 2, 3).split(sizes))
+
+
+class _Shards:
+    """A feature set of shards held in memory, recording which shards were read."""
+
+    def __init__(self, shards):
+        self.shards, self.read = shards, []
+        self.key, self.shard_sizes, self.num_tokens, self.feature_dim = "test", [len(s) for s in shards], 2, 3
+
+    def load(self, shard):
+        self.read.append(shard)
+        return self.shards[shard]
+
+
+def test_batches_visit_every_image_once_per_epoch_and_skip_by_arithmetic():
+    from itertools import islice
+
+    from vllm_tokenprune.training.stream import batches
+
+    shards = _Shards(_numbered([3, 3, 3, 1]))
+    stream = batches(shards, 2, shuffle_shards=2, seed=4)
+    ids = [int(i) for batch in islice(stream, 15) for i in batch[:, 0, 0]]  # three epochs of 10
+    stream.close()
+    for epoch in range(3):
+        assert sorted(ids[10 * epoch:10 * epoch + 10]) == list(range(10))
+    assert ids[:10] != ids[10:20]  # reshuffled every epoch
+
+    skipped = _Shards(_numbered([3, 3, 3, 1]))
+    stream = batches(skipped, 2, shuffle_shards=2, seed=4, skip=7)
+    assert [int(i) for batch in islice(stream, 8) for i in batch[:, 0, 0]] == ids[14:30]
+    stream.close()
+    assert len(skipped.read) < len(shards.read)  # skipped rounds were never read
+
+
+def test_streaming_from_shards_trains_exactly_as_in_memory(tiny_llava, tmp_path, restore_threads):
+    """All shards in one shuffle round: the store's batches and statistics equal those of the
+    same features in one tensor, so training does too. Evaluation sums per shard, so its
+    means agree to rounding."""
+    from vllm_tokenprune.training.stream import batches, mean_std
+
+    torch.set_num_threads(1)
+    paths = write_image_folder(tmp_path / "imgs", 10, seed=3, size=168)
+    store, _ = feature_store(tiny_llava, paths, cache_dir=tmp_path / "cache", shard_images=3, progress=False)
+    features, info = extract_features(tiny_llava, load_images(paths), progress=False)
+    assert store.shard_sizes == [3, 3, 3, 1]
+    from_store = batches(store, 4, shuffle_shards=4, seed=0)
+    in_memory = batches(InMemoryFeatures(features), 4, shuffle_shards=4, seed=0)
+    for _ in range(6):  # over two epochs
+        assert torch.equal(next(from_store), next(in_memory))
+    from_store.close()
+    in_memory.close()
+    flat = features.reshape(-1, features.shape[-1])
+    mean, std = mean_std(store)
+    torch.testing.assert_close(mean, flat.mean(0))
+    torch.testing.assert_close(std, flat.std(0))
+
+    cfg = TrainConfig(steps=6, batch_size=4, eval_every=3, width=32, recon_width=32, shuffle_shards=4)
+    held, _ = feature_store(tiny_llava, paths[:4], cache_dir=tmp_path / "cache", shard_images=3, progress=False)
+    runs = [train_selector(train, cfg, grid=info["grid"], eval_features=evals, progress=False, log=print)
+            for train, evals in ((store, held), (features, features[:4]))]
+    (sel_a, rec_a, report_a), (sel_b, rec_b, report_b) = runs
+    for a, b in zip(report_a["history"], report_b["history"], strict=True):
+        assert {k: v for k, v in a.items() if not k.startswith(("eval_", "seconds"))} == {
+            k: v for k, v in b.items() if not k.startswith(("eval_", "seconds"))}
+        assert a["eval_learned"] == pytest.approx(b["eval_learned"], rel=1e-6)
+    for ratio, result in report_a["eval"].items():
+        assert result == pytest.approx(report_b["eval"][ratio], rel=1e-6)
+    for a, b in zip([*sel_a.state_dict().values(), *rec_a.state_dict().values()],
+                    [*sel_b.state_dict().values(), *rec_b.state_dict().values()]):
+        assert torch.equal(a, b)
+
+
+def _without_seconds(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "seconds"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -241,7 +372,10 @@ def test_selector_learns_to_keep_the_shapes(tiny_llava, llava_config, tmp_path, 
 # The command
 
 
-def test_cli_train_writes_a_checkpoint_that_loads(tiny_llava, llava_config, tmp_path, capsys, restore_threads):
+def test_cli_train_writes_a_checkpoint_that_loads(tiny_checkpoint, tiny_llava, llava_config, tmp_path, capsys,
+                                                  restore_threads):
+    from transformers import AutoConfig
+
     from vllm_tokenprune.cli import main
 
     write_image_folder(tmp_path / "imgs" / "sub", 12, seed=2, size=168)
@@ -266,8 +400,73 @@ def test_cli_train_writes_a_checkpoint_that_loads(tiny_llava, llava_config, tmp_
     k = keep_count(meta["num_tokens"], 0.25)
     assert learned_keep(selector, torch.randn(meta["num_tokens"], meta["feature_dim"]), 0.25).shape == (k,)
 
+    rows = [json.loads(line) for line in out.with_suffix(".log.jsonl").read_text().splitlines()]
+    assert rows == meta["training"]["history"] and {"eval_learned", "eval_random", "loss"} <= rows[0].keys()
+    assert out.with_suffix(".curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert not out.with_suffix(".state.pt").exists()  # removed once the checkpoint is written
+
+    # The checkpoint still refuses a model of another family or another size.
+    with pytest.raises(SelectorMismatchError, match="model_type"):
+        check_compatible(meta, AutoConfig.from_pretrained(tiny_checkpoint("qwen2.5-vl")))
+    wider = AutoConfig.from_pretrained(tiny_llava)
+    wider.vision_config.hidden_size *= 2
+    with pytest.raises(SelectorMismatchError, match="selector input dim"):
+        check_compatible(meta, wider)
+
     assert main(argv) == 0
     assert "from cache" in capsys.readouterr().out
+
+
+def test_resume_continues_exactly_where_training_stopped(tiny_llava, tmp_path, monkeypatch, capsys,
+                                                         restore_threads):
+    """A run stopped after step 7 (its last state is from step 6) and resumed ends with the
+    same weights, history and log as the run that was never stopped."""
+    from vllm_tokenprune.cli import main
+    from vllm_tokenprune.training import train
+
+    write_image_folder(tmp_path / "imgs", 12, seed=2, size=168)
+    common = ["--model", str(tiny_llava), "--images", str(tmp_path / "imgs"), "--steps", "10",
+              "--eval-every", "2", "--save-every", "3", "--batch-size", "4", "--width", "32",
+              "--recon-width", "32", "--shard-images", "4", "--shuffle-shards", "1", "--threads", "1",
+              "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    whole, resumed = tmp_path / "whole.safetensors", tmp_path / "resumed.safetensors"
+    assert main(["train", *common, "--out", str(whole)]) == 0
+
+    step, calls = train.training_step, []
+
+    def stop_at_step_8(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "training_step", stop_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", *common, "--out", str(resumed)])
+    assert [json.loads(line)["step"] for line in resumed.with_suffix(".log.jsonl").read_text().splitlines()] == [
+        2, 4, 6]
+    monkeypatch.setattr(train, "training_step", step)
+    assert main(["train", *common, "--out", str(resumed), "--lr", "0.001", "--resume"]) == 2  # another run's state
+    capsys.readouterr()
+    assert main(["train", *common, "--out", str(resumed), "--resume"]) == 0
+    assert "at step 6" in capsys.readouterr().out
+
+    (sel_a, meta_a), (sel_b, meta_b) = load_selector(whole), load_selector(resumed)
+    for a, b in zip(sel_a.state_dict().values(), sel_b.state_dict().values()):
+        assert torch.equal(a, b)
+    history = [_without_seconds(r) for r in meta_a["training"]["history"]]
+    assert [r["step"] for r in history] == [2, 4, 6, 8, 10]
+    assert [_without_seconds(r) for r in meta_b["training"]["history"]] == history
+    assert meta_a["eval"] == meta_b["eval"]
+    logged = [_without_seconds(json.loads(line)) for line in resumed.with_suffix(".log.jsonl").read_text().splitlines()]
+    assert logged == history
+
+
+def test_steps_follow_the_folder_when_not_given():
+    assert TrainConfig().steps is None
+    assert default_steps(72, 32, 3.0) == MIN_STEPS == 300  # small folders: the measured 300
+    assert default_steps(10_000, 32, 3.0) == 938
+    assert default_steps(100_000, 32, 3.0) == 9375
 
 
 def test_cli_train_reports_a_folder_without_images(tmp_path, capsys):

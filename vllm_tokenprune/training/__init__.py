@@ -1,3 +1,6 @@
-"""``vllm-tokenprune train``: ``features`` (the tower's output for an image folder),
-``reconstruction`` (the reconstructor, the loss, checkpoint writing), ``train`` (the loop)
-and ``options`` (dataclass fields as command-line options, the learning-rate schedule)."""
+"""``vllm-tokenprune train``: ``features`` (the tower's output for images), ``store`` (those
+features on disk in shards), ``stream`` (batches, evaluation chunks and statistics read one
+shard at a time), ``reconstruction`` (the reconstructor, the loss, checkpoint writing),
+``evaluation`` (learned vs random on held-out images), ``train`` (the loop and the command),
+``state`` (what ``--resume`` continues from), ``curves`` (the log and its plot) and
+``options`` (dataclass fields as command-line options, the learning-rate schedule)."""

@@ -14,37 +14,33 @@ Only the vision tower is built and only its weights are read from the checkpoint
   tokens the selector scores at serve time; Qwen3-VL's main embedding, without DeepStack).
   Images are resized to a fixed square so N is constant.
 
-``cached_features`` wraps extraction with an on-disk safetensors cache keyed by the model
-files and image files, so a second training run skips the tower.
+``training.store`` writes these features to disk in shards, keyed by the model and image
+files, so that training streams them and a second run skips the tower.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from vllm_tokenprune.selection.selector import vision_signature
 from vllm_tokenprune.serving.families import of_model_type
+from vllm_tokenprune.training.stream import ahead
 
-DEFAULT_CACHE_DIR = "~/.cache/vllm_tokenprune/features"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 QWEN_IMAGE_SIZE = 448  # Qwen images are resized to this square (16 x 16 merged tokens)
-# Bump when what extract_features returns changes, to invalidate old caches.
-FEATURES_VERSION = 1
-
-
+# Bump when what the tower's features are changes, to invalidate stored ones.
+FEATURES_VERSION = 2
 
 # ---------------------------------------------------------------------------------------
 # Images
@@ -231,7 +227,43 @@ def load_tower(model: str, *, device: str = "cpu", dtype: torch.dtype = torch.fl
     return Tower(config, preprocess, forward)
 
 
-@torch.inference_mode()
+def tower_dtype(device: str | torch.device) -> torch.dtype:
+    """bfloat16 on CUDA, as vLLM serves these towers there (and half the disk per feature);
+    float32 elsewhere: CPUs run bfloat16 matmuls slowly, and in float32 the features equal
+    the projector's input exactly (tests/test_train.py)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def feature_info(model: str, config, num_tokens: int, feature_dim: int, qwen_image_size: int) -> dict[str, Any]:
+    """What a selector checkpoint records about the features it was trained on."""
+    family = _family(config)
+    return {
+        "source_model": model,
+        "feature_layer": getattr(config, "vision_feature_layer", None) if family == "llava" else "merger",
+        "vision_signature": vision_signature(config),
+        "num_tokens": num_tokens,
+        "feature_dim": feature_dim,
+        "grid": _grid(config, num_tokens, qwen_image_size),
+    }
+
+
+def tower_outputs(tower: Tower, items: Sequence, *, batch_size: int, load: Callable[[Sequence], list] = list,
+                  workers: int = 0, bar: tqdm | None = None) -> Iterator[torch.Tensor]:
+    """The tower's features (B, N, D), on the CPU in the tower's dtype, for each batch of items in order.
+
+    ``load`` turns a batch of items into images (``load_images`` for paths). ``workers``
+    threads decode and preprocess the next batches while the tower runs: on one core that
+    work alone would keep a GPU waiting.
+    """
+    batches = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
+    with torch.inference_mode():
+        for inputs in ahead(lambda batch: tower.preprocess(load(batch)), batches, workers):
+            features = tower.forward(inputs).cpu()
+            if bar is not None:
+                bar.update(len(features))
+            yield features
+
+
 def extract_features(
     model_dir_or_id: str | Path,
     images: list[Image.Image],
@@ -241,34 +273,17 @@ def extract_features(
     progress: bool = True,
     qwen_image_size: int = QWEN_IMAGE_SIZE,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Features (num_images, N, D) float32 on CPU, and info about them.
+    """Features (num_images, N, D) float32 on CPU, and their ``feature_info``, in memory.
 
-    info: source_model (as given), feature_layer, vision_signature, num_tokens,
-    feature_dim, grid ([rows, cols] of the tokens, or None).
+    ``training.store`` writes the same features to disk shard by shard, for large folders.
     """
     if not images:
         raise ValueError("no images to extract features from")
     model = str(model_dir_or_id)
-    tower = load_tower(model, device=device, qwen_image_size=qwen_image_size)
-    config = tower.config
-    chunks = []
-    for start in tqdm(range(0, len(images), batch_size), desc="features", unit="batch", disable=not progress):
-        chunks.append(tower(images[start:start + batch_size]).float().cpu())
-    features = torch.cat(chunks)
-    family = _family(config)
-    info = {
-        "source_model": model,
-        "feature_layer": getattr(config, "vision_feature_layer", None) if family == "llava" else "merger",
-        "vision_signature": vision_signature(config),
-        "num_tokens": features.shape[1],
-        "feature_dim": features.shape[2],
-        "grid": _grid(config, features.shape[1], qwen_image_size),
-    }
-    return features, info
-
-
-# ---------------------------------------------------------------------------------------
-# On-disk cache
+    tower = load_tower(model, device=device, dtype=tower_dtype(device), qwen_image_size=qwen_image_size)
+    with tqdm(total=len(images), desc="features", unit="img", disable=not progress) as bar:
+        features = torch.cat(list(tower_outputs(tower, images, batch_size=batch_size, bar=bar))).float()
+    return features, feature_info(model, tower.config, features.shape[1], features.shape[2], qwen_image_size)
 
 
 def _file_stamp(path: Path) -> list:
@@ -276,9 +291,10 @@ def _file_stamp(path: Path) -> list:
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
-def _cache_key(model: str, image_paths: list[Path], qwen_image_size: int) -> str:
+def features_key(model: str, image_paths: list[Path], *, dtype: torch.dtype, qwen_image_size: int) -> str:
     """Hash of everything the features depend on: model config, processor config, tower
-    weight files (size, mtime), image files (size, mtime) and the feature layer."""
+    weight files (size, mtime), image files (size, mtime), the feature layer and the
+    tower's dtype."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model)
@@ -288,6 +304,7 @@ def _cache_key(model: str, image_paths: list[Path], qwen_image_size: int) -> str
         "config": config.to_dict(),
         "feature_layer": getattr(config, "vision_feature_layer", None),
         "qwen_image_size": qwen_image_size,
+        "dtype": str(dtype),
         "images": [_file_stamp(Path(p)) for p in image_paths],
     }
     processor_config = _model_file(model, "preprocessor_config.json")
@@ -296,40 +313,3 @@ def _cache_key(model: str, image_paths: list[Path], qwen_image_size: int) -> str
     parts["weights"] = [_file_stamp(p) for p in _weight_files(model, prefix)]
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
-
-
-def cached_features(
-    model_dir_or_id: str | Path,
-    image_paths: list[Path],
-    *,
-    cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
-    batch_size: int = 16,
-    device: str = "cpu",
-    progress: bool = True,
-    qwen_image_size: int = QWEN_IMAGE_SIZE,
-) -> tuple[torch.Tensor, dict[str, Any], bool]:
-    """extract_features on image files, through the cache; returns (features, info, from_cache).
-
-    cache_dir=None disables the cache.
-    """
-    model = str(model_dir_or_id)
-    path = None
-    if cache_dir is not None:
-        key = _cache_key(model, image_paths, qwen_image_size)
-        path = Path(cache_dir).expanduser() / f"{key}.safetensors"
-        if path.is_file():
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    return f.get_tensor("features"), json.loads(f.metadata()["info"]), True
-            except (SafetensorError, OSError, KeyError, json.JSONDecodeError):
-                pass  # a damaged cache entry is simply rebuilt
-    features, info = extract_features(
-        model, load_images(image_paths), batch_size=batch_size, device=device, progress=progress,
-        qwen_image_size=qwen_image_size,
-    )
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        save_file({"features": features.contiguous()}, str(tmp), metadata={"info": json.dumps(info)})
-        os.replace(tmp, path)
-    return features, info, False

@@ -2,10 +2,14 @@
 
     vllm-tokenprune train --model M --images DIR --out selector.safetensors
 
-Reads the images under DIR, holds out a fixed fraction, extracts the tower's features
-(cached on disk), trains selector + reconstructor with the paper's loss, reports on the
-held-out images how well the dropped tokens are rebuilt after learned top-K selection vs
-random selection, and writes a safetensors checkpoint carrying all of it.
+Reads the images under DIR, holds out a fixed fraction, writes the tower's features to a
+sharded store on disk (``store``; reused by later runs), trains selector + reconstructor
+with the paper's loss on batches streamed from it (``stream``), logs a held-out
+evaluation every ``eval_every`` steps to OUT.log.jsonl and plots it to OUT.curves.png,
+saves a training state every ``save_every`` steps for ``--resume`` (OUT.state.pt, removed
+when the checkpoint is written), reports on the held-out images how well the dropped
+tokens are rebuilt after learned top-K selection vs random selection, and writes a
+safetensors checkpoint carrying all of it. docs/training.md is the recipe.
 
 Training choices beyond the paper (each for a stated reason):
 - Features are standardized per dimension with the training set's statistics (stored in
@@ -20,16 +24,22 @@ Training choices beyond the paper (each for a stated reason):
 - Part of every batch is reconstructed from uniformly random masks of random ratio (this
   trains the reconstructor only). Without it the reconstructor sees only the selector's
   masks, and the final comparison with random selection would be biased against random.
+
+One device: the selector and reconstructor are about 1% of a tower's size, so a training
+step is cheap next to reading its features; docs/training.md says what several GPUs
+would and would not buy.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from contextlib import closing
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +49,9 @@ from tqdm.auto import tqdm
 from vllm_tokenprune.selection.methods.topk import topk_sorted
 from vllm_tokenprune.selection.selector import SelectorConfig, TokenSelector
 from vllm_tokenprune.serving.policy import keep_count
-from vllm_tokenprune.training.features import DEFAULT_CACHE_DIR, ImageFolderError, cached_features, find_images
+from vllm_tokenprune.training.curves import append_log, plot_curves, write_log
+from vllm_tokenprune.training.evaluation import autocast, evaluate, format_report, mask_from_indices
+from vllm_tokenprune.training.features import ImageFolderError, find_images
 from vllm_tokenprune.training.options import add_options, from_args, opt, warmup_cosine
 from vllm_tokenprune.training.reconstruction import (
     ReconstructorConfig,
@@ -49,15 +61,27 @@ from vllm_tokenprune.training.reconstruction import (
     save_selector,
     selector_loss,
 )
+from vllm_tokenprune.training.state import ResumeError, restore_state, save_state
+from vllm_tokenprune.training.store import DEFAULT_CACHE_DIR, feature_store
+from vllm_tokenprune.training.stream import FeatureSet, as_feature_set, batches, mean_std, num_images
 
-EVAL_RATIOS = (0.1, 0.25, 0.5)
-RANDOM_DRAWS = 5  # random selections averaged per image in the final comparison
+# Without --steps: 300 steps were measured to suit 50-100 images (600 overfit the
+# reconstructor on 51), so that is the floor. Larger folders get EPOCHS passes instead:
+# 300 steps of 32 would not show a 100,000-image folder a tenth of its images. Three passes
+# is a starting point, not a measured optimum; the held-out curve (OUT.curves.png) shows
+# whether more would help.
+MIN_STEPS = 300
+EPOCHS = 3.0
+# Settings that change how a run is carried out but not what it computes: a resumed run
+# may change them.
+RUNTIME_FIELDS = ("threads", "cache_dir", "feature_batch_size", "feature_workers", "eval_every", "save_every")
 
 
 @dataclass
 class TrainConfig:
     keep_ratio: float = opt(0.25, "target keep fraction p; pruning pressure stops there")
-    steps: int = opt(300, "optimizer steps; suits 50-100 images (600 overfit the reconstructor on 51)")
+    steps: int | None = opt(None, f"optimizer steps (default: --epochs passes, at least {MIN_STEPS})")
+    epochs: float = opt(EPOCHS, "passes over the training images when --steps is not given")
     batch_size: int = opt(32, "images per step")
     lr: float = opt(2e-3, "AdamW peak learning rate (linear warmup, cosine decay to lr/10)")
     warmup_steps: int = opt(30, "learning-rate warmup steps")
@@ -70,22 +94,27 @@ class TrainConfig:
     tau_start: float = opt(1.0, "Gumbel-Softmax temperature at the start")
     tau_end: float = opt(0.3, "Gumbel-Softmax temperature at the end (exponential anneal)")
     random_mask_frac: float = opt(0.5, "share of each batch rebuilt from random masks (reconstructor only)")
-    eval_every: int = opt(100, "steps between evaluations (0: only at the end)")
+    eval_every: int = opt(100, "steps between held-out evaluations logged to OUT.log.jsonl (0: only at the end)")
+    save_every: int = opt(500, "steps between training states saved for --resume (0: none)")
     holdout: float = opt(0.2, "fraction of images held out for evaluation")
-    seed: int = opt(0, "seed of the split, initialization, masks")
-    device: str = opt("cpu", "torch device for extraction and training")
+    max_heldout: int = opt(1000, "at most this many held-out images (more only slow each evaluation; 0: no limit)")
+    seed: int = opt(0, "seed of the split, initialization, masks and data order")
+    device: str = opt("cpu", "torch device for extraction and training (cuda: bfloat16 tower and autocast)")
     threads: int = opt(0, "CPU threads for torch (0: the currently idle cores, at least 1)")
     feature_batch_size: int = opt(16, "images per vision-tower forward")
-    cache_dir: str = opt(DEFAULT_CACHE_DIR, "feature cache directory")
+    feature_workers: int = opt(2, "threads decoding and preprocessing images ahead of the tower")
+    shard_images: int = opt(256, "images per feature shard on disk")
+    shuffle_shards: int = opt(8, "shards whose images are shuffled together (memory: twice this many shards)")
+    cache_dir: str = opt(DEFAULT_CACHE_DIR, "feature store directory")
+
+
+def default_steps(num_train_images: int, batch_size: int, epochs: float) -> int:
+    """Steps when none are given: ``epochs`` passes over the training images, at least MIN_STEPS."""
+    return max(MIN_STEPS, math.ceil(epochs * num_train_images / batch_size))
 
 
 # ---------------------------------------------------------------------------------------
-# Masks and evaluation
-
-
-def _mask_from_indices(indices: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    mask = torch.zeros(indices.shape[0], num_tokens, device=indices.device)
-    return mask.scatter_(1, indices, 1.0)
+# Training
 
 
 def _random_masks(batch: int, num_tokens: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
@@ -93,102 +122,19 @@ def _random_masks(batch: int, num_tokens: int, low: float, high: float, gen: tor
     ratios = torch.empty(batch).uniform_(low, high, generator=gen)
     ks = [keep_count(num_tokens, float(r)) for r in ratios]
     return torch.stack([
-        _mask_from_indices(topk_sorted(torch.rand(num_tokens, generator=gen), k)[None], num_tokens)[0]
+        mask_from_indices(topk_sorted(torch.rand(num_tokens, generator=gen), k)[None], num_tokens)[0]
         for k in ks
     ])
 
 
-@torch.no_grad()
-def evaluate(
-    selector: TokenSelector,
-    reconstructor: TokenReconstructor,
-    features: torch.Tensor,
-    grid: list[int] | None,
-    ratios=EVAL_RATIOS,
-    random_draws: int = RANDOM_DRAWS,
-    seed: int = 0,
-    chunk: int = 64,
-) -> dict[str, dict[str, float]]:
-    """MSE over dropped (normalized) tokens after learned top-K vs random K, per keep ratio."""
-    selector.eval()
-    reconstructor.eval()
-    gen = torch.Generator().manual_seed(seed)
-    n, num_tokens, _ = features.shape
-    results = {}
-    for ratio in ratios:
-        k = keep_count(num_tokens, ratio)
-        learned = random = 0.0
-        for start in range(0, n, chunk):
-            x = features[start:start + chunk]
-            target = selector.normalize(x)
-            mask = _mask_from_indices(topk_sorted(selector.scores(x), k), num_tokens)
-            # Every image drops N - K tokens, so chunk means weighted by chunk size are exact.
-            learned += dropped_mse(reconstructor(target, mask, grid), target, mask).item() * len(x)
-            for _ in range(random_draws):
-                noise = torch.rand(len(x), num_tokens, generator=gen).to(x.device)
-                mask = _mask_from_indices(topk_sorted(noise, k), num_tokens)
-                random += dropped_mse(reconstructor(target, mask, grid), target, mask).item() * len(x) / random_draws
-        results[str(ratio)] = {"k": k, "learned": learned / n, "random": random / n}
-    return results
-
-
-def format_report(results: dict[str, dict[str, float]], title: str) -> str:
-    lines = [title, "keep  K     learned  random  learned/random"]
-    for ratio, r in results.items():
-        lines.append(f"{float(ratio):<5} {r['k']:<5} {r['learned']:.4f}   {r['random']:.4f}  "
-                     f"{r['learned'] / r['random']:.3f}")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------
-# Training
-
-
-def train_selector(
-    features: torch.Tensor,
-    config: TrainConfig,
-    *,
-    grid: list[int] | None = None,
-    eval_features: torch.Tensor | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] = tqdm.write,
-) -> tuple[TokenSelector, TokenReconstructor, dict[str, Any]]:
-    """Train on features (n, N, D); returns (selector, reconstructor, report).
-
-    grid is the token grid [rows, cols] (position encoding of the reconstructor);
-    eval_features, if given, are held-out images for periodic and final evaluation.
-    """
-    cfg = config
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
-    n, num_tokens, dim = features.shape
-
-    selector = TokenSelector(SelectorConfig(dim, width=cfg.width, num_layers=cfg.layers))
-    flat = features.reshape(-1, dim)
-    selector.set_normalization(flat.mean(dim=0), flat.std(dim=0))
-    reconstructor = TokenReconstructor(ReconstructorConfig(dim, width=cfg.recon_width, num_layers=cfg.recon_layers))
-    selector.to(device)
-    reconstructor.to(device)
-    params = [*selector.parameters(), *reconstructor.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-
-    train_x = features.to(device)
-    eval_x = eval_features.to(device) if eval_features is not None else None
-    n_random = round(cfg.batch_size * cfg.random_mask_frac)
-    history = []
-    start_time = time.time()
-    bar = tqdm(range(cfg.steps), desc="train", unit="step", disable=not progress)
-    for step in bar:
-        # schedules: linear warmup then cosine to lr/10; exponential temperature anneal
-        lr = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, cfg.steps - 1))
-
-        selector.train()
-        reconstructor.train()
-        x = train_x[torch.randint(n, (cfg.batch_size,), generator=gen).to(device)]
+def training_step(selector: TokenSelector, reconstructor: TokenReconstructor, optimizer: torch.optim.Optimizer,
+                  x: torch.Tensor, cfg: TrainConfig, *, tau: float, grid: list[int] | None,
+                  gen: torch.Generator) -> dict[str, float]:
+    """One optimizer step on the batch x (B, N, D), on the models' device; returns the loss and its parts."""
+    selector.train()
+    reconstructor.train()
+    n_random = round(len(x) * cfg.random_mask_frac)
+    with autocast(x.device):
         target = selector.normalize(x)
         x_sel, t_sel = x[n_random:], target[n_random:]
         keep = sample_keep_mask(selector, x_sel, tau)
@@ -196,30 +142,111 @@ def train_selector(
             reconstructor(t_sel, keep, grid), t_sel, keep, cfg.keep_ratio, cfg.rate_weight
         )
         if n_random:
-            rand_mask = _random_masks(n_random, num_tokens, 0.05, 0.75, gen).to(device)
+            rand_mask = _random_masks(n_random, x.shape[1], 0.05, 0.75, gen).to(x.device)
             t_rand = target[:n_random]
             rand_rec = dropped_mse(reconstructor(t_rand, rand_mask, grid), t_rand, rand_mask)
             loss = loss + rand_rec
             parts["rand_rec"] = rand_rec.item()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", rec=f"{parts['rec']:.3f}", kept=f"{parts['kept']:.2f}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([*selector.parameters(), *reconstructor.parameters()], 1.0)
+    optimizer.step()
+    return {"loss": loss.item(), **parts}
 
-        last = step == cfg.steps - 1
-        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
-            row = {"step": step + 1, "loss": loss.item(), "tau": tau, **parts}
-            if eval_x is not None:
-                at_p = evaluate(selector, reconstructor, eval_x, grid, ratios=(cfg.keep_ratio,), random_draws=1)
-                row.update({f"eval_{k}": v for k, v in at_p[str(cfg.keep_ratio)].items() if k != "k"})
-            history.append(row)
-            log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+
+def build_models(dim: int, cfg: TrainConfig) -> tuple[TokenSelector, TokenReconstructor]:
+    return (TokenSelector(SelectorConfig(dim, width=cfg.width, num_layers=cfg.layers)),
+            TokenReconstructor(ReconstructorConfig(dim, width=cfg.recon_width, num_layers=cfg.recon_layers)))
+
+
+def train_selector(
+    features: torch.Tensor | FeatureSet,
+    config: TrainConfig,
+    *,
+    grid: list[int] | None = None,
+    eval_features: torch.Tensor | FeatureSet | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = tqdm.write,
+    log_path: Path | None = None,
+    state_path: Path | None = None,
+    resume: bool = False,
+) -> tuple[TokenSelector, TokenReconstructor, dict[str, Any]]:
+    """Train on features (n, N, D): a tensor, or a feature set streamed shard by shard;
+    returns (selector, reconstructor, report).
+
+    grid is the token grid [rows, cols] (position encoding of the reconstructor);
+    eval_features, if given, are held-out images for periodic and final evaluation. Each
+    logged row is appended to ``log_path``; the training state is saved to ``state_path``
+    every ``save_every`` steps, and with ``resume`` training continues from it if it exists.
+    """
+    train_set = as_feature_set(features)
+    eval_set = as_feature_set(eval_features) if eval_features is not None else None
+    n, dim = num_images(train_set), train_set.feature_dim
+    cfg = replace(config, steps=config.steps or default_steps(n, config.batch_size, config.epochs))
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+
+    selector, reconstructor = build_models(dim, cfg)
+    selector.set_normalization(*mean_std(train_set))
+    selector.to(device)
+    reconstructor.to(device)
+    params = [*selector.parameters(), *reconstructor.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    modules = {"selector": selector, "reconstructor": reconstructor}
+    fingerprint = {**{k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS},
+                   "features": train_set.key, "grid": grid}
+
+    start, done = 0, {"history": [], "window": {}, "seconds": 0.0}
+    if resume and state_path is not None and state_path.is_file():
+        start, done = restore_state(state_path, modules=modules, optimizer=optimizer, generator=gen,
+                                    fingerprint=fingerprint)
+        log(f"resumed from {state_path} at step {start}")
+    history, window = done["history"], done["window"]  # window: sums since the last row
+    if log_path is not None:
+        write_log(log_path, history)
+
+    start_time = time.time() - done["seconds"]
+    bar = tqdm(total=cfg.steps * cfg.batch_size, initial=start * cfg.batch_size, desc="train", unit="img",
+               disable=not progress)
+    stream = batches(train_set, cfg.batch_size, shuffle_shards=cfg.shuffle_shards, seed=cfg.seed, skip=start)
+    with closing(stream), bar:
+        for step in range(start, cfg.steps):
+            x = next(stream).to(device, non_blocking=True)
+            # schedules: linear warmup then cosine to lr/10; exponential temperature anneal
+            lr = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, cfg.steps - 1))
+            parts = training_step(selector, reconstructor, optimizer, x, cfg, tau=tau, grid=grid, gen=gen)
+            for key, value in {**parts, "steps": 1}.items():
+                window[key] = window.get(key, 0) + value
+            bar.update(cfg.batch_size)
+            bar.set_postfix(loss=f"{parts['loss']:.3f}", rec=f"{parts['rec']:.3f}", kept=f"{parts['kept']:.2f}")
+
+            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step == cfg.steps - 1:
+                row = {"step": step + 1, "lr": lr, "tau": tau,
+                       **{k: v / window["steps"] for k, v in window.items() if k != "steps"}}
+                if eval_set is not None:
+                    at_p = evaluate(selector, reconstructor, eval_set, grid, ratios=(cfg.keep_ratio,), random_draws=1)
+                    row.update({f"eval_{k}": v for k, v in at_p[str(cfg.keep_ratio)].items() if k != "k"})
+                row["seconds"] = round(time.time() - start_time, 1)
+                history.append(row)
+                window = {}
+                if log_path is not None:
+                    append_log(log_path, row)
+                log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+            if state_path is not None and cfg.save_every and (step + 1) % cfg.save_every == 0:
+                save_state(state_path, step=step + 1, modules=modules, optimizer=optimizer, generator=gen,
+                           fingerprint=fingerprint, history=history, window=window,
+                           seconds=time.time() - start_time)
 
     train_seconds = time.time() - start_time
-    held_out = eval_x is not None
-    results = evaluate(selector, reconstructor, eval_x if held_out else train_x, grid, seed=cfg.seed)
+    held_out = eval_set is not None
+    results = evaluate(selector, reconstructor, eval_set if held_out else train_set, grid, seed=cfg.seed)
     report = {
+        "steps": cfg.steps,
+        "resumed_at": start,
         "train_seconds": round(train_seconds, 1),
         "history": history,
         "eval_images": "held-out" if held_out else "train (no held-out images)",
@@ -230,8 +257,9 @@ def train_selector(
     return selector.cpu(), reconstructor.cpu(), report
 
 
-def split_indices(n: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
-    """Deterministic (train, held-out) split; at least one image on each side when holdout > 0."""
+def split_indices(n: int, holdout: float, seed: int, max_held: int | None = None) -> tuple[list[int], list[int]]:
+    """Deterministic (train, held-out) split; at least one image on each side when holdout > 0,
+    and at most ``max_held`` held out."""
     if not 0.0 <= holdout < 1.0:
         raise ValueError(f"holdout must be in [0, 1), got {holdout}")
     if holdout == 0.0:
@@ -239,7 +267,7 @@ def split_indices(n: int, holdout: float, seed: int) -> tuple[list[int], list[in
     if n < 2:
         raise ImageFolderError(f"need at least 2 images to hold some out, found {n}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_held = min(n - 1, max(1, round(n * holdout)))
+    n_held = min(n - 1, max(1, round(n * holdout)), max_held or n)
     return sorted(perm[n_held:]), sorted(perm[:n_held])
 
 
@@ -261,41 +289,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="VLM checkpoint folder or hub id")
     parser.add_argument("--images", required=True, type=Path, help="folder of training images (recursive)")
     parser.add_argument("--out", required=True, type=Path, help="checkpoint to write (.safetensors)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT.state.pt (saved every --save-every steps) if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_options(parser, TrainConfig)
 
 
 def run(args: argparse.Namespace) -> int:
     return train_on_folder(args.model, args.images, args.out, from_args(TrainConfig, args),
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, resume=args.resume)
 
 
-def train_on_folder(model: str, images: Path, out: Path, cfg: TrainConfig, *, progress: bool = True) -> int:
+def train_on_folder(model: str, images: Path, out: Path, cfg: TrainConfig, *, progress: bool = True,
+                    resume: bool = False) -> int:
     """``vllm-tokenprune train``: features of the folder's images, a selector trained on
-    them and evaluated on the held-out ones, written to ``out``. Returns an exit code."""
+    them and evaluated on the held-out ones, written to ``out`` with its log and curves
+    beside it. Returns an exit code."""
     if cfg.device == "cpu":
         torch.set_num_threads(cfg.threads or idle_cpu_threads())
+    out = Path(out)
     try:
         paths = find_images(images)
-        train_idx, held_idx = split_indices(len(paths), cfg.holdout, cfg.seed)
-        features, info, from_cache = cached_features(
-            model, paths, cache_dir=cfg.cache_dir, batch_size=cfg.feature_batch_size,
-            device=cfg.device, progress=progress,
-        )
+        train_idx, held_idx = split_indices(len(paths), cfg.holdout, cfg.seed, cfg.max_heldout)
+        stores = [feature_store(model, [paths[i] for i in idx], cache_dir=cfg.cache_dir,
+                                shard_images=cfg.shard_images, batch_size=cfg.feature_batch_size,
+                                device=cfg.device, workers=cfg.feature_workers, progress=progress)
+                  for idx in (train_idx, held_idx) if idx]
     except ImageFolderError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    train_store = stores[0][0]
+    held_store = stores[1][0] if held_idx else None
+    info = train_store.info
     print(
         f"{len(paths)} images ({len(train_idx)} train, {len(held_idx)} held out); features "
-        f"{tuple(features.shape)} {'from cache' if from_cache else 'extracted'}"
+        f"({info['num_tokens']}, {info['feature_dim']}) per image, "
+        f"{'from cache' if all(cached for _, cached in stores) else 'extracted'} ({train_store.root.parent})"
     )
-    selector, reconstructor, report = train_selector(
-        features[train_idx], cfg, grid=info["grid"],
-        eval_features=features[held_idx] if held_idx else None, progress=progress,
-        log=tqdm.write if progress else print,
-    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state_path, log_path = out.with_suffix(".state.pt"), out.with_suffix(".log.jsonl")
+    try:
+        selector, reconstructor, report = train_selector(
+            train_store, cfg, grid=info["grid"], eval_features=held_store, progress=progress,
+            log=tqdm.write if progress else print, log_path=log_path, state_path=state_path, resume=resume,
+        )
+    except ResumeError as e:
+        print(f"error: {e}; remove it to start over", file=sys.stderr)
+        return 2
     print(format_report(report["eval"], f"reconstruction MSE of dropped tokens on {report['eval_images']} images"))
 
+    cfg = replace(cfg, steps=report["steps"])
     metadata = {
         "source_model": info["source_model"],
         "feature_layer": info["feature_layer"],
@@ -314,7 +357,9 @@ def train_on_folder(model: str, images: Path, out: Path, cfg: TrainConfig, *, pr
         "eval": {"images": report["eval_images"], "metric": "MSE over dropped normalized tokens",
                  "results": report["eval"]},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
     save_selector(out, selector, reconstructor=reconstructor, metadata=metadata)
-    print(f"wrote {out}")
+    curves = out.with_suffix(".curves.png")
+    plot_curves(report["history"], curves, cfg.keep_ratio)
+    state_path.unlink(missing_ok=True)  # the run is complete: nothing left to resume
+    print(f"wrote {out}, {log_path.name}, {curves.name}")
     return 0
