@@ -62,8 +62,8 @@ QWEN2_5_VL_7B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_hea
                      fullatt_block_indexes=[7, 15, 23, 31])
 
 
-def vit_tower(kind: str, device, dtype, **overrides) -> tuple[Callable[[], torch.Tensor], int, int]:
-    """A CLIP ("clip") or SigLIP ("siglip") tower on one random image: (forward, tokens, width).
+def vit_tower(kind: str, device, dtype, batch: int = 1, **overrides) -> tuple[Callable[[], torch.Tensor], int, int]:
+    """A CLIP ("clip") or SigLIP ("siglip") tower on ``batch`` random images: (forward, tokens, width).
     ``overrides`` change its config (vLLM builds LLaVA-1.5's CLIP only up to layer 23 of 24)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
@@ -72,21 +72,25 @@ def vit_tower(kind: str, device, dtype, **overrides) -> tuple[Callable[[], torch
                              else (SiglipVisionConfig, SiglipVisionModel))
     with torch.device(device):
         model = model_cls(config_cls(**spec)).to(dtype).eval()
-    pixels = torch.randn(1, 3, spec["image_size"], spec["image_size"], device=device, dtype=dtype)
+    pixels = torch.randn(batch, 3, spec["image_size"], spec["image_size"], device=device, dtype=dtype)
     side = spec["image_size"] // spec["patch_size"]
     tokens = side * side + (kind == "clip")  # CLIP adds a [CLS] token
     return (lambda: model(pixels).last_hidden_state), tokens, spec["hidden_size"]
 
 
-def qwen_tower(device, dtype, side: int = 448) -> tuple[Callable[[], torch.Tensor], int, int]:
-    """Qwen2.5-VL-7B's tower on one random ``side`` x ``side`` image: (forward, merged tokens, width)."""
+def qwen_tower(device, dtype, side: int = 448, batch: int = 1,
+               **overrides) -> tuple[Callable[[], torch.Tensor], int, int]:
+    """Qwen2.5-VL-7B's tower on ``batch`` random ``side`` x ``side`` images: (forward, merged
+    tokens per image, width). ``overrides`` change its config."""
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-    config = Qwen2_5_VLVisionConfig(**QWEN2_5_VL_7B)
+    config = Qwen2_5_VLVisionConfig(**{**QWEN2_5_VL_7B, **overrides})
     with torch.device(device):
         model = Qwen2_5_VisionTransformerPretrainedModel(config).to(dtype).eval()
-    patches = side // 14
-    grid = torch.tensor([[1, patches, patches]], device=device)
-    pixels = torch.randn(patches * patches, 3 * 2 * 14 * 14, device=device, dtype=dtype)
-    return (lambda: model(pixels, grid_thw=grid).pooler_output), patches * patches // 4, config.out_hidden_size
+    patches = side // config.patch_size
+    grid = torch.tensor([[1, patches, patches]] * batch, device=device)
+    channels = config.in_channels * config.temporal_patch_size * config.patch_size ** 2
+    pixels = torch.randn(batch * patches * patches, channels, device=device, dtype=dtype)
+    merged = patches * patches // config.spatial_merge_size ** 2
+    return (lambda: model(pixels, grid_thw=grid).pooler_output), merged, config.out_hidden_size

@@ -154,9 +154,15 @@ def training_step(selector: TokenSelector, reconstructor: TokenReconstructor, op
     return {"loss": loss.item(), **parts}
 
 
-def build_models(dim: int, cfg: TrainConfig) -> tuple[TokenSelector, TokenReconstructor]:
-    return (TokenSelector(SelectorConfig(dim, width=cfg.width, num_layers=cfg.layers)),
-            TokenReconstructor(ReconstructorConfig(dim, width=cfg.recon_width, num_layers=cfg.recon_layers)))
+def build_models(dim: int, cfg: TrainConfig) -> tuple[TokenSelector, TokenReconstructor, torch.optim.Optimizer]:
+    """Selector and reconstructor for features of width ``dim``, on ``cfg.device``, and their optimizer."""
+    device = torch.device(cfg.device)
+    selector = TokenSelector(SelectorConfig(dim, width=cfg.width, num_layers=cfg.layers)).to(device)
+    reconstructor = TokenReconstructor(
+        ReconstructorConfig(dim, width=cfg.recon_width, num_layers=cfg.recon_layers)).to(device)
+    optimizer = torch.optim.AdamW([*selector.parameters(), *reconstructor.parameters()], lr=cfg.lr,
+                                  betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    return selector, reconstructor, optimizer
 
 
 def train_selector(
@@ -187,12 +193,8 @@ def train_selector(
     gen = torch.Generator().manual_seed(cfg.seed)
     device = torch.device(cfg.device)
 
-    selector, reconstructor = build_models(dim, cfg)
+    selector, reconstructor, optimizer = build_models(dim, cfg)
     selector.set_normalization(*mean_std(train_set))
-    selector.to(device)
-    reconstructor.to(device)
-    params = [*selector.parameters(), *reconstructor.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     modules = {"selector": selector, "reconstructor": reconstructor}
     fingerprint = {**{k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS},
                    "features": train_set.key, "grid": grid}
