@@ -204,6 +204,8 @@ def train_selector(
         start, done = restore_state(state_path, modules=modules, optimizer=optimizer, generator=gen,
                                     fingerprint=fingerprint)
         log(f"resumed from {state_path} at step {start}")
+    elif resume:
+        log(f"no training state at {state_path}: starting at step 0")
     history, window = done["history"], done["window"]  # window: sums since the last row
     if log_path is not None:
         write_log(log_path, history)
