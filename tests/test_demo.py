@@ -10,17 +10,18 @@ import torch
 from keep import learned_keep
 
 from vllm_tokenprune.serving.policy import keep_count
+from vllm_tokenprune.testbed import tasks
 from vllm_tokenprune.testbed.demo_model import (
     DEMO_DIR,
     Batch,
     DemoConfig,
+    Prompts,
     answer_logits,
+    greedy_right,
     pixel_values,
-    prompt_pieces,
     save_checkpoint,
     train_vlm,
 )
-from vllm_tokenprune.testbed.synthetic import QUESTIONS, make_scene, question_of, scene_seed
 
 MODEL = DEMO_DIR / "model"
 SELECTOR = DEMO_DIR / "selector.safetensors"
@@ -33,9 +34,8 @@ def demo():
     return LlavaForConditionalGeneration.from_pretrained(MODEL).eval(), AutoProcessor.from_pretrained(MODEL)
 
 
-def _test_items(variant: str, n: int):
-    scenes = [make_scene(variant, scene_seed("test", i)) for i in range(n)]
-    return scenes, [question_of(i) for i in range(n)]
+def _test_items(variant: str, n: int) -> list[tasks.Item]:
+    return [tasks.item(variant, "test", i) for i in range(n)]
 
 
 def test_shipped_files_are_small_and_complete():
@@ -51,39 +51,38 @@ def test_prompt_is_what_training_used(demo):
     """The HF processor's input ids (what vLLM prefills at keep 1.0) are the training prompt
     with the image placeholder expanded to 144 tokens."""
     _, processor = demo
-    scene = make_scene("plain", scene_seed("test", 0))
-    for question in QUESTIONS.values():
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompts = Prompts(processor.tokenizer)
+    for it in _test_items("plain", 2):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": it.question}]}]
         text = processor.apply_chat_template(messages, add_generation_prompt=True)
-        ids = processor(text=text, images=[scene.image], return_tensors="pt")["input_ids"][0].tolist()
-        before, after = prompt_pieces(processor.tokenizer, question)
+        ids = processor(text=text, images=[it.scene.image], return_tensors="pt")["input_ids"][0].tolist()
+        before, after = prompts.pieces(it.question)
         image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
         assert ids == before + [image_id] * 144 + after
+        assert processor.tokenizer.unk_token_id not in prompts.target(it.answer)
     # pixels as training computed them
-    reference = processor.image_processor(images=[scene.image], return_tensors="pt")["pixel_values"]
-    torch.testing.assert_close(pixel_values([scene.image], processor), reference, rtol=0, atol=1e-5)
+    image = it.scene.image
+    reference = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixel_values([image], processor), reference, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["textured", "plain"])
 def test_answers_held_out_scenes_with_all_tokens_and_with_the_shapes_only(demo, variant):
     """transformers' own generate() at keep 1.0; then only the content patches kept."""
     model, processor = demo
-    scenes, kinds = _test_items(variant, 32)
+    items = _test_items(variant, 32)
     right = 0
-    for scene, kind in zip(scenes[:8], kinds):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[kind]}]}]
+    for it in items[:8]:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": it.question}]}]
         text = processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = processor(text=text, images=[scene.image], return_tensors="pt")
-        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-        right += processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True) == scene.answer(kind)
+        inputs = processor(text=text, images=[it.scene.image], return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        right += processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True) == it.answer
     assert right >= 7
-    pieces = {k: prompt_pieces(processor.tokenizer, q) for k, q in QUESTIONS.items()}
-    content = [torch.from_numpy(np.flatnonzero(s.content_patches().reshape(-1))) for s in scenes]
-    batch = Batch(pixel_values([s.image for s in scenes], processor), content, kinds,
-                  [s.answer(k) for s, k in zip(scenes, kinds)])
+    content = [torch.from_numpy(np.flatnonzero(it.scene.content_patches().reshape(-1))) for it in items]
     with torch.no_grad():
-        predicted = processor.tokenizer.convert_ids_to_tokens(answer_logits(model, batch, pieces).argmax(-1))
-    assert np.mean([p == a for p, a in zip(predicted, batch.answers)]) >= 0.9
+        right = greedy_right(*answer_logits(model, Batch.of(items, content, processor), Prompts(processor.tokenizer)))
+    assert np.mean(right) >= 0.9
 
 
 @pytest.mark.parametrize("variant", ["textured", "plain"])
@@ -97,7 +96,7 @@ def test_selector_fits_the_model_and_keeps_the_shapes(demo, variant):
 
     selector, metadata = load_selector(SELECTOR)
     check_compatible(metadata, AutoConfig.from_pretrained(MODEL))
-    scenes, _ = _test_items(variant, 32)
+    scenes = [it.scene for it in _test_items(variant, 32)]
     features, _ = extract_features(MODEL, [s.image for s in scenes], progress=False)
     kept = shapes = 0
     for scene, feats in zip(scenes, features):
@@ -126,11 +125,12 @@ def test_training_is_deterministic_and_saves_the_hub_layout(tmp_path):
     assert "vision_tower.vision_model.embeddings.patch_embedding.weight" in keys
     assert "language_model.model.embed_tokens.weight" in keys and "language_model.lm_head.weight" in keys
     loaded = LlavaForConditionalGeneration.from_pretrained(path).eval()
-    scenes, kinds = _test_items("plain", 2)
-    batch = Batch(pixel_values([s.image for s in scenes], processor), [torch.arange(144)] * 2, kinds, [])
-    pieces = {k: prompt_pieces(processor.tokenizer, q) for k, q in QUESTIONS.items()}
+    batch = Batch.of(_test_items("clutter", 3), [torch.arange(144)] * 3, processor)
+    prompts = Prompts(processor.tokenizer)
     with torch.no_grad():
-        torch.testing.assert_close(answer_logits(loaded, batch, pieces), answer_logits(first.eval(), batch, pieces))
+        (got, _), (want, _) = answer_logits(loaded, batch, prompts), answer_logits(first.eval(), batch, prompts)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
 
 
 def test_selector_only_retrains_the_selector_of_a_saved_model(tmp_path):

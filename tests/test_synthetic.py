@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter, deque
+from collections import Counter
 
 import numpy as np
 import pytest
 from PIL import Image
+from pixels import coloured_blobs
 
 from vllm_tokenprune.cli import main
 from vllm_tokenprune.testbed.synthetic import (
@@ -23,34 +24,8 @@ from vllm_tokenprune.testbed.synthetic import (
 )
 
 
-def _components(mask: np.ndarray, min_pixels: int = 10) -> int:
-    """4-connected regions of at least min_pixels True pixels."""
-    seen = np.zeros_like(mask)
-    count = 0
-    for y, x in zip(*np.nonzero(mask)):
-        if seen[y, x]:
-            continue
-        seen[y, x] = True
-        size, queue = 0, deque([(y, x)])
-        while queue:
-            cy, cx = queue.popleft()
-            size += 1
-            for ny, nx in ((cy + 1, cx), (cy - 1, cx), (cy, cx + 1), (cy, cx - 1)):
-                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
-                    seen[ny, nx] = True
-                    queue.append((ny, nx))
-        count += size >= min_pixels
-    return count
-
-
 def _shapes_by_colour(image: Image.Image) -> Counter:
-    """Shapes counted from pixels: blobs of pixels within noise of a task colour."""
-    pixels = np.asarray(image, np.float32)
-    counts = Counter()
-    for name, rgb in TASK_COLOURS.items():
-        near = np.abs(pixels - np.array(rgb, np.float32)).max(axis=-1) < 25  # noise std is 4
-        counts[name] = _components(near)
-    return counts
+    return Counter(name for name, _ in coloured_blobs(image))
 
 
 def test_split_seed_ranges_are_disjoint_and_checked():

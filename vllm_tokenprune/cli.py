@@ -21,7 +21,7 @@ SUBCOMMANDS = {
     "make-tiny": ("vllm_tokenprune.testbed.tiny", "write a small random-weight VLM checkpoint"),
     "vllm": ("vllm_tokenprune.tools.vllm_passthrough", "run vLLM's own CLI (e.g. `vllm bench serve`)"),
     "train-demo": ("vllm_tokenprune.testbed.demo_model", "train the demo VLM and its selector from scratch"),
-    "make-eval-set": ("vllm_tokenprune.testbed.synthetic", "write synthetic question-answer items for eval"),
+    "make-eval-set": ("vllm_tokenprune.testbed.tasks", "write synthetic question-answer items for eval"),
     "eval": ("vllm_tokenprune.tools.eval", "answer accuracy per keep ratio x method against a server"),
 }
 

@@ -39,16 +39,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from vllm_tokenprune.testbed.synthetic import (
-    COUNT_WORDS,
-    QUESTIONS,
-    TASK_COLOURS,
-    TASK_IMAGE_SIZE,
-    TASK_PATCH,
-    make_scene,
-    question_of,
-    scene_seed,
-)
+from vllm_tokenprune.testbed import clutter, synthetic, tasks
+from vllm_tokenprune.testbed.synthetic import TASK_IMAGE_SIZE, TASK_PATCH, scene_seed
 from vllm_tokenprune.training.options import add_options, from_args, opt, warmup_cosine
 
 DEMO_DIR = Path(__file__).parent / "demo"  # the shipped result: model/ and selector.safetensors
@@ -68,7 +60,7 @@ class DemoConfig:
     text_intermediate: int = opt(256, "Llama MLP width")
     # training
     steps: int = opt(2400, "optimizer steps")
-    batch_size: int = opt(16, "scenes per step, half textured, half plain")
+    batch_size: int = opt(16, "scenes per step (each asked every question of its task)")
     lr: float = opt(1e-3, "AdamW peak learning rate (warmup, cosine to lr/10); at 3e-3 it stays at chance")
     warmup_steps: int = opt(100, "learning-rate warmup steps")
     weight_decay: float = opt(0.01, "AdamW weight decay")
@@ -90,9 +82,13 @@ class DemoConfig:
 def vocabulary() -> list[str]:
     """Specials first, then every word of the template, the questions and the answers."""
     words = ["user", "assistant", ":"]
-    for question in QUESTIONS.values():
-        words += [w for w in question.split() if w not in words]
-    return [*SPECIALS, *words, *COUNT_WORDS, *TASK_COLOURS]
+    questions = [*synthetic.QUESTIONS.values(),
+                 *(q.format(shape=k) for q in clutter.QUESTIONS.values() for k in synthetic.SHAPES)]
+    answers = [*clutter.COUNT_WORDS, *synthetic.TASK_COLOURS, *clutter.DIGITS]
+    for word in [w for q in questions for w in q.split()] + answers:
+        if word not in words:
+            words.append(word)
+    return [*SPECIALS, *words]
 
 
 def build_processor():
@@ -162,17 +158,36 @@ def build_config(cfg: DemoConfig, tokenizer):
     return config
 
 
-def prompt_pieces(tokenizer, question: str) -> tuple[list[int], list[int]]:
-    """Token ids of the chat prompt before and after the image placeholder."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    before, after = text.split("<image>")
-    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
-    return encode(before), encode(after)
+class Prompts:
+    """Token ids of chat prompts around the image placeholder, and of answers; cached per text."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._pieces: dict[str, tuple[list[int], list[int]]] = {}
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def pieces(self, question: str) -> tuple[list[int], list[int]]:
+        """The prompt before and after the image placeholder."""
+        if question not in self._pieces:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            before, after = text.split("<image>")
+            self._pieces[question] = self.encode(before), self.encode(after)
+        return self._pieces[question]
+
+    def target(self, answer: str) -> list[int]:
+        """What greedy decoding must produce: the answer's words, then </s>."""
+        return [*self.encode(answer), self.tokenizer.eos_token_id]
 
 
 # ---------------------------------------------------------------------------------------
 # Data
+
+# Variants of training samples, in turn: two thirds from the harder clutter task.
+TRAIN_VARIANTS = ("clutter", "clutter-plain", "textured", "clutter", "clutter-plain", "plain")
+VAL_VARIANTS = ("textured", "plain", "clutter", "clutter-plain")
 
 
 def pixel_values(images, processor) -> torch.Tensor:
@@ -188,48 +203,62 @@ def pixel_values(images, processor) -> torch.Tensor:
 @dataclass
 class Batch:
     pixels: torch.Tensor  # (B, 3, H, W)
-    keep: list[torch.Tensor]  # per sample, ascending token indices the language model sees
-    kinds: list[str]  # question kind per sample
+    image_of: list[int]  # per sequence, its image's row in pixels
+    keep: list[torch.Tensor]  # per sequence, ascending token indices the language model sees
+    questions: list[str]
     answers: list[str]
+    kinds: list[str]  # question kind per sequence, for reports
+
+    @classmethod
+    def of(cls, items: list[tasks.Item], keep: list[torch.Tensor], processor) -> Batch:
+        """One sequence per item."""
+        return cls(pixel_values([it.scene.image for it in items], processor), list(range(len(items))), keep,
+                   [it.question for it in items], [it.answer for it in items], [it.kind for it in items])
 
 
 def training_batch(step: int, cfg: DemoConfig, processor, rng: np.random.Generator) -> Batch:
-    """Scenes step*B .. step*B+B-1 of the train split (even textured, odd plain), with dropout.
+    """Scenes step*B .. step*B+B-1 of the train split (variants in turn), each asked every
+    question of its task (the tower runs once per scene), with dropout.
 
     Curriculum: over the first curriculum_steps the other tokens fade in (at most a
     growing fraction of them is kept, and full-token samples start at zero), so the
-    language model first learns to read the shapes with little else in the way.
+    language model first learns to read the content with little else in the way.
     """
     ramp = min(1.0, step / cfg.curriculum_steps) if cfg.curriculum_steps else 1.0
-    scenes, kinds, keep = [], [], []
+    images, image_of, keep, questions, answers, kinds = [], [], [], [], [], []
     for j in range(cfg.batch_size):
         index = step * cfg.batch_size + j
-        scene = make_scene("textured" if index % 2 == 0 else "plain", scene_seed("train", index))
+        variant = TRAIN_VARIANTS[index % len(TRAIN_VARIANTS)]
+        scene = tasks.make_scene(variant, scene_seed("train", index))
         content = scene.content_patches().reshape(-1)
-        if rng.random() < 1 - (1 - cfg.dropout_frac) * ramp:
-            rest = np.flatnonzero(~content)
-            extra = rng.choice(rest, size=int(rng.integers(0, round(ramp * len(rest)) + 1)), replace=False)
-            kept = np.sort(np.concatenate([np.flatnonzero(content), extra]))
-        else:
-            kept = np.arange(len(content))
-        scenes.append(scene)
-        kinds.append(tuple(QUESTIONS)[int(rng.integers(len(QUESTIONS)))])
-        keep.append(torch.from_numpy(kept))
-    return Batch(pixel_values([s.image for s in scenes], processor), keep, kinds,
-                 [s.answer(k) for s, k in zip(scenes, kinds)])
+        for kind in tasks.kinds(variant):
+            if rng.random() < 1 - (1 - cfg.dropout_frac) * ramp:
+                rest = np.flatnonzero(~content)
+                extra = rng.choice(rest, size=int(rng.integers(0, round(ramp * len(rest)) + 1)), replace=False)
+                kept = np.sort(np.concatenate([np.flatnonzero(content), extra]))
+            else:
+                kept = np.arange(len(content))
+            image_of.append(j)
+            keep.append(torch.from_numpy(kept))
+            questions.append(scene.question(kind))
+            answers.append(scene.answer(kind))
+            kinds.append(kind)
+        images.append(scene.image)
+    return Batch(pixel_values(images, processor), image_of, keep, questions, answers, kinds)
 
 
 # ---------------------------------------------------------------------------------------
 # The forward pass on pruned token sets
 
 
-def answer_logits(model, batch: Batch, pieces: dict[str, tuple[list[int], list[int]]],
-                  answer_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits (B, V) of the answer, or with answer_ids (B,) also of what follows it (B, 2, V).
+def answer_logits(model, batch: Batch, prompts: Prompts) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """Teacher-forced logits of each answer: per sample (T, V) at the last prompt token and
+    at each answer word, and the T target ids (the answer's words, then </s>).
 
-    Each sample's sequence is exactly what the server prefills: prompt text, the kept
-    image rows in order, the rest of the prompt; right-padded (causal attention never
-    looks at the padding).
+    Each sequence is exactly what the server prefills: prompt text, the kept image rows in
+    order, the rest of the prompt (then the answer); right-padded (causal attention never
+    looks at the padding). Greedy decoding gives the answer iff every row's argmax is its
+    target.
     """
     mm = model.model
     features = mm.get_image_features(
@@ -237,45 +266,40 @@ def answer_logits(model, batch: Batch, pieces: dict[str, tuple[list[int], list[i
         vision_feature_select_strategy=model.config.vision_feature_select_strategy,
     ).pooler_output  # projector output, per image (N, H); the projector works per token
     embed = mm.language_model.get_input_embeddings()
-    seqs, ends = [], []
-    for i, kind in enumerate(batch.kinds):
-        before, after = pieces[kind]
-        parts = [embed(torch.tensor(before)), features[i][batch.keep[i]], embed(torch.tensor(after))]
-        if answer_ids is not None:
-            parts.append(embed(answer_ids[i:i + 1]))
-        seqs.append(torch.cat(parts))
-        ends.append(len(before) + len(batch.keep[i]) + len(after) - 1)  # the last prompt token
+    seqs, starts, targets = [], [], []
+    for i, (question, answer) in enumerate(zip(batch.questions, batch.answers)):
+        before, after = prompts.pieces(question)
+        target = prompts.target(answer)
+        seqs.append(torch.cat([embed(torch.tensor(before)), features[batch.image_of[i]][batch.keep[i]],
+                               embed(torch.tensor(after + target[:-1]))]))
+        starts.append(len(before) + len(batch.keep[i]) + len(after) - 1)  # the last prompt token
+        targets.append(target)
     x = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
     hidden = mm.language_model(inputs_embeds=x).last_hidden_state
-    rows = torch.arange(len(seqs))
-    ends = torch.tensor(ends)
-    if answer_ids is None:
-        return model.lm_head(hidden[rows, ends])
-    return model.lm_head(torch.stack([hidden[rows, ends], hidden[rows, ends + 1]], dim=1))
+    return [model.lm_head(hidden[i, s:s + len(t)]) for i, (s, t) in enumerate(zip(starts, targets))], targets
+
+
+def greedy_right(logits: list[torch.Tensor], targets: list[list[int]]) -> list[bool]:
+    """Per sample: would greedy decoding produce exactly the answer and stop?"""
+    return [row.argmax(-1).tolist() == t for row, t in zip(logits, targets)]
 
 
 @torch.no_grad()
-def validation_accuracy(model, processor, pieces, cfg: DemoConfig, keep: str = "all") -> dict:
-    """Greedy answer accuracy on the val split, {variant: {question: accuracy}}, keeping all
-    tokens or (keep="content") only the content patches (the most pruning could hope to keep)."""
+def validation_accuracy(model, processor, prompts: Prompts, cfg: DemoConfig, keep: str = "all") -> dict:
+    """Greedy answer accuracy on the val split, {variant: {question kind: accuracy}}, keeping
+    all tokens or (keep="content") only the content patches (the most pruning could hope to keep)."""
     model.eval()
-    tok = processor.tokenizer
     out = {}
-    for variant in ("textured", "plain"):
-        right = {kind: [] for kind in QUESTIONS}
+    for variant in VAL_VARIANTS:
+        right = {kind: [] for kind in tasks.kinds(variant)}
         for start in range(0, cfg.eval_scenes, 64):
-            idx = range(start, min(start + 64, cfg.eval_scenes))
-            scenes = [make_scene(variant, scene_seed("val", i)) for i in idx]
-            kinds = [question_of(i) for i in idx]
-            n = scenes[0].content_patches().size
-            kept = [torch.from_numpy(np.flatnonzero(s.content_patches().reshape(-1))) if keep == "content"
-                    else torch.arange(n) for s in scenes]
-            batch = Batch(pixel_values([s.image for s in scenes], processor), kept, kinds,
-                          [s.answer(k) for s, k in zip(scenes, kinds)])
-            predicted = answer_logits(model, batch, pieces).argmax(-1)
-            for p, a, kind in zip(predicted, batch.answers, kinds):
-                right[kind].append(tok.convert_ids_to_tokens(int(p)) == a)
-        out[variant] = {kind: round(float(np.mean(r)), 3) for kind, r in right.items()}
+            items = [tasks.item(variant, "val", i) for i in range(start, min(start + 64, cfg.eval_scenes))]
+            n = items[0].scene.content_patches().size
+            kept = [torch.from_numpy(np.flatnonzero(it.scene.content_patches().reshape(-1))) if keep == "content"
+                    else torch.arange(n) for it in items]
+            for it, ok in zip(items, greedy_right(*answer_logits(model, Batch.of(items, kept, processor), prompts))):
+                right[it.kind].append(ok)
+        out[variant] = {kind: round(float(np.mean(r)), 3) for kind, r in right.items() if r}
     model.train()
     return out
 
@@ -292,10 +316,9 @@ def train_vlm(cfg: DemoConfig, progress: bool = True, log=tqdm.write):
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng([cfg.seed, 1])
     processor = build_processor()
-    tok = processor.tokenizer
-    model = LlavaForConditionalGeneration(build_config(cfg, tok)).float()
+    model = LlavaForConditionalGeneration(build_config(cfg, processor.tokenizer)).float()
     model.train()
-    pieces = {kind: prompt_pieces(tok, q) for kind, q in QUESTIONS.items()}
+    prompts = Prompts(processor.tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                   weight_decay=cfg.weight_decay)
     history = []
@@ -306,9 +329,10 @@ def train_vlm(cfg: DemoConfig, progress: bool = True, log=tqdm.write):
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = training_batch(step, cfg, processor, rng)
-        targets = torch.tensor([[tok.convert_tokens_to_ids(a), tok.eos_token_id] for a in batch.answers])
-        logits = answer_logits(model, batch, pieces, answer_ids=targets[:, 0])
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        logits, targets = answer_logits(model, batch, prompts)
+        # mean over each answer's words, then over answers: a three-digit reading counts as
+        # much as a one-word answer, not three times as much
+        loss = torch.stack([F.cross_entropy(row, torch.tensor(t)) for row, t in zip(logits, targets)]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -316,8 +340,8 @@ def train_vlm(cfg: DemoConfig, progress: bool = True, log=tqdm.write):
         bar.set_postfix(loss=f"{loss.item():.3f}", kept=f"{np.mean([len(k) for k in batch.keep]):.0f}")
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step == cfg.steps - 1:
             row = {"step": step + 1, "loss": round(loss.item(), 4), "seconds": round(time.time() - start, 1),
-                   "val_all": validation_accuracy(model, processor, pieces, cfg),
-                   "val_content_only": validation_accuracy(model, processor, pieces, cfg, keep="content")}
+                   "val_all": validation_accuracy(model, processor, prompts, cfg),
+                   "val_content_only": validation_accuracy(model, processor, prompts, cfg, keep="content")}
             history.append(row)
             log(json.dumps(row))
     model.eval()
@@ -365,8 +389,9 @@ SELECTOR_SCENES_START = 5 * 10**8  # train-split indices far beyond any VLM trai
 def write_selector_images(folder: Path, n: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        make_scene("textured", scene_seed("train", SELECTOR_SCENES_START + i)).image.save(
-            folder / f"textured_{i:05d}.png")
+        variant = VAL_VARIANTS[i % len(VAL_VARIANTS)]
+        tasks.make_scene(variant, scene_seed("train", SELECTOR_SCENES_START + i)).image.save(
+            folder / f"{variant}_{i:05d}.png")
 
 
 # ---------------------------------------------------------------------------------------

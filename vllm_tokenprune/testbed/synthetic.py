@@ -6,14 +6,11 @@ it cannot, so a working selector must keep the shape patches. Everything is seed
 
 ``make_scene`` adds a question-answering task with answers known by construction (how
 many shapes, which colour appears the most), in a plain and a textured variant, with
-train and test splits drawn from disjoint seed ranges; ``vllm-tokenprune make-eval-set``
-writes a split as images plus ``items.jsonl`` for ``vllm-tokenprune eval``.
+train and test splits drawn from disjoint seed ranges (``testbed.tasks`` writes eval sets).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +125,11 @@ class Scene:
     textures: list[Texture]
     ink: np.ndarray  # (H, W) bool: pixels drawn by shapes
 
+    def question(self, kind: str) -> str:
+        if kind not in QUESTIONS:
+            raise ValueError(f"unknown question {kind!r}; choose one of {', '.join(QUESTIONS)}")
+        return QUESTIONS[kind]
+
     def answer(self, question: str) -> str:
         """The one-word answer to ``question`` (a QUESTIONS key), by construction."""
         if question == "count":
@@ -230,7 +232,7 @@ def _place_shapes(rng: np.random.Generator, colours: list[str], free: np.ndarray
     return shapes
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, fill) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, fill) -> None:
     x0, y0, x1, y1 = shape.box
     if shape.kind == "square":
         draw.rectangle(shape.box, fill=fill)
@@ -263,52 +265,9 @@ def make_scene(variant: str, seed: int, *, size: int = TASK_IMAGE_SIZE, patch: i
     ink = Image.new("1", (size, size), 0)
     draw, ink_draw = ImageDraw.Draw(image), ImageDraw.Draw(ink)
     for shape in shapes:
-        _draw_shape(draw, shape, TASK_COLOURS[shape.colour])
-        _draw_shape(ink_draw, shape, 1)
+        draw_shape(draw, shape, TASK_COLOURS[shape.colour])
+        draw_shape(ink_draw, shape, 1)
     noisy = np.asarray(image, np.float32)
     noisy += noise_std * rng.standard_normal((size, size, 3), dtype=np.float32)
     image = Image.fromarray(np.rint(np.clip(noisy, 0, 255, out=noisy), out=noisy).astype(np.uint8))
     return Scene(image, shapes, textures, np.asarray(ink, bool))
-
-
-def question_of(index: int) -> str:
-    """Items alternate between the two questions, so every set is balanced."""
-    return tuple(QUESTIONS)[index % len(QUESTIONS)]
-
-
-def write_eval_set(out_dir: str | Path, variant: str, split: str, n: int) -> Path:
-    """Scenes 0..n-1 of ``split`` as PNGs under out_dir/images, and out_dir/items.jsonl.
-
-    Each line: {"image": path relative to out_dir, "question", "answer", "kind",
-    "variant", "split", "index"}. Returns the items.jsonl path.
-    """
-    out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(n):
-        scene = make_scene(variant, scene_seed(split, i))
-        name = f"images/{variant}_{split}_{i:05d}.png"
-        scene.image.save(out_dir / name)
-        kind = question_of(i)
-        lines.append(json.dumps({"image": name, "question": QUESTIONS[kind], "answer": scene.answer(kind),
-                                 "kind": kind, "variant": variant, "split": split, "index": i}))
-    path = out_dir / "items.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-# ---------------------------------------------------------------------------------------
-# `vllm-tokenprune make-eval-set`
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--variant", choices=VARIANTS, default="textured")
-    parser.add_argument("--split", choices=tuple(SPLITS), default="test")
-    parser.add_argument("--n", type=int, default=500, help="items (one image each; questions alternate)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for images/ and items.jsonl")
-
-
-def run(args: argparse.Namespace) -> int:
-    path = write_eval_set(args.out, args.variant, args.split, args.n)
-    print(f"wrote {args.n} {args.variant} {args.split} items to {path}")
-    return 0

@@ -1,0 +1,88 @@
+"""Every question-answering variant of the testbed behind one interface, and eval sets.
+
+    vllm-tokenprune make-eval-set --variant clutter --split test --n 400 --out DIR
+
+Variants: ``textured`` and ``plain`` (the shapes task, ``synthetic``), ``clutter`` and
+``clutter-plain`` (the clutter task, ``clutter``). A scene has ``question(kind)``,
+``answer(kind)`` and ``content_patches()``; item ``index`` of a split asks question kind
+``index mod len(kinds)``, so every set is balanced over its kinds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vllm_tokenprune.testbed import clutter, synthetic
+from vllm_tokenprune.testbed.synthetic import SPLITS, scene_seed
+
+VARIANTS = synthetic.VARIANTS + clutter.VARIANTS
+
+
+def kinds(variant: str) -> tuple[str, ...]:
+    """The question kinds of ``variant``."""
+    return tuple(clutter.QUESTIONS if variant in clutter.VARIANTS else synthetic.QUESTIONS)
+
+
+def make_scene(variant: str, seed: int) -> Any:
+    if variant in clutter.VARIANTS:
+        return clutter.make_clutter_scene(variant, seed)
+    return synthetic.make_scene(variant, seed)
+
+
+@dataclass
+class Item:
+    scene: Any
+    variant: str
+    kind: str
+    question: str
+    answer: str
+
+
+def item(variant: str, split: str, index: int, kind: str | None = None) -> Item:
+    """Item ``index`` of ``split``: its scene and a question (by default the balanced one)."""
+    scene = make_scene(variant, scene_seed(split, index))
+    kind = kind or kinds(variant)[index % len(kinds(variant))]
+    return Item(scene, variant, kind, scene.question(kind), scene.answer(kind))
+
+
+def write_eval_set(out_dir: str | Path, variant: str, split: str, n: int) -> Path:
+    """Items 0..n-1 of ``split`` as PNGs under out_dir/images, and out_dir/items.jsonl.
+
+    Each line: {"image": path relative to out_dir, "question", "answer", "kind", "variant",
+    "split", "index", "content_tokens"} (content tokens: patches holding anything a
+    question is about). Returns the items.jsonl path.
+    """
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        it = item(variant, split, i)
+        name = f"images/{variant}_{split}_{i:05d}.png"
+        it.scene.image.save(out_dir / name)
+        lines.append(json.dumps({"image": name, "question": it.question, "answer": it.answer, "kind": it.kind,
+                                 "variant": variant, "split": split, "index": i,
+                                 "content_tokens": int(it.scene.content_patches().sum())}))
+    path = out_dir / "items.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# `vllm-tokenprune make-eval-set`
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--variant", choices=VARIANTS, default="textured")
+    parser.add_argument("--split", choices=tuple(SPLITS), default="test")
+    parser.add_argument("--n", type=int, default=500, help="items (one image each; question kinds alternate)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for images/ and items.jsonl")
+
+
+def run(args: argparse.Namespace) -> int:
+    path = write_eval_set(args.out, args.variant, args.split, args.n)
+    print(f"wrote {args.n} {args.variant} {args.split} items to {path}")
+    return 0
