@@ -8,9 +8,20 @@ import json
 
 import openai
 import pytest
+from PIL import Image
 
 from vllm_tokenprune.cli import main
-from vllm_tokenprune.tools.eval import Item, Matcher, evaluate, load_items, markdown, plot, score, server_methods
+from vllm_tokenprune.tools.eval import (
+    Item,
+    Matcher,
+    density_bucket,
+    evaluate,
+    load_items,
+    markdown,
+    plot,
+    score,
+    server_methods,
+)
 
 # ---------------------------------------------------------------------------------------
 # Offline
@@ -54,6 +65,15 @@ def test_score_counts_failures_as_wrong_and_splits_by_kind():
     assert cell["correct"] == 1 and cell["accuracy"] == pytest.approx(1 / 3)
     assert cell["errors"] == 1 and cell["first_error"] == "500: boom" and cell["mean_prompt_tokens"] == 160
     assert cell["by_kind"] == {"colour": 0.0, "count": 0.5}
+    assert "by_density" not in cell
+
+
+def test_score_splits_by_content_density():
+    items = [Item("u", "q", "a", content_tokens=n) for n in (3, 8, 9, 40, 14)]
+    cell = score(items, [("a", 1, None), ("b", 1, None), ("a", 1, None), ("a", 1, None), ("b", 1, None)], Matcher())
+    assert cell["by_density"] == {"1-8": 0.5, "9-14": 0.5, "37+": 1.0}
+    assert list(cell["by_density"]) == ["1-8", "9-14", "37+"]  # bucket order, not name order
+    assert [density_bucket(n) for n in (1, 14, 15, 36, 37, None)] == ["1-8", "9-14", "15-24", "25-36", "37+", None]
 
 
 def test_report_table_and_plot(tmp_path):
@@ -72,6 +92,17 @@ def test_report_table_and_plot(tmp_path):
     assert "No `pool` method" in text
     plot(report, tmp_path / "accuracy.png")
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000
+
+    # with content densities: a table at keep 0.25 and a second row of plots
+    result["density_counts"] = {"1-8": 6, "37+": 4}
+    for c in result["cells"]:
+        c["by_density"] = {"1-8": 1.0, "37+": c["accuracy"] / 2}
+    text = markdown(report)
+    assert "Accuracy at keep 0.25 by content tokens per image" in text
+    assert "| 1-8 (6) | 37+ (4) |" in text and "| random | 100.0 | 20.0 |" in text
+    plot(report, tmp_path / "density.png")
+    with Image.open(tmp_path / "density.png") as image, Image.open(tmp_path / "accuracy.png") as single:
+        assert image.height > 1.5 * single.height
 
 
 def test_missing_data_file_or_server_is_a_clear_error(tmp_path, capsys):

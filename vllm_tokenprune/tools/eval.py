@@ -36,6 +36,9 @@ from vllm_tokenprune.tools.client import METHOD_HEADER, prune_headers, served_mo
 
 ACCEPTS_EXTRA_ARGS = True  # extra arguments go to the server it starts
 MATCHES = ("exact", "first-word", "contains")
+# Content-density buckets (content tokens, inclusive): 14 and 36 tokens are keep 0.1 and
+# 0.25 of a 144-token image, so the top buckets hold more content than those budgets.
+DENSITY_BUCKETS = ((1, 8), (9, 14), (15, 24), (25, 36), (37, None))
 # What a user would do instead of pruning: as many tokens, by pooling neighbours.
 POOLING_METHOD = "pool"
 
@@ -74,6 +77,7 @@ class Item:
     question: str
     answer: str
     kind: str | None = None
+    content_tokens: int | None = None  # tokens holding what questions are about, if known
 
 
 def load_items(path: Path, limit: int = 0) -> list[Item]:
@@ -86,7 +90,8 @@ def load_items(path: Path, limit: int = 0) -> list[Item]:
             image, question, answer = raw["image"], raw["question"], str(raw["answer"])
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{path}:{number}: need a JSON object with image, question, answer ({err})") from None
-        items.append(Item(_image_url(image, path.parent), question, answer, raw.get("kind")))
+        items.append(Item(_image_url(image, path.parent), question, answer, raw.get("kind"),
+                          raw.get("content_tokens")))
         if limit and len(items) == limit:
             break
     if not items:
@@ -191,9 +196,31 @@ def score(items: list[Item], answers: list[tuple], matcher: Matcher) -> dict:
             "errors": len(errors), "first_error": errors[0] if errors else None}
     kinds = sorted({i.kind for i in items if i.kind is not None})
     if kinds:
-        cell["by_kind"] = {k: sum(r for r, i in zip(right, items) if i.kind == k) /
-                           sum(i.kind == k for i in items) for k in kinds}
+        cell["by_kind"] = _accuracy_by(right, [i.kind for i in items])
+    if any(i.content_tokens is not None for i in items):
+        cell["by_density"] = _accuracy_by(right, [density_bucket(i.content_tokens) for i in items])
     return cell
+
+
+def density_bucket(tokens: int | None) -> str | None:
+    for low, high in DENSITY_BUCKETS:
+        if tokens is not None and tokens >= low and (high is None or tokens <= high):
+            return f"{low}-{high}" if high else f"{low}+"
+    return None
+
+
+def _accuracy_by(right: list[bool], groups: list[str | None]) -> dict[str, float]:
+    """{group: accuracy} over the items that have a group, buckets in table order."""
+    out = {}
+    for group in sorted({g for g in groups if g is not None}, key=_group_order):
+        hits = [r for r, g in zip(right, groups) if g == group]
+        out[group] = sum(hits) / len(hits)
+    return out
+
+
+def _group_order(group: str):
+    buckets = [density_bucket(low) for low, _ in DENSITY_BUCKETS]
+    return (buckets.index(group), "") if group in buckets else (len(buckets), group)
 
 
 def evaluate(url: str, datasets: dict[str, list[Item]], ratios: list[float], methods: list[str],
@@ -220,6 +247,10 @@ def evaluate(url: str, datasets: dict[str, list[Item]], ratios: list[float], met
                 out_cells.append({"method": m, "keep_ratio": ratio, **cell})
         results[name] = {"n": len(items), "refused": refused,
                          "cells": [c for c in out_cells if c["method"] not in refused]}
+        buckets = [density_bucket(i.content_tokens) for i in items]
+        if any(buckets):
+            results[name]["density_counts"] = {b: buckets.count(b) for b in sorted(set(buckets) - {None},
+                                                                                  key=_group_order)}
         first = next(iter(answers.values()))  # a few predictions, to see what the model says
         results[name]["examples"] = [{"question": i.question, "answer": i.answer, "prediction": a[0]}
                                      for i, a in zip(items[:5], first)]
@@ -255,6 +286,7 @@ def markdown(report: dict) -> str:
         if tokens and all(v is not None for v in tokens.values()):
             lines.append("| *prompt tokens* | " + " | ".join(f"{tokens[r]:.0f}" for r in ratios) + " |")
         lines.append("")
+        lines += _density_table(result, methods, ratios)
         lines += _summary(result, ratios)
         for method, error in result["refused"].items():
             lines.append(f"- `{method}`: refused by the server ({error[:120]})")
@@ -266,6 +298,23 @@ def markdown(report: dict) -> str:
         lines.append(f"No `{POOLING_METHOD}` method on this server (its methods: "
                      f"{', '.join(report['methods'])}), so the pooling baseline is missing.")
     return "\n".join(lines).rstrip() + "\n"
+
+
+DENSITY_RATIOS = (0.25, 0.1)  # the keep ratios whose accuracy is shown by content density
+
+
+def _density_table(result: dict, methods: list[str], ratios: list[float]) -> list[str]:
+    counts = result.get("density_counts")
+    lines = []
+    for r in (r for r in DENSITY_RATIOS if r in ratios and counts):
+        lines += [f"Accuracy at keep {r} by content tokens per image (items per bucket):", "",
+                  "| method | " + " | ".join(f"{b} ({n})" for b, n in counts.items()) + " |",
+                  "|---|" + "---|" * len(counts)]
+        for m in methods:
+            by = (_cell(result, m, r) or {}).get("by_density", {})
+            lines.append(f"| {m} | " + " | ".join(f"{100 * by[b]:.1f}" if b in by else "-" for b in counts) + " |")
+        lines.append("")
+    return lines
 
 
 def _summary(result: dict, ratios: list[float]) -> list[str]:
@@ -295,7 +344,9 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(report["datasets"])
-    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.2), squeeze=False)
+    density = min((r for r in DENSITY_RATIOS if r in report["ratios"]), default=None)
+    rows = 2 if density and any("density_counts" in d for d in report["datasets"].values()) else 1
+    fig, axes = plt.subplots(rows, len(names), figsize=(5.2 * len(names), 4.2 * rows), squeeze=False)
     for ax, name in zip(axes[0], names):
         result = report["datasets"][name]
         for i, m in enumerate(m for m in report["methods"] if m not in result["refused"]):
@@ -307,6 +358,17 @@ def plot(report: dict, path: Path) -> None:
                title=f"{name} ({result['n']} items)", ylim=(0, 102))
         ax.set_xticks(report["ratios"], [str(r) for r in report["ratios"]])
         ax.minorticks_off()
+        ax.grid(alpha=0.3)
+    for ax, name in zip(axes[1] if rows == 2 else [], names):
+        result = report["datasets"][name]
+        buckets = list(result.get("density_counts", {}))
+        for i, m in enumerate(m for m in report["methods"] if m not in result["refused"]):
+            by = (_cell(result, m, density) or {}).get("by_density", {})
+            ax.plot(range(len(buckets)), [100 * by.get(b, float("nan")) for b in buckets], marker="o",
+                    color=f"C{i}", lw=2.5 if m == "learned" else 1.5, zorder=3 if m == "learned" else 2)
+        ax.set(xlabel="content tokens per image", ylabel="accuracy (%)", ylim=(0, 102),
+               title=f"{name}: keep {density} by content density")
+        ax.set_xticks(range(len(buckets)), buckets)
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8, frameon=False)
