@@ -30,6 +30,7 @@ import torch
 from vllm_tokenprune.tools.timing import interleaved, qwen_tower, sync, vit_tower
 from vllm_tokenprune.training.evaluation import evaluate
 from vllm_tokenprune.training.features import tower_dtype
+from vllm_tokenprune.training.ragged import RaggedFeatures
 from vllm_tokenprune.training.stream import InMemoryFeatures
 from vllm_tokenprune.training.train import TrainConfig, build_models, default_steps, split_indices, training_step
 
@@ -80,17 +81,19 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     cfg = TrainConfig(device=device, batch_size=args.batch)
     selector, reconstructor, optimizer = build_models(dim, cfg)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, num_tokens, dim, device=device, dtype=dtype)  # as stored: the tower's dtype
+    # as stored: the tower's dtype
+    x = RaggedFeatures.stack(torch.randn(args.batch, num_tokens, dim, device=device, dtype=dtype))
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    step_s = timed(lambda: training_step(selector, reconstructor, optimizer, x, cfg, tau=0.5, grid=None, gen=gen),
+    step_s = timed(lambda: training_step(selector, reconstructor, optimizer, x, cfg, tau=0.5, gen=gen),
                    args.steps, device)
     train_memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    held = InMemoryFeatures(torch.randn(2 * args.batch, num_tokens, dim, device=device, dtype=dtype))
-    periodic_s = timed(lambda: evaluate(selector, reconstructor, held, None, ratios=(cfg.keep_ratio,),
+    held = InMemoryFeatures(RaggedFeatures.stack(torch.randn(2 * args.batch, num_tokens, dim, device=device,
+                                                             dtype=dtype)))
+    periodic_s = timed(lambda: evaluate(selector, reconstructor, held, ratios=(cfg.keep_ratio,),
                                         random_draws=1), 2, device, warmup=1) / 2 / args.batch
-    final_s = timed(lambda: evaluate(selector, reconstructor, held, None), 1, device, warmup=1) / 2 / args.batch
+    final_s = timed(lambda: evaluate(selector, reconstructor, held), 1, device, warmup=1) / 2 / args.batch
 
     # What the defaults make of a FOLDER-image folder: the split, the steps, the evaluations.
     train_idx, held_idx = split_indices(FOLDER, cfg.holdout, cfg.seed, cfg.max_heldout)

@@ -207,14 +207,72 @@ def test_reconstructor_shapes_and_positions():
     rec = TokenReconstructor(ReconstructorConfig(32)).eval()
     x = torch.randn(2, 12, 32)
     keep = torch.zeros(2, 12)
-    out_grid = rec(x, keep, (3, 4))
+    out_grid = rec(x, keep, torch.tensor([[3, 4], [3, 4]]))
     out_row = rec(x, keep)
     assert out_grid.shape == out_row.shape == (2, 12, 32)
     # All tokens masked: only the position encoding tells the slots apart.
     assert not torch.allclose(out_grid[0, 0], out_grid[0, 1])
+    assert not torch.allclose(out_grid, rec(x, keep, torch.tensor([[4, 3], [4, 3]])))  # the grid matters
     assert rec(torch.randn(1, 30, 32), torch.ones(1, 30)).shape == (1, 30, 32)  # any N
     with pytest.raises(ValueError, match="grid"):
-        rec(x, keep, (5, 5))
+        rec(x, keep, torch.tensor([[5, 5], [3, 4]]))
+
+
+# ---------------------------------------------------------------------------------------
+# Batches of images of several sizes
+
+
+def _ragged_batch(grids, dim=32, seed=0):
+    from vllm_tokenprune.training.ragged import RaggedFeatures
+
+    gen = torch.Generator().manual_seed(seed)
+    grids = torch.tensor(grids)
+    return RaggedFeatures(torch.randn(int(grids.prod(dim=1).sum()), dim, generator=gen), grids)
+
+
+def test_padding_changes_no_score_and_no_reconstruction():
+    """Padded images score and rebuild as each does alone; padding scores -inf."""
+    torch.manual_seed(0)
+    selector, rec = _selector().eval(), TokenReconstructor(ReconstructorConfig(32)).eval()
+    images = _ragged_batch([[3, 4], [2, 2], [5, 1]])
+    batch = images.padded()
+    assert batch.x.shape == (3, 12, 32) and batch.padding.sum(dim=1).tolist() == [0, 8, 7]
+    keep = (torch.rand(3, 12) > 0.5).float() * (~batch.padding)
+    with torch.no_grad():
+        scores = selector.scores(batch.x, batch.padding)
+        target = selector.normalize(batch.x)
+        recon = rec(target, keep, batch.grids, batch.padding)
+        for i, (image, n) in enumerate(zip(images, batch.lengths)):
+            torch.testing.assert_close(scores[i, :n], selector.scores(image), rtol=1e-5, atol=1e-5)
+            alone = rec(selector.normalize(image)[None], keep[i:i + 1, :n], batch.grids[i:i + 1])
+            torch.testing.assert_close(recon[i, :n], alone[0], rtol=1e-5, atol=1e-5)
+    assert torch.all(scores[batch.padding] == float("-inf"))
+    assert torch.equal(topk_sorted(scores, [keep_count(n, 1.0) for n in batch.lengths])[2], torch.arange(5))
+
+
+def test_masked_loss_is_the_mean_of_each_image_alone():
+    torch.manual_seed(0)
+    images = _ragged_batch([[3, 4], [2, 2], [5, 1]])
+    batch = images.padded()
+    recon = torch.randn(batch.x.shape) * (~batch.padding)[..., None]
+    keep = (torch.rand(3, 12) > 0.6).float() * (~batch.padding)
+    keep[:, 0] = 1.0
+    loss, parts = selector_loss(recon, batch.x, keep, target_keep=0.25, padding=batch.padding)
+    alone = [selector_loss(recon[i:i + 1, :n], batch.x[i:i + 1, :n], keep[i:i + 1, :n], target_keep=0.25)
+             for i, n in enumerate(batch.lengths)]
+    assert loss.item() == pytest.approx(sum(a[0].item() for a in alone) / 3, rel=1e-6)
+    assert parts["kept"] == pytest.approx(sum(a[1]["kept"] for a in alone) / 3, rel=1e-6)
+    # Garbage at the padding changes nothing.
+    noisy = recon + 100.0 * batch.padding[..., None]
+    assert selector_loss(noisy, batch.x, keep, 0.25, padding=batch.padding)[0].item() == pytest.approx(loss.item())
+
+
+def test_keep_masks_never_keep_padding():
+    selector = _selector().train()
+    batch = _ragged_batch([[4, 5], [2, 3]]).padded()
+    selector.head.bias.data = torch.tensor([-20.0, 20.0])  # keep everything it can
+    mask = sample_keep_mask(selector, batch.x, tau=0.5, padding=batch.padding)
+    assert torch.equal(mask, (~batch.padding).float())
 
 
 # ---------------------------------------------------------------------------------------

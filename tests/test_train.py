@@ -21,6 +21,7 @@ from vllm_tokenprune.serving.policy import keep_count
 from vllm_tokenprune.testbed.synthetic import make_shapes_image, write_image_folder
 from vllm_tokenprune.training.evaluation import format_report
 from vllm_tokenprune.training.features import ImageFolderError, extract_features, find_images, load_images
+from vllm_tokenprune.training.ragged import RaggedFeatures
 from vllm_tokenprune.training.store import feature_store
 from vllm_tokenprune.training.stream import InMemoryFeatures
 from vllm_tokenprune.training.train import (
@@ -95,15 +96,16 @@ def test_extract_features_are_what_the_projector_receives(tiny_llava, llava_conf
     features, info = extract_features(tiny_llava, images, batch_size=2, progress=False)
 
     num_tokens = count_image_tokens(tiny_llava, (size, size))
-    assert features.shape == (5, num_tokens, llava_config.vision_config.hidden_size)
-    assert features.dtype == torch.float32
+    assert features.grids.tolist() == [[size // 14, size // 14]] * 5 and size // 14 * size // 14 == num_tokens
+    assert features.tokens.shape == (5 * num_tokens, llava_config.vision_config.hidden_size)
+    assert features.tokens.dtype == torch.float32
     assert info == {
         "source_model": str(tiny_llava),
         "feature_layer": llava_config.vision_feature_layer,
         "vision_signature": vision_signature(llava_config),
-        "num_tokens": num_tokens,
+        "num_tokens": [num_tokens, num_tokens],
         "feature_dim": llava_config.vision_config.hidden_size,
-        "grid": [size // 14, size // 14],
+        "image_pixels": None,
     }
 
     # Direct: the whole HF model, capturing the input of its projector.
@@ -117,33 +119,38 @@ def test_extract_features_are_what_the_projector_receives(tiny_llava, llava_conf
             vision_feature_layer=llava_config.vision_feature_layer,
             vision_feature_select_strategy=llava_config.vision_feature_select_strategy,
         )
-    torch.testing.assert_close(features, captured[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.stack(list(features)), captured[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llava-next", "qwen2.5-vl", "qwen3-vl"])
 def test_extract_features_other_families(tiny_checkpoint, arch):
     """LLaVA-NeXT: the projector input of each image's base view (its first patch); Qwen:
-    the merged tokens (Qwen3-VL: the main embedding) of an image resized to a fixed square."""
+    the merged tokens (Qwen3-VL: the main embedding) of each image at its own size."""
     import transformers
     from transformers import AutoConfig, AutoImageProcessor
 
     path = tiny_checkpoint(arch)
     config = AutoConfig.from_pretrained(path)
-    images = [make_shapes_image(np.random.default_rng(i), (200, 150)) for i in range(3)]
-    features, info = extract_features(path, images, batch_size=2, progress=False, qwen_image_size=112)
+    images = [make_shapes_image(np.random.default_rng(i), size) for i, size in enumerate([(200, 150), (90, 280),
+                                                                                         (200, 150)])]
+    features, info = extract_features(path, images, batch_size=2, progress=False)
     model = getattr(transformers, config.architectures[0]).from_pretrained(path).eval()
     processor = AutoImageProcessor.from_pretrained(path)
     with torch.no_grad():
         if arch.startswith("qwen"):
-            factor = config.vision_config.patch_size * config.vision_config.spatial_merge_size
-            side = max(factor, round(112 / factor) * factor)
-            inputs = processor(images=[im.resize((side, side), 3) for im in images], return_tensors="pt")
+            inputs = processor(images=images, return_tensors="pt")
             merged = model.model.get_image_features(
                 pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]
             ).pooler_output
-            reference = torch.stack(list(merged))
-            assert info["grid"] == [side // factor] * 2 and info["feature_layer"] == "merger"
-            assert features.shape[-1] == config.vision_config.out_hidden_size
+            reference = torch.cat(list(merged))
+            assert features.grids.tolist() == (inputs["image_grid_thw"][:, 1:] // 2).tolist()
+            assert features.grids[0].tolist() != features.grids[1].tolist()  # each image at its own size
+            assert info["feature_layer"] == "merger" and info["num_tokens"] == [
+                int(features.lengths.min()), int(features.lengths.max())]
+            assert info["image_pixels"] == {"min_pixels": processor.size["shortest_edge"],
+                                            "max_pixels": processor.size["longest_edge"]}
+            assert features.feature_dim == config.vision_config.out_hidden_size
+            features = features.tokens
         else:
             from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -159,7 +166,9 @@ def test_extract_features_other_families(tiny_checkpoint, arch):
                                                  config.vision_config.image_size) for s in inputs["image_sizes"]]
             first = np.cumsum([0] + patches[:-1]).tolist()
             reference = captured[0][first]
-    assert info["num_tokens"] == features.shape[1] and info["vision_signature"] == vision_signature(config)
+            features = torch.stack(list(features))
+            assert info["num_tokens"] == [features.shape[1]] * 2
+    assert info["vision_signature"] == vision_signature(config)
     torch.testing.assert_close(features, reference, rtol=1e-5, atol=1e-5)
 
 
@@ -170,9 +179,11 @@ def test_feature_store_is_sharded_reused_and_invalidated(tiny_llava, tmp_path):
     assert not hit and store.shard_sizes == [2, 2, 1]
     expected, info = extract_features(tiny_llava, load_images(paths), progress=False)
     assert store.info == info
-    torch.testing.assert_close(torch.cat([store.load(i) for i in range(3)]), expected, rtol=0, atol=0)
+    stored = RaggedFeatures.cat([store.load(i) for i in range(3)])
+    torch.testing.assert_close(stored.tokens, expected.tokens, rtol=0, atol=0)
+    assert torch.equal(stored.grids, expected.grids)
     count, total, squares = store.sums()  # from each shard's stored sums
-    flat = expected.reshape(-1, expected.shape[-1]).double()
+    flat = expected.tokens.double()
     assert count == flat.shape[0]
     torch.testing.assert_close(total, flat.sum(0))
     torch.testing.assert_close(squares, flat.pow(2).sum(0))
@@ -209,8 +220,9 @@ def test_interrupted_extraction_keeps_its_finished_shards(tiny_llava, tmp_path, 
     monkeypatch.setattr(store_module, "load_images", lambda batch: loaded.append(batch) or load_images(batch))
     store, hit = feature_store(tiny_llava, paths, cache_dir=cache, shard_images=2, batch_size=1, progress=False)
     assert not hit and [p for batch in loaded for p in batch] == paths[2:]  # only the missing shards
-    torch.testing.assert_close(torch.cat([store.load(i) for i in range(3)]),
-                               extract_features(tiny_llava, load_images(paths), progress=False)[0], rtol=0, atol=0)
+    torch.testing.assert_close(RaggedFeatures.cat([store.load(i) for i in range(3)]).tokens,
+                               extract_features(tiny_llava, load_images(paths), progress=False)[0].tokens,
+                               rtol=0, atol=0)
 
 
 def test_image_folder_errors(tmp_path):
@@ -247,10 +259,14 @@ def test_split_is_deterministic_and_disjoint():
 # Streaming
 
 
-def _numbered(sizes: list[int]) -> list[torch.Tensor]:
+def _numbered(sizes: list[int]) -> list[RaggedFeatures]:
     """Shards of images whose every value is the image's index."""
     ids = torch.arange(sum(sizes), dtype=torch.float32)
-    return list(ids[:, None, None].expand(-1, 2, 3).split(sizes))
+    return [RaggedFeatures.stack(part) for part in ids[:, None, None].expand(-1, 2, 3).split(sizes)]
+
+
+def _ids(batch: RaggedFeatures) -> list[int]:
+    return [int(image[0, 0]) for image in batch]
 
 
 class _Shards:
@@ -258,7 +274,7 @@ class _Shards:
 
     def __init__(self, shards):
         self.shards, self.read = shards, []
-        self.key, self.shard_sizes, self.num_tokens, self.feature_dim = "test", [len(s) for s in shards], 2, 3
+        self.key, self.shard_sizes, self.feature_dim = "test", [len(s) for s in shards], 3
 
     def load(self, shard):
         self.read.append(shard)
@@ -272,7 +288,7 @@ def test_batches_visit_every_image_once_per_epoch_and_skip_by_arithmetic():
 
     shards = _Shards(_numbered([3, 3, 3, 1]))
     stream = batches(shards, 2, shuffle_shards=2, seed=4)
-    ids = [int(i) for batch in islice(stream, 15) for i in batch[:, 0, 0]]  # three epochs of 10
+    ids = [i for batch in islice(stream, 15) for i in _ids(batch)]  # three epochs of 10
     stream.close()
     for epoch in range(3):
         assert sorted(ids[10 * epoch:10 * epoch + 10]) == list(range(10))
@@ -280,7 +296,7 @@ def test_batches_visit_every_image_once_per_epoch_and_skip_by_arithmetic():
 
     skipped = _Shards(_numbered([3, 3, 3, 1]))
     stream = batches(skipped, 2, shuffle_shards=2, seed=4, skip=7)
-    assert [int(i) for batch in islice(stream, 8) for i in batch[:, 0, 0]] == ids[14:30]
+    assert [i for batch in islice(stream, 8) for i in _ids(batch)] == ids[14:30]
     stream.close()
     assert len(skipped.read) < len(shards.read)  # skipped rounds were never read
 
@@ -294,22 +310,23 @@ def test_streaming_from_shards_trains_exactly_as_in_memory(tiny_llava, tmp_path,
     torch.set_num_threads(1)
     paths = write_image_folder(tmp_path / "imgs", 10, seed=3, size=168)
     store, _ = feature_store(tiny_llava, paths, cache_dir=tmp_path / "cache", shard_images=3, progress=False)
-    features, info = extract_features(tiny_llava, load_images(paths), progress=False)
+    features, _ = extract_features(tiny_llava, load_images(paths), progress=False)
     assert store.shard_sizes == [3, 3, 3, 1]
     from_store = batches(store, 4, shuffle_shards=4, seed=0)
     in_memory = batches(InMemoryFeatures(features), 4, shuffle_shards=4, seed=0)
     for _ in range(6):  # over two epochs
-        assert torch.equal(next(from_store), next(in_memory))
+        a, b = next(from_store), next(in_memory)
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.grids, b.grids)
     from_store.close()
     in_memory.close()
-    flat = features.reshape(-1, features.shape[-1])
+    flat = features.tokens
     mean, std = mean_std(store)
     torch.testing.assert_close(mean, flat.mean(0))
     torch.testing.assert_close(std, flat.std(0))
 
     cfg = TrainConfig(steps=6, batch_size=4, eval_every=3, width=32, recon_width=32, shuffle_shards=4)
     held, _ = feature_store(tiny_llava, paths[:4], cache_dir=tmp_path / "cache", shard_images=3, progress=False)
-    runs = [train_selector(train, cfg, grid=info["grid"], eval_features=evals, progress=False, log=print)
+    runs = [train_selector(train, cfg, eval_features=evals, progress=False, log=print)
             for train, evals in ((store, held), (features, features[:4]))]
     (sel_a, rec_a, report_a), (sel_b, rec_b, report_b) = runs
     for a, b in zip(report_a["history"], report_b["history"], strict=True):
@@ -338,13 +355,13 @@ def test_selector_learns_to_keep_the_shapes(tiny_llava, llava_config, tmp_path, 
     torch.set_num_threads(idle_cpu_threads())
     size, patch = llava_config.vision_config.image_size, llava_config.vision_config.patch_size
     paths = write_image_folder(tmp_path / "imgs", 96, seed=0, size=size)
-    features, info = extract_features(tiny_llava, load_images(paths), progress=False)
+    features, _ = extract_features(tiny_llava, load_images(paths), progress=False)
     content = torch.stack([_content_patches(im, patch) for im in load_images(paths)])
     train_idx, held_idx = split_indices(len(paths), 0.25, seed=0)
 
     start = time.time()
     selector, _, report = train_selector(
-        features[train_idx], TrainConfig(steps=150, eval_every=50), grid=info["grid"],
+        features[train_idx], TrainConfig(steps=150, eval_every=50),
         eval_features=features[held_idx], progress=False, log=print,
     )
     elapsed = time.time() - start
@@ -357,8 +374,9 @@ def test_selector_learns_to_keep_the_shapes(tiny_llava, llava_config, tmp_path, 
         assert r["learned"] < r["random"], results
 
     held_content = content[held_idx]
-    kept = learned_keep(selector, features[held_idx], 0.25)
-    assert kept.shape == (len(held_idx), keep_count(features.shape[1], 0.25))
+    held = torch.stack(list(features[held_idx]))
+    kept = learned_keep(selector, held, 0.25)
+    assert kept.shape == (len(held_idx), keep_count(held.shape[1], 0.25))
     kept_content = held_content.gather(1, kept).float().mean().item()
     base_rate = held_content.float().mean().item()
     recall = (held_content.gather(1, kept).sum() / held_content.sum()).item()
@@ -397,8 +415,9 @@ def test_cli_train_writes_a_checkpoint_that_loads(tiny_checkpoint, tiny_llava, l
     assert (meta["training"]["num_train_images"], meta["training"]["num_heldout_images"]) == (10, 2)
     assert [row["step"] for row in meta["training"]["history"]] == [3, 6]
     assert set(meta["eval"]["results"]) == {"0.1", "0.25", "0.5"}
-    k = keep_count(meta["num_tokens"], 0.25)
-    assert learned_keep(selector, torch.randn(meta["num_tokens"], meta["feature_dim"]), 0.25).shape == (k,)
+    n, _ = meta["num_tokens"]
+    assert meta["num_tokens"] == [n, n] and meta["image_pixels"] is None
+    assert learned_keep(selector, torch.randn(n, meta["feature_dim"]), 0.25).shape == (keep_count(n, 0.25),)
 
     rows = [json.loads(line) for line in out.with_suffix(".log.jsonl").read_text().splitlines()]
     assert rows == meta["training"]["history"] and {"eval_learned", "eval_random", "loss"} <= rows[0].keys()

@@ -8,7 +8,8 @@ keep mask, the reconstructor, the loss, checkpoint writing) is in ``training``.
 
 The selector has no position encoding of its own: the tower's features already carry
 position, and without one it scores any token count (other resolutions, crops, Qwen's
-variable grids) with the same weights.
+variable grids) with the same weights. Training batches images of several sizes with a
+padding mask that attention ignores, so an image's scores do not depend on its batch.
 
 Checkpoints are safetensors only; their JSON metadata header holds everything needed to
 rebuild the selector and to check at start-up that it fits the served model
@@ -106,15 +107,22 @@ class TokenSelector(nn.Module):
         x = features.to(self.feature_mean.dtype)
         return (x - self.feature_mean) / self.feature_std
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """features (B, N, D) -> logits (B, N, 2), [..., DROP] and [..., KEEP]."""
-        return self.head(self.encoder(self.proj(self.normalize(features))))
+    def forward(self, features: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        """features (B, N, D) -> logits (B, N, 2), [..., DROP] and [..., KEEP].
 
-    def scores(self, features: torch.Tensor) -> torch.Tensor:
-        """Keep logit minus drop logit, float32: (B, N, D) -> (B, N), (N, D) -> (N,)."""
+        ``padding`` (B, N), True at tokens that pad an image of fewer than N (a training
+        batch of images of several sizes): no token attends to them.
+        """
+        return self.head(self.encoder(self.proj(self.normalize(features)), src_key_padding_mask=padding))
+
+    def scores(self, features: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        """Keep logit minus drop logit, float32: (B, N, D) -> (B, N), (N, D) -> (N,);
+        -inf at ``padding``, so that top-K never picks it."""
         single = features.dim() == 2
-        logits = self(features.unsqueeze(0) if single else features)
+        logits = self(features.unsqueeze(0) if single else features, padding)
         scores = (logits[..., KEEP] - logits[..., DROP]).float()
+        if padding is not None:
+            scores = scores.masked_fill(padding, float("-inf"))
         return scores[0] if single else scores
 
 

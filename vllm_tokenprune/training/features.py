@@ -11,8 +11,12 @@ Only the vision tower is built and only its weights are read from the checkpoint
   processor's patches) only. The served model also scores the high-resolution
   crops with the same tower; the base view is enough to train a selector.
 - Qwen2.5-VL and Qwen3-VL: the visual module's output after the patch merger (the merged
-  tokens the selector scores at serve time; Qwen3-VL's main embedding, without DeepStack).
-  Images are resized to a fixed square so N is constant.
+  tokens the selector scores at serve time; Qwen3-VL's main embedding, without DeepStack,
+  as ``serving/models/qwen3_vl.py`` scores it). Each image keeps its own size and aspect
+  as the checkpoint's image processor resizes it (``smart_resize`` within min_pixels and
+  max_pixels, overridable as the server's ``--mm-processor-kwargs``), so N varies per image.
+
+Features come as ``ragged.RaggedFeatures``: every image's tokens and its token grid.
 
 ``training.store`` writes these features to disk in shards, keyed by the model and image
 files, so that training streams them and a second run skips the tower.
@@ -35,12 +39,14 @@ from tqdm.auto import tqdm
 
 from vllm_tokenprune.selection.selector import vision_signature
 from vllm_tokenprune.serving.families import of_model_type
+from vllm_tokenprune.training.ragged import RaggedFeatures
 from vllm_tokenprune.training.stream import ahead
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-QWEN_IMAGE_SIZE = 448  # Qwen images are resized to this square (16 x 16 merged tokens)
-# Bump when what the tower's features are changes, to invalidate stored ones.
-FEATURES_VERSION = 2
+# Bump when what the tower's features are, or how they are stored, changes, to invalidate stored ones.
+FEATURES_VERSION = 3
+# The image processor settings a server may override for the Qwen families (``--mm-processor-kwargs``).
+QWEN_PROCESSOR_KWARGS = ("min_pixels", "max_pixels")
 
 # ---------------------------------------------------------------------------------------
 # Images
@@ -48,6 +54,10 @@ FEATURES_VERSION = 2
 
 class ImageFolderError(ValueError):
     """No usable images: a missing or empty folder, or a file that is not a readable image."""
+
+
+class FeatureSettingsError(ValueError):
+    """Image processor settings that the model's family does not take."""
 
 
 def find_images(folder: str | Path) -> list[Path]:
@@ -154,38 +164,31 @@ def _llava_inputs(processor, images) -> dict:
     return {"pixel_values": pixels}
 
 
-def _llava_forward(tower, config, inputs: dict) -> torch.Tensor:
+def _llava_forward(tower, config, inputs: dict) -> RaggedFeatures:
     hidden = tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
     layers = config.vision_feature_layer
     layers = [layers] if isinstance(layers, int) else list(layers)
     feats = [hidden[layer] for layer in layers]
     if config.vision_feature_select_strategy == "default":  # drop CLS
         feats = [f[:, 1:] for f in feats]
-    return torch.cat(feats, dim=-1)
+    feats = torch.cat(feats, dim=-1)
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    # With CLS kept the tokens form no grid: one row.
+    return RaggedFeatures.stack(feats, (side, side) if side * side == feats.shape[1] else None)
 
 
-def _qwen_inputs(processor, config, images, image_size: int) -> dict:
-    factor = config.vision_config.patch_size * config.vision_config.spatial_merge_size
-    side = max(factor, round(image_size / factor) * factor)
-    images = [im.resize((side, side), Image.BICUBIC) for im in images]
+def _qwen_inputs(processor, images) -> dict:
     inputs = processor(images=images, return_tensors="pt")
     return {"pixel_values": inputs["pixel_values"], "grid_thw": inputs["image_grid_thw"]}
 
 
-def _qwen_forward(tower, inputs: dict) -> torch.Tensor:
+def _qwen_forward(tower, config, inputs: dict) -> RaggedFeatures:
+    # Merged tokens of all images one after the other, each image's in row-major order of
+    # its merged grid (t * h / merge rows, as serving lays them out; t = 1 for images).
     merged = tower(inputs["pixel_values"], grid_thw=inputs["grid_thw"]).pooler_output
-    return merged.reshape(len(inputs["grid_thw"]), -1, merged.shape[-1])
-
-
-def _grid(config, num_tokens: int, qwen_image_size: int) -> list[int] | None:
-    """(rows, cols) of the token grid, or None where tokens do not form one (e.g. CLS kept)."""
-    vc = config.vision_config
-    if _family(config) == "qwen":
-        factor = vc.patch_size * vc.spatial_merge_size
-        side = max(factor, round(qwen_image_size / factor) * factor) // factor
-    else:
-        side = vc.image_size // vc.patch_size
-    return [side, side] if side * side == num_tokens else None
+    merge = config.vision_config.spatial_merge_size
+    t, h, w = inputs["grid_thw"].cpu().T
+    return RaggedFeatures(merged, torch.stack([t * h // merge, w // merge], dim=1))
 
 
 @dataclass
@@ -193,38 +196,59 @@ class Tower:
     """A checkpoint's vision tower up to the selector's input (LLaVA: the feature layer
     without CLS; Qwen: after the merger), with the model's own preprocessing.
 
-    ``tower(images)`` gives features (B, N, D); ``preprocess`` and ``forward`` are its two
+    ``tower(images)`` gives their features; ``preprocess`` and ``forward`` are its two
     halves, for timing the forward alone. Call under ``torch.inference_mode()``.
     """
 
     config: Any
     preprocess: Callable[[list[Image.Image]], dict[str, torch.Tensor]]
-    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    forward: Callable[[dict[str, torch.Tensor]], RaggedFeatures]
+    image_pixels: dict[str, int] | None  # Qwen: the min_pixels and max_pixels images are resized within
 
-    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
+    def __call__(self, images: list[Image.Image]) -> RaggedFeatures:
         return self.forward(self.preprocess(images))
 
 
+def _processor(model: str, config, processor_kwargs: dict[str, int]):
+    """The checkpoint's image processor with the server's overrides, and the pixel range it
+    resizes Qwen images within (None for LLaVA, whose images all get one size)."""
+    from transformers import AutoImageProcessor
+
+    if _family(config) == "llava":
+        if processor_kwargs:
+            raise FeatureSettingsError(f"{sorted(processor_kwargs)} apply to Qwen models only; "
+                                       f"{model} resizes every image to one size")
+        return AutoImageProcessor.from_pretrained(model), None
+    unknown = sorted(set(processor_kwargs) - set(QWEN_PROCESSOR_KWARGS))
+    if unknown:
+        raise FeatureSettingsError(f"unknown image processor settings {unknown}; "
+                                   f"training takes {', '.join(QWEN_PROCESSOR_KWARGS)}")
+    processor = AutoImageProcessor.from_pretrained(model, **processor_kwargs)
+    return processor, {"min_pixels": processor.size["shortest_edge"], "max_pixels": processor.size["longest_edge"]}
+
+
 def load_tower(model: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               qwen_image_size: int = QWEN_IMAGE_SIZE) -> Tower:
-    """The tower of ``model`` with its checkpoint weights, in ``dtype`` on ``device``."""
-    from transformers import AutoConfig, AutoImageProcessor
+               processor_kwargs: dict[str, int] | None = None) -> Tower:
+    """The tower of ``model`` with its checkpoint weights, in ``dtype`` on ``device``;
+    ``processor_kwargs`` (Qwen: min_pixels, max_pixels) override the image processor's
+    settings as the server's ``--mm-processor-kwargs`` would."""
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model)
+    processor, image_pixels = _processor(model, config, processor_kwargs or {})
     module, _ = _build_tower(model, config)
     module.to(device=device, dtype=dtype)
-    processor = AutoImageProcessor.from_pretrained(model)
     llava = _family(config) == "llava"
 
     def preprocess(images: list[Image.Image]) -> dict[str, torch.Tensor]:
         images = [im.convert("RGB") for im in images]
-        inputs = _llava_inputs(processor, images) if llava else _qwen_inputs(processor, config, images, qwen_image_size)
+        inputs = _llava_inputs(processor, images) if llava else _qwen_inputs(processor, images)
         return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
 
-    def forward(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return _llava_forward(module, config, inputs) if llava else _qwen_forward(module, inputs)
+    def forward(inputs: dict[str, torch.Tensor]) -> RaggedFeatures:
+        return _llava_forward(module, config, inputs) if llava else _qwen_forward(module, config, inputs)
 
-    return Tower(config, preprocess, forward)
+    return Tower(config, preprocess, forward, image_pixels)
 
 
 def tower_dtype(device: str | torch.device) -> torch.dtype:
@@ -234,22 +258,25 @@ def tower_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def feature_info(model: str, config, num_tokens: int, feature_dim: int, qwen_image_size: int) -> dict[str, Any]:
-    """What a selector checkpoint records about the features it was trained on."""
-    family = _family(config)
+def feature_info(model: str, tower: Tower, grids: torch.Tensor, feature_dim: int) -> dict[str, Any]:
+    """What a selector checkpoint records about the features (of images with token ``grids``
+    (B, 2)) it was trained on: among them the fewest and most tokens of an image, and (Qwen)
+    the pixel range images were resized within, which the server's should match."""
+    config = tower.config
+    lengths = grids.prod(dim=1)
     return {
         "source_model": model,
-        "feature_layer": getattr(config, "vision_feature_layer", None) if family == "llava" else "merger",
+        "feature_layer": getattr(config, "vision_feature_layer", None) if _family(config) == "llava" else "merger",
         "vision_signature": vision_signature(config),
-        "num_tokens": num_tokens,
+        "num_tokens": [int(lengths.min()), int(lengths.max())],
         "feature_dim": feature_dim,
-        "grid": _grid(config, num_tokens, qwen_image_size),
+        "image_pixels": tower.image_pixels,
     }
 
 
 def tower_outputs(tower: Tower, items: Sequence, *, batch_size: int, load: Callable[[Sequence], list] = list,
-                  workers: int = 0, bar: tqdm | None = None) -> Iterator[torch.Tensor]:
-    """The tower's features (B, N, D), on the CPU in the tower's dtype, for each batch of items in order.
+                  workers: int = 0, bar: tqdm | None = None) -> Iterator[RaggedFeatures]:
+    """The tower's features, on the CPU in the tower's dtype, for each batch of items in order.
 
     ``load`` turns a batch of items into images (``load_images`` for paths). ``workers``
     threads decode and preprocess the next batches while the tower runs: on one core that
@@ -258,7 +285,7 @@ def tower_outputs(tower: Tower, items: Sequence, *, batch_size: int, load: Calla
     batches = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
     with torch.inference_mode():
         for inputs in ahead(lambda batch: tower.preprocess(load(batch)), batches, workers):
-            features = tower.forward(inputs).cpu()
+            features = tower.forward(inputs).to("cpu")
             if bar is not None:
                 bar.update(len(features))
             yield features
@@ -271,19 +298,20 @@ def extract_features(
     batch_size: int = 16,
     device: str = "cpu",
     progress: bool = True,
-    qwen_image_size: int = QWEN_IMAGE_SIZE,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Features (num_images, N, D) float32 on CPU, and their ``feature_info``, in memory.
+    processor_kwargs: dict[str, int] | None = None,
+) -> tuple[RaggedFeatures, dict[str, Any]]:
+    """The images' features, float32 on CPU, and their ``feature_info``, in memory.
 
     ``training.store`` writes the same features to disk shard by shard, for large folders.
     """
     if not images:
         raise ValueError("no images to extract features from")
     model = str(model_dir_or_id)
-    tower = load_tower(model, device=device, dtype=tower_dtype(device), qwen_image_size=qwen_image_size)
+    tower = load_tower(model, device=device, dtype=tower_dtype(device), processor_kwargs=processor_kwargs)
     with tqdm(total=len(images), desc="features", unit="img", disable=not progress) as bar:
-        features = torch.cat(list(tower_outputs(tower, images, batch_size=batch_size, bar=bar))).float()
-    return features, feature_info(model, tower.config, features.shape[1], features.shape[2], qwen_image_size)
+        features = RaggedFeatures.cat(list(tower_outputs(tower, images, batch_size=batch_size, bar=bar)))
+    features = features.to("cpu", dtype=torch.float32)
+    return features, feature_info(model, tower, features.grids, features.feature_dim)
 
 
 def _file_stamp(path: Path) -> list:
@@ -291,10 +319,11 @@ def _file_stamp(path: Path) -> list:
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
-def features_key(model: str, image_paths: list[Path], *, dtype: torch.dtype, qwen_image_size: int) -> str:
-    """Hash of everything the features depend on: model config, processor config, tower
-    weight files (size, mtime), image files (size, mtime), the feature layer and the
-    tower's dtype."""
+def features_key(model: str, image_paths: list[Path], *, dtype: torch.dtype,
+                 processor_kwargs: dict[str, int] | None = None) -> str:
+    """Hash of everything the features depend on: model config, processor config and its
+    overrides, tower weight files (size, mtime), image files (size, mtime), the feature
+    layer and the tower's dtype."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model)
@@ -303,7 +332,7 @@ def features_key(model: str, image_paths: list[Path], *, dtype: torch.dtype, qwe
         "model": model,
         "config": config.to_dict(),
         "feature_layer": getattr(config, "vision_feature_layer", None),
-        "qwen_image_size": qwen_image_size,
+        "processor_kwargs": processor_kwargs or {},
         "dtype": str(dtype),
         "images": [_file_stamp(Path(p)) for p in image_paths],
     }

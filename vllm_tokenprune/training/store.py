@@ -3,11 +3,14 @@
 A store is a folder named by ``features.features_key`` (model files, image files, tower
 dtype) under the cache directory:
 
-    <key>/shard_0000000_0000256.safetensors   images [0, 256): "features" (256, N, D) in the
-                                               tower's dtype, and their float64 "sum" and
-                                               "sum_sq" per dimension (``stream.token_sums``)
-    <key>/index.json                           written last: model signature, grid, N, D,
-                                               dtype and the shard list
+    <key>/shard_0000000_0000256.safetensors   images [0, 256): "tokens" (T, D), their tokens
+                                               one image after the other, in the tower's
+                                               dtype; "grids" (256, 2), each image's (rows,
+                                               cols); the tokens' float64 "sum" and "sum_sq"
+                                               per dimension (``stream.token_sums``)
+    <key>/index.json                           written last: ``features.feature_info``, dtype
+                                               and the shard list with each shard's images
+                                               and tokens
 
 A folder with an index is complete and is reused as it is. Shards are written atomically
 and named by their image range, so an interrupted extraction keeps its finished shards
@@ -28,7 +31,6 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from vllm_tokenprune.training.features import (
-    QWEN_IMAGE_SIZE,
     feature_info,
     features_key,
     load_images,
@@ -36,6 +38,7 @@ from vllm_tokenprune.training.features import (
     tower_dtype,
     tower_outputs,
 )
+from vllm_tokenprune.training.ragged import RaggedFeatures
 from vllm_tokenprune.training.stream import token_sums
 
 DEFAULT_CACHE_DIR = "~/.cache/vllm_tokenprune/features"
@@ -63,16 +66,12 @@ class FeatureStore:
         return [shard["images"] for shard in self.index["shards"]]
 
     @property
-    def num_tokens(self) -> int:
-        return self.info["num_tokens"]
-
-    @property
     def feature_dim(self) -> int:
         return self.info["feature_dim"]
 
-    def load(self, shard: int) -> torch.Tensor:
+    def load(self, shard: int) -> RaggedFeatures:
         with safe_open(str(self.root / self.index["shards"][shard]["file"]), framework="pt") as f:
-            return f.get_tensor("features")
+            return RaggedFeatures(f.get_tensor("tokens"), f.get_tensor("grids"))
 
     def sums(self) -> tuple[int, torch.Tensor, torch.Tensor]:
         """Added up from each shard's stored sums, without reading any features."""
@@ -81,7 +80,7 @@ class FeatureStore:
             with safe_open(str(self.root / shard["file"]), framework="pt") as f:
                 total = total + f.get_tensor("sum")
                 squares = squares + f.get_tensor("sum_sq")
-        return sum(self.shard_sizes) * self.num_tokens, total, squares
+        return sum(shard["tokens"] for shard in self.index["shards"]), total, squares
 
 
 def open_store(root: Path) -> FeatureStore | None:
@@ -108,15 +107,17 @@ def feature_store(
     device: str = "cpu",
     workers: int = 0,
     progress: bool = True,
-    qwen_image_size: int = QWEN_IMAGE_SIZE,
+    processor_kwargs: dict[str, int] | None = None,
 ) -> tuple[FeatureStore, bool]:
     """The store of these images' features, extracted now where not stored yet; returns
-    (store, whether it was complete already). The tower runs in ``tower_dtype(device)``."""
+    (store, whether it was complete already). The tower runs in ``tower_dtype(device)``;
+    ``processor_kwargs`` as for ``features.load_tower``."""
     if not image_paths:
         raise ValueError("no images to extract features from")
     model = str(model)
     dtype = tower_dtype(device)
-    root = Path(cache_dir).expanduser() / features_key(model, image_paths, dtype=dtype, qwen_image_size=qwen_image_size)
+    root = Path(cache_dir).expanduser() / features_key(model, image_paths, dtype=dtype,
+                                                       processor_kwargs=processor_kwargs)
     store = open_store(root)
     if store is not None:
         return store, True
@@ -126,23 +127,28 @@ def feature_store(
     files = [f"shard_{start:07d}_{end:07d}.safetensors" for start, end in ranges]
     missing = [(r, file) for r, file in zip(ranges, files) if not (root / file).is_file()]
     root.mkdir(parents=True, exist_ok=True)
-    tower = load_tower(model, device=device, dtype=dtype, qwen_image_size=qwen_image_size)
+    tower = load_tower(model, device=device, dtype=dtype, processor_kwargs=processor_kwargs)
     with tqdm(total=sum(end - start for (start, end), _ in missing), desc="features", unit="img",
               disable=not progress) as bar:
         for (start, end), file in missing:
-            features = torch.cat(list(tower_outputs(tower, image_paths[start:end], batch_size=batch_size,
-                                                    load=load_images, workers=workers, bar=bar)))
+            features = RaggedFeatures.cat(list(tower_outputs(tower, image_paths[start:end], batch_size=batch_size,
+                                                             load=load_images, workers=workers, bar=bar)))
             _, total, squares = token_sums(features)
-            tensors = {"features": features.contiguous(), "sum": total, "sum_sq": squares}
+            tensors = {"tokens": features.tokens.contiguous(), "grids": features.grids.contiguous(),
+                       "sum": total, "sum_sq": squares}
             _write_atomically(root / file, lambda tmp, t=tensors: save_file(t, str(tmp)))
 
-    with safe_open(str(root / files[0]), framework="pt") as f:
-        _, num_tokens, dim = f.get_slice("features").get_shape()
+    grids = []  # every image's, from the shards (written now or by an interrupted run)
+    for file in files:
+        with safe_open(str(root / file), framework="pt") as f:
+            grids.append(f.get_tensor("grids"))
+            dim = f.get_slice("tokens").get_shape()[1]
     index = {
-        "info": feature_info(model, tower.config, num_tokens, dim, qwen_image_size),
+        "info": feature_info(model, tower, torch.cat(grids), dim),
         "dtype": str(dtype).removeprefix("torch."),
         "num_images": len(image_paths),
-        "shards": [{"file": file, "images": end - start} for (start, end), file in zip(ranges, files)],
+        "shards": [{"file": file, "images": end - start, "tokens": int(g.prod(dim=1).sum())}
+                   for (start, end), file, g in zip(ranges, files, grids)],
     }
     _write_atomically(root / INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=1)))
     return FeatureStore(root, index), False

@@ -28,17 +28,18 @@ from typing import Protocol
 
 import torch
 
+from vllm_tokenprune.training.ragged import RaggedFeatures
+
 
 class FeatureSet(Protocol):
-    """Image features (num_images, N, D) held in shards."""
+    """Image features (``RaggedFeatures``: any N per image, D fixed) held in shards."""
 
     key: str  # names the features: a resumed run must train on the same
     shard_sizes: list[int]  # images per shard
-    num_tokens: int  # N
     feature_dim: int  # D
 
-    def load(self, shard: int) -> torch.Tensor:
-        """Shard ``shard``'s features (images, N, D) on the CPU."""
+    def load(self, shard: int) -> RaggedFeatures:
+        """Shard ``shard``'s features on the CPU."""
 
     def sums(self) -> tuple[int, torch.Tensor, torch.Tensor]:
         """``token_sums`` over every image."""
@@ -46,35 +47,31 @@ class FeatureSet(Protocol):
 
 @dataclass
 class InMemoryFeatures:
-    """A tensor (num_images, N, D) as a feature set of one shard."""
+    """Features in memory as a feature set of one shard."""
 
-    features: torch.Tensor
+    features: RaggedFeatures
 
     @property
     def key(self) -> str:
-        return f"in memory {tuple(self.features.shape)}"
+        return f"in memory ({len(self.features)} images, {tuple(self.features.tokens.shape)} tokens)"
 
     @property
     def shard_sizes(self) -> list[int]:
         return [len(self.features)]
 
     @property
-    def num_tokens(self) -> int:
-        return self.features.shape[1]
-
-    @property
     def feature_dim(self) -> int:
-        return self.features.shape[2]
+        return self.features.feature_dim
 
-    def load(self, shard: int) -> torch.Tensor:
+    def load(self, shard: int) -> RaggedFeatures:
         return self.features
 
     def sums(self) -> tuple[int, torch.Tensor, torch.Tensor]:
         return token_sums(self.features)
 
 
-def as_feature_set(features: torch.Tensor | FeatureSet) -> FeatureSet:
-    return InMemoryFeatures(features) if isinstance(features, torch.Tensor) else features
+def as_feature_set(features: RaggedFeatures | FeatureSet) -> FeatureSet:
+    return InMemoryFeatures(features) if isinstance(features, RaggedFeatures) else features
 
 
 def num_images(features: FeatureSet) -> int:
@@ -85,13 +82,13 @@ def num_images(features: FeatureSet) -> int:
 # Per-dimension statistics
 
 
-def token_sums(features: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """(number of tokens, sum, sum of squares) over all tokens of (images, N, D), per dimension.
+def token_sums(features: RaggedFeatures) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(number of tokens, sum, sum of squares) over every image's tokens, per dimension.
 
     float64: the variance is taken as a difference of these sums, which in float64 keeps
     about 8 digits even where a dimension's mean is 10,000 times its spread.
     """
-    x = features.reshape(-1, features.shape[-1]).double()
+    x = features.tokens.double()
     return x.shape[0], x.sum(dim=0), x.pow(2).sum(dim=0)
 
 
@@ -141,8 +138,8 @@ def _plan(sizes: list[int], shuffle_shards: int, seed: int) -> Iterator[tuple[tu
 
 
 def batches(features: FeatureSet, batch_size: int, *, shuffle_shards: int, seed: int,
-            skip: int = 0) -> Iterator[torch.Tensor]:
-    """Endless training batches (batch_size, N, D) on the CPU, the first ``skip`` left out.
+            skip: int = 0) -> Iterator[RaggedFeatures]:
+    """Endless training batches of ``batch_size`` images on the CPU, the first ``skip`` left out.
 
     Holds at most two rounds (the one being visited and the next, read ahead in a thread):
     2 x shuffle_shards x shard size images.
@@ -157,9 +154,8 @@ def batches(features: FeatureSet, batch_size: int, *, shuffle_shards: int, seed:
 
     # A round that is read again (every shard fits in one) is read once.
     @lru_cache(maxsize=1)
-    def read(ids: tuple[int, ...]) -> torch.Tensor:
-        parts = [features.load(i) for i in ids]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    def read(ids: tuple[int, ...]) -> RaggedFeatures:
+        return RaggedFeatures.cat([features.load(i) for i in ids])
 
     parts, held = [], 0
     rounds = ahead(lambda r: (read(r[0]), r[1]), chain([(ids, round_seed)], plan), workers=1)
@@ -173,11 +169,11 @@ def batches(features: FeatureSet, batch_size: int, *, shuffle_shards: int, seed:
             held += take
             start += take
             if held == batch_size:
-                yield parts[0] if len(parts) == 1 else torch.cat(parts)
+                yield RaggedFeatures.cat(parts)
                 parts, held = [], 0
 
 
-def chunks(features: FeatureSet, size: int) -> Iterator[torch.Tensor]:
+def chunks(features: FeatureSet, size: int) -> Iterator[RaggedFeatures]:
     """Every image once, in stored order, in chunks of at most ``size`` images (evaluation)."""
     for data in ahead(features.load, range(len(features.shard_sizes)), workers=1):
         for start in range(0, len(data), size):

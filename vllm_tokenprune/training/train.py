@@ -51,8 +51,9 @@ from vllm_tokenprune.selection.selector import SelectorConfig, TokenSelector
 from vllm_tokenprune.serving.policy import keep_count
 from vllm_tokenprune.training.curves import append_log, plot_curves, write_log
 from vllm_tokenprune.training.evaluation import autocast, evaluate, format_report, mask_from_indices
-from vllm_tokenprune.training.features import ImageFolderError, find_images
+from vllm_tokenprune.training.features import FeatureSettingsError, ImageFolderError, find_images
 from vllm_tokenprune.training.options import add_options, from_args, opt, warmup_cosine
+from vllm_tokenprune.training.ragged import RaggedFeatures
 from vllm_tokenprune.training.reconstruction import (
     ReconstructorConfig,
     TokenReconstructor,
@@ -106,6 +107,16 @@ class TrainConfig:
     shard_images: int = opt(256, "images per feature shard on disk")
     shuffle_shards: int = opt(8, "shards whose images are shuffled together (memory: twice this many shards)")
     cache_dir: str = opt(DEFAULT_CACHE_DIR, "feature store directory")
+    min_pixels: int | None = opt(None, "Qwen: the image processor's min_pixels, as the server's "
+                                       "--mm-processor-kwargs (default: the checkpoint's)")
+    max_pixels: int | None = opt(None, "Qwen: the image processor's max_pixels, as the server's "
+                                       "--mm-processor-kwargs (default: the checkpoint's)")
+
+    @property
+    def processor_kwargs(self) -> dict[str, int]:
+        """The image processor settings given, as the server takes them."""
+        return {k: v for k, v in (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels))
+                if v is not None}
 
 
 def default_steps(num_train_images: int, batch_size: int, epochs: float) -> int:
@@ -117,34 +128,33 @@ def default_steps(num_train_images: int, batch_size: int, epochs: float) -> int:
 # Training
 
 
-def _random_masks(batch: int, num_tokens: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
-    """One uniformly random mask per row, each with its own keep ratio drawn from [low, high]."""
-    ratios = torch.empty(batch).uniform_(low, high, generator=gen)
-    ks = [keep_count(num_tokens, float(r)) for r in ratios]
-    return torch.stack([
-        mask_from_indices(topk_sorted(torch.rand(num_tokens, generator=gen), k)[None], num_tokens)[0]
-        for k in ks
-    ])
+def _random_masks(lengths: list[int], width: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
+    """One uniformly random mask (width,) per image of N_i = lengths[i] tokens, each with its
+    own keep ratio drawn from [low, high]."""
+    ratios = torch.empty(len(lengths)).uniform_(low, high, generator=gen)
+    picks = [topk_sorted(torch.rand(n, generator=gen), keep_count(n, float(r))) for n, r in zip(lengths, ratios)]
+    return mask_from_indices(picks, width)
 
 
 def training_step(selector: TokenSelector, reconstructor: TokenReconstructor, optimizer: torch.optim.Optimizer,
-                  x: torch.Tensor, cfg: TrainConfig, *, tau: float, grid: list[int] | None,
-                  gen: torch.Generator) -> dict[str, float]:
-    """One optimizer step on the batch x (B, N, D), on the models' device; returns the loss and its parts."""
+                  batch: RaggedFeatures, cfg: TrainConfig, *, tau: float, gen: torch.Generator) -> dict[str, float]:
+    """One optimizer step on the batch, on the models' device; returns the loss and its parts."""
     selector.train()
     reconstructor.train()
-    n_random = round(len(x) * cfg.random_mask_frac)
-    with autocast(x.device):
-        target = selector.normalize(x)
-        x_sel, t_sel = x[n_random:], target[n_random:]
-        keep = sample_keep_mask(selector, x_sel, tau)
-        loss, parts = selector_loss(
-            reconstructor(t_sel, keep, grid), t_sel, keep, cfg.keep_ratio, cfg.rate_weight
-        )
+    n_random = round(len(batch) * cfg.random_mask_frac)
+    padded = batch.padded()
+    with autocast(padded.x.device):
+        target = selector.normalize(padded.x)
+        sel, t_sel = padded[n_random:], target[n_random:]
+        keep = sample_keep_mask(selector, sel.x, tau, padding=sel.padding)
+        loss, parts = selector_loss(reconstructor(t_sel, keep, sel.grids, sel.padding), t_sel, keep,
+                                    cfg.keep_ratio, cfg.rate_weight, sel.padding)
         if n_random:
-            rand_mask = _random_masks(n_random, x.shape[1], 0.05, 0.75, gen).to(x.device)
+            rand = padded[:n_random]
+            rand_mask = _random_masks(rand.lengths, rand.x.shape[1], 0.05, 0.75, gen).to(rand.x.device)
             t_rand = target[:n_random]
-            rand_rec = dropped_mse(reconstructor(t_rand, rand_mask, grid), t_rand, rand_mask)
+            rand_rec = dropped_mse(reconstructor(t_rand, rand_mask, rand.grids, rand.padding), t_rand, rand_mask,
+                                   rand.padding)
             loss = loss + rand_rec
             parts["rand_rec"] = rand_rec.item()
     optimizer.zero_grad(set_to_none=True)
@@ -166,21 +176,19 @@ def build_models(dim: int, cfg: TrainConfig) -> tuple[TokenSelector, TokenRecons
 
 
 def train_selector(
-    features: torch.Tensor | FeatureSet,
+    features: RaggedFeatures | FeatureSet,
     config: TrainConfig,
     *,
-    grid: list[int] | None = None,
-    eval_features: torch.Tensor | FeatureSet | None = None,
+    eval_features: RaggedFeatures | FeatureSet | None = None,
     progress: bool = True,
     log: Callable[[str], None] = tqdm.write,
     log_path: Path | None = None,
     state_path: Path | None = None,
     resume: bool = False,
 ) -> tuple[TokenSelector, TokenReconstructor, dict[str, Any]]:
-    """Train on features (n, N, D): a tensor, or a feature set streamed shard by shard;
-    returns (selector, reconstructor, report).
+    """Train on image features (any N per image): in memory, or a feature set streamed shard
+    by shard; returns (selector, reconstructor, report).
 
-    grid is the token grid [rows, cols] (position encoding of the reconstructor);
     eval_features, if given, are held-out images for periodic and final evaluation. Each
     logged row is appended to ``log_path``; the training state is saved to ``state_path``
     every ``save_every`` steps, and with ``resume`` training continues from it if it exists.
@@ -197,7 +205,7 @@ def train_selector(
     selector.set_normalization(*mean_std(train_set))
     modules = {"selector": selector, "reconstructor": reconstructor}
     fingerprint = {**{k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS},
-                   "features": train_set.key, "grid": grid}
+                   "features": train_set.key}
 
     start, done = 0, {"history": [], "window": {}, "seconds": 0.0}
     if resume and state_path is not None and state_path.is_file():
@@ -216,13 +224,13 @@ def train_selector(
     stream = batches(train_set, cfg.batch_size, shuffle_shards=cfg.shuffle_shards, seed=cfg.seed, skip=start)
     with closing(stream), bar:
         for step in range(start, cfg.steps):
-            x = next(stream).to(device, non_blocking=True)
+            batch = next(stream).to(device, non_blocking=True)
             # schedules: linear warmup then cosine to lr/10; exponential temperature anneal
             lr = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, cfg.steps - 1))
-            parts = training_step(selector, reconstructor, optimizer, x, cfg, tau=tau, grid=grid, gen=gen)
+            parts = training_step(selector, reconstructor, optimizer, batch, cfg, tau=tau, gen=gen)
             for key, value in {**parts, "steps": 1}.items():
                 window[key] = window.get(key, 0) + value
             bar.update(cfg.batch_size)
@@ -232,7 +240,7 @@ def train_selector(
                 row = {"step": step + 1, "lr": lr, "tau": tau,
                        **{k: v / window["steps"] for k, v in window.items() if k != "steps"}}
                 if eval_set is not None:
-                    at_p = evaluate(selector, reconstructor, eval_set, grid, ratios=(cfg.keep_ratio,), random_draws=1)
+                    at_p = evaluate(selector, reconstructor, eval_set, ratios=(cfg.keep_ratio,), random_draws=1)
                     row.update({f"eval_{k}": v for k, v in at_p[str(cfg.keep_ratio)].items() if k != "k"})
                 row["seconds"] = round(time.time() - start_time, 1)
                 history.append(row)
@@ -247,7 +255,7 @@ def train_selector(
 
     train_seconds = time.time() - start_time
     held_out = eval_set is not None
-    results = evaluate(selector, reconstructor, eval_set if held_out else train_set, grid, seed=cfg.seed)
+    results = evaluate(selector, reconstructor, eval_set if held_out else train_set, seed=cfg.seed)
     report = {
         "steps": cfg.steps,
         "resumed_at": start,
@@ -304,6 +312,11 @@ def run(args: argparse.Namespace) -> int:
                            progress=not args.no_progress, resume=args.resume)
 
 
+def _token_range(num_tokens: list[int]) -> str:
+    low, high = num_tokens
+    return str(low) if low == high else f"{low}-{high}"
+
+
 def train_on_folder(model: str, images: Path, out: Path, cfg: TrainConfig, *, progress: bool = True,
                     resume: bool = False) -> int:
     """``vllm-tokenprune train``: features of the folder's images, a selector trained on
@@ -317,9 +330,10 @@ def train_on_folder(model: str, images: Path, out: Path, cfg: TrainConfig, *, pr
         train_idx, held_idx = split_indices(len(paths), cfg.holdout, cfg.seed, cfg.max_heldout)
         stores = [feature_store(model, [paths[i] for i in idx], cache_dir=cfg.cache_dir,
                                 shard_images=cfg.shard_images, batch_size=cfg.feature_batch_size,
-                                device=cfg.device, workers=cfg.feature_workers, progress=progress)
+                                device=cfg.device, workers=cfg.feature_workers, progress=progress,
+                                processor_kwargs=cfg.processor_kwargs)
                   for idx in (train_idx, held_idx) if idx]
-    except ImageFolderError as e:
+    except (ImageFolderError, FeatureSettingsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     train_store = stores[0][0]
@@ -327,14 +341,14 @@ def train_on_folder(model: str, images: Path, out: Path, cfg: TrainConfig, *, pr
     info = train_store.info
     print(
         f"{len(paths)} images ({len(train_idx)} train, {len(held_idx)} held out); features "
-        f"({info['num_tokens']}, {info['feature_dim']}) per image, "
+        f"({_token_range(info['num_tokens'])}, {info['feature_dim']}) per image, "
         f"{'from cache' if all(cached for _, cached in stores) else 'extracted'} ({train_store.root.parent})"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     state_path, log_path = out.with_suffix(".state.pt"), out.with_suffix(".log.jsonl")
     try:
         selector, reconstructor, report = train_selector(
-            train_store, cfg, grid=info["grid"], eval_features=held_store, progress=progress,
+            train_store, cfg, eval_features=held_store, progress=progress,
             log=tqdm.write if progress else print, log_path=log_path, state_path=state_path, resume=resume,
         )
     except ResumeError as e:
@@ -348,7 +362,7 @@ def train_on_folder(model: str, images: Path, out: Path, cfg: TrainConfig, *, pr
         "feature_layer": info["feature_layer"],
         "vision_signature": info["vision_signature"],
         "num_tokens": info["num_tokens"],
-        "grid": info["grid"],
+        "image_pixels": info["image_pixels"],
         "training": {
             "target_keep_ratio": cfg.keep_ratio,
             "steps": cfg.steps,
