@@ -436,15 +436,18 @@ def test_cli_train_writes_a_checkpoint_that_loads(tiny_checkpoint, tiny_llava, l
     assert "from cache" in capsys.readouterr().out
 
 
-def test_resume_continues_exactly_where_training_stopped(tiny_llava, tmp_path, monkeypatch, capsys,
+@pytest.mark.parametrize("arch", ["llava", "qwen2.5-vl"])
+def test_resume_continues_exactly_where_training_stopped(tiny_checkpoint, arch, tmp_path, monkeypatch, capsys,
                                                          restore_threads):
     """A run stopped after step 7 (its last state is from step 6) and resumed ends with the
-    same weights, history and log as the run that was never stopped."""
+    same weights, history and log as the run that was never stopped; Qwen's images, at
+    two sizes, have two token counts."""
     from vllm_tokenprune.cli import main
     from vllm_tokenprune.training import train
 
-    write_image_folder(tmp_path / "imgs", 12, seed=2, size=168)
-    common = ["--model", str(tiny_llava), "--images", str(tmp_path / "imgs"), "--steps", "10",
+    write_image_folder(tmp_path / "imgs" / "landscape", 6, seed=2, size=(200, 150))
+    write_image_folder(tmp_path / "imgs" / "portrait", 6, seed=3, size=(100, 260))
+    common = ["--model", str(tiny_checkpoint(arch)), "--images", str(tmp_path / "imgs"), "--steps", "10",
               "--eval-every", "2", "--save-every", "3", "--batch-size", "4", "--width", "32",
               "--recon-width", "32", "--shard-images", "4", "--shuffle-shards", "1", "--threads", "1",
               "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
