@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from folders import SIZES, folder_of_sizes
 from keep import learned_keep
 
 from vllm_tokenprune.selection.selector import (
@@ -301,17 +302,20 @@ def test_batches_visit_every_image_once_per_epoch_and_skip_by_arithmetic():
     assert len(skipped.read) < len(shards.read)  # skipped rounds were never read
 
 
-def test_streaming_from_shards_trains_exactly_as_in_memory(tiny_llava, tmp_path, restore_threads):
+@pytest.mark.parametrize("arch", ["llava", "qwen2.5-vl"])
+def test_streaming_from_shards_trains_exactly_as_in_memory(tiny_checkpoint, arch, tmp_path, restore_threads):
     """All shards in one shuffle round: the store's batches and statistics equal those of the
-    same features in one tensor, so training does too. Evaluation sums per shard, so its
-    means agree to rounding."""
+    same features in memory, so training does too. Evaluation sums per shard, so its
+    means agree to rounding. Qwen's images are of three sizes, so batches are padded."""
     from vllm_tokenprune.training.stream import batches, mean_std
 
     torch.set_num_threads(1)
-    paths = write_image_folder(tmp_path / "imgs", 10, seed=3, size=168)
-    store, _ = feature_store(tiny_llava, paths, cache_dir=tmp_path / "cache", shard_images=3, progress=False)
-    features, _ = extract_features(tiny_llava, load_images(paths), progress=False)
+    model = tiny_checkpoint(arch)
+    paths = folder_of_sizes(tmp_path / "imgs", 10, sizes=[168] if arch == "llava" else SIZES, seed=3)
+    store, _ = feature_store(model, paths, cache_dir=tmp_path / "cache", shard_images=3, progress=False)
+    features, _ = extract_features(model, load_images(paths), progress=False)
     assert store.shard_sizes == [3, 3, 3, 1]
+    assert len(set(features.lengths.tolist())) == (1 if arch == "llava" else 3)
     from_store = batches(store, 4, shuffle_shards=4, seed=0)
     in_memory = batches(InMemoryFeatures(features), 4, shuffle_shards=4, seed=0)
     for _ in range(6):  # over two epochs
@@ -325,9 +329,9 @@ def test_streaming_from_shards_trains_exactly_as_in_memory(tiny_llava, tmp_path,
     torch.testing.assert_close(std, flat.std(0))
 
     cfg = TrainConfig(steps=6, batch_size=4, eval_every=3, width=32, recon_width=32, shuffle_shards=4)
-    held, _ = feature_store(tiny_llava, paths[:4], cache_dir=tmp_path / "cache", shard_images=3, progress=False)
+    held, _ = feature_store(model, paths[::3], cache_dir=tmp_path / "cache", shard_images=3, progress=False)
     runs = [train_selector(train, cfg, eval_features=evals, progress=False, log=print)
-            for train, evals in ((store, held), (features, features[:4]))]
+            for train, evals in ((store, held), (features, features[::3]))]
     (sel_a, rec_a, report_a), (sel_b, rec_b, report_b) = runs
     for a, b in zip(report_a["history"], report_b["history"], strict=True):
         assert {k: v for k, v in a.items() if not k.startswith(("eval_", "seconds"))} == {
@@ -445,8 +449,7 @@ def test_resume_continues_exactly_where_training_stopped(tiny_checkpoint, arch, 
     from vllm_tokenprune.cli import main
     from vllm_tokenprune.training import train
 
-    write_image_folder(tmp_path / "imgs" / "landscape", 6, seed=2, size=(200, 150))
-    write_image_folder(tmp_path / "imgs" / "portrait", 6, seed=3, size=(100, 260))
+    folder_of_sizes(tmp_path / "imgs", 12, sizes=SIZES[:2], seed=2)
     common = ["--model", str(tiny_checkpoint(arch)), "--images", str(tmp_path / "imgs"), "--steps", "10",
               "--eval-every", "2", "--save-every", "3", "--batch-size", "4", "--width", "32",
               "--recon-width", "32", "--shard-images", "4", "--shuffle-shards", "1", "--threads", "1",
