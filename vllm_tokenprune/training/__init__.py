@@ -1,5 +1,6 @@
 """``vllm-tokenprune train``: ``features`` (the tower's output for images), ``store`` (those
-features on disk in shards), ``stream`` (batches, evaluation chunks and statistics read one
+features on disk in shards), ``ragged`` (features of images of several token counts, and
+their padded batches), ``stream`` (batches, evaluation chunks and statistics read one
 shard at a time), ``reconstruction`` (the reconstructor, the loss, checkpoint writing),
 ``evaluation`` (learned vs random on held-out images), ``train`` (the loop and the command),
 ``state`` (what ``--resume`` continues from), ``curves`` (the log and its plot) and

@@ -18,6 +18,9 @@ Training choices beyond the paper (each for a stated reason):
   target, not the sampled number (see ``selector_loss``: the latter collapsed training).
 - The rate term max(kept fraction, p) is taken per image, as serving keeps K of every
   image (see ``selector_loss``: over the batch, the budget went to some images only).
+- Images keep the size the server gives them (Qwen: N varies per image); a batch is padded
+  to its largest image, attention ignores the padding, and both loss terms are taken per
+  image and averaged, so an image's loss does not depend on its batch or its size.
 - Gumbel temperature is annealed exponentially from tau_start to tau_end. The hard sample
   does not depend on tau; tau only sharpens the straight-through gradient around the
   keep/drop boundary as the selector settles.
