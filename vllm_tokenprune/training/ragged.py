@@ -78,6 +78,8 @@ class RaggedFeatures:
         return iter(self.tokens.split(self.lengths.tolist()))
 
     def to(self, device, **kwargs) -> RaggedFeatures:
+        """The tokens moved (``Tensor.to`` arguments); the grids stay on the CPU, where their
+        sizes are read."""
         return RaggedFeatures(self.tokens.to(device, **kwargs), self.grids)
 
     def padded(self) -> Padded:
