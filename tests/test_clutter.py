@@ -16,14 +16,13 @@ from pixels import coloured_blobs, shape_kind
 from vllm_tokenprune.cli import main
 from vllm_tokenprune.testbed.clutter import (
     _FONT,
-    BOX_PADDING,
     COUNT_WORDS,
     DIGITS,
     GLYPH_SCALE,
-    GLYPH_SPACING,
     MAX_CONTENT,
     QUESTIONS,
     TEXT_LENGTH,
+    glyph_origins,
     make_clutter_scene,
 )
 from vllm_tokenprune.testbed.synthetic import SHAPES, TASK_PATCH, scene_seed
@@ -33,15 +32,11 @@ VARIANTS = ["clutter", "clutter-plain"]
 
 
 def _read_box(image: Image.Image, box: tuple[int, int, int, int]) -> str:
-    """The digits inside the frame at ``box``, read by matching each glyph cell's dark
-    pixels against the font."""
-    x0, y0, _, _ = box
+    """The digits in the box, read by matching each glyph cell's dark pixels against the font."""
     pixels = np.asarray(image, np.float32).mean(axis=-1)
-    tx, ty = x0 + 1 + BOX_PADDING, y0 + 1 + BOX_PADDING
     text = ""
-    for i in range(TEXT_LENGTH):
-        gx = tx + i * (3 * GLYPH_SCALE + GLYPH_SPACING)
-        cell = pixels[ty:ty + 5 * GLYPH_SCALE, gx:gx + 3 * GLYPH_SCALE] < 128
+    for x, y in glyph_origins(box):
+        cell = pixels[y:y + 5 * GLYPH_SCALE, x:x + 3 * GLYPH_SCALE] < 128
         bits = cell.reshape(5, GLYPH_SCALE, 3, GLYPH_SCALE).mean(axis=(1, 3)) > 0.5
         matches = [d for d in DIGITS if (np.array([[c == "1" for c in row] for row in _FONT[d]]) == bits).all()]
         assert len(matches) == 1
@@ -61,6 +56,10 @@ def test_answers_are_right_by_construction(variant):
         assert scene.question("shape-colour") == f"what colour is the {scene.asked_shape} ?"
         assert scene.answer("shape-colour") == next(c for c, b in found if shape_kind(b) == scene.asked_shape)
         assert scene.answer("read") == " ".join(_read_box(scene.image, scene.box))
+        x0, y0, x1, y1 = scene.box  # one glyph per token: the box is TEXT_LENGTH patches on the grid
+        assert x0 % TASK_PATCH == y0 % TASK_PATCH == 0
+        assert (x1 + 1 - x0, y1 + 1 - y0) == (TEXT_LENGTH * TASK_PATCH, TASK_PATCH)
+        assert scene.patches_of("read").sum() == TEXT_LENGTH
         answers.update(scene.answer(k) for k in QUESTIONS)
         assert bool(scene.textures) == (variant == "clutter")
     assert set(COUNT_WORDS) <= set(answers)
