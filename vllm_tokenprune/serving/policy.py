@@ -5,6 +5,10 @@ kwargs into the ratio and method it gets, under the operator's ``PrunePolicy``. 
 multimodal processor calls both for every request, whatever route or client it came
 from (HTTP, batch, offline ``LLM``), sizes each image's placeholder run to K and hands
 the integer to the model, which selects exactly that many embeddings.
+
+A ratio is a number in (0, 1], or ``auto`` (``AutoBudget``): each image's ratio is then
+its budget predictor's fraction (``selection.budget``), kept within the request's bounds,
+and the operator's step and floor apply to it as to a number (``PrunePolicy.image_ratio``).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 
 def keep_count(num_tokens: int, keep_ratio: float) -> int:
@@ -49,9 +53,9 @@ class PruneRequestError(ValueError):
         self.param = param
 
 
-def parse_keep_ratio(raw: object, *, param: str) -> float:
+def parse_keep_ratio(raw: object, *, param: str, expected: str = "a number in (0, 1]") -> float:
     """A keep ratio from a header string or a JSON number, validated to (0, 1]."""
-    bad = PruneRequestError(f"{param} must be a number in (0, 1], got {_short(raw)}", param)
+    bad = PruneRequestError(f"{param} must be {expected}, got {_short(raw)}", param)
     if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
         raise bad
     if isinstance(raw, str):
@@ -67,6 +71,54 @@ def parse_keep_ratio(raw: object, *, param: str) -> float:
     if not math.isfinite(value) or not 0.0 < value <= 1.0:
         raise bad
     return value
+
+
+AUTO = "auto"
+_BOUNDS = {"min": "low", "max": "high"}
+
+
+@dataclass(frozen=True)
+class AutoBudget:
+    """``auto``: each image keeps the fraction its budget predictor gives it, within
+    [low, high]. Written ``auto``, ``auto;min=0.1``, ``auto;max=0.5`` or
+    ``auto;min=0.1;max=0.5`` (``str`` gives this canonical form, which vLLM hashes)."""
+
+    low: float | None = None
+    high: float | None = None
+
+    def __post_init__(self):
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise ValueError(f"min {self.low!r} is above max {self.high!r}")
+
+    def clamp(self, fraction: float) -> float:
+        return min(max(fraction, self.low or 0.0), self.high or 1.0)
+
+    def __str__(self) -> str:
+        return AUTO + "".join(f";{name}={value!r}" for name, value in (("min", self.low), ("max", self.high))
+                              if value is not None)
+
+
+def parse_budget(raw: object, *, param: str) -> float | AutoBudget:
+    """A keep ratio (``parse_keep_ratio``) or ``auto`` with optional bounds (``AutoBudget``)."""
+    if not isinstance(raw, str) or raw.strip().split(";", 1)[0].strip().lower() != AUTO:
+        return parse_keep_ratio(raw, param=param, expected="a number in (0, 1] or auto")
+    if len(raw) > MAX_VALUE_LENGTH:
+        raise PruneRequestError(f"{param} is too long ({len(raw)} characters; at most {MAX_VALUE_LENGTH})", param)
+    bounds: dict[str, float] = {}
+    for part in raw.strip().split(";")[1:]:
+        name, sep, value = (p.strip() for p in part.partition("="))
+        if name.lower() not in _BOUNDS or not sep or _BOUNDS[name.lower()] in bounds:
+            raise PruneRequestError(
+                f"{param}: {part.strip()!r} is not a bound of auto (or one given twice); write auto, "
+                "auto;min=R, auto;max=R or auto;min=R;max=R with R in (0, 1]", param)
+        try:
+            bounds[_BOUNDS[name.lower()]] = parse_keep_ratio(value, param=f"{param} {name.lower()}")
+        except PruneRequestError as err:  # named by the header or field, which a client can find
+            raise PruneRequestError(str(err), param) from None
+    try:
+        return AutoBudget(**bounds)
+    except ValueError as err:
+        raise PruneRequestError(f"{param}: {err}", param) from None
 
 
 def parse_method(raw: object, *, param: str) -> str:
@@ -100,14 +152,15 @@ class PrunePolicy:
     share one processor/encoder/prefix cache entry instead of fragmenting the caches;
     ``allowed_mm_kwargs`` names the HF processor kwargs clients may still send (none by
     default: on Qwen, ``max_pixels`` decides how many tokens and how much memory an
-    image costs).
+    image costs). ``default_keep_ratio`` may be ``auto`` (with bounds), given as an
+    ``AutoBudget`` or its string.
 
     The policy travels as ``tokenprune_*`` keys of ``--hf-overrides``, beside the
     selector path, so ``vllm serve``, ``vllm-tokenprune serve`` and offline ``LLM``
     follow the same one.
     """
 
-    default_keep_ratio: float = 1.0
+    default_keep_ratio: float | AutoBudget = 1.0
     min_keep_ratio: float = 0.0
     keep_ratio_step: float = 0.0
     allowed_mm_kwargs: tuple[str, ...] = field(default=())
@@ -115,7 +168,12 @@ class PrunePolicy:
     CONFIG_PREFIX = "tokenprune_"
 
     def __post_init__(self):
-        parse_keep_ratio(self.default_keep_ratio, param="default_keep_ratio")
+        if not isinstance(self.default_keep_ratio, AutoBudget):
+            try:
+                default = parse_budget(self.default_keep_ratio, param="default_keep_ratio")
+            except PruneRequestError as err:
+                raise ValueError(str(err)) from None
+            object.__setattr__(self, "default_keep_ratio", default)
         for name in ("min_keep_ratio", "keep_ratio_step"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
@@ -140,24 +198,45 @@ class PrunePolicy:
     def to_overrides(self) -> dict[str, object]:
         """The ``--hf-overrides`` keys that carry this policy (only those not at default)."""
         default = PrunePolicy()
-        return {self.CONFIG_PREFIX + f.name: list(v) if isinstance(v, tuple) else v
+        def encoded(v):
+            return list(v) if isinstance(v, tuple) else str(v) if isinstance(v, AutoBudget) else v
+
+        return {self.CONFIG_PREFIX + f.name: encoded(v)
                 for f in fields(self) if (v := getattr(self, f.name)) != getattr(default, f.name)}
 
-    def apply(self, ratio: float | None) -> float:
+    def apply(self, ratio: float | AutoBudget | None) -> float | AutoBudget:
+        """A request's ratio under the policy: the default when it sent none; a number
+        rounded to the step, then raised to the floor; ``auto`` as it is (its images'
+        fractions go through ``image_ratio``)."""
         ratio = self.default_keep_ratio if ratio is None else ratio
+        if isinstance(ratio, AutoBudget):
+            # A lower bound at or under the floor does nothing the floor does not: dropped, so
+            # that budgets which give the same counts hash alike.
+            low = ratio.low if ratio.low is not None and ratio.low > self.min_keep_ratio else None
+            return replace(ratio, low=low)
         if self.keep_ratio_step > 0:
             steps = max(1, math.floor(ratio / self.keep_ratio_step + 0.5 + 1e-9))
             ratio = min(1.0, round(steps * self.keep_ratio_step, 12))
         return max(ratio, self.min_keep_ratio)
 
+    def image_ratio(self, ratio: float | AutoBudget, predicted: float | None) -> float:
+        """One image's ratio: a request's number as ``apply`` resolved it; under ``auto`` the
+        image's predicted fraction, within the request's bounds, then rounded to the step
+        and raised to the floor like a number."""
+        if not isinstance(ratio, AutoBudget):
+            return ratio
+        if predicted is None:
+            raise ValueError("an auto budget needs the image's predicted fraction")
+        return self.apply(ratio.clamp(predicted))
+
 
 @dataclass(frozen=True)
 class PruneRequest:
-    """What a request gets: its ratio (policy applied), its method (None: the server's
-    default), the HF processor kwargs the operator lets through, and whether it counts
-    as a served request."""
+    """What a request gets: its ratio (policy applied; ``auto`` is resolved per image), its
+    method (None: the server's default), the HF processor kwargs the operator lets
+    through, and whether it counts as a served request."""
 
-    keep_ratio: float
+    keep_ratio: float | AutoBudget
     method: str | None
     hf_kwargs: Mapping[str, object]
     served: bool = True
@@ -179,7 +258,7 @@ def resolve(mm_kwargs: Mapping[str, object] | None, policy: PrunePolicy,
     def given(key):
         return mm_kwargs.get(key) is not None
 
-    ratio = (parse_keep_ratio(mm_kwargs[KEEP_RATIO_KEY], param=param_prefix + KEEP_RATIO_KEY)
+    ratio = (parse_budget(mm_kwargs[KEEP_RATIO_KEY], param=param_prefix + KEEP_RATIO_KEY)
              if given(KEEP_RATIO_KEY) else None)
     method = (parse_method(mm_kwargs[METHOD_KEY], param=param_prefix + METHOD_KEY)
               if given(METHOD_KEY) else None)
