@@ -31,7 +31,8 @@ FORMAT = "vllm_tokenprune.selector"  # written into every checkpoint: independen
 FORMAT_VERSION = 1
 # What the writer of a checkpoint (training.reconstruction.save_selector) must record.
 REQUIRED_METADATA = ("source_model", "feature_layer", "vision_signature")
-RESERVED = ("format", "format_version", "selector_config", "reconstructor_config", "feature_dim")
+RESERVED = ("format", "format_version", "selector_config", "reconstructor_config", "feature_dim",
+            "budget_predictor")
 DROP, KEEP = 0, 1  # index of each logit in the head's output
 
 
@@ -130,7 +131,7 @@ class TokenSelector(nn.Module):
 # Checkpoints
 
 
-def _read_checkpoint(path: str | Path, map_location) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_checkpoint(path: str | Path, map_location) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"selector checkpoint not found: {path}")
@@ -164,7 +165,7 @@ def _read_checkpoint(path: str | Path, map_location) -> tuple[dict[str, torch.Te
 
 def load_selector(path: str | Path, *, map_location="cpu") -> tuple[TokenSelector, dict[str, Any]]:
     """Rebuild the selector (in eval mode) from nothing but the file; returns (selector, metadata)."""
-    tensors, meta = _read_checkpoint(path, map_location)
+    tensors, meta = read_checkpoint(path, map_location)
     try:
         selector = TokenSelector(SelectorConfig(**meta["selector_config"]))
         selector.load_state_dict({k.removeprefix("selector."): v for k, v in tensors.items()
