@@ -22,16 +22,24 @@ from vllm_tokenprune.serving.policy import (
     KEEP_RATIO_KEY,
     METHOD_KEY,
     NOT_SERVED_KEY,
+    AutoBudget,
     PrunePolicy,
     PruneRequestError,
-    parse_keep_ratio,
+    parse_budget,
     parse_method,
 )
+
+
+def parse_ratio(raw: object, *, param: str) -> float | str:
+    """A keep ratio as the body carries it: a number, or ``auto``'s canonical string."""
+    value = parse_budget(raw, param=param)
+    return str(value) if isinstance(value, AutoBudget) else value
+
 
 KEEP_RATIO_HEADER = "X-Keep-Ratio"
 METHOD_HEADER = "X-Prune-Method"
 APPLIED_RATIO_HEADER = "X-Keep-Ratio-Applied"
-HEADERS = {KEEP_RATIO_HEADER: (KEEP_RATIO_KEY, parse_keep_ratio), METHOD_HEADER: (METHOD_KEY, parse_method)}
+HEADERS = {KEEP_RATIO_HEADER: (KEEP_RATIO_KEY, parse_ratio), METHOD_HEADER: (METHOD_KEY, parse_method)}
 MAX_BODY_BYTES = 256 * 2**20
 # Routes that render a prompt without serving it: processed, not counted in the metrics.
 NOT_SERVED_ROUTES = frozenset({"/tokenize"})
@@ -142,14 +150,17 @@ def _outer_braces(raw: bytes) -> tuple[int, int]:
 
 
 def applied_ratio(policy: PrunePolicy, kwargs: dict | None) -> str | None:
-    """What ``X-Keep-Ratio-Applied`` reports: the ratio the processor will give the images
-    (None when the body's value is invalid: the processor answers that request)."""
+    """What ``X-Keep-Ratio-Applied`` reports: the ratio the processor will give the images,
+    or under ``auto`` the budget it resolves the images' own ratios within, e.g.
+    ``auto;max=0.5`` (None when the body's value is invalid: the processor answers that
+    request)."""
     try:
         requested = (kwargs or {}).get(KEEP_RATIO_KEY)
-        ratio = None if requested is None else parse_keep_ratio(requested, param=KEEP_RATIO_KEY)
+        ratio = None if requested is None else parse_budget(requested, param=KEEP_RATIO_KEY)
     except PruneRequestError:
         return None
-    return repr(policy.apply(ratio))
+    applied = policy.apply(ratio)
+    return str(applied) if isinstance(applied, AutoBudget) else repr(applied)
 
 
 @dataclass

@@ -29,22 +29,35 @@ REQUESTS = Counter(
     "Requests carrying at least one image, by selection method.",
     ["model_name", "method"],
 )
+_RATIO_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0)
 KEEP_RATIO = Histogram(
     "tokenprune_keep_ratio",
-    "Keep ratio requested (after the operator's floor and rounding), per request with images.",
+    "Keep ratio requested (after the operator's floor and rounding), per request with images "
+    "and a numeric ratio.",
     ["model_name"],
-    buckets=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0),
+    buckets=_RATIO_BUCKETS,
+)
+AUTO_KEEP_FRACTION = Histogram(
+    "tokenprune_auto_keep_fraction",
+    "Fraction of its tokens an image kept (K / N) under keep ratio auto, per image.",
+    ["model_name"],
+    buckets=_RATIO_BUCKETS,
 )
 
 
 def record_request(
-    model_name: str, method: str, keep_ratio: float, counts: list[tuple[int, int]]
+    model_name: str, method: str, keep_ratio: float | None, counts: list[tuple[int, int]]
 ) -> None:
-    """One request's images: ``counts`` holds (tokens before, tokens kept) per image."""
+    """One request's images: ``counts`` holds (tokens before, tokens kept) per image;
+    ``keep_ratio`` is None under auto, where each image's own fraction is observed."""
     if not counts:
         return
     REQUESTS.labels(model_name, method).inc()
     IMAGES.labels(model_name, method).inc(len(counts))
-    KEEP_RATIO.labels(model_name).observe(keep_ratio)
+    if keep_ratio is None:
+        for n, k in counts:
+            AUTO_KEEP_FRACTION.labels(model_name).observe(k / n)
+    else:
+        KEEP_RATIO.labels(model_name).observe(keep_ratio)
     IMAGE_TOKENS_IN.labels(model_name).inc(sum(n for n, _ in counts))
     IMAGE_TOKENS_KEPT.labels(model_name).inc(sum(k for _, k in counts))

@@ -20,7 +20,7 @@ import logging
 import os
 from pathlib import Path
 
-from vllm_tokenprune.serving.policy import PrunePolicy
+from vllm_tokenprune.serving.policy import AutoBudget, PrunePolicy
 
 ACCEPTS_EXTRA_ARGS = True  # everything we don't know goes to `vllm serve`
 
@@ -50,8 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="selector checkpoint (.safetensors) from `vllm-tokenprune train`; "
                              "enables the 'learned' method and makes it the default")
     policy = PrunePolicy()
-    parser.add_argument("--default-keep-ratio", type=float, default=policy.default_keep_ratio,
-                        help="keep ratio for requests that send none (default: %(default)s)")
+    parser.add_argument("--default-keep-ratio", default=policy.default_keep_ratio,
+                        help="keep ratio for requests that send none: a number in (0, 1], or auto "
+                             "(auto;min=R;max=R, bounds optional; needs a selector with a budget "
+                             "predictor) (default: %(default)s)")
     parser.add_argument("--min-keep-ratio", type=float, default=policy.min_keep_ratio,
                         help="floor: lower requested ratios are raised to it (default: none)")
     parser.add_argument("--keep-ratio-step", type=float, default=policy.keep_ratio_step,
@@ -86,14 +88,24 @@ def _load_config(model: str):
         raise ServeError(f"cannot read the config of {model!r}: {err}") from None
 
 
-def check_selector(path: str, model: str) -> None:
+def check_selector(path: str | None, model: str, policy: PrunePolicy) -> None:
+    """The selector fits the model, its budget predictor (if any) loads, and a default of
+    ``auto`` has one."""
+    from vllm_tokenprune.selection.budget import load_budget_predictor
     from vllm_tokenprune.selection.selector import check_compatible, load_selector
 
     try:
-        _, metadata = load_selector(path)
-        check_compatible(metadata, _load_config(model))
+        has_predictor = False
+        if path:
+            _, metadata = load_selector(path)
+            check_compatible(metadata, _load_config(model))
+            has_predictor = load_budget_predictor(path) is not None
     except (OSError, ValueError) as err:
         raise ServeError(f"selector {path}: {err}") from None
+    if isinstance(policy.default_keep_ratio, AutoBudget) and not has_predictor:
+        raise ServeError(f"--default-keep-ratio {policy.default_keep_ratio} needs a budget predictor, and "
+                         + (f"the selector {path} has none (retrain it with `vllm-tokenprune train`)"
+                            if path else "no --selector is given"))
 
 
 def _pop_option(extra: list[str], name: str) -> str | None:
@@ -168,8 +180,7 @@ def run(args: argparse.Namespace) -> int:
                              tuple(k for k in args.allow_mm_kwargs.split(",") if k))
     except ValueError as err:
         raise ServeError(str(err)) from None
-    if args.selector:
-        check_selector(args.selector, model)
+    check_selector(args.selector, model, policy)
     vllm_args = build_vllm_args(model, args.selector, extra, policy)
     _cpu_environment(extra)
     log.info("vllm serve %s", " ".join(vllm_args))

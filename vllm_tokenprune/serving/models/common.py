@@ -2,8 +2,9 @@
 
 A request's keep ratio and method reach vLLM's multimodal processor as
 ``mm_processor_kwargs``. The processor sizes each image's placeholder run to
-K = ``keep_count(N, ratio)`` and hands K, the method id and a per-image seed to the
-model as integer batched fields. The model, after the vision tower, hands each image's
+K = ``keep_count(N, ratio)`` (under ``auto``, the ratio is the image's own, predicted from
+its pixels by the selector checkpoint's budget predictor) and hands K, the method id and
+a per-image seed to the model as integer batched fields. The model, after the vision tower, hands each image's
 tokens to its method and places the K rows it returns (``methods.Rows``) at their stock
 positions, in stock order. vLLM fixes the placeholder count before the model runs, so K
 is decided once, here, and never recomputed from a float.
@@ -35,9 +36,11 @@ from vllm_tokenprune.serving.policy import (
     KEEP_RATIO_KEY,
     METHOD_KEY,
     OUR_KEYS,
+    AutoBudget,
     PrunePolicy,
     PruneRequestError,
     keep_count,
+    parse_budget,
     resolve,
 )
 
@@ -124,6 +127,19 @@ class PruningProcessorMixin:
     def _policy(self) -> PrunePolicy:
         return PrunePolicy.from_config(self.info.get_hf_config())
 
+    @functools.cached_property
+    def _budget_predictor(self):
+        """The selector checkpoint's budget predictor, or None: loaded on the first ``auto``
+        request, in the process that runs this processor (the API server), once. The model
+        loads it at start-up too, so that a damaged one stops the server there."""
+        path = selector_path(self.info.get_hf_config())
+        if path is None:
+            return None
+        from vllm_tokenprune.selection.budget import load_budget_predictor
+
+        loaded = load_budget_predictor(path)
+        return None if loaded is None else loaded[0]
+
     # -- the request's choice ---------------------------------------------------------
 
     def _method(self, requested: str | None) -> str:
@@ -152,10 +168,19 @@ class PruningProcessorMixin:
         try:
             request = resolve(inputs.hf_processor_mm_kwargs, self._policy)
             method = self._method(request.method)
+            auto = isinstance(request.keep_ratio, AutoBudget)
+            if auto and self._budget_predictor is None:
+                raise PruneRequestError(
+                    f"keep_ratio {str(request.keep_ratio)!r} needs a budget predictor, and this server's "
+                    "selector has none (`vllm-tokenprune train` writes one into the selector checkpoint); "
+                    "send a number in (0, 1]", "mm_processor_kwargs." + KEEP_RATIO_KEY)
         except PruneRequestError as err:
             raise PruningRequestError(str(err), parameter=err.param) from None
+        # auto travels as its canonical string: what the predictor decides follows from it and
+        # the image, both in vLLM's item hash, so a cache hit holds the K a miss would compute.
         inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={
-            **request.hf_kwargs, KEEP_RATIO_KEY: request.keep_ratio, METHOD_KEY: method})
+            **request.hf_kwargs, KEEP_RATIO_KEY: str(request.keep_ratio) if auto else request.keep_ratio,
+            METHOD_KEY: method})
         call = _Call(inputs)
         if method == "random" and inputs.mm_data_items.get_count("image", strict=False):
             call.image_hashes = self._get_mm_hashes(inputs)["image"]  # the seeds' source
@@ -165,7 +190,7 @@ class PruningProcessorMixin:
         finally:
             _CALL.reset(token)
         if request.served and _COUNTED.get():
-            self._record_metrics(inputs, result, request.keep_ratio, method)
+            self._record_metrics(inputs, result, None if auto else request.keep_ratio, method)
         return result
 
     def get_dummy_mm_inputs(self, *args, **kwargs):
@@ -198,10 +223,8 @@ class PruningProcessorMixin:
         items = mm_items.get("image")
         if not isinstance(items, ImageProcessorItems) or not len(items):
             return processed  # no images, or precomputed embeddings (never pruned)
-        ratio, method = hf_kwargs[KEEP_RATIO_KEY], hf_kwargs[METHOD_KEY]
-        passed_on = self._without_prune_kwargs(hf_kwargs)
-        keep = [keep_count(self._unpruned_tokens(items.get_image_size(i), passed_on), ratio)
-                for i in range(len(items))]
+        method = hf_kwargs[METHOD_KEY]
+        keep = self._keep_counts(items, hf_kwargs[KEEP_RATIO_KEY], self._without_prune_kwargs(hf_kwargs))
         call = _CALL.get()
         hashes = call.image_hashes if call is not None else None
         if method == "random" and (hashes is None or len(hashes) != len(items)):
@@ -212,6 +235,17 @@ class PruningProcessorMixin:
         processed[SEED_FIELD] = torch.tensor(
             [item_seed(h) for h in hashes] if method == "random" else [0] * len(items), dtype=torch.int64)
         return processed
+
+    def _keep_counts(self, items: ImageProcessorItems, ratio: float | str,
+                     hf_kwargs: Mapping[str, object]) -> list[int]:
+        """Each image's K: ``keep_count`` of its N at the request's ratio or, under ``auto``
+        (``ratio`` its canonical string), at its predicted fraction under the policy."""
+        counts = [self._unpruned_tokens(items.get_image_size(i), hf_kwargs) for i in range(len(items))]
+        if isinstance(ratio, str):
+            budget = parse_budget(ratio, param=KEEP_RATIO_KEY)
+            fractions = self._budget_predictor.fractions([items.get(i) for i in range(len(items))], counts)
+            return [keep_count(n, self._policy.image_ratio(budget, f)) for n, f in zip(counts, fractions)]
+        return [keep_count(n, ratio) for n in counts]
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
@@ -245,7 +279,8 @@ class PruningProcessorMixin:
 
         return dataclasses.replace(update, replacement=replacement)
 
-    def _record_metrics(self, inputs, result, ratio: float, method: str) -> None:
+    def _record_metrics(self, inputs, result, ratio: float | None, method: str) -> None:
+        """``ratio`` None: the request's images were under ``auto``."""
         from vllm_tokenprune.serving.metrics import record_request
 
         placeholders = result["mm_placeholders"].get("image", [])
@@ -259,6 +294,20 @@ class PruningProcessorMixin:
         if isinstance(model_name, (list, tuple)):
             model_name = model_name[0]
         record_request(str(model_name), method, ratio, counts)
+
+
+def check_budget_predictor(path: str | None, hf_config) -> None:
+    """At start-up: the selector checkpoint's budget predictor loads (the API server's
+    processor loads it on the first ``auto`` request), and a server whose default is
+    ``auto`` has one."""
+    from vllm_tokenprune.selection.budget import load_budget_predictor
+
+    has_predictor = path is not None and load_budget_predictor(path) is not None
+    if isinstance(PrunePolicy.from_config(hf_config).default_keep_ratio, AutoBudget) and not has_predictor:
+        raise ValueError("the default keep ratio is auto, which needs a budget predictor, and "
+                         f"{'the selector ' + path if path else 'this server (no selector)'} has none")
+    if has_predictor:
+        logger.info("tokenprune: the selector's budget predictor serves keep ratio 'auto'")
 
 
 class PruningModelMixin:
@@ -275,6 +324,7 @@ class PruningModelMixin:
         path = selector_path(hf_config)
         self.token_selector = None
         if path is None:
+            check_budget_predictor(None, hf_config)
             return
         from vllm_tokenprune.selection.selector import check_compatible, load_selector
 
@@ -283,6 +333,7 @@ class PruningModelMixin:
         self.token_selector = selector.to(device=device).eval()
         logger.info("tokenprune: loaded selector %s (trained for %s)", path,
                     metadata.get("source_model"))
+        check_budget_predictor(path, hf_config)
 
     @staticmethod
     def _pop_prune_fields(kwargs: dict) -> dict[str, list[int]] | None:
