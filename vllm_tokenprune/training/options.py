@@ -11,7 +11,7 @@ import argparse
 import math
 from dataclasses import field, fields
 
-_ARG_TYPES = {"int": int, "float": float, "str": str, "int | None": int}
+_ARG_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float}
 
 
 def opt(default, help: str):

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
+from vllm_tokenprune.selection.budget import SECTION as BUDGET_SECTION
 from vllm_tokenprune.selection.selector import (
     DROP,
     FORMAT,
@@ -194,12 +195,14 @@ def save_selector(
     selector: TokenSelector,
     *,
     reconstructor: TokenReconstructor | None = None,
+    budget: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
     metadata: dict[str, Any],
 ) -> None:
     """Write a safetensors checkpoint whose header holds the construction arguments and metadata.
 
     metadata must hold REQUIRED_METADATA (use ``vision_signature(hf_config)``) and may add
-    any JSON-serializable training information.
+    any JSON-serializable training information. ``budget`` is a budget predictor's header
+    section and tensors (``selection.budget.section``).
     """
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
     if missing:
@@ -219,6 +222,9 @@ def save_selector(
         tensors.update(
             {f"reconstructor.{k}": v.detach().cpu().contiguous() for k, v in reconstructor.state_dict().items()}
         )
+    if budget is not None:
+        header[BUDGET_SECTION], budget_tensors = budget
+        tensors.update(budget_tensors)
     header.update(metadata)
     # Each header value is JSON, so the file is self-describing to any safetensors reader.
     encoded = {k: json.dumps(v) for k, v in header.items()}

@@ -49,9 +49,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from vllm_tokenprune.selection.budget import section as budget_section
 from vllm_tokenprune.selection.methods.topk import topk_sorted
 from vllm_tokenprune.selection.selector import SelectorConfig, TokenSelector
 from vllm_tokenprune.serving.policy import keep_count
+from vllm_tokenprune.training.budget import format_budget_report, train_budget
 from vllm_tokenprune.training.curves import append_log, plot_curves, write_log
 from vllm_tokenprune.training.evaluation import autocast, evaluate, format_report, mask_from_indices
 from vllm_tokenprune.training.features import FeatureSettingsError, ImageFolderError, find_images
@@ -79,6 +81,8 @@ EPOCHS = 3.0
 # Settings that change how a run is carried out but not what it computes: a resumed run
 # may change them.
 RUNTIME_FIELDS = ("threads", "cache_dir", "feature_batch_size", "feature_workers", "eval_every", "save_every")
+# Settings used only once the selector is trained (the budget predictor): a resumed run may change them.
+AFTER_SELECTOR_FIELDS = ("budget_tolerance", "budget_steps")
 
 
 @dataclass
@@ -102,6 +106,10 @@ class TrainConfig:
     save_every: int = opt(500, "steps between training states saved for --resume (0: none)")
     holdout: float = opt(0.2, "fraction of images held out for evaluation")
     max_heldout: int = opt(1000, "at most this many held-out images (more only slow each evaluation; 0: no limit)")
+    budget_steps: int = opt(500, "steps fitting the budget predictor of keep ratio auto (0: no predictor)")
+    budget_tolerance: float | None = opt(None, "auto: the error (over all tokens, standardized features) an "
+                                               "image's kept tokens may leave; default the median training "
+                                               "image's at --keep-ratio")
     seed: int = opt(0, "seed of the split, initialization, masks and data order")
     device: str = opt("cpu", "torch device for extraction and training (cuda: bfloat16 tower and autocast)")
     threads: int = opt(0, "CPU threads for torch (0: the currently idle cores, at least 1)")
@@ -207,7 +215,7 @@ def train_selector(
     selector, reconstructor, optimizer = build_models(dim, cfg)
     selector.set_normalization(*mean_std(train_set))
     modules = {"selector": selector, "reconstructor": reconstructor}
-    fingerprint = {**{k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS},
+    fingerprint = {**{k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS + AFTER_SELECTOR_FIELDS},
                    "features": train_set.key}
 
     start, done = 0, {"history": [], "window": {}, "seconds": 0.0}
@@ -358,6 +366,18 @@ def train_on_folder(model: str, images: Path, out: Path, cfg: TrainConfig, *, pr
         print(f"error: {e}; remove it to start over", file=sys.stderr)
         return 2
     print(format_report(report["eval"], f"reconstruction MSE of dropped tokens on {report['eval_images']} images"))
+    budget = None
+    if cfg.budget_steps:
+        try:
+            predictor, budget_report = train_budget(
+                selector, reconstructor, train_store, [paths[i] for i in train_idx], keep_ratio=cfg.keep_ratio,
+                tolerance=cfg.budget_tolerance, steps=cfg.budget_steps, seed=cfg.seed, held_set=held_store,
+                held_paths=[paths[i] for i in held_idx])
+        except ImageFolderError as e:  # an image changed or vanished since its features were read
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(format_budget_report(budget_report))
+        budget = budget_section(predictor, budget_report)
 
     cfg = replace(cfg, steps=report["steps"])
     metadata = {
@@ -378,7 +398,7 @@ def train_on_folder(model: str, images: Path, out: Path, cfg: TrainConfig, *, pr
         "eval": {"images": report["eval_images"], "metric": "MSE over dropped normalized tokens",
                  "results": report["eval"]},
     }
-    save_selector(out, selector, reconstructor=reconstructor, metadata=metadata)
+    save_selector(out, selector, reconstructor=reconstructor, budget=budget, metadata=metadata)
     curves = out.with_suffix(".curves.png")
     plot_curves(report["history"], curves, cfg.keep_ratio)
     state_path.unlink(missing_ok=True)  # the run is complete: nothing left to resume
