@@ -52,3 +52,33 @@ def random_selector(tiny_checkpoint, tmp_path_factory):
         return built[arch]
 
     return get
+
+
+# Image sizes of the budget selectors' training folders: LLaVA squares them; Qwen keeps each
+# size (dynamic resolution), so its predictor sees several token counts.
+BUDGET_SIZES = {"llava": [(168, 168)], "qwen2.5-vl": [(224, 168), (168, 224), (112, 112)]}
+
+
+@pytest.fixture(scope="session")
+def budget_selector(tiny_checkpoint, tmp_path_factory):
+    """``budget_selector("llava")`` -> a selector checkpoint with a budget predictor, both
+    trained (`train_on_folder`) on images from nearly blank to dense for that tiny model."""
+    built = {}
+
+    def get(arch: str):
+        if arch not in built:
+            from density import write_density_folder
+
+            from vllm_tokenprune.training.train import TrainConfig, train_on_folder
+
+            root = tmp_path_factory.mktemp(f"budget-{arch}")
+            sizes = BUDGET_SIZES[arch]
+            for i, size in enumerate(sizes):
+                write_density_folder(root / "images" / f"size{i}", 96 // len(sizes), size, seed=i)
+            out = root / "selector.safetensors"
+            config = TrainConfig(steps=100, eval_every=0, budget_steps=300, threads=1, cache_dir=str(root / "cache"))
+            assert train_on_folder(str(tiny_checkpoint(arch)), root / "images", out, config, progress=False) == 0
+            built[arch] = out
+        return built[arch]
+
+    return get

@@ -6,11 +6,13 @@ from types import SimpleNamespace
 import pytest
 
 from vllm_tokenprune.serving.policy import (
+    AutoBudget,
     PrunePolicy,
     PruneRequest,
     PruneRequestError,
     keep_count,
     parse_keep_ratio,
+    parse_budget,
     parse_method,
     resolve,
 )
@@ -126,3 +128,59 @@ def test_resolve_refuses_and_names_the_key(kwargs, param):
         resolve(kwargs, POLICY)
     assert err.value.param == param
     assert param in str(err.value)
+
+
+# --- auto -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("auto", AutoBudget()), (" AUTO ", AutoBudget()), ("auto;min=0.1", AutoBudget(low=0.1)),
+    ("auto; max = .5", AutoBudget(high=0.5)), ("auto;max=0.5;min=0.1", AutoBudget(0.1, 0.5)),
+    ("auto;min=0.3;max=0.3", AutoBudget(0.3, 0.3)), ("0.25", 0.25), (0.5, 0.5),
+])
+def test_parse_budget_accepts(raw, expected):
+    assert parse_budget(raw, param="X-Keep-Ratio header") == expected
+
+
+@pytest.mark.parametrize("raw", ["auto;", "auto;min", "auto;min=", "auto;min=0", "auto;max=1.5", "auto;min=nan",
+                                 "auto;min=0.5;max=0.2", "auto;min=0.1;min=0.2", "auto;size=3", "autox",
+                                 "auto;min=0.1;" + "9" * 80, "auto,min=0.1"])
+def test_parse_budget_refuses_and_names_the_param(raw):
+    with pytest.raises(PruneRequestError) as err:
+        parse_budget(raw, param="X-Keep-Ratio header")
+    assert err.value.param == "X-Keep-Ratio header"
+    assert str(err.value).startswith("X-Keep-Ratio header")
+
+
+def test_auto_budget_has_one_canonical_string():
+    for text in ("auto", "auto;min=0.1", "auto;max=0.5", "auto;min=0.1;max=0.5"):
+        assert str(parse_budget(text, param="p")) == text
+    assert str(parse_budget(" Auto ; MAX=0.50 ; min=.1", param="p")) == "auto;min=0.1;max=0.5"
+
+
+def test_auto_applies_bounds_then_step_then_floor_per_image():
+    policy = PrunePolicy(min_keep_ratio=0.1, keep_ratio_step=0.05)
+    budget = policy.apply(AutoBudget(0.2, 0.6))
+    assert budget == AutoBudget(0.2, 0.6)
+    assert [policy.image_ratio(budget, f) for f in (0.01, 0.33, 0.9)] == [0.2, 0.35, 0.6]
+    assert policy.image_ratio(policy.apply(AutoBudget()), 0.01) == 0.1  # the floor, without bounds
+    # A lower bound under the floor changes nothing, so it is dropped (one cache key).
+    assert policy.apply(AutoBudget(low=0.05)) == policy.apply(AutoBudget()) == AutoBudget()
+    assert policy.image_ratio(0.25, None) == 0.25  # a number is resolved by apply alone
+    with pytest.raises(ValueError):
+        policy.image_ratio(AutoBudget(), None)
+
+
+def test_the_default_may_be_auto_and_travels_in_the_model_config():
+    policy = PrunePolicy(default_keep_ratio="auto;max=0.5", min_keep_ratio=0.1)
+    assert policy.default_keep_ratio == AutoBudget(high=0.5)
+    assert policy.to_overrides()["tokenprune_default_keep_ratio"] == "auto;max=0.5"
+    assert PrunePolicy.from_config(SimpleNamespace(**policy.to_overrides())) == policy
+    assert resolve(None, policy).keep_ratio == AutoBudget(high=0.5)
+    assert resolve({"keep_ratio": "auto;min=0.2"}, policy).keep_ratio == AutoBudget(low=0.2)
+    assert resolve({"keep_ratio": 0.3}, policy).keep_ratio == 0.3
+    with pytest.raises(ValueError, match="default_keep_ratio"):
+        PrunePolicy(default_keep_ratio="auto;max=2")
+    with pytest.raises(PruneRequestError) as err:
+        resolve({"keep_ratio": "auto;min=0"}, policy)
+    assert err.value.param == "mm_processor_kwargs.keep_ratio"

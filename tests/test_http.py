@@ -92,6 +92,26 @@ def test_applied_ratio_follows_the_policy_from_the_model_config():
     assert out["body"]["mm_processor_kwargs"] == {"keep_ratio": 0.33}  # the processor applies it
 
 
+def test_auto_is_written_in_its_canonical_form_and_reported_as_the_budget():
+    _, headers, out = call(CHAT, [("X-Keep-Ratio", " Auto; max=.5 ")])
+    assert out["body"]["mm_processor_kwargs"] == {"keep_ratio": "auto;max=0.5"}
+    assert headers[b"x-keep-ratio-applied"] == b"auto;max=0.5"
+    # The operator's default may be auto; a lower bound under the floor is no bound.
+    app = fake_app(PrunePolicy(default_keep_ratio="auto", min_keep_ratio=0.1))
+    assert call(CHAT, app=app)[1][b"x-keep-ratio-applied"] == b"auto"
+    body = dict(CHAT, mm_processor_kwargs={"keep_ratio": "auto;min=0.05"})
+    assert call(body, app=app)[1][b"x-keep-ratio-applied"] == b"auto"
+    assert call(CHAT, [("X-Keep-Ratio", "0.3")], app=app)[1][b"x-keep-ratio-applied"] == b"0.3"
+
+
+@pytest.mark.parametrize("value", ["auto;min=0", "auto;max=2", "auto;min=0.6;max=0.2", "auto;size=4", "auto;",
+                                   "automatic"])
+def test_malformed_auto_bounds_are_a_400_naming_the_header(value):
+    status, _, out = call(CHAT, [("X-Keep-Ratio", value)])
+    assert (status, out["error"]["param"]) == (400, "X-Keep-Ratio header")
+    assert "auto" in out["error"]["message"]
+
+
 @pytest.mark.parametrize("path", ["/v1/responses", "/invocations", "/v1/chat/completions/batch",
                                   "/v1/completions", "/tokenize"])
 def test_every_post_route_and_the_root_path(path):

@@ -1,0 +1,90 @@
+"""The budget predictor behind keep ratio auto: its input, its checkpoint section, and its
+training on a tiny model (tests/test_auto_server.py serves it)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from density import density_image
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from vllm_tokenprune.selection.budget import (
+    THUMBNAIL,
+    BudgetConfig,
+    BudgetPredictor,
+    load_budget_predictor,
+    section,
+    thumbnail,
+)
+from vllm_tokenprune.selection.selector import SelectorCheckpointError, load_selector
+from vllm_tokenprune.training.budget import RATIOS, tolerance_targets
+
+
+@pytest.mark.parametrize("size", [(1, 1), (336, 336), (3000, 40), (40, 3000)])
+def test_thumbnail_is_one_size_and_deterministic(size):
+    image = density_image(*size, density=0.5, seed=1)
+    a, b = thumbnail(image), thumbnail(image.copy())
+    assert a.shape == (3, THUMBNAIL, THUMBNAIL) and a.dtype == torch.float32
+    assert torch.equal(a, b) and 0.0 <= float(a.min()) <= float(a.max()) <= 1.0
+    assert torch.equal(thumbnail(np.asarray(image)), a)  # vLLM may hold images as arrays
+    assert torch.equal(thumbnail(image.convert("RGBA")), a)  # any mode is read as RGB
+
+
+def test_the_predictor_is_a_section_of_the_selector_checkpoint(random_selector, tmp_path):
+    old = random_selector("llava")
+    assert load_budget_predictor(old) is None  # checkpoints from before it load as they were
+
+    torch.manual_seed(0)
+    predictor = BudgetPredictor(BudgetConfig(log_tokens=[4.0, 6.0])).eval()
+    header, tensors = section(predictor, {"target": {"kind": "test"}})
+    with safe_open(str(old), "pt") as f:
+        meta, old_tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    path = tmp_path / "with_budget.safetensors"
+    save_file({**old_tensors, **tensors}, str(path), metadata={**meta, "budget_predictor": json.dumps(header)})
+
+    loaded, loaded_header = load_budget_predictor(path)
+    assert loaded_header["target"] == {"kind": "test"} and loaded_header["format_version"] == 1
+    images = [density_image(64, 48, d, seed=2) for d in (0.0, 1.0)]
+    assert loaded.fractions(images, [20, 300]) == predictor.fractions(images, [20, 300])
+    assert all(0.0 < f <= 1.0 for f in loaded.fractions(images, [1, 10**6]))  # N out of range is clamped
+    load_selector(path)  # the selector still loads beside it
+
+    for bad in ({**header, "format_version": 2}, {**header, "config": {"channels": "x"}}, 3):
+        save_file({**old_tensors, **tensors}, str(path), metadata={**meta, "budget_predictor": json.dumps(bad)})
+        with pytest.raises(SelectorCheckpointError, match="budget predictor"):
+            load_budget_predictor(path)
+
+
+def test_the_target_is_the_smallest_fraction_within_the_tolerance():
+    ratios = torch.tensor(RATIOS)
+    errors = torch.stack([1 - ratios, (1 - ratios) * 0.1, torch.where(ratios < 0.9, 1.0, 0.0)])
+    targets = tolerance_targets(errors, 0.5).tolist()
+    assert targets[0] == pytest.approx(0.5)  # error 1 - r meets 0.5 at r = 0.5
+    assert targets[1] == pytest.approx(RATIOS[0])  # within tolerance from the start
+    assert targets[2] == pytest.approx(0.875)  # between 0.85 (1.0) and 0.9 (0.0), interpolated
+
+
+def test_train_fits_a_predictor_that_gives_dense_images_more_tokens(budget_selector, tiny_checkpoint):
+    from transformers import AutoConfig
+
+    from vllm_tokenprune.selection.selector import check_compatible
+
+    path = budget_selector("llava")
+    _, meta = load_selector(path)
+    check_compatible(meta, AutoConfig.from_pretrained(tiny_checkpoint("llava")))
+    predictor, header = load_budget_predictor(path)
+    report = header["eval"]
+    print(json.dumps(report, indent=1))
+    assert header["target"]["kind"] == "reconstruction tolerance" and report["images"] == "held-out"
+    assert report["correlation"] > 0.8 and report["mean_abs_error"] < 0.1
+    # At the same mean fraction, adaptive K rebuilds the held-out images better than one ratio.
+    assert report["error_at_predicted"] < report["error_at_mean_fraction"]
+    blank, sparse, dense = (density_image(168, 168, d, seed=7) for d in (0.0, 0.3, 1.0))
+    fractions = predictor.fractions([blank, sparse, dense], [144] * 3)
+    assert fractions[0] < fractions[1] < fractions[2]
+    assert fractions[2] > 2 * fractions[0]
