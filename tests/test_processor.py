@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from density import density_image
 from reference import noise_image
 
 from vllm_tokenprune.serving.families import of_architectures
@@ -155,3 +156,34 @@ def test_attention_methods_are_refused_up_front_when_the_tower_is_compiled(tiny_
         check_tower_compilation(compiled, SimpleNamespace())
     check_tower_compilation(compiled, SimpleNamespace(**{TOWER_COMPILED_KEY: True}))
     check_tower_compilation(SimpleNamespace(compile_mm_encoder=True, mode=CompilationMode.NONE), SimpleNamespace())
+
+
+def test_auto_sizes_each_image_from_its_pixels_and_caches_what_decides_k(processor, budget_selector):
+    from vllm.exceptions import VLLMValidationError
+    from vllm.multimodal.cache import MultiModalProcessorOnlyCache
+
+    arch, make = processor
+    with pytest.raises(VLLMValidationError, match="budget predictor") as err:  # no selector, no predictor
+        process(make(), arch, keep_ratio="auto")
+    assert err.value.parameter == "mm_processor_kwargs.keep_ratio"
+
+    proc = make(tokenprune_selector=str(budget_selector(arch)))
+    blank, dense = density_image(168, 168, 0.0, seed=5), density_image(168, 168, 1.0, seed=5)
+    images = [blank, dense]
+    n = [proc._unpruned_tokens(proc.info.parse_mm_data({"image": [im]})["image"].get_image_size(0), {})
+         for im in images]
+    out = process(proc, arch, images=images, keep_ratio="auto")
+    k_blank, k_dense = kept(out)
+    assert k_blank < k_dense <= n[1]
+    assert process(proc, arch, images=images, keep_ratio="auto")["mm_hashes"] == out["mm_hashes"]
+    # The policy's floor and the request's bounds apply to each image's fraction.
+    assert kept(process(proc, arch, images=images, keep_ratio="auto;max=0.2")) == [
+        k_blank, min(k_dense, keep_count(n[1], 0.2))]
+    assert kept(process(proc, arch, images=[blank], keep_ratio="auto;min=0.5")) == [keep_count(n[0], 0.5)]
+    # auto is its own cache item; a hit holds the K a miss computes; one image per item.
+    cache = MultiModalProcessorOnlyCache(proc.info.ctx.model_config)
+    first = process(proc, arch, images=[dense], cache=cache, keep_ratio="auto")
+    both = process(proc, arch, images=[dense, blank], cache=cache, keep_ratio="auto")
+    assert kept(first) == [k_dense] and kept(both) == [k_dense, k_blank]
+    fixed = process(proc, arch, images=[dense], cache=cache, keep_ratio=0.5)
+    assert fixed["mm_hashes"] != first["mm_hashes"] and kept(fixed) == [keep_count(n[1], 0.5)]
