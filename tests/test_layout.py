@@ -14,7 +14,7 @@ PACKAGE = Path(vllm_tokenprune.__file__).parent
 VLLM_FREE = ["vllm_tokenprune", "vllm_tokenprune.cli", "vllm_tokenprune.serving.plugin",
              "vllm_tokenprune.serving.policy", "vllm_tokenprune.serving.http", "vllm_tokenprune.serving.metrics",
              "vllm_tokenprune.serving.families", "vllm_tokenprune.selection.methods",
-             "vllm_tokenprune.selection.selector", "vllm_tokenprune.training.train",
+             "vllm_tokenprune.selection.selector", "vllm_tokenprune.selection.budget", "vllm_tokenprune.training.train",
              "vllm_tokenprune.training.features", "vllm_tokenprune.testbed.synthetic", "vllm_tokenprune.tools.serve"]
 
 
