@@ -88,7 +88,7 @@ class AutoBudget:
 
     def __post_init__(self):
         if self.low is not None and self.high is not None and self.low > self.high:
-            raise ValueError(f"min {self.low!r} is above max {self.high!r}")
+            raise ValueError(f"auto's min {self.low!r} is above its max {self.high!r}")
 
     def clamp(self, fraction: float) -> float:
         return min(max(fraction, self.low or 0.0), self.high or 1.0)
@@ -112,7 +112,7 @@ def parse_budget(raw: object, *, param: str) -> float | AutoBudget:
                 f"{param}: {part.strip()!r} is not a bound of auto (or one given twice); write auto, "
                 "auto;min=R, auto;max=R or auto;min=R;max=R with R in (0, 1]", param)
         try:
-            bounds[_BOUNDS[name.lower()]] = parse_keep_ratio(value, param=f"{param} {name.lower()}")
+            bounds[_BOUNDS[name.lower()]] = parse_keep_ratio(value, param=f"{param}: auto's {name.lower()}")
         except PruneRequestError as err:  # named by the header or field, which a client can find
             raise PruneRequestError(str(err), param) from None
     try:
