@@ -89,7 +89,8 @@ def processor_cost(model: Path, selector: Path, rounds: int, rng: np.random.Gene
     for r in range(rounds):
         pngs = [random_png((336, 336), rng) for _ in range(2)]
         order = [("fixed", 0.25), ("auto", "auto")] if r % 2 == 0 else [("auto", "auto"), ("fixed", 0.25)]
-        got = {name: cpu_ms(lambda png=png, ratio=ratio: request(png, ratio)) for (name, ratio), png in zip(order, pngs)}
+        got = {name: cpu_ms(lambda png=png, ratio=ratio: request(png, ratio))
+               for (name, ratio), png in zip(order, pngs)}
         fixed.append(got["fixed"])
         auto.append(got["auto"])
         ratios.append(got["auto"] / got["fixed"])

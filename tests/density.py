@@ -21,7 +21,8 @@ def density_image(width: int, height: int, density: float, seed: int) -> Image.I
         for c in range(CELLS):
             if rng.random() < density:
                 block = (ys[r + 1] - ys[r], xs[c + 1] - xs[c], 3)
-                pixels[ys[r]:ys[r + 1], xs[c]:xs[c + 1]] = rng.integers(0, 256, 3) * 0.5 + rng.integers(0, 256, block) * 0.5
+                noise = rng.integers(0, 256, 3) * 0.5 + rng.integers(0, 256, block) * 0.5
+                pixels[ys[r]:ys[r + 1], xs[c]:xs[c + 1]] = noise
     return Image.fromarray(pixels.astype(np.uint8))
 
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from density import density_image
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 

@@ -11,8 +11,8 @@ from vllm_tokenprune.serving.policy import (
     PruneRequest,
     PruneRequestError,
     keep_count,
-    parse_keep_ratio,
     parse_budget,
+    parse_keep_ratio,
     parse_method,
     resolve,
 )
