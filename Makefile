@@ -1,5 +1,5 @@
 # The two commands a new user needs:  make serve   and   make test
-.PHONY: install serve test test-fast bench bench-stock quality
+.PHONY: install serve test test-fast bench bench-stock bench-train-memory quality
 
 install:
 	bash scripts/install.sh
@@ -18,6 +18,9 @@ bench: install
 
 bench-stock: install
 	bash benchmarks/against_stock.sh
+
+bench-train-memory: install
+	PYTHONPATH=. .venv/bin/python benchmarks/train_memory.py --out benchmarks/results/train-memory
 
 quality: install
 	bash benchmarks/quality.sh

@@ -15,7 +15,7 @@ reports what the stored features would take held in memory at once.
 
     PYTHONPATH=. python benchmarks/train_memory.py --out benchmarks/results/train-memory
 
-About 5 minutes on one core with the defaults; writes results.json and memory.png.
+About 4 minutes on one core with the defaults; writes results.json and memory.png.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -31,26 +32,29 @@ from pathlib import Path
 
 # Same settings for both folders, scaled down with them: shards of 32 images taken 2 at a
 # time make a round of 64, so even the small folder spans several rounds and both hold the
-# same bounded window (at most two rounds). 256 steps of 16 are one pass over the large
-# folder's training images (4096 of 5120) and ten over the small one's.
+# same bounded window (at most two rounds). 256 steps of 16 are about one pass over the
+# large folder's 4120 training images and ten over the small one's 410.
 TRAIN_ARGS = ("--steps", "256", "--batch-size", "16", "--eval-every", "64", "--shard-images", "32",
               "--shuffle-shards", "2", "--threads", "1", "--feature-workers", "1", "--no-progress")
+ROOT = Path(__file__).resolve().parents[1]
 FEATURE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def peak_rss(cmd: list[str], log: Path) -> dict:
-    """Run ``cmd`` to completion; its peak resident set (MB) and seconds."""
+    """Run ``cmd`` to completion; its peak resident set (MiB) and seconds."""
     start = time.perf_counter()
     with log.open("w") as out:
+        # The package of this checkout, whatever the environment has installed.
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path})
         # wait4, not getrusage(RUSAGE_CHILDREN): the latter is the maximum over every child
         # waited for so far, so a small run after a large one would report the large one.
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd)} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-    return {"peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "seconds": round(time.perf_counter() - start, 1)}
+    return {"peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "seconds": round(time.perf_counter() - start, 1)}
 
 
 def stored_features(cache: Path) -> dict:
@@ -62,7 +66,7 @@ def stored_features(cache: Path) -> dict:
         images += store["num_images"]
         tokens += n
         nbytes += n * store["info"]["feature_dim"] * FEATURE_BYTES[store["dtype"]]
-    return {"images": images, "tokens": tokens, "all_in_memory_mb": round(nbytes / 2**20, 1)}
+    return {"images": images, "tokens": tokens, "all_in_memory_mib": round(nbytes / 2**20, 1)}
 
 
 def measure(model: Path, work: Path, n: int, *, scale: int = 10, train_args=TRAIN_ARGS) -> dict:
@@ -78,8 +82,7 @@ def measure(model: Path, work: Path, n: int, *, scale: int = 10, train_args=TRAI
         cmd = [sys.executable, "-m", "vllm_tokenprune.cli", "train", "--model", str(model),
                "--images", str(folder), "--out", str(work / f"selector-{images}.safetensors"),
                "--cache-dir", str(cache), *train_args]
-        if cache.exists():
-            subprocess.run(["rm", "-rf", str(cache)], check=True)
+        shutil.rmtree(cache, ignore_errors=True)  # the cold run starts from an empty cache
         run = {phase: peak_rss(cmd, work / f"train-{images}-{phase}.log") for phase in ("cold", "warm")}
         runs[str(images)] = {"images": images, **run, "features": stored_features(cache)}
     small, large = runs[str(n)], runs[str(scale * n)]
@@ -87,17 +90,17 @@ def measure(model: Path, work: Path, n: int, *, scale: int = 10, train_args=TRAI
         "command": shlex.join(["vllm-tokenprune", "train", "--model", "MODEL", "--images", "FOLDER",
                                "--out", "OUT", "--cache-dir", "CACHE", *train_args]),
         "n": n, "scale": scale, "runs": runs,
-        "ratio": {phase: round(large[phase]["peak_rss_mb"] / small[phase]["peak_rss_mb"], 3)
+        "ratio": {phase: round(large[phase]["peak_rss_mib"] / small[phase]["peak_rss_mib"], 3)
                   for phase in ("cold", "warm")},
     }
 
 
 def table(report: dict) -> str:
-    lines = ["| images | features if all in memory MB | cold run (extract + train) peak RSS MB | "
-             "warm run (train) peak RSS MB |", "| --- | --- | --- | --- |"]
+    lines = ["| images | features if all in memory MiB | cold run (extract + train) peak RSS MiB | "
+             "warm run (train) peak RSS MiB |", "| --- | --- | --- | --- |"]
     for r in report["runs"].values():
-        lines.append(f"| {r['images']} | {r['features']['all_in_memory_mb']:.1f} | {r['cold']['peak_rss_mb']:.1f} "
-                     f"| {r['warm']['peak_rss_mb']:.1f} |")
+        lines.append(f"| {r['images']} | {r['features']['all_in_memory_mib']:.1f} | {r['cold']['peak_rss_mib']:.1f} "
+                     f"| {r['warm']['peak_rss_mib']:.1f} |")
     ratio = report["ratio"]
     lines.append(f"| {report['scale']} N / N | | {ratio['cold']:.3f} | {ratio['warm']:.3f} |")
     return "\n".join(lines)
@@ -111,14 +114,14 @@ def plot(report: dict, path: Path) -> None:
 
     runs = list(report["runs"].values())
     labels = ["cold: extract + train", "warm: train", "features if all in memory"]
-    values = [[r["cold"]["peak_rss_mb"], r["warm"]["peak_rss_mb"], r["features"]["all_in_memory_mb"]] for r in runs]
+    values = [[r["cold"]["peak_rss_mib"], r["warm"]["peak_rss_mib"], r["features"]["all_in_memory_mib"]] for r in runs]
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     width = 0.8 / len(runs)
     for i, (r, v) in enumerate(zip(runs, values)):
         bars = ax.bar([x + i * width for x in range(len(labels))], v, width, label=f"{r['images']} images")
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_xticks([x + width * (len(runs) - 1) / 2 for x in range(len(labels))], labels)
-    ax.set_ylabel("MB")
+    ax.set_ylabel("MiB")
     ax.set_title(f"vllm-tokenprune train: peak RSS, {report['scale']} N / N = {report['ratio']['warm']:.2f} (warm)")
     ax.legend()
     fig.tight_layout()
