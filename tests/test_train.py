@@ -276,6 +276,7 @@ class _Shards:
     def __init__(self, shards):
         self.shards, self.read = shards, []
         self.key, self.shard_sizes, self.feature_dim = "test", [len(s) for s in shards], 3
+        self.shard_tokens = [len(s.tokens) for s in shards]
 
     def load(self, shard):
         self.read.append(shard)
@@ -300,6 +301,32 @@ def test_batches_visit_every_image_once_per_epoch_and_skip_by_arithmetic():
     assert [i for batch in islice(stream, 8) for i in _ids(batch)] == ids[14:30]
     stream.close()
     assert len(skipped.read) < len(shards.read)  # skipped rounds were never read
+
+
+def test_a_round_is_read_shard_by_shard_into_place():
+    """Reading a round holds the round and one shard: each shard is let go once copied, not
+    kept for a concatenation at the end."""
+    import weakref
+
+    from vllm_tokenprune.training.stream import read_round
+
+    loaded = []
+
+    class Fresh(_Shards):
+        """Each load a new tensor, as from disk."""
+
+        def load(self, shard):
+            assert all(ref() is None for ref in loaded), "a shard read earlier is still held"
+            shard = super().load(shard)
+            tokens = shard.tokens.clone()
+            loaded.append(weakref.ref(tokens))
+            return RaggedFeatures(tokens, shard.grids)
+
+    shards = _numbered([3, 2, 3])
+    round_ = read_round(Fresh(shards), (0, 2))
+    assert _ids(round_) == [0, 1, 2, 5, 6, 7]
+    assert torch.equal(round_.tokens, RaggedFeatures.cat([shards[0], shards[2]]).tokens)
+    assert len(loaded) == 2
 
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2.5-vl"])

@@ -66,12 +66,19 @@ class FeatureStore:
         return [shard["images"] for shard in self.index["shards"]]
 
     @property
+    def shard_tokens(self) -> list[int]:
+        return [shard["tokens"] for shard in self.index["shards"]]
+
+    @property
     def feature_dim(self) -> int:
         return self.info["feature_dim"]
 
     def load(self, shard: int) -> RaggedFeatures:
+        """Shard ``shard``'s features; the tokens may be a view of the file, mapped in memory."""
         with safe_open(str(self.root / self.index["shards"][shard]["file"]), framework="pt") as f:
-            return RaggedFeatures(f.get_tensor("tokens"), f.get_tensor("grids"))
+            # The grids copied out: a view would keep the whole file mapped (and its read pages
+            # resident) for as long as they live, and a round keeps every shard's grids.
+            return RaggedFeatures(f.get_tensor("tokens"), f.get_tensor("grids").clone())
 
     def sums(self) -> tuple[int, torch.Tensor, torch.Tensor]:
         """Added up from each shard's stored sums, without reading any features."""

@@ -36,6 +36,7 @@ class FeatureSet(Protocol):
 
     key: str  # names the features: a resumed run must train on the same
     shard_sizes: list[int]  # images per shard
+    shard_tokens: list[int]  # tokens per shard (T of its RaggedFeatures)
     feature_dim: int  # D
 
     def load(self, shard: int) -> RaggedFeatures:
@@ -58,6 +59,10 @@ class InMemoryFeatures:
     @property
     def shard_sizes(self) -> list[int]:
         return [len(self.features)]
+
+    @property
+    def shard_tokens(self) -> list[int]:
+        return [len(self.features.tokens)]
 
     @property
     def feature_dim(self) -> int:
@@ -137,12 +142,30 @@ def _plan(sizes: list[int], shuffle_shards: int, seed: int) -> Iterator[tuple[tu
             yield tuple(sorted(order[start:start + shuffle_shards].tolist())), _seed(seed, epoch, r)
 
 
+def read_round(features: FeatureSet, ids: tuple[int, ...]) -> RaggedFeatures:
+    """Shards ``ids`` as one RaggedFeatures, each copied into place as soon as it is read:
+    reading a round holds the round and one shard, where concatenating all its shards at the
+    end would hold the round twice."""
+    if len(ids) == 1:
+        return features.load(ids[0])
+    tokens, grids, at = None, [], 0
+    for i in ids:
+        shard = features.load(i)
+        if tokens is None:  # the stored dtype, known once a shard is read
+            tokens = shard.tokens.new_empty(sum(features.shard_tokens[j] for j in ids), shard.feature_dim)
+        tokens[at:at + len(shard.tokens)] = shard.tokens
+        at += len(shard.tokens)
+        grids.append(shard.grids)
+        del shard  # before the next one is read
+    return RaggedFeatures(tokens, torch.cat(grids))
+
+
 def batches(features: FeatureSet, batch_size: int, *, shuffle_shards: int, seed: int,
             skip: int = 0) -> Iterator[RaggedFeatures]:
     """Endless training batches of ``batch_size`` images on the CPU, the first ``skip`` left out.
 
-    Holds at most two rounds (the one being visited and the next, read ahead in a thread):
-    2 x shuffle_shards x shard size images.
+    Holds at most two rounds (the one being visited and the next, read ahead in a thread)
+    and one shard being read into place: (2 x shuffle_shards + 1) x shard size images.
     """
     sizes = features.shard_sizes
     plan = _plan(sizes, shuffle_shards, seed)
@@ -155,7 +178,7 @@ def batches(features: FeatureSet, batch_size: int, *, shuffle_shards: int, seed:
     # A round that is read again (every shard fits in one) is read once.
     @lru_cache(maxsize=1)
     def read(ids: tuple[int, ...]) -> RaggedFeatures:
-        return RaggedFeatures.cat([features.load(i) for i in ids])
+        return read_round(features, ids)
 
     parts, held = [], 0
     rounds = ahead(lambda r: (read(r[0]), r[1]), chain([(ids, round_seed)], plan), workers=1)
