@@ -67,22 +67,29 @@ def test_prompt_is_what_training_used(demo):
 
 
 @pytest.mark.parametrize("variant", ["textured", "plain"])
-def test_answers_held_out_scenes_with_all_tokens_and_with_the_shapes_only(demo, variant):
-    """transformers' own generate() at keep 1.0; then only the content patches kept."""
+def test_answers_held_out_scenes_with_all_tokens_and_with_the_content_only(demo, variant):
+    """transformers' own generate() at keep 1.0 on a few items; then teacher-forced greedy
+    accuracy per question kind, with all tokens and with only the content patches."""
     model, processor = demo
-    items = _test_items(variant, 32)
+    items = _test_items(variant, 48)
+    asked = items[:4]
     right = 0
-    for it in items[:8]:
+    for it in asked:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": it.question}]}]
         text = processor.apply_chat_template(messages, add_generation_prompt=True)
         inputs = processor(text=text, images=[it.scene.image], return_tensors="pt")
         out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
         right += processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True) == it.answer
-    assert right >= 7
+    assert right >= len(asked) - 1
+    prompts = Prompts(processor.tokenizer)
+    everything = [torch.arange(144)] * len(items)
     content = [torch.from_numpy(np.flatnonzero(it.scene.content_patches().reshape(-1))) for it in items]
-    with torch.no_grad():
-        right = greedy_right(*answer_logits(model, Batch.of(items, content, processor), Prompts(processor.tokenizer)))
-    assert np.mean(right) >= 0.9
+    for keep in (everything, content):
+        with torch.no_grad():
+            right = greedy_right(*answer_logits(model, Batch.of(items, keep, processor), prompts))
+        for kind in tasks.kinds(variant):
+            hits = [r for r, it in zip(right, items) if it.kind == kind]
+            assert np.mean(hits) >= 0.9, (kind, np.mean(hits))
 
 
 @pytest.mark.parametrize("variant", ["textured", "plain"])
