@@ -1,4 +1,4 @@
-"""Pruning for the M-RoPE families (Qwen2.5-VL, Qwen3-VL): placeholders, selection, positions.
+"""Pruning for the M-RoPE families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): placeholders, selection, positions.
 
 What the method sees: the merged tokens the language model receives, i.e. the vision
 module's output after the patch merger, laid out as the image's merged grid. Those are
@@ -124,18 +124,20 @@ def check_position_recompute(vllm_config, model) -> None:
 
 class MRopePruningModelMixin(PruningModelMixin):
     """Mix into a Qwen-VL model class (before it in the MRO). Expects the stock class's
-    ``visual``, ``config``, ``is_multimodal_pruning_enabled``,
-    ``_parse_and_validate_multimodal_inputs``, ``_process_image_input``,
-    ``_process_video_input`` and ``get_mrope_input_positions``."""
+    ``visual``, ``config``, ``_parse_and_validate_multimodal_inputs``,
+    ``_process_image_input``, ``_process_video_input`` and ``get_mrope_input_positions``."""
 
     tokenprune_prunes_mrope_images = True  # plugin.PRUNES_MROPE_IMAGES: the V1 runners' shim looks for it
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        if self.is_multimodal_pruning_enabled:  # set by the stock class from the config
+        if vllm_config.model_config.multimodal_config.is_multimodal_pruning_enabled():
             raise ValueError(
                 "video pruning (video_pruning_rate > 0) cannot be combined with image "
                 "token pruning; serve the stock architecture for EVS")
+        # Off until the runner turns its recompute on (the V1 shim, or V2's model state);
+        # Qwen2-VL, which has no EVS, never sets it itself.
+        self.is_multimodal_pruning_enabled = False
         check_tower_compilation(vllm_config.compilation_config, self.config)
         check_position_recompute(vllm_config, self)
         self._init_pruning(vllm_config, self.visual.device)
@@ -152,8 +154,11 @@ class MRopePruningModelMixin(PruningModelMixin):
         return embeds
 
     def _probe_blocks(self) -> dict[str, int]:
-        """The tower blocks of ``methods.LATE`` and ``methods.MIDDLE``."""
-        raise NotImplementedError
+        """The tower blocks of ``methods.LATE`` and ``methods.MIDDLE``: for towers whose
+        every block attends over the whole image, the last one and the one at half depth
+        (HiPrune's object layer)."""
+        depth = len(self.visual.blocks)
+        return {methods.LATE: depth - 1, methods.MIDDLE: max(0, depth // 2 - 1)}
 
     def _tower_order(self, grid: list[int]) -> torch.Tensor | None:
         """The merged token at each position of the tower's sequence for an image, or None
@@ -186,7 +191,7 @@ class MRopePruningModelMixin(PruningModelMixin):
         merge = self.config.vision_config.spatial_merge_size
         out: list[torch.Tensor] = []
         for modality, mm_input in self._parse_and_validate_multimodal_inputs(**kwargs).items():
-            if modality == "video":
+            if modality.startswith("video"):  # "video"; Qwen2-VL says "videos"
                 out += [self._with_positions(e, None) for e in self._process_video_input(mm_input)]
                 continue
             prune = fields is not None and mm_input["type"] == "pixel_values"
@@ -201,6 +206,11 @@ class MRopePruningModelMixin(PruningModelMixin):
                     embeds, relative = kept.values, relative[kept.index.cpu()]
                 out.append(self._with_positions(embeds, relative))
         return tuple(out)
+
+    def get_encoder_cudagraph_config(self):
+        """No encoder CUDA graphs (``cudagraph_mm_encoder``): their replay bypasses
+        ``embed_multimodal``, and so pruning and the position columns."""
+        return dataclasses.replace(super().get_encoder_cudagraph_config(), modalities=[])
 
     def _with_positions(self, embeds: torch.Tensor, relative: torch.Tensor | None
                         ) -> torch.Tensor:

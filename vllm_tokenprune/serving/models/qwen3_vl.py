@@ -30,7 +30,6 @@ from vllm.model_executor.models.qwen3_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from vllm_tokenprune.selection import methods
 from vllm_tokenprune.serving.models.mrope import MRopePruningModelMixin, MRopePruningProcessorMixin
 
 
@@ -49,7 +48,3 @@ class PrunedQwen3VLMultiModalProcessor(MRopePruningProcessorMixin, Qwen3VLMultiM
 class PrunedQwen3VLForConditionalGeneration(MRopePruningModelMixin, Qwen3VLForConditionalGeneration):
     def _selection_features(self, embeds: torch.Tensor) -> torch.Tensor:
         return embeds[:, : self.visual_dim]  # without the DeepStack channels
-
-    def _probe_blocks(self) -> dict[str, int]:
-        depth = len(self.visual.blocks)
-        return {methods.LATE: depth - 1, methods.MIDDLE: max(0, depth // 2 - 1)}

@@ -8,10 +8,10 @@ creates that pruner only for EVS video pruning. V2 lets a model bring its own mo
 (``get_model_state_cls``, read first by ``resolve_model_state_cls``); the pruned M-RoPE
 models return ``PrunedMRopeModelState``: the default state with the pruner always on.
 
-The model's ``is_multimodal_pruning_enabled`` is set before the default state is built,
-because that is where Qwen's encoder CUDA graphs (``cudagraph_mm_encoder``) read it: with
-it set they stay off, as their replay would bypass ``embed_multimodal`` and so pruning.
-It also makes the model append the position columns the pruner strips.
+The model's ``is_multimodal_pruning_enabled`` is set here: it makes the model append the
+position columns the pruner strips. (Encoder CUDA graphs, whose replay would bypass
+``embed_multimodal`` and so pruning, the models never offer:
+``MRopePruningModelMixin.get_encoder_cudagraph_config``.)
 
 This module imports V2's internals; only V2 imports it (V1 never calls the hook).
 """
