@@ -182,9 +182,11 @@ def load_selector(path: str | Path, *, map_location="cpu") -> tuple[TokenSelecto
 def vision_signature(hf_config) -> dict[str, Any]:
     """The facts about a VLM config that determine the features the selector sees.
 
-    Works on transformers' LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen2.5-VL configs (and
-    vLLM's hf_config, the same objects). For Qwen2.5-VL the selector scores the merged
-    tokens after the patch merger, so feature_dim is the merger's out_hidden_size.
+    Works on transformers' LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen-VL configs (and
+    vLLM's hf_config, the same objects). For the Qwen families the selector scores the
+    merged tokens after the patch merger, so feature_dim is the merger's output width:
+    ``out_hidden_size``, or on Qwen2-VL, which has none, the vision ``hidden_size`` (its
+    tower's own width is ``embed_dim``).
     """
     vc = hf_config.vision_config
     layer = getattr(hf_config, "vision_feature_layer", None)
