@@ -267,13 +267,11 @@ def _qwen_text_config(p: Preset, tok, rope: dict) -> dict:
                         bos_token_id=tok.pad_token_id)
 
 
-def _build_qwen2_5_vl(p: Preset):
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
+def _build_qwen2_vl_family(p: Preset, config_class: str, processor_class: str, vision: dict):
+    """Qwen2-VL and Qwen2.5-VL: one tokenizer, chat template, text model and processor; the
+    towers differ (``vision``: the family's own vision-config keys)."""
+    import transformers
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     tok = _qwen_tokenizer(p, _QWEN_VL_MEDIA)
     tok.chat_template = chatml_template(
@@ -282,33 +280,47 @@ def _build_qwen2_5_vl(p: Preset):
         default_system="You are a helpful assistant.",
     )
     head_dim = p.text_hidden // p.text_heads
-    config = Qwen2_5_VLConfig(
-        # Qwen2.5-VL splits 64 frequencies 16 / 24 / 24
+    config = getattr(transformers, config_class)(
+        # Both split 64 frequencies 16 / 24 / 24
         text_config=_qwen_text_config(p, tok, {"rope_theta": 1e6, "mrope_section": _mrope_section(head_dim, 0.25)}),
         vision_config=dict(
             depth=p.vision_layers,
-            hidden_size=p.vision_hidden,
-            intermediate_size=p.vision_intermediate,
             num_heads=p.vision_heads,
-            out_hidden_size=p.text_hidden,  # the merger projects straight into the LM
             patch_size=14,
             spatial_merge_size=2,
             temporal_patch_size=2,
-            window_size=112,  # 4 x 4 merged tokens per window, as in the real model
-            fullatt_block_indexes=[p.vision_layers - 1],  # windowed layers, then a full one
-            tokens_per_second=2,
+            **vision,
         ),
         **_qwen_vision_ids(tok),
         tie_word_embeddings=False,
     )
     size = _qwen_size(p, 14)
-    processor = Qwen2_5_VLProcessor(
+    processor = getattr(transformers, processor_class)(
         image_processor=Qwen2VLImageProcessor(size=size, patch_size=14, temporal_patch_size=2, merge_size=2),
         video_processor=Qwen2VLVideoProcessor(size=size, patch_size=14, temporal_patch_size=2, merge_size=2),
         tokenizer=tok,
         chat_template=tok.chat_template,
     )
     return config, processor
+
+
+def _build_qwen2_vl(p: Preset):
+    return _build_qwen2_vl_family(p, "Qwen2VLConfig", "Qwen2VLProcessor", dict(
+        embed_dim=p.vision_hidden,
+        mlp_ratio=p.vision_intermediate // p.vision_hidden,
+        hidden_size=p.text_hidden,  # the merger's output, straight into the LM
+    ))
+
+
+def _build_qwen2_5_vl(p: Preset):
+    return _build_qwen2_vl_family(p, "Qwen2_5_VLConfig", "Qwen2_5_VLProcessor", dict(
+        hidden_size=p.vision_hidden,
+        intermediate_size=p.vision_intermediate,
+        out_hidden_size=p.text_hidden,  # the merger projects straight into the LM
+        window_size=112,  # 4 x 4 merged tokens per window, as in the real model
+        fullatt_block_indexes=[p.vision_layers - 1],  # windowed layers, then a full one
+        tokens_per_second=2,
+    ))
 
 
 def _build_qwen3_vl(p: Preset):
@@ -353,10 +365,12 @@ def _build_qwen3_vl(p: Preset):
     return config, processor
 
 
+_QWEN2_HUB_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
 _ARCHES = {
     "llava": _Arch(_build_llava, _LLAVA_HUB_PREFIXES),
-    # Hub Qwen2.5-VL checkpoints keep the LM at the top level (`model.layers.*`, `visual.*`).
-    "qwen2.5-vl": _Arch(_build_qwen2_5_vl, (("model.language_model.", "model."), ("model.visual.", "visual."))),
+    # Hub Qwen2-VL and Qwen2.5-VL checkpoints keep the LM at the top level (`model.layers.*`, `visual.*`).
+    "qwen2-vl": _Arch(_build_qwen2_vl, _QWEN2_HUB_PREFIXES),
+    "qwen2.5-vl": _Arch(_build_qwen2_5_vl, _QWEN2_HUB_PREFIXES),
     "llava-next": _Arch(_build_llava_next, _LLAVA_HUB_PREFIXES),
     # Qwen3-VL was released with transformers' current layout (`model.language_model.*`).
     "qwen3-vl": _Arch(_build_qwen3_vl, ()),

@@ -10,7 +10,7 @@ Only the vision tower is built and only its weights are read from the checkpoint
 - LLaVA-NeXT: the same, on the base-resolution view of each image (the first of the
   processor's patches) only. The served model also scores the high-resolution
   crops with the same tower; the base view is enough to train a selector.
-- Qwen2.5-VL and Qwen3-VL: the visual module's output after the patch merger (the merged
+- Qwen2-VL, Qwen2.5-VL and Qwen3-VL: the visual module's output after the patch merger (the merged
   tokens the selector scores at serve time; Qwen3-VL's main embedding, without DeepStack,
   as ``serving/models/qwen3_vl.py`` scores it). Each image keeps its own size and aspect
   as the checkpoint's image processor resizes it (``smart_resize`` within min_pixels and
@@ -124,11 +124,21 @@ def _family(config) -> str:
     return of_model_type(config.model_type).features
 
 
-def _build_tower(model: str, config) -> tuple[torch.nn.Module, list[Path]]:
-    """The vision tower with its checkpoint weights, and the files they came from."""
+def _tower_module(vision_config) -> torch.nn.Module:
+    """The tower's transformers module, randomly initialised. AutoModel maps every served
+    tower's config but Qwen2-VL's, whose class is named here."""
     from transformers import AutoModel
 
-    tower = AutoModel.from_config(config.vision_config)
+    if vision_config.model_type == "qwen2_vl_vision":
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+        return Qwen2VisionTransformerPretrainedModel._from_config(vision_config)
+    return AutoModel.from_config(vision_config)
+
+
+def _build_tower(model: str, config) -> tuple[torch.nn.Module, list[Path]]:
+    """The vision tower with its checkpoint weights, and the files they came from."""
+    tower = _tower_module(config.vision_config)
     prefix = "vision_tower" if _family(config) == "llava" else "visual"
     wanted = set(tower.state_dict())
     state = {}
