@@ -31,7 +31,7 @@ from vllm_tokenprune.selection.methods.divprune import greedy_max_min
 from vllm_tokenprune.selection.methods.grid import neighbours
 from vllm_tokenprune.selection.methods.pool import cells, shares
 from vllm_tokenprune.selection.methods.visionzip import split
-from vllm_tokenprune.serving.families import of_architectures
+from vllm_tokenprune.serving.families import FAMILIES, of_architectures
 
 ALL_PROBES = [Probe(stat, layer) for stat in (ATTENTION, GLOBAL_ATTENTION, KEYS) for layer in (LATE, MIDDLE)]
 
@@ -371,8 +371,7 @@ def test_attention_is_computed_only_for_pruned_images_of_methods_that_read_it():
 # --- the statistics as vLLM's towers produce them ----------------------------------------
 
 STOCK_ARCH = {"llava": "LlavaForConditionalGeneration",
-              "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
-              "qwen3-vl": "Qwen3VLForConditionalGeneration"}
+              **{f.name: f.stock for f in FAMILIES if f.features == "qwen"}}
 
 
 def hf_eager(path):

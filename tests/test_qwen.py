@@ -1,4 +1,4 @@
-"""Pruned Qwen2.5-VL and Qwen3-VL offline (`vllm.LLM`, fp32): keep 1.0 is the stock model,
+"""Pruned Qwen2-VL, Qwen2.5-VL and Qwen3-VL offline (`vllm.LLM`, fp32): keep 1.0 is the stock model,
 and kept image tokens, the text after them and decode get the stock M-RoPE positions,
 with the prefix cache, in 32-token prefill chunks, and next to a video.
 
@@ -18,13 +18,13 @@ import pytest
 import torch
 from reference import NEW_TOKENS, QUESTION, chat, hf_greedy, hf_model, noise_image
 
+from vllm_tokenprune.selection.methods import METHOD_NAMES
 from vllm_tokenprune.serving import plugin
-from vllm_tokenprune.serving.families import of_architectures
+from vllm_tokenprune.serving.families import FAMILIES, of_architectures
 from vllm_tokenprune.serving.policy import keep_count
 from vllm_tokenprune.testbed.tiny import count_image_tokens, image_token_id
 
-STOCK_ARCH = {"qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
-              "qwen3-vl": "Qwen3VLForConditionalGeneration"}
+STOCK_ARCH = {f.name: f.stock for f in FAMILIES if f.features == "qwen"}  # the M-RoPE families
 METHODS = ("learned", "random", "norm")
 
 
@@ -287,6 +287,22 @@ def test_runner_shim_targets_are_where_vllm_keeps_them():
     assert "is_multimodal_pruning_enabled" not in inspect.getsource(CPUModelRunner)
 
 
+def test_encoder_cuda_graphs_stay_off_where_the_stock_model_would_capture_them():
+    """Their replay bypasses embed_multimodal (pruning); stock Qwen2-VL, which has no EVS,
+    captures images and videos whatever the pruning flag."""
+    from types import SimpleNamespace
+
+    from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
+
+    from vllm_tokenprune.serving.models.qwen2_vl import PrunedQwen2VLForConditionalGeneration
+
+    model = PrunedQwen2VLForConditionalGeneration.__new__(PrunedQwen2VLForConditionalGeneration)
+    torch.nn.Module.__init__(model)
+    model.visual, model.get_max_frames_per_video = SimpleNamespace(out_hidden_size=8), lambda: 4
+    assert Qwen2VLForConditionalGeneration.get_encoder_cudagraph_config(model).modalities == ["image", "video"]
+    assert model.get_encoder_cudagraph_config().modalities == []
+
+
 @pytest.mark.vllm
 def test_runner_recomputes_positions_for_our_model(llm):
     assert llm.collective_rpc(_runner_flag) == [True]
@@ -312,6 +328,20 @@ def test_kept_tokens_text_and_decode_have_stock_positions(llm, path, stock, rati
         out, seen, kept = run(llm, images(1), keep_ratio=ratio, prune_method=method)
         assert [len(k) for k in kept] == [keep_count(n, ratio) for n in sizes], method
         assert_stock_positions(out, seen, kept, prompt, positions, image_token_id(path))
+
+
+@pytest.mark.vllm
+def test_every_method_keeps_one_and_all_but_one_token_at_stock_positions(llm, path):
+    img = images(9)[:1]
+    prompt, _, _ = hf_greedy(path, img, new_tokens=1)
+    positions = hf_positions(path, img)
+    n = count_image_tokens(path, img[0].size)
+    for k in (1, n - 1):
+        for method in METHOD_NAMES:
+            out, seen, kept = run(llm, img, keep_ratio=k / n, prune_method=method)
+            assert [len(rows) for rows in kept] == [k], (method, k)
+            assert len(prompt) - len(out.prompt_token_ids) == n - k, (method, k)
+            assert_stock_positions(out, seen, kept, prompt, positions, image_token_id(path))
 
 
 @pytest.mark.vllm

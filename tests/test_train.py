@@ -123,7 +123,7 @@ def test_extract_features_are_what_the_projector_receives(tiny_llava, llava_conf
     torch.testing.assert_close(torch.stack(list(features)), captured[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llava-next", "qwen2.5-vl", "qwen3-vl"])
+@pytest.mark.parametrize("arch", ["llava-next", "qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
 def test_extract_features_other_families(tiny_checkpoint, arch):
     """LLaVA-NeXT: the projector input of each image's base view (its first patch); Qwen:
     the merged tokens (Qwen3-VL: the main embedding) of each image at its own size."""
@@ -150,7 +150,7 @@ def test_extract_features_other_families(tiny_checkpoint, arch):
                 int(features.lengths.min()), int(features.lengths.max())]
             assert info["image_pixels"] == {"min_pixels": processor.size["shortest_edge"],
                                             "max_pixels": processor.size["longest_edge"]}
-            assert features.feature_dim == config.vision_config.out_hidden_size
+            assert features.feature_dim == config.text_config.hidden_size  # the merger feeds the LM
             features = features.tokens
         else:
             from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
