@@ -34,11 +34,18 @@ from vllm_tokenprune.serving.models.common import PruningModelMixin, PruningProc
 OBJECT_LAYER_SHARE = 9 / 24
 
 
-class PrunedLlavaMultiModalProcessor(PruningProcessorMixin, LlavaMultiModalProcessor):
+class LlavaPruningProcessorMixin(PruningProcessorMixin):
+    """N of the LLaVA families: the stock placeholder count of an image of its size (anyres
+    crops and newline markers included), which their processors take no kwargs to change."""
+
     def _unpruned_tokens(self, image_size: ImageSize, hf_kwargs: Mapping[str, object]) -> int:
         return self.info.get_num_image_tokens(
             image_width=image_size.width, image_height=image_size.height
         )
+
+
+class PrunedLlavaMultiModalProcessor(LlavaPruningProcessorMixin, LlavaMultiModalProcessor):
+    """LLaVA-1.5's processor, each image's placeholder run cut to its K."""
 
 
 class LlavaTowerMixin:

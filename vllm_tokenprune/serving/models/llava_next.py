@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import math
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import torch
 from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
@@ -33,17 +33,13 @@ from vllm.model_executor.models.llava_next import (
     LlavaNextProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.parse import ImageSize
 
-from vllm_tokenprune.serving.models.common import PruningModelMixin, PruningProcessorMixin
-from vllm_tokenprune.serving.models.llava import LlavaTowerMixin
+from vllm_tokenprune.serving.models.common import PruningModelMixin
+from vllm_tokenprune.serving.models.llava import LlavaPruningProcessorMixin, LlavaTowerMixin
 
 
-class PrunedLlavaNextMultiModalProcessor(PruningProcessorMixin, LlavaNextMultiModalProcessor):
-    def _unpruned_tokens(self, image_size: ImageSize, hf_kwargs: Mapping[str, object]) -> int:
-        return self.info.get_num_image_tokens(
-            image_width=image_size.width, image_height=image_size.height
-        )
+class PrunedLlavaNextMultiModalProcessor(LlavaPruningProcessorMixin, LlavaNextMultiModalProcessor):
+    """LLaVA-NeXT's processor, each image's placeholder run cut to its K."""
 
 
 @MULTIMODAL_REGISTRY.register_processor(
