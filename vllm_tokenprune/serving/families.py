@@ -33,6 +33,8 @@ _MODELS = "vllm_tokenprune.serving.models"
 FAMILIES: tuple[Family, ...] = (
     Family("llava", "llava", "LlavaForConditionalGeneration", f"{_MODELS}.llava", "llava"),
     Family("llava-next", "llava_next", "LlavaNextForConditionalGeneration", f"{_MODELS}.llava_next", "llava"),
+    Family("llava-onevision", "llava_onevision", "LlavaOnevisionForConditionalGeneration",
+           f"{_MODELS}.llava_onevision", "llava"),
     Family("qwen2-vl", "qwen2_vl", "Qwen2VLForConditionalGeneration", f"{_MODELS}.qwen2_vl", "qwen"),
     Family("qwen2.5-vl", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", f"{_MODELS}.qwen2_5_vl", "qwen"),
     Family("qwen3-vl", "qwen3_vl", "Qwen3VLForConditionalGeneration", f"{_MODELS}.qwen3_vl", "qwen"),
