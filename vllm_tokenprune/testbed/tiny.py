@@ -12,6 +12,7 @@ Never imports vLLM (the tests load these checkpoints into vLLM themselves).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import shutil
@@ -49,7 +50,9 @@ class Preset:
     # CLIP / SigLIP towers: square input side and patch (168 / 14 -> 12 x 12 = 144 tokens)
     image_size: int = 168
     patch_size: int = 14
-    # LLaVA-OneVision: anyres tilings up to N x N tiles (the real model: 6 x 6 of 384 px)
+    # LLaVA-OneVision: anyres tilings up to N x N tiles (the real model: 6 x 6 of 384 px); at
+    # 4 x 4 the largest images exceed anyres_max_9 and are interpolated down, as on the real model
+    onevision_max_tiles: int = 4
     # Qwen towers: token budget per image (the processor resizes into it)
     qwen_min_tokens: int = 4
     qwen_max_tokens: int = 256
@@ -117,19 +120,22 @@ def _llama_config(p: Preset, tok):
     return LlamaConfig(**_text_config(p, tok, rms_norm_eps=1e-5))
 
 
+def _square_tower(p: Preset) -> dict:
+    """The preset's sizes as CLIP and SigLIP vision configs name them."""
+    return {
+        "hidden_size": p.vision_hidden,
+        "intermediate_size": p.vision_intermediate,
+        "num_hidden_layers": p.vision_layers,
+        "num_attention_heads": p.vision_heads,
+        "image_size": p.image_size,
+        "patch_size": p.patch_size,
+    }
+
+
 def _clip_config(p: Preset):
     from transformers import CLIPVisionConfig
 
-    return CLIPVisionConfig(
-        hidden_size=p.vision_hidden,
-        intermediate_size=p.vision_intermediate,
-        num_hidden_layers=p.vision_layers,
-        num_attention_heads=p.vision_heads,
-        image_size=p.image_size,
-        patch_size=p.patch_size,
-        projection_dim=p.text_hidden,
-        hidden_act="quick_gelu",
-    )
+    return CLIPVisionConfig(**_square_tower(p), projection_dim=p.text_hidden, hidden_act="quick_gelu")
 
 
 def _clip_image_processor(p: Preset):
@@ -365,6 +371,46 @@ def _build_qwen3_vl(p: Preset):
     return config, processor
 
 
+def _build_llava_onevision(p: Preset):
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    tok = _qwen_tokenizer(p, {"image_token": "<image>", "video_token": "<video>"})
+    tok.chat_template = chatml_template("<image>\n", "<video>\n", default_system=None)
+    tiles = range(1, p.onevision_max_tiles + 1)
+    pinpoints = _anyres_pinpoints(p.image_size, itertools.product(tiles, tiles))
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(**_square_tower(p), vision_use_head=False),  # OneVision drops the head
+        text_config=Qwen2Config(**_qwen_text_config(p, tok, {"rope_theta": 1e6})),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="full",  # SigLIP has no CLS to drop
+        vision_feature_layer=-1,
+        image_grid_pinpoints=pinpoints,
+        vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=False,
+    )
+    side = {"height": p.image_size, "width": p.image_size}
+    siglip_norm = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=side, image_grid_pinpoints=pinpoints, **siglip_norm),
+        video_processor=LlavaOnevisionVideoProcessor(size=side, **siglip_norm),
+        tokenizer=tok,
+        num_image_tokens=(p.image_size // p.patch_size) ** 2,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        chat_template=tok.chat_template,
+    )
+    return config, processor
+
+
 _QWEN2_HUB_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
 _ARCHES = {
     "llava": _Arch(_build_llava, _LLAVA_HUB_PREFIXES),
@@ -372,6 +418,7 @@ _ARCHES = {
     "qwen2-vl": _Arch(_build_qwen2_vl, _QWEN2_HUB_PREFIXES),
     "qwen2.5-vl": _Arch(_build_qwen2_5_vl, _QWEN2_HUB_PREFIXES),
     "llava-next": _Arch(_build_llava_next, _LLAVA_HUB_PREFIXES),
+    "llava-onevision": _Arch(_build_llava_onevision, _LLAVA_HUB_PREFIXES),
     # Qwen3-VL was released with transformers' current layout (`model.language_model.*`).
     "qwen3-vl": _Arch(_build_qwen3_vl, ()),
 }
