@@ -123,9 +123,9 @@ def test_extract_features_are_what_the_projector_receives(tiny_llava, llava_conf
     torch.testing.assert_close(torch.stack(list(features)), captured[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llava-next", "qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
+@pytest.mark.parametrize("arch", ["llava-next", "llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
 def test_extract_features_other_families(tiny_checkpoint, arch):
-    """LLaVA-NeXT: the projector input of each image's base view (its first patch); Qwen:
+    """LLaVA-NeXT, OneVision: the projector input of each image's base view (its first patch); Qwen:
     the merged tokens (Qwen3-VL: the main embedding) of each image at its own size."""
     import transformers
     from transformers import AutoConfig, AutoImageProcessor
