@@ -31,3 +31,13 @@ def test_serve_without_a_model(tmp_path):
                 assert out.choices[0].message.content == " " + scene.answer("count"), (ratio, server.log_tail())
                 image_tokens = out.usage.prompt_tokens_details.multimodal_tokens["image"]
                 assert image_tokens == {1.0: 144, 0.25: 36}[ratio]
+        # the demo's selector carries a budget predictor: auto works, one K per image
+        kept = []
+        for scene in scenes + scenes[:1]:
+            messages = [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": image_url(scene.image)}},
+                {"type": "text", "text": QUESTIONS["count"]}]}]
+            out = client.chat.completions.create(model=DEFAULT_SERVED_NAME, messages=messages, max_tokens=1,
+                                                 temperature=0, extra_headers={"X-Keep-Ratio": "auto"})
+            kept.append(out.usage.prompt_tokens_details.multimodal_tokens["image"])
+        assert all(1 <= k < 144 for k in kept) and kept[0] == kept[2], kept
