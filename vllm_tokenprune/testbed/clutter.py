@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from vllm_tokenprune.testbed.synthetic import (
     SHAPES,
@@ -37,7 +37,7 @@ from vllm_tokenprune.testbed.synthetic import (
     TEXTURE_COLOURS,
     Shape,
     Texture,
-    draw_shape,
+    paint_shapes,
 )
 
 VARIANTS = ("clutter", "clutter-plain")
@@ -268,14 +268,5 @@ def make_clutter_scene(variant: str, seed: int, *, size: int = TASK_IMAGE_SIZE, 
     for ch, (gx, gy) in zip(text, glyph_origins(box)):
         ink_of = glyph(ch)
         pixels[gy:gy + ink_of.shape[0], gx:gx + ink_of.shape[1]][ink_of] = INK
-    image = Image.fromarray(pixels.astype(np.uint8))
-    ink = Image.new("1", (size, size), 0)
-    draw, ink_draw = ImageDraw.Draw(image), ImageDraw.Draw(ink)
-    ink_draw.rectangle(box, fill=1)
-    for shape in shapes:
-        draw_shape(draw, shape, TASK_COLOURS[shape.colour])
-        draw_shape(ink_draw, shape, 1)
-    noisy = np.asarray(image, np.float32)
-    noisy += noise_std * rng.standard_normal((size, size, 3), dtype=np.float32)
-    image = Image.fromarray(np.rint(np.clip(noisy, 0, 255, out=noisy), out=noisy).astype(np.uint8))
-    return ClutterScene(image, shapes, [t for t, _, _ in textures], text, box, asked, np.asarray(ink, bool))
+    image, ink = paint_shapes(pixels, shapes, rng, noise_std, ink_boxes=(box,))
+    return ClutterScene(image, shapes, [t for t, _, _ in textures], text, box, asked, ink)

@@ -261,13 +261,24 @@ def make_scene(variant: str, seed: int, *, size: int = TASK_IMAGE_SIZE, patch: i
         c0, r0, c1, r1 = t.cells
         x0, y0, w, h = c0 * patch, r0 * patch, (c1 - c0) * patch, (r1 - r0) * patch
         pixels[y0:y0 + h, x0:x0 + w] = _texture_pixels(rng, t.kind, w, h, x0, y0, patch)
+    image, ink = paint_shapes(pixels, shapes, rng, noise_std)
+    return Scene(image, shapes, textures, ink)
+
+
+def paint_shapes(pixels: np.ndarray, shapes: list[Shape], rng: np.random.Generator, noise_std: float,
+                 ink_boxes: tuple[tuple[int, int, int, int], ...] = ()) -> tuple[Image.Image, np.ndarray]:
+    """The canvas (H, W, 3) with the shapes drawn and pixel noise added, and the (H, W) bool
+    ink mask of the shapes and of ``ink_boxes`` (other content, already on the canvas)."""
+    height, width = pixels.shape[:2]
     image = Image.fromarray(pixels.astype(np.uint8))
-    ink = Image.new("1", (size, size), 0)
+    ink = Image.new("1", (width, height), 0)
     draw, ink_draw = ImageDraw.Draw(image), ImageDraw.Draw(ink)
+    for box in ink_boxes:
+        ink_draw.rectangle(box, fill=1)
     for shape in shapes:
         draw_shape(draw, shape, TASK_COLOURS[shape.colour])
         draw_shape(ink_draw, shape, 1)
     noisy = np.asarray(image, np.float32)
-    noisy += noise_std * rng.standard_normal((size, size, 3), dtype=np.float32)
+    noisy += noise_std * rng.standard_normal((height, width, 3), dtype=np.float32)
     image = Image.fromarray(np.rint(np.clip(noisy, 0, 255, out=noisy), out=noisy).astype(np.uint8))
-    return Scene(image, shapes, textures, np.asarray(ink, bool))
+    return image, np.asarray(ink, bool)
