@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 
 import numpy as np
 from PIL import Image
 
-from vllm_tokenprune.testbed.synthetic import TASK_COLOURS
+from vllm_tokenprune.testbed import tasks
+from vllm_tokenprune.testbed.synthetic import TASK_COLOURS, scene_seed
+
+
+def split_digests(variant: str, split: str, n: int) -> set[str]:
+    """SHA-256 of the pixels of scenes 0..n-1 of a split."""
+    return {hashlib.sha256(tasks.make_scene(variant, scene_seed(split, i)).image.tobytes()).hexdigest()
+            for i in range(n)}
 
 
 def blobs(mask: np.ndarray, min_pixels: int = 10) -> list[np.ndarray]:

@@ -4,14 +4,13 @@ periodic per region and distinct across regions, disjoint splits, the eval-set w
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 
 import numpy as np
 import pytest
 from PIL import Image
-from pixels import coloured_blobs, shape_kind
+from pixels import coloured_blobs, shape_kind, split_digests
 
 from vllm_tokenprune.cli import main
 from vllm_tokenprune.testbed.clutter import (
@@ -103,11 +102,7 @@ def test_textures_are_periodic_per_region_distinct_across_regions_and_hold_no_co
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_splits_are_disjoint_and_scenes_deterministic(variant):
-    def digests(split):
-        return {hashlib.sha256(make_clutter_scene(variant, scene_seed(split, i)).image.tobytes()).hexdigest()
-                for i in range(100)}
-
-    train, test = digests("train"), digests("test")
+    train, test = split_digests(variant, "train", 100), split_digests(variant, "test", 100)
     assert len(train) == len(test) == 100 and not train & test
     a, b = make_clutter_scene(variant, 11), make_clutter_scene(variant, 11)
     assert a.image.tobytes() == b.image.tobytes() and a.shapes == b.shapes and a.text == b.text

@@ -3,14 +3,13 @@ against the pixels, independently of the generator's bookkeeping), the eval-set 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 
 import numpy as np
 import pytest
 from PIL import Image
-from pixels import coloured_blobs
+from pixels import coloured_blobs, split_digests
 
 from vllm_tokenprune.cli import main
 from vllm_tokenprune.testbed.synthetic import (
@@ -43,11 +42,7 @@ def test_split_seed_ranges_are_disjoint_and_checked():
 
 @pytest.mark.parametrize("variant", ["textured", "plain"])
 def test_train_and_test_images_never_coincide(variant):
-    def digests(split):
-        return {hashlib.sha256(make_scene(variant, scene_seed(split, i)).image.tobytes()).hexdigest()
-                for i in range(150)}
-
-    train, test = digests("train"), digests("test")
+    train, test = split_digests(variant, "train", 150), split_digests(variant, "test", 150)
     assert len(train) == len(test) == 150 and not train & test
 
 

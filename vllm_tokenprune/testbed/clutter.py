@@ -38,6 +38,7 @@ from vllm_tokenprune.testbed.synthetic import (
     Shape,
     Texture,
     paint_shapes,
+    patches_touched,
 )
 
 VARIANTS = ("clutter", "clutter-plain")
@@ -108,8 +109,7 @@ class ClutterScene:
 
     def content_patches(self, patch: int = TASK_PATCH) -> np.ndarray:
         """(rows, cols) bool: patches holding any shape or box pixel."""
-        h, w = self.ink.shape
-        return self.ink.reshape(h // patch, patch, w // patch, patch).any(axis=(1, 3))
+        return patches_touched(self.ink, patch)
 
     def patches_of(self, kind: str, patch: int = TASK_PATCH) -> np.ndarray:
         """(rows, cols) bool: the patches question ``kind`` needs (all shapes, the asked
@@ -123,9 +123,7 @@ class ClutterScene:
                 if kind == "count" or s.kind == self.asked_shape:
                     x0, y0, x1, y1 = s.box
                     mask[y0:y1 + 1, x0:x1 + 1] = True
-        mask &= self.ink
-        h, w = mask.shape
-        return mask.reshape(h // patch, patch, w // patch, patch).any(axis=(1, 3))
+        return patches_touched(mask & self.ink, patch)
 
 
 def _texture_pixels(kind: str, a: np.ndarray, b: np.ndarray, period: int, x0: int, y0: int,
@@ -204,19 +202,21 @@ class _Canvas:
             x0, y0 = int(rng.integers(0, self.size - w + 1)), int(rng.integers(0, self.size - h + 1))
             if not self.free[y0:y0 + h, x0:x0 + w].all():
                 continue
-            content = self.content.copy()
-            content[y0 // TASK_PATCH:(y0 + h - 1) // TASK_PATCH + 1,
-                    x0 // TASK_PATCH:(x0 + w - 1) // TASK_PATCH + 1] = True
-            if content.sum() > budget:
+            if self.content.sum() + (~self.content[_cells(x0, y0, w, h)]).sum() > budget:
                 continue
             self.take(x0, y0, w, h)
             return x0, y0
         return None
 
     def take(self, x0: int, y0: int, w: int, h: int) -> None:
-        self.content[y0 // TASK_PATCH:(y0 + h - 1) // TASK_PATCH + 1,
-                     x0 // TASK_PATCH:(x0 + w - 1) // TASK_PATCH + 1] = True
+        self.content[_cells(x0, y0, w, h)] = True
         self.free[max(0, y0 - GAP):y0 + h + GAP, max(0, x0 - GAP):x0 + w + GAP] = False
+
+
+def _cells(x0: int, y0: int, w: int, h: int) -> tuple[slice, slice]:
+    """The (rows, cols) patch cells a w x h pixel box at (x0, y0) touches."""
+    return (slice(y0 // TASK_PATCH, (y0 + h - 1) // TASK_PATCH + 1),
+            slice(x0 // TASK_PATCH, (x0 + w - 1) // TASK_PATCH + 1))
 
 
 def make_clutter_scene(variant: str, seed: int, *, size: int = TASK_IMAGE_SIZE, noise_std: float = 4.0) -> ClutterScene:

@@ -211,13 +211,12 @@ class Batch:
     keep: list[torch.Tensor]  # per sequence, ascending token indices the language model sees
     questions: list[str]
     answers: list[str]
-    kinds: list[str]  # question kind per sequence, for reports
 
     @classmethod
     def of(cls, items: list[tasks.Item], keep: list[torch.Tensor], processor) -> Batch:
         """One sequence per item."""
         return cls(pixel_values([it.scene.image for it in items], processor), list(range(len(items))), keep,
-                   [it.question for it in items], [it.answer for it in items], [it.kind for it in items])
+                   [it.question for it in items], [it.answer for it in items])
 
 
 def training_batch(step: int, cfg: DemoConfig, processor, rng: np.random.Generator) -> Batch:
@@ -229,7 +228,7 @@ def training_batch(step: int, cfg: DemoConfig, processor, rng: np.random.Generat
     language model first learns to read the content with little else in the way.
     """
     ramp = min(1.0, step / cfg.curriculum_steps) if cfg.curriculum_steps else 1.0
-    images, image_of, keep, questions, answers, kinds = [], [], [], [], [], []
+    images, image_of, keep, questions, answers = [], [], [], [], []
     for j in range(cfg.batch_size):
         index = step * cfg.batch_size + j
         variant = TRAIN_VARIANTS[index % len(TRAIN_VARIANTS)]
@@ -246,9 +245,8 @@ def training_batch(step: int, cfg: DemoConfig, processor, rng: np.random.Generat
             keep.append(torch.from_numpy(kept))
             questions.append(scene.question(kind))
             answers.append(scene.answer(kind))
-            kinds.append(kind)
         images.append(scene.image)
-    return Batch(pixel_values(images, processor), image_of, keep, questions, answers, kinds)
+    return Batch(pixel_values(images, processor), image_of, keep, questions, answers)
 
 
 # ---------------------------------------------------------------------------------------

@@ -141,9 +141,13 @@ class Scene:
 
     def content_patches(self, patch: int = TASK_PATCH) -> np.ndarray:
         """(rows, cols) bool: patches holding any shape pixel (the tokens that matter)."""
-        h, w = self.ink.shape
-        return self.ink[: h - h % patch, : w - w % patch].reshape(
-            h // patch, patch, w // patch, patch).any(axis=(1, 3))
+        return patches_touched(self.ink, patch)
+
+
+def patches_touched(mask: np.ndarray, patch: int = TASK_PATCH) -> np.ndarray:
+    """(rows, cols) bool: the patches of an (H, W) pixel mask holding any True pixel."""
+    h, w = mask.shape
+    return mask[: h - h % patch, : w - w % patch].reshape(h // patch, patch, w // patch, patch).any(axis=(1, 3))
 
 
 def scene_seed(split: str, index: int) -> int:

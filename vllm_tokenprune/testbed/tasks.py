@@ -36,7 +36,6 @@ def make_scene(variant: str, seed: int) -> Any:
 @dataclass
 class Item:
     scene: Any
-    variant: str
     kind: str
     question: str
     answer: str
@@ -46,7 +45,7 @@ def item(variant: str, split: str, index: int, kind: str | None = None) -> Item:
     """Item ``index`` of ``split``: its scene and a question (by default the balanced one)."""
     scene = make_scene(variant, scene_seed(split, index))
     kind = kind or kinds(variant)[index % len(kinds(variant))]
-    return Item(scene, variant, kind, scene.question(kind), scene.answer(kind))
+    return Item(scene, kind, scene.question(kind), scene.answer(kind))
 
 
 def write_eval_set(out_dir: str | Path, variant: str, split: str, n: int) -> Path:

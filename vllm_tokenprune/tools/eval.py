@@ -218,9 +218,12 @@ def _accuracy_by(right: list[bool], groups: list[str | None]) -> dict[str, float
     return out
 
 
+_BUCKET_NAMES = [density_bucket(low) for low, _ in DENSITY_BUCKETS]
+
+
 def _group_order(group: str):
-    buckets = [density_bucket(low) for low, _ in DENSITY_BUCKETS]
-    return (buckets.index(group), "") if group in buckets else (len(buckets), group)
+    """Density buckets in table order, then other groups by name."""
+    return (_BUCKET_NAMES.index(group), "") if group in _BUCKET_NAMES else (len(_BUCKET_NAMES), group)
 
 
 def evaluate(url: str, datasets: dict[str, list[Item]], ratios: list[float], methods: list[str],
