@@ -37,11 +37,12 @@ ALL_PROBES = [Probe(stat, layer) for stat in (ATTENTION, GLOBAL_ATTENTION, KEYS)
 
 
 def random_tokens(grids, dim: int = 8, seed: int = 0, **kwargs) -> Tokens:
-    """Tokens with random features and every statistic a method may ask for."""
+    """Tokens with random features, every statistic a method may ask for and a question."""
     gen = torch.Generator().manual_seed(seed)
     n = sum(r * c for r, c in grids)
     stats = {p: torch.randn(n, 4, generator=gen) if p.stat == KEYS else torch.rand(n, generator=gen)
              for p in ALL_PROBES}
+    kwargs.setdefault("query", torch.randn(3, dim, generator=gen))
     return Tokens(torch.randn(n, dim, generator=gen), tuple(grids), seed=seed, stats=stats, **kwargs)
 
 

@@ -40,8 +40,8 @@ def processor(request, tiny_checkpoint):
     return request.param, make
 
 
-def process(proc, arch, images=IMAGES, cache=None, **kwargs):
-    return proc(IMAGE_TEXT[arch] * len(images) + "hi", proc.info.parse_mm_data({"image": list(images)}),
+def process(proc, arch, images=IMAGES, cache=None, text="hi", **kwargs):
+    return proc(IMAGE_TEXT[arch] * len(images) + text, proc.info.parse_mm_data({"image": list(images)}),
                 hf_processor_mm_kwargs=kwargs, cache=cache)
 
 
@@ -93,6 +93,7 @@ def test_random_is_seeded_from_vllms_item_hash_on_cache_hits_and_misses(processo
     ({"size": {"height": 4}}, "mm_processor_kwargs.size"),
     ({"keep_ratio": "nan"}, "mm_processor_kwargs.keep_ratio"),
     ({"prune_method": "learned"}, "mm_processor_kwargs.prune_method"),  # no selector here
+    ({"tokenprune_query": [1, 2]}, "mm_processor_kwargs.tokenprune_query"),  # the processor's, not a client's
 ])
 def test_refusals_name_the_key(processor, kwargs, param):
     from vllm.exceptions import VLLMValidationError
@@ -119,6 +120,34 @@ def test_an_allowed_hf_kwarg_reaches_the_hf_processor_and_k_follows_it(processor
     n = [int(g.prod()) // 4 for g in (o["mm_kwargs"]["image"][0]["image_grid_thw"].data for o in (full, small))]
     assert n[1] < n[0]
     assert kept(full) == [keep_count(n[0], 0.5)] and kept(small) == [keep_count(n[1], 0.5)]
+
+
+def test_the_question_reaches_each_image_and_is_part_of_its_item_for_methods_that_read_it(processor):
+    from vllm.multimodal.cache import MultiModalProcessorOnlyCache
+
+    from vllm_tokenprune.serving.models.common import QUERY_FIELD
+
+    arch, make = processor
+    proc = make()
+    cache = MultiModalProcessorOnlyCache(proc.info.ctx.model_config)
+
+    def ask(question, method):
+        return process(proc, arch, cache=cache, text=question, keep_ratio=0.5, prune_method=method)
+
+    def questions(out) -> list[str]:
+        return [proc.info.get_tokenizer().decode(item[QUERY_FIELD].data.tolist()).strip()
+                for item in out["mm_kwargs"]["image"]]
+
+    triangle = ask("what colour is the triangle ?", "cdpruner")
+    # Each image gets the prompt's words: no placeholder, no special token.
+    assert questions(triangle) == ["what colour is the triangle ?"] * 2
+    again, circle = ask("what colour is the triangle ?", "cdpruner"), ask("what colour is the circle ?", "cdpruner")
+    assert again["mm_hashes"] == triangle["mm_hashes"] and questions(again) == questions(triangle)  # a hit
+    assert set(circle["mm_hashes"]["image"]).isdisjoint(triangle["mm_hashes"]["image"])
+    assert questions(circle) == ["what colour is the circle ?"] * 2
+    # Methods that do not read the question get none, and another question is the same item.
+    norm = [ask(q, "norm") for q in ("what colour is the triangle ?", "what colour is the circle ?")]
+    assert norm[0]["mm_hashes"] == norm[1]["mm_hashes"] and questions(norm[0]) == ["", ""]
 
 
 def test_metrics_count_served_requests_only(processor):

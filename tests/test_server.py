@@ -13,7 +13,7 @@ import time
 import openai
 import pytest
 import requests
-from reference import NEW_TOKENS, chat, hf_greedy, noise_image
+from reference import NEW_TOKENS, QUESTION, chat, hf_greedy, noise_image
 from server import Server, serve_command
 
 from vllm_tokenprune.selection.methods import METHOD_NAMES
@@ -25,6 +25,7 @@ pytestmark = pytest.mark.server
 
 IMAGE = noise_image(336, 252, seed=1)
 RATIOS = (1.0, 0.5, 0.25, 0.1)
+BLOCK = 32  # KV-cache block: the prefix cache's unit
 
 
 @pytest.fixture(scope="module", params=ARCHES)  # every family pruning serves
@@ -43,6 +44,7 @@ def server(model, arch, random_selector, tmp_path_factory):
     with Server(model, "--selector", str(random_selector(arch)), "--dtype", "float32",
                 "--max-model-len", "4096", "--limit-mm-per-prompt", '{"image": 2}',
                 "--min-keep-ratio", "0.05", "--keep-ratio-step", "0.05",
+                "--block-size", str(BLOCK), "--enable-prompt-tokens-details",
                 "--served-model-name", "tiny", log_path=log) as srv:
         print(f"\nserver healthy after {srv.startup_s:.1f} s")
         yield srv
@@ -53,10 +55,10 @@ def client(server):
     return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
 
 
-def ask(client, images=(IMAGE,), headers=None, extra_body=None, max_tokens=NEW_TOKENS):
+def ask(client, images=(IMAGE,), headers=None, extra_body=None, max_tokens=NEW_TOKENS, question=QUESTION):
     return client.chat.completions.create(
         model="tiny",
-        messages=chat(images, lambda im: {"type": "image_url", "image_url": {"url": image_url(im)}}),
+        messages=chat(images, lambda im: {"type": "image_url", "image_url": {"url": image_url(im)}}, question),
         max_tokens=max_tokens, temperature=0, extra_headers=headers or {},
         extra_body={"min_tokens": max_tokens, "return_token_ids": True, **(extra_body or {})},
     )
@@ -102,6 +104,23 @@ def test_every_method_gives_the_same_count_and_is_deterministic(client):
         assert first.choices[0].token_ids == again.choices[0].token_ids, method
         counts.add(first.usage.prompt_tokens)
     assert len(counts) == 1
+
+
+def test_the_question_is_part_of_the_image_for_methods_that_read_it(client):
+    """Through the prefix cache: the image's blocks are reused by a repeat, and by another
+    question only when the method does not read the question."""
+    for seed, method in enumerate(("cdpruner", "mmtok", "norm"), start=20):
+        image = noise_image(336, 252, seed=seed)  # new to this server
+
+        def cached(question):
+            out = ask(client, images=(image,), question=question, max_tokens=1,
+                      headers={"X-Keep-Ratio": "0.5", "X-Prune-Method": method})
+            return out.usage.prompt_tokens_details.cached_tokens or 0
+
+        assert cached("what is red ?") == 0
+        assert cached("what is red ?") >= BLOCK, method
+        other = cached("what is blue ?")
+        assert other == 0 if method != "norm" else other >= BLOCK, (method, other)
 
 
 def test_selector_makes_learned_the_default(client):

@@ -6,9 +6,10 @@ random weights (torch + transformers only, no vLLM; timings do not depend on the
 Shapes: LLaVA-1.5-7B (CLIP-L/14 at 336 px up to its vision_feature_layer, 23 of 24 layers,
 as vLLM builds it; 576 candidates of 1024 channels; the 1024 -> 4096 -> 4096 projector) and
 Qwen2.5-VL-7B (its 32-block tower on a 448 x 448 image: 1024 patches, 256 merged tokens of
-3584 channels), both at keep 0.25. A method's time is what serving runs for it: the tower
-statistics it declares, computed from one layer's queries and keys (``methods.attention``,
-on tensors of the layer's shapes), plus ``methods.select``. Methods and towers are timed in
+3584 channels), both at keep 0.25, with a question of 32 tokens for the methods that read
+one. A method's time is what serving runs for it: the tower statistics it declares, computed
+from one layer's queries and keys (``methods.attention``, on tensors of the layer's shapes),
+plus ``methods.select``. Methods and towers are timed in
 interleaved rounds; medians are reported.
 """
 
@@ -41,11 +42,12 @@ class Shape:
     merge: int  # tower patches per candidate
 
 
+QUESTION_TOKENS = 32
 LLAVA = Shape("LLaVA-1.5-7B, CLIP-L/336", 576, (24, 24), 1024, 577, 16, 64, True, 1)
 QWEN = Shape("Qwen2.5-VL-7B, 448 x 448", 256, (16, 16), 3584, 1024, 16, 80, False, 4)
 
 
-def method_runs(shape: Shape, device, dtype) -> dict[str, callable]:
+def method_runs(shape: Shape, device, dtype, names=methods.METHOD_NAMES) -> dict[str, callable]:
     """Per method, one image's statistics + selection at keep 0.25."""
     gen = torch.Generator(device="cpu").manual_seed(0)
 
@@ -58,6 +60,7 @@ def method_runs(shape: Shape, device, dtype) -> dict[str, callable]:
         selector = TokenSelector(SelectorConfig(feature_dim=shape.dim)).to(dtype).eval()
         projector = torch.nn.Sequential(torch.nn.Linear(shape.dim, 4096), torch.nn.GELU(),
                                         torch.nn.Linear(4096, 4096)).to(dtype) if shape.merge == 1 else None
+    question = rand(QUESTION_TOKENS, shape.dim if projector is None else 4096)  # language-model width
     k_keep = keep_count(shape.tokens, 0.25)
 
     def run(name: str):
@@ -69,14 +72,15 @@ def method_runs(shape: Shape, device, dtype) -> dict[str, callable]:
                 value = value[0, 1:] if shape.has_cls else value[0]
                 found[methods.Probe(stat, layer)] = value.reshape(shape.tokens, shape.merge, -1).mean(1).squeeze(-1)
         tokens = methods.Tokens(features, (shape.grid,), seed=0, selector=selector, embed=projector,
-                                stats=found)
+                                stats=found, query=question if method.reads_query else None)
         return methods.select(name, tokens, k_keep)
 
-    return {name: (lambda name=name: run(name)) for name in methods.METHOD_NAMES}
+    return {name: (lambda name=name: run(name)) for name in names}
 
 
-def measure(shape: Shape, tower, device: str, dtype, rounds: int, tower_every: int) -> dict:
-    medians = interleaved({"tower": tower, **method_runs(shape, device, dtype)}, rounds, device=device,
+def measure(shape: Shape, tower, device: str, dtype, rounds: int, tower_every: int,
+            names=methods.METHOD_NAMES) -> dict:
+    medians = interleaved({"tower": tower, **method_runs(shape, device, dtype, names)}, rounds, device=device,
                           every={"tower": tower_every})
     tower_s = medians.pop("tower")
     report = {"shape": shape.name, "tower_s": tower_s, "tower_runs": -(-rounds // tower_every), "rounds": rounds,
@@ -94,6 +98,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
     parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds of every method")
     parser.add_argument("--tower-every", type=int, default=3, help="time the tower every N rounds")
+    parser.add_argument("--methods", nargs="+", default=list(methods.METHOD_NAMES), choices=methods.METHOD_NAMES,
+                        help="the methods to time (default: all)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -103,9 +109,9 @@ def main() -> int:
               "torch": torch.__version__,
               # LLaVA-1.5's CLIP as vLLM builds it: up to its vision_feature_layer, 23 of 24 layers
               "results": [measure(LLAVA, vit_tower("clip", args.device, dtype, num_hidden_layers=23)[0],
-                                  args.device, dtype, args.rounds, args.tower_every),
+                                  args.device, dtype, args.rounds, args.tower_every, args.methods),
                           measure(QWEN, qwen_tower(args.device, dtype)[0], args.device, dtype, args.rounds,
-                                  args.tower_every)]}
+                                  args.tower_every, args.methods)]}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))

@@ -11,7 +11,8 @@ Qwen's M-RoPE gives each row the (t, h, w) of that position.
 What a method may read (``Tokens``): the features it scores and compares, the values its
 rows carry (the same tensor, or wider: Qwen3-VL's DeepStack channels), the tokens' layout
 as row-major grids, a per-image seed, the learned selector, the map to language-model
-embeddings, and the tower statistics it declares in ``Method.needs``. vLLM's towers
+embeddings, the tower statistics it declares in ``Method.needs``, and the request's
+question as language-model embeddings if it declares ``Method.reads_query``. vLLM's towers
 return no attention weights, so a family computes a statistic only when an image in the
 batch uses a method that declared it (``attention.TowerProbe``).
 
@@ -36,12 +37,14 @@ if TYPE_CHECKING:
 
 METHOD_NAMES: tuple[str, ...] = (
     "learned", "random", "norm", "visionzip", "hiprune", "divprune", "cls_attention", "pool",
+    "cdpruner", "mmtok",
 )
 
 # Method name -> the module of this package that defines it (as an attribute of that name).
 _MODULES = {
     "learned": "scores", "random": "scores", "norm": "scores", "visionzip": "visionzip",
     "hiprune": "hiprune", "divprune": "divprune", "cls_attention": "cls_attention", "pool": "pool",
+    "cdpruner": "cdpruner", "mmtok": "mmtok",
 }
 
 
@@ -94,6 +97,9 @@ class Tokens:
     selector: TokenSelector | None = None
     embed: Callable[[torch.Tensor], torch.Tensor] | None = None  # features -> LM input; None = same
     stats: Mapping[Probe, torch.Tensor] = field(default_factory=dict)  # per token, as declared
+    # (Q, H): the request's question as the language model embeds it (``Method.reads_query``);
+    # None, or Q = 0, when there is none.
+    query: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.values is None:
@@ -138,6 +144,9 @@ class Method:
     name: str
     keep: Callable[[Tokens, int], Rows]  # called with 1 <= k < N
     needs: frozenset[Probe] = frozenset()  # tower statistics read from ``Tokens.stats``
+    # Reads ``Tokens.query``: the processor then takes the question from the prompt, and the
+    # same image asked another question is another cache item.
+    reads_query: bool = False
 
 
 def get(name: str) -> Method:

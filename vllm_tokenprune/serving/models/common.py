@@ -4,7 +4,8 @@ A request's keep ratio and method reach vLLM's multimodal processor as
 ``mm_processor_kwargs``. The processor sizes each image's placeholder run to
 K = ``keep_count(N, ratio)`` (under ``auto``, the ratio is the image's own, predicted from
 its pixels by the selector checkpoint's budget predictor) and hands K, the method id and
-a per-image seed to the model as integer batched fields. The model, after the vision tower, hands each image's
+a per-image seed to the model as integer batched fields, and, for a method that reads the
+question, the question's token ids. The model, after the vision tower, hands each image's
 tokens to its method and places the K rows it returns (``methods.Rows``) at their stock
 positions, in stock order. vLLM fixes the placeholder count before the model runs, so K
 is decided once, here, and never recomputed from a float.
@@ -53,6 +54,13 @@ KEEP_FIELD = "tokenprune_keep"
 METHOD_FIELD = "tokenprune_method"
 SEED_FIELD = "tokenprune_seed"
 PRUNE_FIELDS = (KEEP_FIELD, METHOD_FIELD, SEED_FIELD)
+# Each image's question (token ids; none unless its method reads one). Also the processor
+# kwarg that carries it into vLLM's item hashes: set by the processor, never by a client
+# (``policy.resolve`` refuses keys it does not know).
+QUERY_FIELD = "tokenprune_query"
+# A question is the prompt's last this-many text tokens: where a question usually sits,
+# and a bound on what a long prompt adds to each image's hash and to the method's work.
+QUESTION_TOKENS = 256
 
 
 class PruningInputs(TensorSchema):
@@ -64,6 +72,7 @@ class PruningInputs(TensorSchema):
     ``tokenprune_keep`` is K, the image's placeholder count; ``tokenprune_method`` the index
     of its method in ``methods.METHOD_NAMES``; ``tokenprune_seed`` the ``random`` method's
     seed (0 for other methods). All int64: a float field would be cast to the model dtype.
+    (``QUERY_FIELD``, each image's question of its own length, travels beside them.)
     """
 
     tokenprune_keep: Annotated[torch.Tensor, TensorShape("bn")]
@@ -158,9 +167,23 @@ class PruningProcessorMixin:
                 f"prune_method {requested!r} reads the vision tower's attention, which {reason}", param)
         return requested
 
+    @functools.cached_property
+    def _not_question_ids(self) -> frozenset[int]:
+        """Token ids that are markup, not words: special and added tokens (the image
+        placeholder, chat-template markers)."""
+        tokenizer = self.info.get_tokenizer()
+        return frozenset(tokenizer.all_special_ids) | frozenset(tokenizer.get_added_vocab().values())
+
+    def _question(self, prompt: Sequence[int]) -> list[int]:
+        """The question a prompt asks about its images: its text tokens (chat-template words
+        such as the role names included, the same for every request), the last
+        ``QUESTION_TOKENS`` of them."""
+        words = [int(t) for t in prompt if t not in self._not_question_ids]
+        return words[-QUESTION_TOKENS:]
+
     @staticmethod
     def _without_prune_kwargs(mm_kwargs: Mapping[str, object]) -> dict[str, object]:
-        return {k: v for k, v in mm_kwargs.items() if k not in OUR_KEYS}
+        return {k: v for k, v in mm_kwargs.items() if k not in OUR_KEYS and k != QUERY_FIELD}
 
     # -- vLLM processor hooks ---------------------------------------------------------
 
@@ -178,9 +201,11 @@ class PruningProcessorMixin:
             raise PruningRequestError(str(err), parameter=err.param) from None
         # auto travels as its canonical string: what the predictor decides follows from it and
         # the image, both in vLLM's item hash, so a cache hit holds the K a miss would compute.
+        # The question too, for a method that reads one: another question is another item.
+        question = {QUERY_FIELD: self._question(inputs.prompt)} if methods.get(method).reads_query else {}
         inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={
             **request.hf_kwargs, KEEP_RATIO_KEY: str(request.keep_ratio) if auto else request.keep_ratio,
-            METHOD_KEY: method})
+            METHOD_KEY: method, **question})
         call = _Call(inputs)
         if method == "random" and inputs.mm_data_items.get_count("image", strict=False):
             call.image_hashes = self._get_mm_hashes(inputs)["image"]  # the seeds' source
@@ -234,6 +259,8 @@ class PruningProcessorMixin:
         processed[METHOD_FIELD] = torch.full((len(items),), methods.method_id(method))
         processed[SEED_FIELD] = torch.tensor(
             [item_seed(h) for h in hashes] if method == "random" else [0] * len(items), dtype=torch.int64)
+        question = hf_kwargs.get(QUERY_FIELD, [])
+        processed[QUERY_FIELD] = torch.tensor([question] * len(items), dtype=torch.int64).reshape(len(items), -1)
         return processed
 
     def _keep_counts(self, items: ImageProcessorItems, ratio: float | str,
@@ -249,7 +276,7 @@ class PruningProcessorMixin:
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        for name in PRUNE_FIELDS:
+        for name in (*PRUNE_FIELDS, QUERY_FIELD):
             fields[name] = MultiModalFieldConfig.batched("image")
         return fields
 
@@ -336,13 +363,19 @@ class PruningModelMixin:
         check_budget_predictor(path, hf_config)
 
     @staticmethod
-    def _pop_prune_fields(kwargs: dict) -> dict[str, list[int]] | None:
-        """The batch's ``PruningInputs`` (validated), as lists per field; None without them."""
+    def _pop_prune_fields(kwargs: dict) -> dict[str, list] | None:
+        """The batch's ``PruningInputs`` (validated), as lists per field, and under
+        ``QUERY_FIELD`` each image's question ids (a 1-D tensor); None without them."""
         values = {name: kwargs.pop(name, None) for name in PRUNE_FIELDS}
-        if any(v is None for v in values.values()):
+        questions = kwargs.pop(QUERY_FIELD, None)
+        if any(v is None for v in values.values()) or questions is None:
             return None
         inputs = PruningInputs(**{name: torch.as_tensor(v).flatten() for name, v in values.items()})
-        return {name: [int(x) for x in getattr(inputs, name).tolist()] for name in PRUNE_FIELDS}
+        fields = {name: [int(x) for x in getattr(inputs, name).tolist()] for name in PRUNE_FIELDS}
+        fields[QUERY_FIELD] = [q.reshape(-1) for q in questions]  # a (B, L) tensor, or B tensors
+        if len(fields[QUERY_FIELD]) != len(fields[KEEP_FIELD]):
+            raise ValueError(f"{len(fields[QUERY_FIELD])} questions for {len(fields[KEEP_FIELD])} images")
+        return fields
 
     @staticmethod
     def _requested_probes(fields: dict[str, list[int]], counts: Sequence[int]) -> set[methods.Probe]:
@@ -359,6 +392,8 @@ class PruningModelMixin:
         positions; ``tokens`` fills the rest of ``methods.Tokens`` (values, embed, stats)."""
         name = methods.method_name(fields[METHOD_FIELD][i])
         k = fields[KEEP_FIELD][i] if k is None else k
+        if methods.get(name).reads_query:
+            tokens["query"] = self.get_language_model().embed_input_ids(fields[QUERY_FIELD][i].to(features.device))
         candidates = methods.Tokens(features, grids, seed=fields[SEED_FIELD][i],
                                     selector=self.token_selector, **tokens)
         with torch.inference_mode():
