@@ -2,9 +2,11 @@
 
     python benchmarks/coverage.py --variant clutter --n 200 --out benchmarks/results/coverage
 
-For every method that needs no tower attention (learned, random, norm, divprune) and keep
-ratio: the share of the tokens each question needs that survive (the asked shape's, all
-shapes', the three digits'), and where the budget goes (content, texture, background).
+For every method that needs no tower attention (learned, random, norm, divprune, and the
+question readers cdpruner and mmtok, each handed the question it is answering, as the
+server would hand it) and keep ratio: the share of the tokens each question needs that
+survive (the asked shape's, all shapes', the three digits'), and where the budget goes
+(content, texture, background).
 Offline, with transformers: the tower features, projector, selector and selection code
 the server runs, without a server, so it explains the accuracy tables of ``make quality``
 token by token. Writes results.json, results.md and coverage.png.
@@ -22,14 +24,14 @@ import torch
 
 from vllm_tokenprune.selection import methods
 from vllm_tokenprune.selection.selector import load_selector
-from vllm_tokenprune.serving.policy import keep_count
+from vllm_tokenprune.serving.policy import keep_count, markup_ids, question_tokens
 from vllm_tokenprune.testbed import clutter, tasks
 from vllm_tokenprune.testbed.demo_model import DEMO_DIR
 from vllm_tokenprune.testbed.synthetic import scene_seed
 from vllm_tokenprune.tools.provenance import source_commit
 from vllm_tokenprune.training.features import extract_features
 
-METHODS = ("learned", "divprune", "norm", "random")
+METHODS = ("learned", "divprune", "norm", "random", "cdpruner", "mmtok")
 RATIOS = (0.25, 0.1, 0.05)
 
 
@@ -41,11 +43,31 @@ def texture_patches(scene, grid: int) -> np.ndarray:
     return mask
 
 
+def questions(model_dir: Path):
+    """scene, kind -> the question's embeddings (Q, H) as the server hands them to a method:
+    the chat prompt's words (``policy.question_tokens``), through the model's embedding table."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    table = LlavaForConditionalGeneration.from_pretrained(model_dir).eval().get_input_embeddings()
+    markup = markup_ids(tokenizer)
+
+    def embed(scene, kind: str) -> torch.Tensor:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": scene.question(kind)}]}]
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = question_tokens(tokenizer(prompt, add_special_tokens=False)["input_ids"], markup)
+        with torch.inference_mode():
+            return table(torch.tensor(ids))
+
+    return embed
+
+
 def measure(model_dir: Path, selector_path: Path, variant: str, n: int) -> dict:
     from transformers import LlavaForConditionalGeneration
 
     selector, _ = load_selector(selector_path)
     projector = LlavaForConditionalGeneration.from_pretrained(model_dir).eval().model.multi_modal_projector
+    embed_question = questions(model_dir)
     scenes = [tasks.make_scene(variant, scene_seed("test", i)) for i in range(n)]
     features, info = extract_features(model_dir, [s.image for s in scenes], progress=True)
     out = {m: {r: {"needed": {k: [] for k in clutter.QUESTIONS}, "budget": {"content": [], "texture": [],
@@ -56,17 +78,23 @@ def measure(model_dir: Path, selector_path: Path, variant: str, n: int) -> dict:
         content = scene.content_patches().reshape(-1)
         texture = texture_patches(scene, grid).reshape(-1)
         needed = {k: scene.patches_of(k).reshape(-1) for k in clutter.QUESTIONS}
-        tokens = methods.Tokens(feats, ((grid, grid),), seed=i, selector=selector, embed=projector)
+        asked = {k: embed_question(scene, k) for k in clutter.QUESTIONS}
         for m in METHODS:
+            # A method that reads the question keeps another set for each question.
+            per_kind = {k: asked[k] for k in clutter.QUESTIONS} if methods.get(m).reads_query else {None: None}
             for r in RATIOS:
-                with torch.inference_mode():
-                    kept = np.zeros(len(content), bool)
-                    kept[methods.select(m, tokens, keep_count(len(content), r)).index.numpy()] = True
                 cell = out[m][r]
-                for k, need in needed.items():
-                    cell["needed"][k].append(float((kept & need).sum() / need.sum()))
-                for part, mask in (("content", content), ("texture", texture), ("background", ~content & ~texture)):
-                    cell["budget"][part].append(float((kept & mask).sum() / kept.sum()))
+                for kind, query in per_kind.items():
+                    tokens = methods.Tokens(feats, ((grid, grid),), seed=i, selector=selector, embed=projector,
+                                            query=query)
+                    with torch.inference_mode():
+                        kept = np.zeros(len(content), bool)
+                        kept[methods.select(m, tokens, keep_count(len(content), r)).index.numpy()] = True
+                    for k, need in needed.items():
+                        if kind in (None, k):
+                            cell["needed"][k].append(float((kept & need).sum() / need.sum()))
+                    for part, mask in (("content", content), ("texture", texture), ("background", ~content & ~texture)):
+                        cell["budget"][part].append(float((kept & mask).sum() / kept.sum()))
     return {m: {str(r): {group: {k: round(float(np.mean(v)), 4) for k, v in values.items()}
                          for group, values in cell.items()} for r, cell in by_ratio.items()}
             for m, by_ratio in out.items()}

@@ -152,3 +152,13 @@ def test_the_model_hands_a_question_reading_method_the_embedded_question():
         assert kept(method, [1]) == [1] and kept(method, [6, 2]) == [2], method
     # Other methods never see it.
     assert kept("norm", [1]) == kept("norm", [2])
+
+
+def test_the_question_is_the_prompts_words_last_ones_first_to_go():
+    from vllm_tokenprune.serving.policy import QUESTION_TOKENS, question_tokens
+
+    markup = {0, 1}  # a placeholder and a template marker
+    assert question_tokens([1, 0, 0, 5, 6, 1, 7], markup) == [5, 6, 7]
+    long = list(range(2, 2 + QUESTION_TOKENS + 10))
+    assert question_tokens(long, markup) == long[-QUESTION_TOKENS:]
+    assert question_tokens([0, 1], markup) == []

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 
 
@@ -28,6 +28,27 @@ def keep_count(num_tokens: int, keep_ratio: float) -> int:
     # Round half up; the small epsilon absorbs float error such as 0.35 * 20 = 6.999...
     k = math.floor(num_tokens * keep_ratio + 0.5 + 1e-9)
     return max(1, min(num_tokens, k))
+
+
+# --- The question, for methods that read it -------------------------------------------
+
+# A question is the prompt's last this-many text tokens: where a question usually sits,
+# and a bound on what a long prompt adds to each image's hash and to the method's work.
+QUESTION_TOKENS = 256
+
+
+def markup_ids(tokenizer) -> frozenset[int]:
+    """Token ids that are markup, not words: a tokenizer's special and added tokens."""
+    return frozenset(tokenizer.all_special_ids) | frozenset(tokenizer.get_added_vocab().values())
+
+
+def question_tokens(prompt: Iterable[int], markup: Container[int]) -> list[int]:
+    """The question a prompt asks about its images: its token ids that are not ``markup``
+    (special and added tokens: image placeholders, chat-template markers), the last
+    ``QUESTION_TOKENS``. Template words that are plain text (role names) stay: they are
+    the same for every request."""
+    words = [int(t) for t in prompt if t not in markup]
+    return words[-QUESTION_TOKENS:]
 
 
 # --- A request's ratio and method -------------------------------------------------------

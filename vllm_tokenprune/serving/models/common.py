@@ -41,7 +41,9 @@ from vllm_tokenprune.serving.policy import (
     PrunePolicy,
     PruneRequestError,
     keep_count,
+    markup_ids,
     parse_budget,
+    question_tokens,
     resolve,
 )
 
@@ -54,13 +56,10 @@ KEEP_FIELD = "tokenprune_keep"
 METHOD_FIELD = "tokenprune_method"
 SEED_FIELD = "tokenprune_seed"
 PRUNE_FIELDS = (KEEP_FIELD, METHOD_FIELD, SEED_FIELD)
-# Each image's question (token ids; none unless its method reads one). Also the processor
-# kwarg that carries it into vLLM's item hashes: set by the processor, never by a client
-# (``policy.resolve`` refuses keys it does not know).
+# Each image's question (``policy.question_tokens``; none unless its method reads one).
+# Also the processor kwarg that carries it into vLLM's item hashes: set by the processor,
+# never by a client (``policy.resolve`` refuses keys it does not know).
 QUERY_FIELD = "tokenprune_query"
-# A question is the prompt's last this-many text tokens: where a question usually sits,
-# and a bound on what a long prompt adds to each image's hash and to the method's work.
-QUESTION_TOKENS = 256
 
 
 class PruningInputs(TensorSchema):
@@ -168,18 +167,8 @@ class PruningProcessorMixin:
         return requested
 
     @functools.cached_property
-    def _not_question_ids(self) -> frozenset[int]:
-        """Token ids that are markup, not words: special and added tokens (the image
-        placeholder, chat-template markers)."""
-        tokenizer = self.info.get_tokenizer()
-        return frozenset(tokenizer.all_special_ids) | frozenset(tokenizer.get_added_vocab().values())
-
-    def _question(self, prompt: Sequence[int]) -> list[int]:
-        """The question a prompt asks about its images: its text tokens (chat-template words
-        such as the role names included, the same for every request), the last
-        ``QUESTION_TOKENS`` of them."""
-        words = [int(t) for t in prompt if t not in self._not_question_ids]
-        return words[-QUESTION_TOKENS:]
+    def _markup_ids(self) -> frozenset[int]:
+        return markup_ids(self.info.get_tokenizer())
 
     @staticmethod
     def _without_prune_kwargs(mm_kwargs: Mapping[str, object]) -> dict[str, object]:
@@ -202,7 +191,8 @@ class PruningProcessorMixin:
         # auto travels as its canonical string: what the predictor decides follows from it and
         # the image, both in vLLM's item hash, so a cache hit holds the K a miss would compute.
         # The question too, for a method that reads one: another question is another item.
-        question = {QUERY_FIELD: self._question(inputs.prompt)} if methods.get(method).reads_query else {}
+        question = ({QUERY_FIELD: question_tokens(inputs.prompt, self._markup_ids)}
+                    if methods.get(method).reads_query else {})
         inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={
             **request.hf_kwargs, KEEP_RATIO_KEY: str(request.keep_ratio) if auto else request.keep_ratio,
             METHOD_KEY: method, **question})
