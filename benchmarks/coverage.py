@@ -3,10 +3,10 @@
     python benchmarks/coverage.py --variant clutter --n 200 --out benchmarks/results/coverage
 
 For every method that needs no tower attention (learned, random, norm, divprune, and the
-question readers cdpruner and mmtok, each handed the question it is answering, as the
-server would hand it) and keep ratio: the share of the tokens each question needs that
-survive (the asked shape's, all shapes', the three digits'), and where the budget goes
-(content, texture, background).
+question readers cdpruner, mmtok and, when the selector checkpoint has one, learned_query,
+each handed the question it is answering, as the server would hand it) and keep ratio:
+the share of the tokens each question needs that survive (the asked shape's, all shapes',
+the three digits'), and where the budget goes (content, texture, background).
 Offline, with transformers: the tower features, projector, selector and selection code
 the server runs, without a server, so it explains the accuracy tables of ``make quality``
 token by token. Writes results.json, results.md and coverage.png.
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from vllm_tokenprune.selection import methods
-from vllm_tokenprune.selection.selector import load_selector
+from vllm_tokenprune.selection.selector import load_query_selector, load_selector
 from vllm_tokenprune.serving.policy import keep_count, markup_ids, question_tokens
 from vllm_tokenprune.testbed import clutter, tasks
 from vllm_tokenprune.testbed.demo_model import DEMO_DIR
@@ -31,7 +31,7 @@ from vllm_tokenprune.testbed.synthetic import scene_seed
 from vllm_tokenprune.tools.provenance import source_commit
 from vllm_tokenprune.training.features import extract_features
 
-METHODS = ("learned", "divprune", "norm", "random", "cdpruner", "mmtok")
+METHODS = ("learned", "divprune", "norm", "random", "cdpruner", "mmtok", "learned_query")
 RATIOS = (0.25, 0.1, 0.05)
 
 
@@ -66,27 +66,30 @@ def measure(model_dir: Path, selector_path: Path, variant: str, n: int) -> dict:
     from transformers import LlavaForConditionalGeneration
 
     selector, _ = load_selector(selector_path)
+    reader = load_query_selector(selector_path)
+    reader = None if reader is None else reader[0]
+    names = [m for m in METHODS if m != "learned_query" or reader is not None]
     projector = LlavaForConditionalGeneration.from_pretrained(model_dir).eval().model.multi_modal_projector
     embed_question = questions(model_dir)
     scenes = [tasks.make_scene(variant, scene_seed("test", i)) for i in range(n)]
     features, info = extract_features(model_dir, [s.image for s in scenes], progress=True)
     out = {m: {r: {"needed": {k: [] for k in clutter.QUESTIONS}, "budget": {"content": [], "texture": [],
                                                                             "background": []}}
-               for r in RATIOS} for m in METHODS}
+               for r in RATIOS} for m in names}
     for i, (scene, feats) in enumerate(zip(scenes, features)):
         grid = scene.content_patches().shape[0]
         content = scene.content_patches().reshape(-1)
         texture = texture_patches(scene, grid).reshape(-1)
         needed = {k: scene.patches_of(k).reshape(-1) for k in clutter.QUESTIONS}
         asked = {k: embed_question(scene, k) for k in clutter.QUESTIONS}
-        for m in METHODS:
+        for m in names:
             # A method that reads the question keeps another set for each question.
             per_kind = {k: asked[k] for k in clutter.QUESTIONS} if methods.get(m).reads_query else {None: None}
             for r in RATIOS:
                 cell = out[m][r]
                 for kind, query in per_kind.items():
                     tokens = methods.Tokens(feats, ((grid, grid),), seed=i, selector=selector, embed=projector,
-                                            query=query)
+                                            query=query, query_selector=reader)
                     with torch.inference_mode():
                         kept = np.zeros(len(content), bool)
                         kept[methods.select(m, tokens, keep_count(len(content), r)).index.numpy()] = True

@@ -28,8 +28,8 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def random_selector(tiny_checkpoint, tmp_path_factory):
-    """``random_selector("llava")`` -> an untrained selector checkpoint that fits that tiny
-    model (serving tests need a loadable selector, not a good one)."""
+    """``random_selector("llava")`` -> an untrained selector checkpoint, with a question-reading
+    section, that fits that tiny model (serving tests need a loadable selector, not a good one)."""
     built = {}
 
     def get(arch: str):
@@ -37,15 +37,23 @@ def random_selector(tiny_checkpoint, tmp_path_factory):
             import torch
             from transformers import AutoConfig
 
-            from vllm_tokenprune.selection.selector import SelectorConfig, TokenSelector, vision_signature
+            from vllm_tokenprune.selection.selector import (
+                SelectorConfig,
+                TokenSelector,
+                query_section,
+                vision_signature,
+            )
             from vllm_tokenprune.training.reconstruction import save_selector
 
             model = tiny_checkpoint(arch)
-            signature = vision_signature(AutoConfig.from_pretrained(model))
+            config = AutoConfig.from_pretrained(model)
+            signature = vision_signature(config)
             torch.manual_seed(0)
             selector = TokenSelector(SelectorConfig(feature_dim=signature["feature_dim"]))
+            reader = TokenSelector(SelectorConfig(feature_dim=signature["feature_dim"],
+                                                  query_dim=config.get_text_config().hidden_size))
             path = tmp_path_factory.mktemp(f"selector-{arch}") / "selector.safetensors"
-            save_selector(path, selector, metadata={
+            save_selector(path, selector, query=query_section(reader, {}), metadata={
                 "source_model": str(model), "feature_layer": signature["vision_feature_layer"],
                 "vision_signature": signature})
             built[arch] = path

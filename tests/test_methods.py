@@ -31,6 +31,7 @@ from vllm_tokenprune.selection.methods.divprune import greedy_max_min
 from vllm_tokenprune.selection.methods.grid import neighbours
 from vllm_tokenprune.selection.methods.pool import cells, shares
 from vllm_tokenprune.selection.methods.visionzip import split
+from vllm_tokenprune.selection.selector import SelectorConfig, TokenSelector
 from vllm_tokenprune.serving.families import FAMILIES, of_architectures
 
 ALL_PROBES = [Probe(stat, layer) for stat in (ATTENTION, GLOBAL_ATTENTION, KEYS) for layer in (LATE, MIDDLE)]
@@ -43,6 +44,9 @@ def random_tokens(grids, dim: int = 8, seed: int = 0, **kwargs) -> Tokens:
     stats = {p: torch.randn(n, 4, generator=gen) if p.stat == KEYS else torch.rand(n, generator=gen)
              for p in ALL_PROBES}
     kwargs.setdefault("query", torch.randn(3, dim, generator=gen))
+    if "query_selector" not in kwargs:
+        torch.manual_seed(seed)
+        kwargs["query_selector"] = TokenSelector(SelectorConfig(feature_dim=dim, query_dim=dim)).eval()
     return Tokens(torch.randn(n, dim, generator=gen), tuple(grids), seed=seed, stats=stats, **kwargs)
 
 

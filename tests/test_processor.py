@@ -94,6 +94,7 @@ def test_random_is_seeded_from_vllms_item_hash_on_cache_hits_and_misses(processo
     ({"keep_ratio": "nan"}, "mm_processor_kwargs.keep_ratio"),
     ({"prune_method": "learned"}, "mm_processor_kwargs.prune_method"),  # no selector here
     ({"tokenprune_query": [1, 2]}, "mm_processor_kwargs.tokenprune_query"),  # the processor's, not a client's
+    ({"prune_method": "learned_query"}, "mm_processor_kwargs.prune_method"),  # no selector at all
 ])
 def test_refusals_name_the_key(processor, kwargs, param):
     from vllm.exceptions import VLLMValidationError
@@ -148,6 +149,18 @@ def test_the_question_reaches_each_image_and_is_part_of_its_item_for_methods_tha
     # Methods that do not read the question get none, and another question is the same item.
     norm = [ask(q, "norm") for q in ("what colour is the triangle ?", "what colour is the circle ?")]
     assert norm[0]["mm_hashes"] == norm[1]["mm_hashes"] and questions(norm[0]) == ["", ""]
+
+
+def test_learned_query_needs_a_selector_that_reads_the_question(processor, budget_selector, random_selector):
+    from vllm.exceptions import VLLMValidationError
+
+    arch, make = processor
+    with pytest.raises(VLLMValidationError, match="train-query") as err:  # a selector without the section
+        process(make(tokenprune_selector=str(budget_selector(arch))), arch, prune_method="learned_query")
+    assert err.value.parameter == "mm_processor_kwargs.prune_method"
+    out = process(make(tokenprune_selector=str(random_selector(arch))), arch, keep_ratio=0.5,
+                  prune_method="learned_query")
+    assert kept(out) == [keep_count(n, 0.5) for n in unpruned(make())]
 
 
 def test_metrics_count_served_requests_only(processor):

@@ -13,12 +13,13 @@ from vllm_tokenprune.selection import methods
 from vllm_tokenprune.selection.methods import METHOD_NAMES, Tokens
 from vllm_tokenprune.selection.methods.cdpruner import THETA, greedy_dpp, relevance
 from vllm_tokenprune.selection.methods.mmtok import LAMBDA, coverage_matrix, greedy_coverage
+from vllm_tokenprune.selection.selector import SelectorConfig, TokenSelector
 
 QUERY_METHODS = [name for name in METHOD_NAMES if methods.get(name).reads_query]
 
 
 def test_the_question_reading_methods_declare_it():
-    assert QUERY_METHODS == ["cdpruner", "mmtok"]
+    assert QUERY_METHODS == ["cdpruner", "mmtok", "learned_query"]
 
 
 def _kernel(features: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
@@ -135,21 +136,28 @@ def test_the_model_hands_a_question_reading_method_the_embedded_question():
 
     words = torch.nn.Embedding(8, 4)
     words.weight.data = torch.eye(4).repeat(2, 1)  # word w points along axis w % 4
+    torch.manual_seed(0)
+    reader = TokenSelector(SelectorConfig(feature_dim=4, query_dim=4)).eval()
 
     class Model(PruningModelMixin):
         token_selector = None
+        query_selector = reader
 
         def get_language_model(self):
             return SimpleNamespace(embed_input_ids=words)
 
-    def kept(method, question):
-        fields = {KEEP_FIELD: [1], METHOD_FIELD: [methods.method_id(method)], SEED_FIELD: [0],
+    def kept(method, question, k=1):
+        fields = {KEEP_FIELD: [k], METHOD_FIELD: [methods.method_id(method)], SEED_FIELD: [0],
                   QUERY_FIELD: [torch.tensor(question)]}
         with torch.no_grad():
             return Model()._keep_rows(fields, 0, torch.eye(4), grids=((2, 2),)).index.tolist()
 
-    for method in QUERY_METHODS:
+    for method in ("cdpruner", "mmtok"):
         assert kept(method, [1]) == [1] and kept(method, [6, 2]) == [2], method
+    # The learned reader scores the image with the embedded question.
+    with torch.no_grad():
+        expected = reader.scores(torch.eye(4), query=words(torch.tensor([6, 2]))).topk(2).indices.sort().values
+    assert kept("learned_query", [6, 2], k=2) == expected.tolist()
     # Other methods never see it.
     assert kept("norm", [1]) == kept("norm", [2])
 

@@ -221,6 +221,30 @@ def test_mismatched_selector_stops_startup(model, arch, random_selector):
     assert "vision_model_type: expected" in proc.stderr
 
 
+def test_a_question_reader_of_another_width_stops_startup(model, arch, random_selector, tmp_path):
+    from vllm_tokenprune.selection.selector import (
+        QUERY_SECTION,
+        SelectorConfig,
+        TokenSelector,
+        load_query_selector,
+        query_section,
+        read_checkpoint,
+    )
+    from vllm_tokenprune.training.reconstruction import write_checkpoint
+
+    tensors, meta = read_checkpoint(random_selector(arch), "cpu")
+    config = load_query_selector(random_selector(arch))[0].config
+    header, wider = query_section(TokenSelector(SelectorConfig(feature_dim=config.feature_dim,
+                                                               query_dim=config.query_dim + 8)), {})
+    path = tmp_path / "selector.safetensors"
+    write_checkpoint(path, {**{k: v for k, v in tensors.items() if not k.startswith("query_selector.")}, **wider},
+                     {**meta, QUERY_SECTION: header})
+    proc = subprocess.run(serve_command(model, "--selector", str(path), port=1),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert f"reads questions of width {config.query_dim + 8}" in proc.stderr
+
+
 def test_unreadable_selector_stops_startup(model, tmp_path):
     bogus = tmp_path / "selector.pt"
     bogus.write_bytes(b"\x80\x04not a safetensors file")

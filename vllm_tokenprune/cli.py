@@ -17,6 +17,7 @@ from vllm_tokenprune.tools.client import ServerUnreachableError
 SUBCOMMANDS = {
     "serve": ("vllm_tokenprune.tools.serve", "serve a VLM with per-request visual-token pruning"),
     "train": ("vllm_tokenprune.training.train", "train a token selector on a model's vision features"),
+    "train-query": ("vllm_tokenprune.training.query", "train the selector that reads the question (learned_query)"),
     "bench": ("vllm_tokenprune.tools.bench", "load-test a pruning server: latency, throughput, limit"),
     "make-tiny": ("vllm_tokenprune.testbed.tiny", "write a small random-weight VLM checkpoint"),
     "vllm": ("vllm_tokenprune.tools.vllm_passthrough", "run vLLM's own CLI (e.g. `vllm bench serve`)"),

@@ -11,6 +11,12 @@ position, and without one it scores any token count (other resolutions, crops, Q
 variable grids) with the same weights. Training batches images of several sizes with a
 padding mask that attention ignores, so an image's scores do not depend on its batch.
 
+A selector may also read the request's question (``SelectorConfig.query_dim``): its
+word embeddings, projected to the selector's width and marked as question, join the image
+tokens in the Transformer, so that every image token's score can depend on what is asked.
+Such a selector ships as its own section of the checkpoint (``QUERY_SECTION``) and serves
+the ``learned_query`` method; ``learned`` keeps the paper's image-only selector.
+
 Checkpoints are safetensors only; their JSON metadata header holds everything needed to
 rebuild the selector and to check at start-up that it fits the served model
 (``check_compatible``).
@@ -19,7 +25,7 @@ rebuild the selector and to check at start-up that it fits the served model
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +38,11 @@ FORMAT_VERSION = 1
 # What the writer of a checkpoint (training.reconstruction.save_selector) must record.
 REQUIRED_METADATA = ("source_model", "feature_layer", "vision_signature")
 RESERVED = ("format", "format_version", "selector_config", "reconstructor_config", "feature_dim",
-            "budget_predictor")
+            "budget_predictor", "query_selector")
+# The question-reading selector's section: header key, its tensors' prefix, its version.
+QUERY_SECTION = "query_selector"
+QUERY_PREFIX = "query_selector."
+QUERY_SECTION_VERSION = 1
 DROP, KEEP = 0, 1  # index of each logit in the head's output
 
 
@@ -56,6 +66,7 @@ class SelectorConfig:
     num_heads: int | None = None  # None -> max(1, width // 64)
     mlp_ratio: float = 4.0  # feed-forward width = mlp_ratio * width
     dropout: float = 0.0
+    query_dim: int = 0  # > 0: also reads a question, embeddings of this width (the LM's); 0: images only
 
     def __post_init__(self):
         resolve_width_and_heads(self)
@@ -94,6 +105,11 @@ class TokenSelector(nn.Module):
         self.proj = nn.Linear(d, w)
         self.encoder = encoder_stack(w, config.num_layers, config.num_heads, config.mlp_ratio, config.dropout)
         self.head = nn.Linear(w, 2)
+        if config.query_dim:
+            # Word embeddings live on another scale than the standardized features: normed first.
+            self.query_norm = nn.LayerNorm(config.query_dim)
+            self.query_proj = nn.Linear(config.query_dim, w)
+            self.query_type = nn.Parameter(torch.zeros(w))  # tells question tokens from image tokens
 
     @torch.no_grad()
     def set_normalization(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-6) -> None:
@@ -108,19 +124,37 @@ class TokenSelector(nn.Module):
         x = features.to(self.feature_mean.dtype)
         return (x - self.feature_mean) / self.feature_std
 
-    def forward(self, features: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, padding: torch.Tensor | None = None,
+                query: torch.Tensor | None = None, query_padding: torch.Tensor | None = None) -> torch.Tensor:
         """features (B, N, D) -> logits (B, N, 2), [..., DROP] and [..., KEEP].
 
         ``padding`` (B, N), True at tokens that pad an image of fewer than N (a training
-        batch of images of several sizes): no token attends to them.
+        batch of images of several sizes): no token attends to them. ``query`` (B, Q,
+        query_dim), the question's embeddings, with ``query_padding`` (B, Q) likewise;
+        Q = 0 or None: no question.
         """
-        return self.head(self.encoder(self.proj(self.normalize(features)), src_key_padding_mask=padding))
+        x = self.proj(self.normalize(features))
+        asked = 0
+        if query is not None and query.shape[1]:
+            if not self.config.query_dim:
+                raise ValueError("this selector reads no question (its query_dim is 0)")
+            q = self.query_proj(self.query_norm(query.to(self.query_proj.weight.dtype))) + self.query_type
+            asked = q.shape[1]
+            x = torch.cat([q, x], dim=1)
+            if padding is not None or query_padding is not None:
+                none = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
+                padding = torch.cat([none[:, :asked] if query_padding is None else query_padding,
+                                     none[:, asked:] if padding is None else padding], dim=1)
+        return self.head(self.encoder(x, src_key_padding_mask=padding)[:, asked:])
 
-    def scores(self, features: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
-        """Keep logit minus drop logit, float32: (B, N, D) -> (B, N), (N, D) -> (N,);
-        -inf at ``padding``, so that top-K never picks it."""
+    def scores(self, features: torch.Tensor, padding: torch.Tensor | None = None,
+               query: torch.Tensor | None = None, query_padding: torch.Tensor | None = None) -> torch.Tensor:
+        """Keep logit minus drop logit, float32: (B, N, D) -> (B, N), (N, D) -> (N,) (then
+        ``query`` is (Q, query_dim)); -inf at ``padding``, so that top-K never picks it."""
         single = features.dim() == 2
-        logits = self(features.unsqueeze(0) if single else features, padding)
+        if single:
+            features, query = features.unsqueeze(0), None if query is None else query.unsqueeze(0)
+        logits = self(features, padding, query, query_padding)
         scores = (logits[..., KEEP] - logits[..., DROP]).float()
         if padding is not None:
             scores = scores.masked_fill(padding, float("-inf"))
@@ -163,16 +197,44 @@ def read_checkpoint(path: str | Path, map_location) -> tuple[dict[str, torch.Ten
     return tensors, meta
 
 
+def _rebuild(path, config: dict, tensors: dict[str, torch.Tensor], prefix: str, what: str) -> TokenSelector:
+    try:
+        selector = TokenSelector(SelectorConfig(**config))
+        selector.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)},
+                                 strict=True)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise SelectorCheckpointError(f"{path}: cannot rebuild the {what} from the checkpoint: {e}") from e
+    return selector.eval()
+
+
 def load_selector(path: str | Path, *, map_location="cpu") -> tuple[TokenSelector, dict[str, Any]]:
     """Rebuild the selector (in eval mode) from nothing but the file; returns (selector, metadata)."""
     tensors, meta = read_checkpoint(path, map_location)
-    try:
-        selector = TokenSelector(SelectorConfig(**meta["selector_config"]))
-        selector.load_state_dict({k.removeprefix("selector."): v for k, v in tensors.items()
-                                  if k.startswith("selector.")}, strict=True)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise SelectorCheckpointError(f"{path}: cannot rebuild the selector from the checkpoint: {e}") from e
-    return selector.eval(), meta
+    return _rebuild(path, meta["selector_config"], tensors, "selector.", "selector"), meta
+
+
+def query_section(selector: TokenSelector, info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The checkpoint header section and tensors of a question-reading selector; ``info``
+    (JSON) says how it was trained (``training.query``)."""
+    header = {"format_version": QUERY_SECTION_VERSION, "config": asdict(selector.config), **info}
+    return header, {QUERY_PREFIX + k: v.detach().cpu().contiguous() for k, v in selector.state_dict().items()}
+
+
+def load_query_selector(path: str | Path, *, map_location="cpu") -> tuple[TokenSelector, dict[str, Any]] | None:
+    """The question-reading selector of a checkpoint (eval mode) and its header section, or
+    None when it has none. Raises SelectorCheckpointError for a damaged one."""
+    tensors, meta = read_checkpoint(path, map_location)
+    header = meta.get(QUERY_SECTION)
+    if header is None:
+        return None
+    if not isinstance(header, dict) or header.get("format_version") != QUERY_SECTION_VERSION:
+        version = header.get("format_version") if isinstance(header, dict) else header
+        raise SelectorCheckpointError(
+            f"{path}: question-reading selector format version {version!r}; this code reads {QUERY_SECTION_VERSION}")
+    selector = _rebuild(path, header.get("config", {}), tensors, QUERY_PREFIX, "question-reading selector")
+    if not selector.config.query_dim:
+        raise SelectorCheckpointError(f"{path}: the question-reading selector reads no question (query_dim 0)")
+    return selector, header
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,3 +293,12 @@ def check_compatible(metadata: dict[str, Any], hf_config) -> None:
             f"the selector was trained for {metadata.get('source_model')!r} and does not fit the served "
             f"model {served!r}: " + "; ".join(problems)
         )
+
+
+def check_question_width(reader: TokenSelector, hf_config) -> None:
+    """A question-reading selector reads word embeddings as wide as the served language
+    model's; raise SelectorMismatchError otherwise."""
+    hidden = hf_config.get_text_config().hidden_size
+    if reader.config.query_dim != hidden:
+        raise SelectorMismatchError(f"its question-reading selector reads questions of width "
+                                    f"{reader.config.query_dim}, and this model embeds words at {hidden}")

@@ -58,9 +58,11 @@ def method_runs(shape: Shape, device, dtype, names=methods.METHOD_NAMES) -> dict
     q, k = rand(1, shape.sequence, shape.heads, shape.head_dim), rand(1, shape.sequence, shape.heads, shape.head_dim)
     with torch.device(device):
         selector = TokenSelector(SelectorConfig(feature_dim=shape.dim)).to(dtype).eval()
+        width = shape.dim if shape.merge > 1 else 4096  # the language model's
+        reader = TokenSelector(SelectorConfig(feature_dim=shape.dim, query_dim=width)).to(dtype).eval()
         projector = torch.nn.Sequential(torch.nn.Linear(shape.dim, 4096), torch.nn.GELU(),
                                         torch.nn.Linear(4096, 4096)).to(dtype) if shape.merge == 1 else None
-    question = rand(QUESTION_TOKENS, shape.dim if projector is None else 4096)  # language-model width
+    question = rand(QUESTION_TOKENS, width)
     k_keep = keep_count(shape.tokens, 0.25)
 
     def run(name: str):
@@ -71,8 +73,8 @@ def method_runs(shape: Shape, device, dtype, names=methods.METHOD_NAMES) -> dict
             for stat, value in statistics(q, k, shape.head_dim ** -0.5, wanted, has_cls=shape.has_cls).items():
                 value = value[0, 1:] if shape.has_cls else value[0]
                 found[methods.Probe(stat, layer)] = value.reshape(shape.tokens, shape.merge, -1).mean(1).squeeze(-1)
-        tokens = methods.Tokens(features, (shape.grid,), seed=0, selector=selector, embed=projector,
-                                stats=found, query=question if method.reads_query else None)
+        tokens = methods.Tokens(features, (shape.grid,), seed=0, selector=selector, query_selector=reader,
+                                embed=projector, stats=found, query=question if method.reads_query else None)
         return methods.select(name, tokens, k_keep)
 
     return {name: (lambda name=name: run(name)) for name in names}

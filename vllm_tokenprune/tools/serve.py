@@ -89,17 +89,25 @@ def _load_config(model: str):
 
 
 def check_selector(path: str | None, model: str, policy: PrunePolicy) -> None:
-    """The selector fits the model, its budget predictor (if any) loads, and a default of
-    ``auto`` has one."""
+    """The selector fits the model, its budget predictor and question reader (if any) load
+    and fit, and a default of ``auto`` has a predictor."""
     from vllm_tokenprune.selection.budget import load_budget_predictor
-    from vllm_tokenprune.selection.selector import check_compatible, load_selector
+    from vllm_tokenprune.selection.selector import (
+        check_compatible,
+        check_question_width,
+        load_query_selector,
+        load_selector,
+    )
 
     try:
         has_predictor = False
         if path:
             _, metadata = load_selector(path)
-            check_compatible(metadata, _load_config(model))
+            config = _load_config(model)
+            check_compatible(metadata, config)
             has_predictor = load_budget_predictor(path) is not None
+            if (reader := load_query_selector(path)) is not None:
+                check_question_width(reader[0], config)
     except (OSError, ValueError) as err:
         raise ServeError(f"selector {path}: {err}") from None
     if isinstance(policy.default_keep_ratio, AutoBudget) and not has_predictor:

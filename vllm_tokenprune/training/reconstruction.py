@@ -27,6 +27,7 @@ from vllm_tokenprune.selection.selector import (
     FORMAT,
     FORMAT_VERSION,
     KEEP,
+    QUERY_SECTION,
     REQUIRED_METADATA,
     RESERVED,
     TokenSelector,
@@ -190,19 +191,24 @@ def selector_loss(
 # Checkpoints
 
 
+Section = tuple[dict[str, Any], dict[str, torch.Tensor]]  # a header section and its tensors
+
+
 def save_selector(
     path: str | Path,
     selector: TokenSelector,
     *,
     reconstructor: TokenReconstructor | None = None,
-    budget: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
+    budget: Section | None = None,
+    query: Section | None = None,
     metadata: dict[str, Any],
 ) -> None:
     """Write a safetensors checkpoint whose header holds the construction arguments and metadata.
 
     metadata must hold REQUIRED_METADATA (use ``vision_signature(hf_config)``) and may add
     any JSON-serializable training information. ``budget`` is a budget predictor's header
-    section and tensors (``selection.budget.section``).
+    section and tensors (``selection.budget.section``), ``query`` a question-reading
+    selector's (``selection.selector.query_section``).
     """
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
     if missing:
@@ -222,13 +228,18 @@ def save_selector(
         tensors.update(
             {f"reconstructor.{k}": v.detach().cpu().contiguous() for k, v in reconstructor.state_dict().items()}
         )
-    if budget is not None:
-        header[BUDGET_SECTION], budget_tensors = budget
-        tensors.update(budget_tensors)
+    for name, section in ((BUDGET_SECTION, budget), (QUERY_SECTION, query)):
+        if section is not None:
+            header[name], section_tensors = section
+            tensors.update(section_tensors)
     header.update(metadata)
-    # Each header value is JSON, so the file is self-describing to any safetensors reader.
-    encoded = {k: json.dumps(v) for k, v in header.items()}
+    write_checkpoint(path, tensors, header)
+
+
+def write_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> None:
+    """Atomically write ``tensors`` with ``header`` (each value JSON, so that the file is
+    self-describing to any safetensors reader)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=encoded)
+    save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in header.items()})
     os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint

@@ -37,14 +37,14 @@ if TYPE_CHECKING:
 
 METHOD_NAMES: tuple[str, ...] = (
     "learned", "random", "norm", "visionzip", "hiprune", "divprune", "cls_attention", "pool",
-    "cdpruner", "mmtok",
+    "cdpruner", "mmtok", "learned_query",
 )
 
 # Method name -> the module of this package that defines it (as an attribute of that name).
 _MODULES = {
     "learned": "scores", "random": "scores", "norm": "scores", "visionzip": "visionzip",
     "hiprune": "hiprune", "divprune": "divprune", "cls_attention": "cls_attention", "pool": "pool",
-    "cdpruner": "cdpruner", "mmtok": "mmtok",
+    "cdpruner": "cdpruner", "mmtok": "mmtok", "learned_query": "scores",
 }
 
 
@@ -95,6 +95,7 @@ class Tokens:
     seed: int  # deterministic per image content (hash of its pixels)
     values: torch.Tensor | None = None  # (N, C): what rows carry; None = the features
     selector: TokenSelector | None = None
+    query_selector: TokenSelector | None = None  # the checkpoint's question-reading selector
     embed: Callable[[torch.Tensor], torch.Tensor] | None = None  # features -> LM input; None = same
     stats: Mapping[Probe, torch.Tensor] = field(default_factory=dict)  # per token, as declared
     # (Q, H): the request's question as the language model embeds it (``Method.reads_query``);

@@ -1,5 +1,6 @@
-"""Methods that rank tokens by one score each and keep the top K: the learned selector,
-random, and feature norm. Ties break the same way everywhere (``topk_sorted``)."""
+"""Methods that rank tokens by one score each and keep the top K: the learned selector
+(image only, or reading the question), random, and feature norm. Ties break the same way
+everywhere (``topk_sorted``)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,13 @@ def _learned(tokens: Tokens) -> torch.Tensor:
     return tokens.selector.scores(tokens.features)
 
 
+def _learned_query(tokens: Tokens) -> torch.Tensor:
+    if tokens.query_selector is None:
+        raise ValueError("prune method 'learned_query' needs a selector checkpoint with a question-reading "
+                         "selector (`vllm-tokenprune train-query`); none is loaded")
+    return tokens.query_selector.scores(tokens.features, query=tokens.query)
+
+
 def _random(tokens: Tokens) -> torch.Tensor:
     gen = torch.Generator(device="cpu").manual_seed(tokens.seed)
     return torch.rand(len(tokens), generator=gen).to(tokens.features.device)
@@ -33,5 +41,6 @@ def _norm(tokens: Tokens) -> torch.Tensor:
 
 
 learned = Method("learned", top_k(_learned))
+learned_query = Method("learned_query", top_k(_learned_query), reads_query=True)
 random = Method("random", top_k(_random))
 norm = Method("norm", top_k(_norm))

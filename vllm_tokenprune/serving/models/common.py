@@ -148,6 +148,15 @@ class PruningProcessorMixin:
         loaded = load_budget_predictor(path)
         return None if loaded is None else loaded[0]
 
+    @functools.cached_property
+    def _has_query_selector(self) -> bool:
+        path = selector_path(self.info.get_hf_config())
+        if path is None:
+            return False
+        from vllm_tokenprune.selection.selector import load_query_selector
+
+        return load_query_selector(path) is not None
+
     # -- the request's choice ---------------------------------------------------------
 
     def _method(self, requested: str | None) -> str:
@@ -161,6 +170,11 @@ class PruningProcessorMixin:
             raise PruneRequestError(
                 "prune_method 'learned' needs a selector, and this server has none "
                 "(start it with --selector PATH); use 'norm' or 'random'", param)
+        if requested == "learned_query" and not self._has_query_selector:
+            raise PruneRequestError(
+                "prune_method 'learned_query' needs a selector that reads the question, and this server's "
+                + ("selector has none (`vllm-tokenprune train-query` adds one)" if has_selector
+                   else "has no selector (start it with --selector PATH)"), param)
         if methods.get(requested).needs and (reason := self._tower_statistics_unavailable()):
             raise PruneRequestError(
                 f"prune_method {requested!r} reads the vision tower's attention, which {reason}", param)
@@ -335,15 +349,21 @@ class PruningModelMixin:
     """
 
     token_selector: nn.Module | None
+    query_selector: nn.Module | None  # the checkpoint's question-reading section, if any
 
     def _init_pruning(self, vllm_config, device: torch.device) -> None:
         hf_config = vllm_config.model_config.hf_config
         path = selector_path(hf_config)
-        self.token_selector = None
+        self.token_selector = self.query_selector = None
         if path is None:
             check_budget_predictor(None, hf_config)
             return
-        from vllm_tokenprune.selection.selector import check_compatible, load_selector
+        from vllm_tokenprune.selection.selector import (
+            check_compatible,
+            check_question_width,
+            load_query_selector,
+            load_selector,
+        )
 
         selector, metadata = load_selector(path)
         check_compatible(metadata, hf_config)
@@ -351,6 +371,10 @@ class PruningModelMixin:
         logger.info("tokenprune: loaded selector %s (trained for %s)", path,
                     metadata.get("source_model"))
         check_budget_predictor(path, hf_config)
+        if (found := load_query_selector(path)) is not None:
+            check_question_width(found[0], hf_config)
+            self.query_selector = found[0].to(device=device).eval()
+            logger.info("tokenprune: the selector's question-reading section serves 'learned_query'")
 
     @staticmethod
     def _pop_prune_fields(kwargs: dict) -> dict[str, list] | None:
@@ -384,14 +408,13 @@ class PruningModelMixin:
         k = fields[KEEP_FIELD][i] if k is None else k
         if methods.get(name).reads_query:
             tokens["query"] = self.get_language_model().embed_input_ids(fields[QUERY_FIELD][i].to(features.device))
-        candidates = methods.Tokens(features, grids, seed=fields[SEED_FIELD][i],
-                                    selector=self.token_selector, **tokens)
+        candidates = methods.Tokens(features, grids, seed=fields[SEED_FIELD][i], selector=self.token_selector,
+                                    query_selector=self.query_selector, **tokens)
         with torch.inference_mode():
             return methods.select(name, candidates, k)
 
     def _selector_weight_names(self) -> Iterable[str]:
         """Names vLLM's loader must see as loaded (the selector loaded itself)."""
-        if self.token_selector is None:
-            return ()
-        return {f"token_selector.{n}" for n, _ in self.token_selector.named_parameters()}
+        return {f"{name}.{n}" for name in ("token_selector", "query_selector")
+                if (module := getattr(self, name)) is not None for n, _ in module.named_parameters()}
 

@@ -1,0 +1,102 @@
+"""The question-reading selector: how it reads a question, its checkpoint section, and
+`vllm-tokenprune train-query` on a tiny LLaVA (transformers only, no server)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from vllm_tokenprune.selection.selector import (
+    QUERY_SECTION,
+    SelectorCheckpointError,
+    SelectorConfig,
+    TokenSelector,
+    load_query_selector,
+    load_selector,
+    query_section,
+    read_checkpoint,
+)
+from vllm_tokenprune.training import query
+from vllm_tokenprune.training.reconstruction import save_selector, write_checkpoint
+
+
+def reader(feature_dim: int = 16, query_dim: int = 8) -> TokenSelector:
+    torch.manual_seed(0)
+    return TokenSelector(SelectorConfig(feature_dim=feature_dim, width=32, query_dim=query_dim)).eval()
+
+
+def test_a_padded_question_in_a_batch_scores_as_it_does_alone():
+    selector = reader()
+    feats, short, long = torch.randn(2, 10, 16), torch.randn(3, 8), torch.randn(5, 8)
+    questions = torch.zeros(2, 5, 8)
+    questions[0, :3], questions[1] = short, long
+    padding = torch.tensor([[False] * 3 + [True] * 2, [False] * 5])
+    with torch.no_grad():
+        batch = selector.scores(feats, query=questions, query_padding=padding)
+        alone = [selector.scores(feats[0], query=short), selector.scores(feats[1], query=long)]
+    assert torch.allclose(batch[0], alone[0], atol=1e-5) and torch.allclose(batch[1], alone[1], atol=1e-5)
+    assert not torch.allclose(alone[0], selector.scores(feats[0], query=long))  # the question matters
+
+
+def test_an_image_only_selector_refuses_a_question():
+    image_only = TokenSelector(SelectorConfig(feature_dim=16, width=32))
+    with pytest.raises(ValueError, match="reads no question"):
+        image_only.scores(torch.randn(4, 16), query=torch.randn(2, 8))
+    assert image_only.scores(torch.randn(4, 16), query=torch.empty(0, 8)).shape == (4,)  # no question: fine
+
+
+def test_the_question_reader_is_its_own_checkpoint_section(tmp_path):
+    metadata = {"source_model": "m", "feature_layer": -2, "vision_signature": {"feature_dim": 16}}
+    plain, with_reader = tmp_path / "plain.safetensors", tmp_path / "reader.safetensors"
+    image_only = TokenSelector(SelectorConfig(feature_dim=16, width=32))
+    save_selector(plain, image_only, metadata=metadata)
+    save_selector(with_reader, image_only, query=query_section(reader(), {"k": 1}), metadata=metadata)
+    assert load_query_selector(plain) is None
+    loaded, header = load_query_selector(with_reader)
+    assert header["k"] == 1 and loaded.config.query_dim == 8
+    for name, value in reader().state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value)
+    assert load_selector(with_reader)[0].config.query_dim == 0  # learned keeps the image-only one
+    tensors, meta = read_checkpoint(with_reader, "cpu")
+    write_checkpoint(with_reader, tensors, {**meta, QUERY_SECTION: {**meta[QUERY_SECTION], "format_version": 99}})
+    with pytest.raises(SelectorCheckpointError, match="format version 99"):
+        load_query_selector(with_reader)
+
+
+def test_train_query_writes_its_section_and_keeps_the_rest_of_the_checkpoint(
+        tiny_checkpoint, random_selector, tmp_path):
+    from vllm_tokenprune.testbed.tasks import write_eval_set
+
+    items = write_eval_set(tmp_path / "items", "clutter", "train", 30)
+    start = tmp_path / "start.safetensors"
+    tensors, meta = read_checkpoint(random_selector("llava"), "cpu")
+    write_checkpoint(start, {k: v for k, v in tensors.items() if not k.startswith("query_selector.")},
+                     {k: v for k, v in meta.items() if k != QUERY_SECTION})
+    out = tmp_path / "trained.safetensors"
+    args = argparse.Namespace(model=str(tiny_checkpoint("llava")), selector=start, data=items, out=out,
+                              steps=40, batch_size=8, lr=3e-3, warmup_steps=5, heldout=0.2, keep_ratio=0.1,
+                              eval_every=20, seed=0, threads=1)
+    assert query.run(args) == 0
+    trained, header = load_query_selector(out)
+    shares = header["heldout_recall"]
+    assert 0 <= shares["learned"] <= shares["attention"] <= 1 and 0 <= shares["learned_query"] <= shares["attention"]
+    assert [h["step"] for h in header["history"]] == [0, 20, 40]
+    # It starts from the image-only selector and reads questions as wide as the model's words.
+    assert trained.config.query_dim == json.loads((tiny_checkpoint("llava") / "config.json").read_text())[
+        "text_config"]["hidden_size"]
+    before, after = read_checkpoint(start, "cpu")[0], read_checkpoint(out, "cpu")[0]
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_the_teacher_map_is_a_distribution_over_the_image_tokens(tiny_checkpoint, tmp_path):
+    from vllm_tokenprune.testbed.tasks import write_eval_set
+
+    items = query.read_items(write_eval_set(tmp_path / "items", "clutter", "train", 3))
+    taught = query.teach(str(tiny_checkpoint("llava")), items, progress=False)
+    assert taught.attention.shape == taught.features.shape[:2]
+    assert torch.allclose(taught.attention.sum(dim=1), torch.ones(3)) and (taught.attention >= 0).all()
+    # Each item's question: its words only, embedded as the language model embeds them.
+    assert [len(q) for q in taught.questions] == [len(q) for q in taught.questions if len(q) > 3]

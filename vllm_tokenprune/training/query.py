@@ -1,0 +1,233 @@
+"""Train the question-reading selector (``learned_query``) by distilling where the served
+model itself looks when asked.
+
+    vllm-tokenprune train-query MODEL --selector SEL.safetensors --data items.jsonl [--out OUT]
+
+The image-only selector (``train``) learns what can be rebuilt from what; it cannot know
+what a question needs. The model does: at keep 1.0, the attention its language model
+pays to each image token while reading the question (mean over layers, heads and the
+prompt positions after the image) is a question-conditioned relevance map. The selector,
+given the image's features and the question's word embeddings (the same ones the server
+hands it, ``policy.question_tokens``), learns to predict that map: its softmax over the
+image's tokens is fitted to the attention by cross-entropy. It needs images and
+questions only (no answers, no labels), and starts from the checkpoint's image-only
+selector, whose weights and feature statistics it shares.
+
+Held-out items measure what serving cares about: the share of the model's attention that
+the top K tokens hold at the keep ratio asked (``--keep-ratio``), for the trained
+selector, for the image-only one and for the attention itself (the bound). The result is
+written into the selector checkpoint as its question-reading section; the rest of the
+checkpoint is kept as it is.
+
+Families: LLaVA-1.5, whose placeholder run holds the image's candidate tokens one to one.
+The teacher holds every item's features, question and map in memory: this is a recipe
+for thousands of questions, not for streaming millions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.nn.utils.rnn import pad_sequence
+from tqdm.auto import tqdm
+
+from vllm_tokenprune.selection.selector import (
+    QUERY_PREFIX,
+    QUERY_SECTION,
+    SelectorConfig,
+    TokenSelector,
+    load_selector,
+    query_section,
+    read_checkpoint,
+)
+from vllm_tokenprune.serving.policy import QUESTION_TOKENS, keep_count, markup_ids, question_tokens
+from vllm_tokenprune.training.options import add_options, from_args, opt, warmup_cosine
+
+
+@dataclass
+class QueryConfig:
+    steps: int = opt(1500, "optimizer steps")
+    batch_size: int = opt(32, "questions per step")
+    lr: float = opt(1e-3, "peak learning rate (warmup, then cosine decay)")
+    warmup_steps: int = opt(50, "learning-rate warmup steps")
+    heldout: float = opt(0.1, "share of the items held out for evaluation")
+    keep_ratio: float = opt(0.1, "keep ratio at which held-out items are scored")
+    eval_every: int = opt(250, "evaluate the held-out items every N steps (0: at the end only)")
+    seed: int = opt(0, "seed of the split and of the batches")
+    threads: int = opt(1, "CPU threads (0: torch's default)")
+
+
+@dataclass
+class Questions:
+    """Every item as the selector and its teacher see it."""
+
+    features: torch.Tensor  # (M, N, D) tower features, what the selector scores
+    questions: list[torch.Tensor]  # M x (Q_i, H): the question's word embeddings
+    attention: torch.Tensor  # (M, N): the model's attention to each image token, sums to 1
+
+
+def read_items(path: Path) -> list[tuple[Path, str]]:
+    """(image path, question) of each line of an items file (``make-eval-set``'s format;
+    answers, if any, are not needed)."""
+    items = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                raw = json.loads(line)
+                items.append((path.parent / raw["image"], str(raw["question"])))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{number}: need a JSON object with image and question ({err})") from None
+    if not items:
+        raise ValueError(f"{path}: no items")
+    return items
+
+
+@torch.inference_mode()
+def teach(model_dir: str, items: list[tuple[Path, str]], *, progress: bool = True) -> Questions:
+    """Run the model on every (image, question): the tower features the selector scores (as
+    ``train`` reads them), the question's word embeddings, and the language model's
+    attention to the image tokens."""
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+    from vllm_tokenprune.training.features import load_tower
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if config.model_type != "llava":
+        raise ValueError(f"train-query trains on LLaVA-1.5 checkpoints, whose placeholders hold an image's "
+                         f"candidate tokens one to one; {model_dir} is {config.model_type!r}")
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
+                                                          attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    tower = load_tower(model_dir)
+    markup = markup_ids(processor.tokenizer)
+    table = model.get_input_embeddings()
+    features, questions, attention = [], [], []
+    for image_path, question in tqdm(items, desc="teacher", unit="q", disable=not progress):
+        image = Image.open(image_path).convert("RGB")
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(images=[image], text=prompt, return_tensors="pt")
+        ids = inputs["input_ids"][0]
+        placeholders = (ids == config.image_token_index).nonzero().flatten()
+        reading = torch.arange(int(placeholders[-1]) + 1, len(ids))  # the prompt after the image
+        layers = model(**inputs, output_attentions=True).attentions
+        # per layer (1, heads, queries, keys) -> the reading rows' attention to the image
+        looked = torch.stack([a[0][:, reading][:, :, placeholders] for a in layers]).mean(dim=(0, 1, 2))
+        attention.append(looked / looked.sum())
+        questions.append(table(torch.tensor(question_tokens(ids.tolist(), markup))))
+        features.append(tower([image]).tokens)
+    return Questions(torch.stack(features), questions, torch.stack(attention))
+
+
+def recall(scores: torch.Tensor, attention: torch.Tensor, k: int) -> torch.Tensor:
+    """(M,) the share of each item's attention that its top-``k`` scores hold."""
+    return attention.gather(1, scores.topk(k, dim=1).indices).sum(dim=1)
+
+
+def _batch(data: Questions, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    questions = [data.questions[int(i)] for i in index]
+    padding = pad_sequence([torch.zeros(len(q), dtype=torch.bool) for q in questions], batch_first=True,
+                           padding_value=True)
+    return data.features[index], pad_sequence(questions, batch_first=True), padding, data.attention[index]
+
+
+@torch.no_grad()
+def evaluate(selector: TokenSelector, data: Questions, k: int, *, batch_size: int = 64) -> float:
+    """Mean held-out attention share of the top K, the question read."""
+    selector.eval()
+    shares, m = [], len(data.features)
+    for start in range(0, m, batch_size):
+        feats, question, padding, attention = _batch(data, torch.arange(start, min(start + batch_size, m)))
+        shares.append(recall(selector.scores(feats, query=question, query_padding=padding), attention, k))
+    return float(torch.cat(shares).mean())
+
+
+def train_reader(image_selector: TokenSelector, train: Questions, held: Questions, cfg: QueryConfig,
+                 *, progress: bool = True) -> tuple[TokenSelector, dict]:
+    """The question-reading selector, started from ``image_selector``, and its history."""
+    torch.manual_seed(cfg.seed)
+    config = SelectorConfig(**{**asdict(image_selector.config), "query_dim": train.questions[0].shape[1]})
+    reader = TokenSelector(config)
+    missing, unexpected = reader.load_state_dict(image_selector.state_dict(), strict=False)
+    assert not unexpected and all(name.startswith("query_") for name in missing), (missing, unexpected)
+    optimizer = torch.optim.AdamW(reader.parameters(), lr=cfg.lr, weight_decay=0.01)
+    k = keep_count(train.features.shape[1], cfg.keep_ratio)
+    with torch.no_grad():
+        image_only = float(recall(image_selector.scores(held.features), held.attention, k).mean())
+    bound = float(recall(held.attention, held.attention, k).mean())
+    history = [{"step": 0, "heldout_recall": evaluate(reader, held, k)}]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc="train-query", unit="step", disable=not progress)
+    for step in bar:
+        reader.train()
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup_steps)
+        feats, question, padding, attention = _batch(train, torch.randint(len(train.features), (cfg.batch_size,),
+                                                                          generator=gen))
+        scores = reader.scores(feats, query=question, query_padding=padding)
+        loss = -(attention * torch.log_softmax(scores, dim=1)).sum(dim=1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            history.append({"step": step + 1, "loss": round(loss.item(), 5),
+                            "heldout_recall": round(evaluate(reader, held, k), 5)})
+            bar.write(f"step {step + 1}: loss {loss.item():.4f}, held-out attention kept at K={k}: "
+                      f"{history[-1]['heldout_recall']:.3f} (image-only selector {image_only:.3f}, bound {bound:.3f})")
+    info = {"keep_ratio": cfg.keep_ratio, "k": k, "heldout_items": len(held.features),
+            "train_items": len(train.features), "train_seconds": round(time.perf_counter() - start, 1),
+            "heldout_recall": {"learned_query": history[-1]["heldout_recall"], "learned": round(image_only, 5),
+                               "attention": round(bound, 5)},
+            "history": history, "training_config": asdict(cfg)}
+    return reader.eval(), info
+
+
+def split(data: Questions, heldout: float, seed: int) -> tuple[Questions, Questions]:
+    order = torch.randperm(len(data.features), generator=torch.Generator().manual_seed(seed))
+    n_held = max(1, math.floor(len(order) * heldout))
+
+    def take(index):
+        return Questions(data.features[index], [data.questions[int(i)] for i in index], data.attention[index])
+
+    return take(order[n_held:]), take(order[:n_held])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="the served checkpoint (a directory or hub id)")
+    parser.add_argument("--selector", type=Path, required=True,
+                        help="the checkpoint's image-only selector (`vllm-tokenprune train`), the starting point")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="items.jsonl: {\"image\": path, \"question\": ...} per line (make-eval-set writes them)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to write the checkpoint with its question-reading section (default: --selector)")
+    add_options(parser, QueryConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vllm_tokenprune.training.reconstruction import write_checkpoint
+
+    cfg = from_args(QueryConfig, args)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    image_selector, _ = load_selector(args.selector)
+    train, held = split(teach(args.model, read_items(args.data)), cfg.heldout, cfg.seed)
+    reader, info = train_reader(image_selector, train, held, cfg)
+    header, tensors = query_section(reader, {**info, "question_tokens": QUESTION_TOKENS, "data": str(args.data)})
+    checkpoint, meta = read_checkpoint(args.selector, "cpu")
+    checkpoint = {name: t for name, t in checkpoint.items() if not name.startswith(QUERY_PREFIX)}
+    out = args.out or args.selector
+    write_checkpoint(out, {**checkpoint, **tensors}, {**meta, QUERY_SECTION: header})
+    shares = info["heldout_recall"]
+    print(f"wrote {out}: held-out attention kept at keep {cfg.keep_ratio}: learned_query "
+          f"{shares['learned_query']:.3f}, learned {shares['learned']:.3f}, "
+          f"the attention itself {shares['attention']:.3f}")
+    return 0
