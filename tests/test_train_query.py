@@ -76,27 +76,39 @@ def test_train_query_writes_its_section_and_keeps_the_rest_of_the_checkpoint(
     write_checkpoint(start, {k: v for k, v in tensors.items() if not k.startswith("query_selector.")},
                      {k: v for k, v in meta.items() if k != QUERY_SECTION})
     out = tmp_path / "trained.safetensors"
-    args = argparse.Namespace(model=str(tiny_checkpoint("llava")), selector=start, data=items, out=out,
-                              steps=40, batch_size=8, lr=3e-3, warmup_steps=5, heldout=0.2, keep_ratio=0.1,
-                              eval_every=20, seed=0, threads=1)
+    args = argparse.Namespace(model=str(tiny_checkpoint("llava")), selector=start, data=[items], out=out,
+                              image_only=False, steps=40, batch_size=8, lr=3e-3, warmup_steps=5, heldout=0.2,
+                              keep_ratio=0.1, eval_every=20, seed=0, threads=1)
     assert query.run(args) == 0
     trained, header = load_query_selector(out)
     shares = header["heldout_recall"]
-    assert 0 <= shares["learned"] <= shares["attention"] <= 1 and 0 <= shares["learned_query"] <= shares["attention"]
+    assert 0 <= shares["start"] <= shares["attention"] <= 1 and 0 <= shares["trained"] <= shares["attention"]
     assert [h["step"] for h in header["history"]] == [0, 20, 40]
     # It starts from the image-only selector and reads questions as wide as the model's words.
     assert trained.config.query_dim == json.loads((tiny_checkpoint("llava") / "config.json").read_text())[
         "text_config"]["hidden_size"]
     before, after = read_checkpoint(start, "cpu")[0], read_checkpoint(out, "cpu")[0]
     assert all(torch.equal(after[k], v) for k, v in before.items())
+    # --image-only refits the learned method's selector instead, and leaves the section alone.
+    refit = tmp_path / "refit.safetensors"
+    assert query.run(argparse.Namespace(**{**vars(args), "selector": out, "out": refit, "image_only": True})) == 0
+    tensors, meta = read_checkpoint(refit, "cpu")
+    assert meta["attention_training"]["heldout_recall"]["attention"] == shares["attention"]
+    assert load_query_selector(refit)[1] == header
+    assert not torch.equal(tensors["selector.head.weight"], before["selector.head.weight"])
+    assert all(torch.equal(tensors[k], v) for k, v in after.items() if not k.startswith("selector."))
 
 
 def test_the_teacher_map_is_a_distribution_over_the_image_tokens(tiny_checkpoint, tmp_path):
     from vllm_tokenprune.testbed.tasks import write_eval_set
 
     items = query.read_items(write_eval_set(tmp_path / "items", "clutter", "train", 3))
+    assert all(answer for _, _, answer in items)
     taught = query.teach(str(tiny_checkpoint("llava")), items, progress=False)
     assert taught.attention.shape == taught.features.shape[:2]
     assert torch.allclose(taught.attention.sum(dim=1), torch.ones(3)) and (taught.attention >= 0).all()
-    # Each item's question: its words only, embedded as the language model embeds them.
-    assert [len(q) for q in taught.questions] == [len(q) for q in taught.questions if len(q) > 3]
+    # Without answers the map comes from the question alone; the question is the same words.
+    unanswered = query.teach(str(tiny_checkpoint("llava")), [(i, q, None) for i, q, _ in items], progress=False)
+    assert not torch.allclose(unanswered.attention, taught.attention)
+    assert all(torch.equal(a, b) for a, b in zip(unanswered.questions, taught.questions))
+    assert torch.equal(unanswered.features, taught.features)

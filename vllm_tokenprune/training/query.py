@@ -1,17 +1,18 @@
 """Train the question-reading selector (``learned_query``) by distilling where the served
 model itself looks when asked.
 
-    vllm-tokenprune train-query MODEL --selector SEL.safetensors --data items.jsonl [--out OUT]
+    vllm-tokenprune train-query MODEL --selector SEL.safetensors --data items.jsonl [--data ...] [--out OUT]
 
 The image-only selector (``train``) learns what can be rebuilt from what; it cannot know
 what a question needs. The model does: at keep 1.0, the attention its language model
-pays to each image token while reading the question (mean over layers, heads and the
-prompt positions after the image) is a question-conditioned relevance map. The selector,
+pays to each image token while it reads the question and writes the answer (mean over
+layers, heads and the positions after the image; the answer teacher-forced when the
+items have one) is a question-conditioned relevance map. The selector,
 given the image's features and the question's word embeddings (the same ones the server
 hands it, ``policy.question_tokens``), learns to predict that map: its softmax over the
 image's tokens is fitted to the attention by cross-entropy. It needs images and
-questions only (no answers, no labels), and starts from the checkpoint's image-only
-selector, whose weights and feature statistics it shares.
+questions, answers if there are any, no labels, and starts from the checkpoint's
+image-only selector, whose weights and feature statistics it shares.
 
 Held-out items measure what serving cares about: the share of the model's attention that
 the top K tokens hold at the keep ratio asked (``--keep-ratio``), for the trained
@@ -53,7 +54,7 @@ from vllm_tokenprune.training.options import add_options, from_args, opt, warmup
 
 @dataclass
 class QueryConfig:
-    steps: int = opt(1500, "optimizer steps")
+    steps: int = opt(1000, "optimizer steps")
     batch_size: int = opt(32, "questions per step")
     lr: float = opt(1e-3, "peak learning rate (warmup, then cosine decay)")
     warmup_steps: int = opt(50, "learning-rate warmup steps")
@@ -73,15 +74,16 @@ class Questions:
     attention: torch.Tensor  # (M, N): the model's attention to each image token, sums to 1
 
 
-def read_items(path: Path) -> list[tuple[Path, str]]:
-    """(image path, question) of each line of an items file (``make-eval-set``'s format;
-    answers, if any, are not needed)."""
+def read_items(path: Path) -> list[tuple[Path, str, str | None]]:
+    """(image path, question, answer or None) of each line of an items file
+    (``make-eval-set``'s format; answers are optional)."""
     items = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             try:
                 raw = json.loads(line)
-                items.append((path.parent / raw["image"], str(raw["question"])))
+                answer = None if raw.get("answer") is None else str(raw["answer"])
+                items.append((path.parent / raw["image"], str(raw["question"]), answer))
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise ValueError(f"{path}:{number}: need a JSON object with image and question ({err})") from None
     if not items:
@@ -90,10 +92,13 @@ def read_items(path: Path) -> list[tuple[Path, str]]:
 
 
 @torch.inference_mode()
-def teach(model_dir: str, items: list[tuple[Path, str]], *, progress: bool = True) -> Questions:
-    """Run the model on every (image, question): the tower features the selector scores (as
-    ``train`` reads them), the question's word embeddings, and the language model's
-    attention to the image tokens."""
+def teach(model_dir: str, items: list[tuple[Path, str, str | None]], *, progress: bool = True) -> Questions:
+    """Run the model on every (image, question, answer): the tower features the selector
+    scores (as ``train`` reads them), the question's word embeddings, and the language
+    model's attention to the image tokens from every position after the image that
+    predicts a token: the question's, and the answer's, teacher-forced, when there is one
+    (reading a string, the model looks at it while it writes it, more than while it reads
+    the question)."""
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
     from vllm_tokenprune.training.features import load_tower
@@ -109,19 +114,23 @@ def teach(model_dir: str, items: list[tuple[Path, str]], *, progress: bool = Tru
     markup = markup_ids(processor.tokenizer)
     table = model.get_input_embeddings()
     features, questions, attention = [], [], []
-    for image_path, question in tqdm(items, desc="teacher", unit="q", disable=not progress):
+    for image_path, question, answer in tqdm(items, desc="teacher", unit="q", disable=not progress):
         image = Image.open(image_path).convert("RGB")
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = processor(images=[image], text=prompt, return_tensors="pt")
+        text = prompt if answer is None else processor.apply_chat_template(
+            [*messages, {"role": "assistant", "content": [{"type": "text", "text": answer}]}])
+        inputs = processor(images=[image], text=text, return_tensors="pt")
         ids = inputs["input_ids"][0]
         placeholders = (ids == config.image_token_index).nonzero().flatten()
-        reading = torch.arange(int(placeholders[-1]) + 1, len(ids))  # the prompt after the image
+        # Rows that predict a token: through the prompt's last, or the answer's last but one.
+        reading = torch.arange(int(placeholders[-1]) + 1, len(ids) - (answer is not None))
         layers = model(**inputs, output_attentions=True).attentions
         # per layer (1, heads, queries, keys) -> the reading rows' attention to the image
         looked = torch.stack([a[0][:, reading][:, :, placeholders] for a in layers]).mean(dim=(0, 1, 2))
         attention.append(looked / looked.sum())
-        questions.append(table(torch.tensor(question_tokens(ids.tolist(), markup))))
+        words = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        questions.append(table(torch.tensor(question_tokens(words, markup))))
         features.append(tower([image]).tokens)
     return Questions(torch.stack(features), questions, torch.stack(attention))
 
@@ -145,22 +154,26 @@ def evaluate(selector: TokenSelector, data: Questions, k: int, *, batch_size: in
     shares, m = [], len(data.features)
     for start in range(0, m, batch_size):
         feats, question, padding, attention = _batch(data, torch.arange(start, min(start + batch_size, m)))
+        if not selector.config.query_dim:  # an image-only selector
+            question = padding = None
         shares.append(recall(selector.scores(feats, query=question, query_padding=padding), attention, k))
     return float(torch.cat(shares).mean())
 
 
 def train_reader(image_selector: TokenSelector, train: Questions, held: Questions, cfg: QueryConfig,
-                 *, progress: bool = True) -> tuple[TokenSelector, dict]:
-    """The question-reading selector, started from ``image_selector``, and its history."""
+                 *, image_only: bool = False, progress: bool = True) -> tuple[TokenSelector, dict]:
+    """The question-reading selector, started from ``image_selector``, and its history; with
+    ``image_only``, an image-only selector fitted to the same maps (their mean over the
+    questions an image may be asked), in place of the reconstruction objective."""
     torch.manual_seed(cfg.seed)
-    config = SelectorConfig(**{**asdict(image_selector.config), "query_dim": train.questions[0].shape[1]})
-    reader = TokenSelector(config)
+    query_dim = 0 if image_only else train.questions[0].shape[1]
+    reader = TokenSelector(SelectorConfig(**{**asdict(image_selector.config), "query_dim": query_dim}))
     missing, unexpected = reader.load_state_dict(image_selector.state_dict(), strict=False)
     assert not unexpected and all(name.startswith("query_") for name in missing), (missing, unexpected)
     optimizer = torch.optim.AdamW(reader.parameters(), lr=cfg.lr, weight_decay=0.01)
     k = keep_count(train.features.shape[1], cfg.keep_ratio)
     with torch.no_grad():
-        image_only = float(recall(image_selector.scores(held.features), held.attention, k).mean())
+        start_share = float(recall(image_selector.scores(held.features), held.attention, k).mean())
     bound = float(recall(held.attention, held.attention, k).mean())
     history = [{"step": 0, "heldout_recall": evaluate(reader, held, k)}]
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -172,7 +185,7 @@ def train_reader(image_selector: TokenSelector, train: Questions, held: Question
             group["lr"] = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup_steps)
         feats, question, padding, attention = _batch(train, torch.randint(len(train.features), (cfg.batch_size,),
                                                                           generator=gen))
-        scores = reader.scores(feats, query=question, query_padding=padding)
+        scores = reader.scores(feats, query=None if image_only else question, query_padding=padding)
         loss = -(attention * torch.log_softmax(scores, dim=1)).sum(dim=1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -182,10 +195,11 @@ def train_reader(image_selector: TokenSelector, train: Questions, held: Question
             history.append({"step": step + 1, "loss": round(loss.item(), 5),
                             "heldout_recall": round(evaluate(reader, held, k), 5)})
             bar.write(f"step {step + 1}: loss {loss.item():.4f}, held-out attention kept at K={k}: "
-                      f"{history[-1]['heldout_recall']:.3f} (image-only selector {image_only:.3f}, bound {bound:.3f})")
+                      f"{history[-1]['heldout_recall']:.3f} (the selector it started from {start_share:.3f}, "
+                     f"bound {bound:.3f})")
     info = {"keep_ratio": cfg.keep_ratio, "k": k, "heldout_items": len(held.features),
             "train_items": len(train.features), "train_seconds": round(time.perf_counter() - start, 1),
-            "heldout_recall": {"learned_query": history[-1]["heldout_recall"], "learned": round(image_only, 5),
+            "heldout_recall": {"trained": history[-1]["heldout_recall"], "start": round(start_share, 5),
                                "attention": round(bound, 5)},
             "history": history, "training_config": asdict(cfg)}
     return reader.eval(), info
@@ -205,10 +219,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="the served checkpoint (a directory or hub id)")
     parser.add_argument("--selector", type=Path, required=True,
                         help="the checkpoint's image-only selector (`vllm-tokenprune train`), the starting point")
-    parser.add_argument("--data", type=Path, required=True,
-                        help="items.jsonl: {\"image\": path, \"question\": ...} per line (make-eval-set writes them)")
+    parser.add_argument("--data", type=Path, required=True, action="append",
+                        help="items.jsonl: {\"image\": path, \"question\": ..., \"answer\": optional} per line "
+                             "(make-eval-set writes them); repeat for several files")
     parser.add_argument("--out", type=Path, default=None,
                         help="where to write the checkpoint with its question-reading section (default: --selector)")
+    parser.add_argument("--image-only", action="store_true",
+                        help="instead, fit the image-only selector (the one `learned` serves) to the model's "
+                             "attention, in place of its reconstruction training")
     add_options(parser, QueryConfig)
 
 
@@ -219,15 +237,22 @@ def run(args: argparse.Namespace) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     image_selector, _ = load_selector(args.selector)
-    train, held = split(teach(args.model, read_items(args.data)), cfg.heldout, cfg.seed)
-    reader, info = train_reader(image_selector, train, held, cfg)
-    header, tensors = query_section(reader, {**info, "question_tokens": QUESTION_TOKENS, "data": str(args.data)})
+    items = [item for path in args.data for item in read_items(path)]
+    train, held = split(teach(args.model, items), cfg.heldout, cfg.seed)
+    reader, info = train_reader(image_selector, train, held, cfg, image_only=args.image_only)
+    info = {**info, "question_tokens": QUESTION_TOKENS, "data": [str(path) for path in args.data]}
     checkpoint, meta = read_checkpoint(args.selector, "cpu")
-    checkpoint = {name: t for name, t in checkpoint.items() if not name.startswith(QUERY_PREFIX)}
+    if args.image_only:  # the learned method's selector, its training recorded beside the reconstruction's
+        prefix = "selector."
+        tensors = {prefix + k: v.contiguous() for k, v in reader.state_dict().items()}
+        meta = {**meta, "attention_training": info}
+    else:
+        prefix, (header, tensors) = QUERY_PREFIX, query_section(reader, info)
+        meta = {**meta, QUERY_SECTION: header}
     out = args.out or args.selector
-    write_checkpoint(out, {**checkpoint, **tensors}, {**meta, QUERY_SECTION: header})
+    write_checkpoint(out, {**{n: t for n, t in checkpoint.items() if not n.startswith(prefix)}, **tensors}, meta)
     shares = info["heldout_recall"]
-    print(f"wrote {out}: held-out attention kept at keep {cfg.keep_ratio}: learned_query "
-          f"{shares['learned_query']:.3f}, learned {shares['learned']:.3f}, "
+    print(f"wrote {out}: held-out attention kept at keep {cfg.keep_ratio}: "
+          f"{'learned' if args.image_only else 'learned_query'} {shares['trained']:.3f} (from {shares['start']:.3f}), "
           f"the attention itself {shares['attention']:.3f}")
     return 0
