@@ -6,9 +6,8 @@ import sys
 
 import torch
 import torchvision  # noqa: F401  (fails here if the install-time guard is missing)
-from transformers import CLIPImageProcessor, Qwen2VLImageProcessor  # noqa: F401
-
 import vllm  # noqa: F401
+from transformers import CLIPImageProcessor, Qwen2VLImageProcessor  # noqa: F401
 from vllm.platforms import current_platform
 
 errors = []
