@@ -66,17 +66,20 @@ def test_the_question_reader_is_its_own_checkpoint_section(tmp_path):
         load_query_selector(with_reader)
 
 
+@pytest.mark.parametrize("arch", ["llava", "qwen2.5-vl"])
 def test_train_query_writes_its_section_and_keeps_the_rest_of_the_checkpoint(
-        tiny_checkpoint, random_selector, tmp_path):
+        arch, tiny_checkpoint, random_selector, tmp_path):
+    from transformers import AutoConfig
+
     from vllm_tokenprune.testbed.tasks import write_eval_set
 
     items = write_eval_set(tmp_path / "items", "clutter", "train", 30)
     start = tmp_path / "start.safetensors"
-    tensors, meta = read_checkpoint(random_selector("llava"), "cpu")
+    tensors, meta = read_checkpoint(random_selector(arch), "cpu")
     write_checkpoint(start, {k: v for k, v in tensors.items() if not k.startswith("query_selector.")},
                      {k: v for k, v in meta.items() if k != QUERY_SECTION})
     out = tmp_path / "trained.safetensors"
-    args = argparse.Namespace(model=str(tiny_checkpoint("llava")), selector=start, data=[items], out=out,
+    args = argparse.Namespace(model=str(tiny_checkpoint(arch)), selector=start, data=[items], out=out,
                               image_only=False, steps=40, batch_size=8, lr=3e-3, warmup_steps=5, heldout=0.2,
                               keep_ratio=0.1, eval_every=20, seed=0, threads=1)
     assert query.run(args) == 0
@@ -85,8 +88,7 @@ def test_train_query_writes_its_section_and_keeps_the_rest_of_the_checkpoint(
     assert 0 <= shares["start"] <= shares["attention"] <= 1 and 0 <= shares["trained"] <= shares["attention"]
     assert [h["step"] for h in header["history"]] == [0, 20, 40]
     # It starts from the image-only selector and reads questions as wide as the model's words.
-    assert trained.config.query_dim == json.loads((tiny_checkpoint("llava") / "config.json").read_text())[
-        "text_config"]["hidden_size"]
+    assert trained.config.query_dim == AutoConfig.from_pretrained(tiny_checkpoint(arch)).get_text_config().hidden_size
     before, after = read_checkpoint(start, "cpu")[0], read_checkpoint(out, "cpu")[0]
     assert all(torch.equal(after[k], v) for k, v in before.items())
     # --image-only refits the learned method's selector instead, and leaves the section alone.
@@ -99,16 +101,37 @@ def test_train_query_writes_its_section_and_keeps_the_rest_of_the_checkpoint(
     assert all(torch.equal(tensors[k], v) for k, v in after.items() if not k.startswith("selector."))
 
 
-def test_the_teacher_map_is_a_distribution_over_the_image_tokens(tiny_checkpoint, tmp_path):
-    from vllm_tokenprune.testbed.tasks import write_eval_set
+@pytest.mark.parametrize("arch", ["llava", "qwen2.5-vl"])
+def test_the_teacher_map_is_a_distribution_over_the_image_tokens(arch, tiny_checkpoint, tmp_path):
+    from reference import noise_image
 
-    items = query.read_items(write_eval_set(tmp_path / "items", "clutter", "train", 3))
-    assert all(answer for _, _, answer in items)
-    taught = query.teach(str(tiny_checkpoint("llava")), items, progress=False)
-    assert taught.attention.shape == taught.features.shape[:2]
-    assert torch.allclose(taught.attention.sum(dim=1), torch.ones(3)) and (taught.attention >= 0).all()
+    sizes = [(112, 112), (168, 224), (224, 112)]  # Qwen keeps each size: N varies
+    for i, size in enumerate(sizes):
+        noise_image(*size, seed=i).save(tmp_path / f"{i}.png")
+    lines = [{"image": f"{i}.png", "question": f"what is in corner {i} ?", "answer": "red"} for i in range(3)]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    items = query.read_items(tmp_path / "items.jsonl")
+    taught = query.teach(str(tiny_checkpoint(arch)), items, progress=False)
+    for features, attention in zip(taught.features, taught.attention):
+        assert features.shape[0] == attention.shape[0]
+        assert torch.allclose(attention.sum(), torch.tensor(1.0)) and (attention >= 0).all()
+    assert len({len(f) for f in taught.features}) == (3 if arch.startswith("qwen") else 1)
     # Without answers the map comes from the question alone; the question is the same words.
-    unanswered = query.teach(str(tiny_checkpoint("llava")), [(i, q, None) for i, q, _ in items], progress=False)
-    assert not torch.allclose(unanswered.attention, taught.attention)
+    unanswered = query.teach(str(tiny_checkpoint(arch)), [(i, q, None) for i, q, _ in items], progress=False)
+    assert not all(torch.allclose(a, b) for a, b in zip(unanswered.attention, taught.attention))
     assert all(torch.equal(a, b) for a, b in zip(unanswered.questions, taught.questions))
-    assert torch.equal(unanswered.features, taught.features)
+    # A padded batch of them trains and scores as each alone.
+    selector = TokenSelector(SelectorConfig(feature_dim=taught.features[0].shape[1],
+                                            query_dim=taught.questions[0].shape[1])).eval()
+    batch = query._batch(taught, range(3))
+    with torch.no_grad():
+        together = query._scores(selector, batch)
+        for i in range(3):
+            alone = selector.scores(taught.features[i], query=taught.questions[i])
+            assert torch.allclose(together[i, :len(alone)], alone, atol=1e-5)
+    assert 0 < query.evaluate(selector, taught, 0.25) <= 1
+
+
+def test_families_whose_placeholders_are_not_the_candidates_are_refused(tiny_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="one to one"):
+        query.teach(str(tiny_checkpoint("llava-next")), [(tmp_path / "x.png", "q", None)], progress=False)

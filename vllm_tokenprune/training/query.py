@@ -20,7 +20,9 @@ selector, for the image-only one and for the attention itself (the bound). The r
 written into the selector checkpoint as its question-reading section; the rest of the
 checkpoint is kept as it is.
 
-Families: LLaVA-1.5, whose placeholder run holds the image's candidate tokens one to one.
+Families: LLaVA-1.5 and the Qwen families (images at their own resolutions, so token
+counts vary and batches are padded), whose placeholder runs hold an image's candidate
+tokens one to one.
 The teacher holds every item's features, question and map in memory: this is a recipe
 for thousands of questions, not for streaming millions.
 """
@@ -67,11 +69,14 @@ class QueryConfig:
 
 @dataclass
 class Questions:
-    """Every item as the selector and its teacher see it."""
+    """Every item as the selector and its teacher see it (N_i varies on Qwen)."""
 
-    features: torch.Tensor  # (M, N, D) tower features, what the selector scores
+    features: list[torch.Tensor]  # M x (N_i, D): tower features, what the selector scores
     questions: list[torch.Tensor]  # M x (Q_i, H): the question's word embeddings
-    attention: torch.Tensor  # (M, N): the model's attention to each image token, sums to 1
+    attention: list[torch.Tensor]  # M x (N_i,): the model's attention to each image token, sums to 1
+
+    def take(self, index) -> Questions:
+        return Questions(*([part[int(i)] for i in index] for part in (self.features, self.questions, self.attention)))
 
 
 def read_items(path: Path) -> list[tuple[Path, str, str | None]]:
@@ -99,21 +104,27 @@ def teach(model_dir: str, items: list[tuple[Path, str, str | None]], *, progress
     predicts a token: the question's, and the answer's, teacher-forced, when there is one
     (reading a string, the model looks at it while it writes it, more than while it reads
     the question)."""
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    from vllm_tokenprune.serving.families import of_model_type
     from vllm_tokenprune.training.features import load_tower
 
     config = AutoConfig.from_pretrained(model_dir)
-    if config.model_type != "llava":
-        raise ValueError(f"train-query trains on LLaVA-1.5 checkpoints, whose placeholders hold an image's "
-                         f"candidate tokens one to one; {model_dir} is {config.model_type!r}")
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
-                                                          attn_implementation="eager").eval()
+    family = of_model_type(config.model_type)
+    # The teacher's attention is read at the placeholders, which must be the candidates one to
+    # one: LLaVA-NeXT and OneVision also place newline markers there.
+    if family.name != "llava" and family.features != "qwen":
+        raise ValueError(f"train-query trains on LLaVA-1.5 and Qwen checkpoints, whose placeholders hold an "
+                         f"image's candidate tokens one to one; {model_dir} is {config.model_type!r}")
+    placeholder = getattr(config, "image_token_index", None)
+    placeholder = config.image_token_id if placeholder is None else placeholder
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32,
+                                                        attn_implementation="eager").eval()
     processor = AutoProcessor.from_pretrained(model_dir)
     tower = load_tower(model_dir)
     markup = markup_ids(processor.tokenizer)
     table = model.get_input_embeddings()
-    features, questions, attention = [], [], []
+    taught = Questions([], [], [])
     for image_path, question, answer in tqdm(items, desc="teacher", unit="q", disable=not progress):
         image = Image.open(image_path).convert("RGB")
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
@@ -122,41 +133,60 @@ def teach(model_dir: str, items: list[tuple[Path, str, str | None]], *, progress
             [*messages, {"role": "assistant", "content": [{"type": "text", "text": answer}]}])
         inputs = processor(images=[image], text=text, return_tensors="pt")
         ids = inputs["input_ids"][0]
-        placeholders = (ids == config.image_token_index).nonzero().flatten()
+        placeholders = (ids == placeholder).nonzero().flatten()
         # Rows that predict a token: through the prompt's last, or the answer's last but one.
         reading = torch.arange(int(placeholders[-1]) + 1, len(ids) - (answer is not None))
         layers = model(**inputs, output_attentions=True).attentions
         # per layer (1, heads, queries, keys) -> the reading rows' attention to the image
         looked = torch.stack([a[0][:, reading][:, :, placeholders] for a in layers]).mean(dim=(0, 1, 2))
-        attention.append(looked / looked.sum())
+        features = tower([image]).tokens
+        if len(features) != len(looked):
+            raise RuntimeError(f"{image_path}: {len(looked)} placeholders for {len(features)} tower tokens")
+        taught.features.append(features)
+        taught.attention.append(looked / looked.sum())
         words = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        questions.append(table(torch.tensor(question_tokens(words, markup))))
-        features.append(tower([image]).tokens)
-    return Questions(torch.stack(features), questions, torch.stack(attention))
+        taught.questions.append(table(torch.tensor(question_tokens(words, markup))))
+    return taught
 
 
-def recall(scores: torch.Tensor, attention: torch.Tensor, k: int) -> torch.Tensor:
-    """(M,) the share of each item's attention that its top-``k`` scores hold."""
-    return attention.gather(1, scores.topk(k, dim=1).indices).sum(dim=1)
+def recall(scores: torch.Tensor, attention: torch.Tensor, padding: torch.Tensor, ratio: float) -> torch.Tensor:
+    """(B,) the share of each item's attention that its top K scores hold, K its own
+    ``keep_count`` at ``ratio``; ``padding`` (B, N) marks tokens past an item's N."""
+    counts = (~padding).sum(dim=1).tolist()
+    return torch.stack([a.gather(0, s.topk(keep_count(n, ratio)).indices).sum()
+                        for s, a, n in zip(scores, attention, counts)])
 
 
-def _batch(data: Questions, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    questions = [data.questions[int(i)] for i in index]
-    padding = pad_sequence([torch.zeros(len(q), dtype=torch.bool) for q in questions], batch_first=True,
+def _padded(parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variable-length rows -> (B, L, ...) zero-padded, and the (B, L) padding mask."""
+    padding = pad_sequence([torch.zeros(len(p), dtype=torch.bool) for p in parts], batch_first=True,
                            padding_value=True)
-    return data.features[index], pad_sequence(questions, batch_first=True), padding, data.attention[index]
+    return pad_sequence(parts, batch_first=True), padding
+
+
+def _batch(data: Questions, index) -> tuple[torch.Tensor, ...]:
+    """features, their padding, questions, their padding, attention (zero at padding)."""
+    part = data.take(index)
+    features, padding = _padded(part.features)
+    questions, question_padding = _padded(part.questions)
+    return features, padding, questions, question_padding, _padded(part.attention)[0]
+
+
+def _scores(selector: TokenSelector, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    features, padding, questions, question_padding, _ = batch
+    if not selector.config.query_dim:  # an image-only selector
+        questions = question_padding = None
+    return selector.scores(features, padding, questions, question_padding)
 
 
 @torch.no_grad()
-def evaluate(selector: TokenSelector, data: Questions, k: int, *, batch_size: int = 64) -> float:
-    """Mean held-out attention share of the top K, the question read."""
+def evaluate(selector: TokenSelector, data: Questions, ratio: float, *, batch_size: int = 64) -> float:
+    """Mean held-out attention share of the top K at ``ratio``."""
     selector.eval()
-    shares, m = [], len(data.features)
-    for start in range(0, m, batch_size):
-        feats, question, padding, attention = _batch(data, torch.arange(start, min(start + batch_size, m)))
-        if not selector.config.query_dim:  # an image-only selector
-            question = padding = None
-        shares.append(recall(selector.scores(feats, query=question, query_padding=padding), attention, k))
+    shares = []
+    for start in range(0, len(data.features), batch_size):
+        batch = _batch(data, range(start, min(start + batch_size, len(data.features))))
+        shares.append(recall(_scores(selector, batch), batch[4], batch[1], ratio))
     return float(torch.cat(shares).mean())
 
 
@@ -171,11 +201,9 @@ def train_reader(image_selector: TokenSelector, train: Questions, held: Question
     missing, unexpected = reader.load_state_dict(image_selector.state_dict(), strict=False)
     assert not unexpected and all(name.startswith("query_") for name in missing), (missing, unexpected)
     optimizer = torch.optim.AdamW(reader.parameters(), lr=cfg.lr, weight_decay=0.01)
-    k = keep_count(train.features.shape[1], cfg.keep_ratio)
-    with torch.no_grad():
-        start_share = float(recall(image_selector.scores(held.features), held.attention, k).mean())
-    bound = float(recall(held.attention, held.attention, k).mean())
-    history = [{"step": 0, "heldout_recall": evaluate(reader, held, k)}]
+    start_share = evaluate(image_selector, held, cfg.keep_ratio)
+    bound = float(torch.stack([a.topk(keep_count(len(a), cfg.keep_ratio)).values.sum() for a in held.attention]).mean())
+    history = [{"step": 0, "heldout_recall": evaluate(reader, held, cfg.keep_ratio)}]
     gen = torch.Generator().manual_seed(cfg.seed)
     start = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="train-query", unit="step", disable=not progress)
@@ -183,22 +211,23 @@ def train_reader(image_selector: TokenSelector, train: Questions, held: Question
         reader.train()
         for group in optimizer.param_groups:
             group["lr"] = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup_steps)
-        feats, question, padding, attention = _batch(train, torch.randint(len(train.features), (cfg.batch_size,),
-                                                                          generator=gen))
-        scores = reader.scores(feats, query=None if image_only else question, query_padding=padding)
-        loss = -(attention * torch.log_softmax(scores, dim=1)).sum(dim=1).mean()
+        batch = _batch(train, torch.randint(len(train.features), (cfg.batch_size,), generator=gen).tolist())
+        log_p = torch.log_softmax(_scores(reader, batch), dim=1).masked_fill(batch[1], 0.0)  # -inf at padding
+        loss = -(batch[4] * log_p).sum(dim=1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             history.append({"step": step + 1, "loss": round(loss.item(), 5),
-                            "heldout_recall": round(evaluate(reader, held, k), 5)})
-            bar.write(f"step {step + 1}: loss {loss.item():.4f}, held-out attention kept at K={k}: "
+                            "heldout_recall": round(evaluate(reader, held, cfg.keep_ratio), 5)})
+            bar.write(f"step {step + 1}: loss {loss.item():.4f}, held-out attention kept at keep {cfg.keep_ratio}: "
                       f"{history[-1]['heldout_recall']:.3f} (the selector it started from {start_share:.3f}, "
-                     f"bound {bound:.3f})")
-    info = {"keep_ratio": cfg.keep_ratio, "k": k, "heldout_items": len(held.features),
-            "train_items": len(train.features), "train_seconds": round(time.perf_counter() - start, 1),
+                      f"bound {bound:.3f})")
+    tokens = [len(f) for f in train.features]
+    info = {"keep_ratio": cfg.keep_ratio, "image_tokens": [min(tokens), max(tokens)],
+            "heldout_items": len(held.features), "train_items": len(train.features),
+            "train_seconds": round(time.perf_counter() - start, 1),
             "heldout_recall": {"trained": history[-1]["heldout_recall"], "start": round(start_share, 5),
                                "attention": round(bound, 5)},
             "history": history, "training_config": asdict(cfg)}
@@ -206,13 +235,9 @@ def train_reader(image_selector: TokenSelector, train: Questions, held: Question
 
 
 def split(data: Questions, heldout: float, seed: int) -> tuple[Questions, Questions]:
-    order = torch.randperm(len(data.features), generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(len(data.features), generator=torch.Generator().manual_seed(seed)).tolist()
     n_held = max(1, math.floor(len(order) * heldout))
-
-    def take(index):
-        return Questions(data.features[index], [data.questions[int(i)] for i in index], data.attention[index])
-
-    return take(order[n_held:]), take(order[:n_held])
+    return data.take(order[n_held:]), data.take(order[:n_held])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
