@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from vllm_tokenprune.selection.selector import SelectorCheckpointError, read_checkpoint
+from vllm_tokenprune.selection.selector import SelectorCheckpointError, read_checkpoint, section_header
 
 SECTION = "budget_predictor"  # the checkpoint header key of the predictor's section
 SECTION_VERSION = 1
@@ -111,13 +111,9 @@ def load_budget_predictor(path: str | Path) -> tuple[BudgetPredictor, dict[str, 
     """The predictor in a selector checkpoint (eval mode) and its header section, or None
     when the checkpoint has none. Raises SelectorCheckpointError for a damaged one."""
     tensors, meta = read_checkpoint(path, "cpu")
-    header = meta.get(SECTION)
+    header = section_header(path, meta, SECTION, SECTION_VERSION, "budget predictor")
     if header is None:
         return None
-    if not isinstance(header, dict) or header.get("format_version") != SECTION_VERSION:
-        version = header.get("format_version") if isinstance(header, dict) else header
-        raise SelectorCheckpointError(
-            f"{path}: budget predictor format version {version!r}; this code reads {SECTION_VERSION}")
     try:
         predictor = BudgetPredictor(BudgetConfig(**header["config"]))
         predictor.load_state_dict({k.removeprefix(PREFIX): v for k, v in tensors.items() if k.startswith(PREFIX)},

@@ -213,6 +213,16 @@ def load_selector(path: str | Path, *, map_location="cpu") -> tuple[TokenSelecto
     return _rebuild(path, meta["selector_config"], tensors, "selector.", "selector"), meta
 
 
+def section_header(path, meta: dict[str, Any], name: str, version: int, what: str) -> dict[str, Any] | None:
+    """The header of a checkpoint's optional section ``name`` (None if it has none), checked
+    to be of the ``version`` this code reads."""
+    header = meta.get(name)
+    if header is not None and (not isinstance(header, dict) or header.get("format_version") != version):
+        found = header.get("format_version") if isinstance(header, dict) else header
+        raise SelectorCheckpointError(f"{path}: {what} format version {found!r}; this code reads {version}")
+    return header
+
+
 def query_section(selector: TokenSelector, info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The checkpoint header section and tensors of a question-reading selector; ``info``
     (JSON) says how it was trained (``training.query``)."""
@@ -224,13 +234,9 @@ def load_query_selector(path: str | Path, *, map_location="cpu") -> tuple[TokenS
     """The question-reading selector of a checkpoint (eval mode) and its header section, or
     None when it has none. Raises SelectorCheckpointError for a damaged one."""
     tensors, meta = read_checkpoint(path, map_location)
-    header = meta.get(QUERY_SECTION)
+    header = section_header(path, meta, QUERY_SECTION, QUERY_SECTION_VERSION, "question-reading selector")
     if header is None:
         return None
-    if not isinstance(header, dict) or header.get("format_version") != QUERY_SECTION_VERSION:
-        version = header.get("format_version") if isinstance(header, dict) else header
-        raise SelectorCheckpointError(
-            f"{path}: question-reading selector format version {version!r}; this code reads {QUERY_SECTION_VERSION}")
     selector = _rebuild(path, header.get("config", {}), tensors, QUERY_PREFIX, "question-reading selector")
     if not selector.config.query_dim:
         raise SelectorCheckpointError(f"{path}: the question-reading selector reads no question (query_dim 0)")
