@@ -4,15 +4,15 @@ model itself looks when asked.
     vllm-tokenprune train-query MODEL --selector SEL.safetensors --data items.jsonl [--data ...] [--out OUT]
 
 The image-only selector (``train``) learns what can be rebuilt from what; it cannot know
-what a question needs. The model does: at keep 1.0, the attention its language model
-pays to each image token while it reads the question and writes the answer (mean over
-layers, heads and the positions after the image; the answer teacher-forced when the
-items have one) is a question-conditioned relevance map. The selector,
-given the image's features and the question's word embeddings (the same ones the server
-hands it, ``policy.question_tokens``), learns to predict that map: its softmax over the
-image's tokens is fitted to the attention by cross-entropy. It needs images and
-questions, answers if there are any, no labels, and starts from the checkpoint's
-image-only selector, whose weights and feature statistics it shares.
+what a question needs. The model does: at keep 1.0, the attention its language model pays
+to each image token while it reads the question and writes the answer (mean over layers,
+heads and the positions after the image; the answer teacher-forced when the items have
+one) is a question-conditioned relevance map. The selector, given the image's features
+and the question's word embeddings (the same ones the server hands it,
+``policy.question_tokens``), learns to predict that map: its softmax over the image's
+tokens is fitted to the attention by cross-entropy. It needs images and questions,
+answers if there are any, no labels, and starts from the checkpoint's image-only
+selector, whose weights and feature statistics it shares.
 
 Held-out items measure what serving cares about: the share of the model's attention that
 the top K tokens hold at the keep ratio asked (``--keep-ratio``), for the trained
@@ -22,8 +22,7 @@ checkpoint is kept as it is.
 
 Families: LLaVA-1.5 and the Qwen families (images at their own resolutions, so token
 counts vary and batches are padded), whose placeholder runs hold an image's candidate
-tokens one to one.
-The teacher holds every item's features, question and map in memory: this is a recipe
+tokens one to one. The teacher holds every item's features, question and map in memory: this is a recipe
 for thousands of questions, not for streaming millions.
 """
 
