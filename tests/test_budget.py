@@ -15,6 +15,7 @@ from vllm_tokenprune.serving.policy import (
     parse_keep_ratio,
     parse_method,
     resolve,
+    split_keep,
 )
 
 
@@ -33,6 +34,18 @@ def test_keep_count_rounds_to_nearest():
     assert keep_count(20, 0.35) == 7  # 6.999... in floats
     assert keep_count(10, 0.05) == 1  # 0.5 rounds half up
     assert keep_count(144, 0.1) == 14
+
+
+def test_split_keep_shares_k_over_runs_by_size():
+    assert split_keep(7, [256, 256, 256]) == [3, 2, 2]  # the remainder to the earlier runs
+    assert split_keep(2, [10, 10, 10]) == [1, 1, 0]  # a run may get nothing
+    assert split_keep(5, [30, 10]) == [4, 1]  # 3.75 / 1.25: the larger remainder wins
+    assert split_keep(40, [30, 10]) == [30, 10] and split_keep(0, [3]) == [0]
+    for k in range(0, 41):
+        shares = split_keep(k, [12, 4, 24])
+        assert sum(shares) == k and all(0 <= s <= n for s, n in zip(shares, [12, 4, 24]))
+    with pytest.raises(ValueError):
+        split_keep(41, [30, 10])
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1.0001, math.nan, math.inf])

@@ -51,6 +51,21 @@ def question_tokens(prompt: Iterable[int], markup: Container[int]) -> list[int]:
     return words[-QUESTION_TOKENS:]
 
 
+def split_keep(k: int, sizes: list[int]) -> list[int]:
+    """An image's K over the placeholder runs its prompt cuts it into (crops with text
+    between them): in proportion to their sizes, largest remainders first, earlier runs on
+    ties. Integer arithmetic only, so the processor, which sizes the runs, and the model,
+    which fills them, get the same shares."""
+    total = sum(sizes)
+    if not 0 <= k <= total:
+        raise ValueError(f"cannot keep {k} of {total} tokens")
+    shares = [k * n // total for n in sizes]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (-(k * sizes[i] % total), i))
+    for i in by_remainder[: k - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
 # --- A request's ratio and method -------------------------------------------------------
 
 KEEP_RATIO_KEY = "keep_ratio"

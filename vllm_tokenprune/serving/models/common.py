@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Annotated
@@ -29,7 +30,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm.logger import init_logger
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import ImageProcessorItems, ImageSize
-from vllm.multimodal.processing import PromptReplacement
+from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 from vllm.utils.tensor_schema import TensorSchema, TensorShape
 
 from vllm_tokenprune.selection import methods
@@ -45,6 +46,7 @@ from vllm_tokenprune.serving.policy import (
     parse_budget,
     question_tokens,
     resolve,
+    split_keep,
 )
 
 logger = init_logger(__name__)
@@ -291,7 +293,8 @@ class PruningProcessorMixin:
         return [self._pruned_update(u, out_mm_kwargs) for u in updates]
 
     def _pruned_update(self, update, out_mm_kwargs):
-        """Shorten an image's placeholder run from N to the K its item carries."""
+        """Shorten an image's placeholder run from N to the K its item carries; a replacement
+        with text around its runs (``PromptUpdateDetails``) keeps the text (``_pruned_details``)."""
         if update.modality != "image" or not isinstance(update, PromptReplacement):
             return update
         full_replacement = update.replacement
@@ -302,13 +305,26 @@ class PruningProcessorMixin:
             if KEEP_FIELD not in item:  # precomputed embeddings: not pruned
                 return full
             k = int(item[KEEP_FIELD].data)
-            if not isinstance(full, list) or len(set(full)) != 1:
-                raise NotImplementedError(
-                    f"{type(self).__name__}: image replacement is not a plain placeholder run"
-                )
-            return full[:k]
+            if isinstance(full, list) and len(set(full)) == 1:
+                return full[:k]
+            if isinstance(full, PromptUpdateDetails) and isinstance(full.full, list) and full.is_embed:
+                return self._pruned_details(full, k)
+            raise NotImplementedError(
+                f"{type(self).__name__}: image replacement is neither a placeholder run nor token ids "
+                "with their embedding positions")
 
         return dataclasses.replace(update, replacement=replacement)
+
+    @staticmethod
+    def _pruned_details(full: PromptUpdateDetails, k: int) -> PromptUpdateDetails:
+        """A replacement whose embedding positions form runs between text (markers around an
+        image, separators between its crops): each run cut to its share of K
+        (``policy.split_keep``), every other token kept. The model fills run by run likewise."""
+        embed = full.is_embed(full.full).tolist()
+        runs = [list(run) for is_embed, run in itertools.groupby(range(len(embed)), key=embed.__getitem__)
+                if is_embed]
+        dropped = {j for run, share in zip(runs, split_keep(k, [len(r) for r in runs])) for j in run[share:]}
+        return dataclasses.replace(full, full=[t for j, t in enumerate(full.full) if j not in dropped])
 
     def _record_metrics(self, inputs, result, ratio: float | None, method: str) -> None:
         """``ratio`` None: the request's images were under ``auto``."""
@@ -319,7 +335,7 @@ class PruningProcessorMixin:
             return
         images = inputs.mm_data_items.get_items("image", ImageProcessorItems)
         passed_on = self._without_prune_kwargs(inputs.hf_processor_mm_kwargs)
-        counts = [(self._unpruned_tokens(images.get_image_size(i), passed_on), p.length)
+        counts = [(self._unpruned_tokens(images.get_image_size(i), passed_on), p.get_num_embeds())
                   for i, p in enumerate(placeholders)]
         model_name = self.info.ctx.model_config.served_model_name
         if isinstance(model_name, (list, tuple)):
@@ -339,6 +355,14 @@ def check_budget_predictor(path: str | None, hf_config) -> None:
                          f"{'the selector ' + path if path else 'this server (no selector)'} has none")
     if has_predictor:
         logger.info("tokenprune: the selector's budget predictor serves keep ratio 'auto'")
+
+
+class NoEncoderCudaGraphsMixin:
+    """For stock models that capture their tower in encoder CUDA graphs (``cudagraph_mm_encoder``):
+    no graphs, because their replay bypasses ``embed_multimodal``, and so pruning."""
+
+    def get_encoder_cudagraph_config(self):
+        return dataclasses.replace(super().get_encoder_cudagraph_config(), modalities=[])
 
 
 class PruningModelMixin:

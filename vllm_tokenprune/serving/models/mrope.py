@@ -58,7 +58,11 @@ from vllm.multimodal.video_prune.evs import compute_mrope_for_media
 
 from vllm_tokenprune.selection import methods
 from vllm_tokenprune.selection.methods.attention import TowerProbe
-from vllm_tokenprune.serving.models.common import PruningModelMixin, PruningProcessorMixin
+from vllm_tokenprune.serving.models.common import (
+    NoEncoderCudaGraphsMixin,
+    PruningModelMixin,
+    PruningProcessorMixin,
+)
 
 logger = init_logger(__name__)
 
@@ -122,7 +126,7 @@ def check_position_recompute(vllm_config, model) -> None:
                              "positions of pruned images (see plugin._let_runner_recompute_mrope)")
 
 
-class MRopePruningModelMixin(PruningModelMixin):
+class MRopePruningModelMixin(NoEncoderCudaGraphsMixin, PruningModelMixin):
     """Mix into a Qwen-VL model class (before it in the MRO). Expects the stock class's
     ``visual``, ``config``, ``_parse_and_validate_multimodal_inputs``,
     ``_process_image_input``, ``_process_video_input`` and ``get_mrope_input_positions``."""
@@ -206,11 +210,6 @@ class MRopePruningModelMixin(PruningModelMixin):
                     embeds, relative = kept.values, relative[kept.index.cpu()]
                 out.append(self._with_positions(embeds, relative))
         return tuple(out)
-
-    def get_encoder_cudagraph_config(self):
-        """No encoder CUDA graphs (``cudagraph_mm_encoder``): their replay bypasses
-        ``embed_multimodal``, and so pruning and the position columns."""
-        return dataclasses.replace(super().get_encoder_cudagraph_config(), modalities=[])
 
     def _with_positions(self, embeds: torch.Tensor, relative: torch.Tensor | None
                         ) -> torch.Tensor:

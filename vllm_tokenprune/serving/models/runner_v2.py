@@ -11,7 +11,7 @@ models return ``PrunedMRopeModelState``: the default state with the pruner alway
 The model's ``is_multimodal_pruning_enabled`` is set here: it makes the model append the
 position columns the pruner strips. (Encoder CUDA graphs, whose replay would bypass
 ``embed_multimodal`` and so pruning, the models never offer:
-``MRopePruningModelMixin.get_encoder_cudagraph_config``.)
+``common.NoEncoderCudaGraphsMixin``.)
 
 This module imports V2's internals; only V2 imports it (V1 never calls the hook).
 """
