@@ -27,11 +27,11 @@ def test_every_table_reads_the_family_table():
     assert tiny.ARCHES == tuple(f.name for f in FAMILIES)
     for family in FAMILIES:
         assert by_name(family.name) is of_architectures([family.stock]) is of_model_type(family.model_type)
-        assert family.pruned == "Pruned" + family.stock and family.features in ("llava", "qwen")
+        assert family.pruned == "Pruned" + family.stock and family.features in ("llava", "gemma3", "qwen")
     with pytest.raises(ValueError, match="llava-onevision"):  # the message lists the families
-        by_name("gemma3")
+        by_name("paligemma")
     with pytest.raises(ValueError, match="not one pruning serves"):
-        of_model_type("gemma3")
+        of_model_type("paligemma")
 
 
 @pytest.mark.vllm
@@ -62,7 +62,7 @@ def test_every_family_builds_trains_and_is_served(family, tiny_checkpoint, tmp_p
     n = processor._unpruned_tokens(items["image"].get_image_size(0), {})
     out = processor(processor.dummy_inputs.get_dummy_text({"image": 1}), items,
                     hf_processor_mm_kwargs={"keep_ratio": 0.5, "prune_method": "learned"})
-    assert [p.length for p in out["mm_placeholders"]["image"]] == [keep_count(n, 0.5)]  # served: K placeholders
+    assert [p.get_num_embeds() for p in out["mm_placeholders"]["image"]] == [keep_count(n, 0.5)]  # served: K
 
 
 @pytest.mark.vllm
@@ -93,3 +93,4 @@ def test_every_method_keeps_one_and_all_but_one_token(family, tiny_checkpoint, r
                 assert full - prompt_tokens(keep_ratio=k / n, prune_method=method) == n - k, (method, k)
     finally:
         llm.llm_engine.engine_core.shutdown()
+

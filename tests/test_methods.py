@@ -375,8 +375,7 @@ def test_attention_is_computed_only_for_pruned_images_of_methods_that_read_it():
 
 # --- the statistics as vLLM's towers produce them ----------------------------------------
 
-STOCK_ARCH = {"llava": "LlavaForConditionalGeneration",
-              **{f.name: f.stock for f in FAMILIES if f.features == "qwen"}}
+STOCK_ARCH = {f.name: f.stock for f in FAMILIES if f.name in ("llava", "gemma3") or f.features == "qwen"}
 
 
 def hf_eager(path):
@@ -388,20 +387,30 @@ def hf_eager(path):
     return model_class.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
 
 
+# The tiny towers' probed layers (2 layers each): LLaVA's vision_feature_layer = -2 leaves one
+# layer, both LATE and MIDDLE; Gemma 3 uses both, MIDDLE at round(2 x 9/24) - 1.
+SQUARE_TOWER_LAYERS = {"llava": {LATE: 0, MIDDLE: 0}, "gemma3": {LATE: 1, MIDDLE: 0}}
+
+
 @torch.no_grad()
-def hf_llava_statistics(path, pixels) -> list[dict[Probe, torch.Tensor]]:
-    """Per image, at the patch tokens the projector gets: the [CLS] row and the mean over
-    queries of transformers' attention weights, and the keys, of tiny LLaVA's one layer
-    below vision_feature_layer = -2 (both LATE and MIDDLE)."""
+def hf_square_tower_statistics(path, arch, pixels) -> list[dict[Probe, torch.Tensor]]:
+    """Per crop, at the tokens the model's tower gives the methods: the [CLS] row (LLaVA's
+    CLIP) or the mean over queries (SigLIP) of transformers' attention weights, the mean over
+    queries, and the keys."""
     tower = hf_eager(path).model.vision_tower
     out = tower(pixels, output_attentions=True, output_hidden_states=True)
-    layer = tower.encoder.layers[0]
-    keys = layer.self_attn.k_proj(layer.layer_norm1(out.hidden_states[0]))
-    keys = keys.reshape(*keys.shape[:2], tower.config.num_attention_heads, -1).mean(2)
-    weights = out.attentions[0]
-    found = {ATTENTION: weights[:, :, 0].mean(1), GLOBAL_ATTENTION: weights.mean(dim=(1, 2)), KEYS: keys}
-    return [{Probe(stat, layer): v[b, 1:] for stat, v in found.items() for layer in (LATE, MIDDLE)}
-            for b in range(len(pixels))]
+    layers = tower.encoder.layers
+    has_cls = arch != "gemma3"
+    per_layer = {}
+    for name, index in SQUARE_TOWER_LAYERS[arch].items():
+        layer = layers[index]
+        keys = layer.self_attn.k_proj(layer.layer_norm1(out.hidden_states[index]))
+        keys = keys.reshape(*keys.shape[:2], tower.config.num_attention_heads, -1).mean(2)
+        weights = out.attentions[index]
+        mean = weights.mean(dim=(1, 2))
+        found = {ATTENTION: weights[:, :, 0].mean(1) if has_cls else mean, GLOBAL_ATTENTION: mean, KEYS: keys}
+        per_layer[name] = {stat: v[:, 1:] if has_cls else v for stat, v in found.items()}
+    return [{probe: per_layer[probe.layer][probe.stat][b] for probe in ALL_PROBES} for b in range(len(pixels))]
 
 
 @torch.no_grad()
@@ -448,8 +457,8 @@ def hf_qwen_statistics(path, arch, pixels, grid_thw, blocks: dict[str, int], mon
 
 # In the worker (sent by `LLM.apply_model`; results as lists, which survive the trip).
 
-def _llava_statistics(pixels, model):
-    _, stats = model._tower_features(pixels.to(model.vision_tower.device), set(ALL_PROBES))
+def _square_tower_statistics(pixels, model):
+    _, stats = model._tower_features(pixels.to(next(model.vision_tower.parameters()).device), set(ALL_PROBES))
     return [{tuple(p): v.tolist() for p, v in image.items()} for image in stats]
 
 
@@ -477,9 +486,9 @@ def test_tower_statistics_in_vllm_equal_transformers_attention(arch, tiny_checkp
     llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
               hf_overrides={"architectures": [of_architectures([STOCK_ARCH[arch]]).pruned]})
     try:
-        if arch == "llava":
-            want = hf_llava_statistics(path, processed["pixel_values"])
-            (got,) = llm.apply_model(functools.partial(_llava_statistics, processed["pixel_values"]))
+        if arch in SQUARE_TOWER_LAYERS:
+            want = hf_square_tower_statistics(path, arch, processed["pixel_values"])
+            (got,) = llm.apply_model(functools.partial(_square_tower_statistics, processed["pixel_values"]))
         else:
             pixels, grid = processed["pixel_values"], processed["image_grid_thw"]
             (blocks,) = llm.apply_model(_probe_blocks)
@@ -489,7 +498,7 @@ def test_tower_statistics_in_vllm_equal_transformers_attention(arch, tiny_checkp
             (got,) = llm.apply_model(functools.partial(_qwen_statistics, raw["pixel_values"], grid))
     finally:
         llm.llm_engine.engine_core.shutdown()
-    assert len(got) == len(want) == len(images)
+    assert len(got) == len(want) >= len(images)  # per image, or per crop / tile
     for image_got, image_want in zip(got, want):
         assert set(image_got) == {tuple(p) for p in ALL_PROBES}
         for probe in ALL_PROBES:

@@ -123,10 +123,11 @@ def test_extract_features_are_what_the_projector_receives(tiny_llava, llava_conf
     torch.testing.assert_close(torch.stack(list(features)), captured[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llava-next", "llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
+@pytest.mark.parametrize("arch", ["llava-next", "llava-onevision", "gemma3", "qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
 def test_extract_features_other_families(tiny_checkpoint, arch):
-    """LLaVA-NeXT, OneVision: the projector input of each image's base view (its first patch); Qwen:
-    the merged tokens (Qwen3-VL: the main embedding) of each image at its own size."""
+    """LLaVA-NeXT, OneVision: the projector input of each image's base view (its first patch);
+    Gemma 3: the projector's pooled tokens before its norm; Qwen: the merged tokens (Qwen3-VL:
+    the main embedding) of each image at its own size."""
     import transformers
     from transformers import AutoConfig, AutoImageProcessor
 
@@ -152,6 +153,14 @@ def test_extract_features_other_families(tiny_checkpoint, arch):
                                             "max_pixels": processor.size["longest_edge"]}
             assert features.feature_dim == config.text_config.hidden_size  # the merger feeds the LM
             features = features.tokens
+        elif arch == "gemma3":  # what the projector's norm receives
+            captured = []
+            model.model.multi_modal_projector.mm_soft_emb_norm.register_forward_pre_hook(
+                lambda module, args: captured.append(args[0]))
+            model.model.get_image_features(pixel_values=processor(images=images, return_tensors="pt")["pixel_values"])
+            reference = captured[0]
+            features = torch.stack(list(features))
+            assert info["feature_layer"] == "pooled"
         else:
             from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 

@@ -250,8 +250,8 @@ def load_query_selector(path: str | Path, *, map_location="cpu") -> tuple[TokenS
 def vision_signature(hf_config) -> dict[str, Any]:
     """The facts about a VLM config that determine the features the selector sees.
 
-    Works on transformers' LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen-VL configs (and
-    vLLM's hf_config, the same objects). For the Qwen families the selector scores the
+    Works on transformers' LLaVA / LLaVA-NeXT / LLaVA-OneVision / Gemma 3 / Qwen-VL
+    configs (and vLLM's hf_config, the same objects). For the Qwen families the selector scores the
     merged tokens after the patch merger, so feature_dim is the merger's output width:
     ``out_hidden_size``, or on Qwen2-VL, which has none, the vision ``hidden_size`` (its
     tower's own width is ``embed_dim``).
@@ -277,6 +277,7 @@ def vision_signature(hf_config) -> dict[str, Any]:
         "vision_feature_layer": layer,
         "vision_feature_select_strategy": getattr(hf_config, "vision_feature_select_strategy", None),
         "spatial_merge_size": getattr(vc, "spatial_merge_size", None),
+        "mm_tokens_per_image": getattr(hf_config, "mm_tokens_per_image", None),  # Gemma 3's pooling
     }
     # Through JSON so tuples become lists and compare equal to a loaded checkpoint's.
     return json.loads(json.dumps(signature))

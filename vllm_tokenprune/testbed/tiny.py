@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from vllm_tokenprune.serving.families import FAMILIES, by_name
-from vllm_tokenprune.testbed.tokenizers import chatml_template, make_tokenizer, vicuna_template
+from vllm_tokenprune.testbed.tokenizers import chatml_template, gemma_template, make_tokenizer, vicuna_template
 
 ARCHES = tuple(f.name for f in FAMILIES)  # every family pruning serves, and only those
 
@@ -53,6 +53,9 @@ class Preset:
     # LLaVA-OneVision: anyres tilings up to N x N tiles (the real model: 6 x 6 of 384 px); at
     # 4 x 4 the largest images exceed anyres_max_9 and are interpolated down, as on the real model
     onevision_max_tiles: int = 4
+    # Gemma 3: patches pooled k x k into one token (the real model: 4 x 4), local attention window
+    gemma_pool: int = 2
+    gemma_sliding_window: int = 64
     # Qwen towers: token budget per image (the processor resizes into it)
     qwen_min_tokens: int = 4
     qwen_max_tokens: int = 256
@@ -411,6 +414,38 @@ def _build_llava_onevision(p: Preset):
     return config, processor
 
 
+def _build_gemma3(p: Preset):
+    from transformers import Gemma3Config, Gemma3ImageProcessor, Gemma3Processor, Gemma3TextConfig, SiglipVisionConfig
+
+    media = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    # vLLM's Gemma 3 processor looks up "\n" to "\n\n\n\n" as single tokens, as Gemma's vocabulary has them.
+    tok = make_tokenizer(p.vocab_size, p.max_position_embeddings,
+        specials=["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", *media.values(),
+                  *("\n" * n for n in range(1, 5))],
+        bos="<bos>", eos="<end_of_turn>", pad="<pad>", extra=media, add_bos=False)
+    tok.chat_template = gemma_template("<start_of_image>")
+    head_dim = p.text_hidden // p.text_heads
+    pooled_side = p.image_size // p.patch_size // p.gemma_pool  # the real model pools 64 x 64 patches 4 x 4
+    config = Gemma3Config(
+        text_config=Gemma3TextConfig(**_text_config(
+            p, tok, head_dim=head_dim, query_pre_attn_scalar=head_dim, rms_norm_eps=1e-6,
+            sliding_window=p.gemma_sliding_window, layer_types=["sliding_attention", "full_attention"] * (
+                p.text_layers // 2))),  # local then global layers, as Gemma 3's 5:1 pattern
+        vision_config=SiglipVisionConfig(**_square_tower(p), vision_use_head=False),
+        mm_tokens_per_image=pooled_side**2,
+        boi_token_index=tok.convert_tokens_to_ids(media["boi_token"]),
+        eoi_token_index=tok.convert_tokens_to_ids(media["eoi_token"]),
+        image_token_index=tok.convert_tokens_to_ids(media["image_token"]),
+        tie_word_embeddings=False,
+    )
+    # Pan-and-scan stays off, as Gemma's processor has it unless a server turns it on.
+    image_processor = Gemma3ImageProcessor(
+        size={"height": p.image_size, "width": p.image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template,
+                                image_seq_length=pooled_side**2)
+    return config, processor
+
+
 _QWEN2_HUB_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
 _ARCHES = {
     "llava": _Arch(_build_llava, _LLAVA_HUB_PREFIXES),
@@ -421,6 +456,8 @@ _ARCHES = {
     "llava-onevision": _Arch(_build_llava_onevision, _LLAVA_HUB_PREFIXES),
     # Qwen3-VL was released with transformers' current layout (`model.language_model.*`).
     "qwen3-vl": _Arch(_build_qwen3_vl, ()),
+    # Gemma 3's hub checkpoints keep LLaVA's layout (`language_model.model.*`, `vision_tower.vision_model.*`).
+    "gemma3": _Arch(_build_gemma3, _LLAVA_HUB_PREFIXES),
 }
 
 

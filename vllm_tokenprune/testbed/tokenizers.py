@@ -120,3 +120,17 @@ def chatml_template(image: str, video: str, default_system: str | None) -> str:
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
     )
+
+
+def gemma_template(image: str) -> str:
+    """Gemma's turns: ``<bos><start_of_turn>user\\n...<end_of_turn>\\n<start_of_turn>model\\n``."""
+    return (
+        "{%- set IMAGE = '" + image + "' -%}{%- set VIDEO = '' -%}"
+        "{{- bos_token -}}"
+        "{%- for message in messages -%}"
+        "{{- '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n' -}}"
+        + _CONTENT +
+        "{{- '<end_of_turn>\\n' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}"
+    )

@@ -10,6 +10,9 @@ Only the vision tower is built and only its weights are read from the checkpoint
 - LLaVA-NeXT: the same, on the base-resolution view of each image (the first of the
   processor's patches) only. The served model also scores the high-resolution
   crops with the same tower; the base view is enough to train a selector.
+- Gemma 3 (``gemma3``): the SigLIP tower's last hidden state (post-norm, as served),
+  average-pooled to the projector's token grid, as ``serving/models/gemma3.py`` scores it
+  (the projector's pooling without its norm and projection).
 - Qwen2-VL, Qwen2.5-VL and Qwen3-VL: the visual module's output after the patch merger (the merged
   tokens the selector scores at serve time; Qwen3-VL's main embedding, without DeepStack,
   as ``serving/models/qwen3_vl.py`` scores it). Each image keeps its own size and aspect
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -120,8 +124,13 @@ def _tower_key(key: str, tower_prefix: str) -> str | None:
 
 
 def _family(config) -> str:
-    """How the tower's features are read: "llava" or "qwen" (``serving.families``)."""
+    """How the tower's features are read: "llava", "gemma3" or "qwen" (``serving.families``)."""
     return of_model_type(config.model_type).features
+
+
+def _tower_prefix(config) -> str:
+    """The checkpoint's name for the tower module."""
+    return "visual" if _family(config) == "qwen" else "vision_tower"
 
 
 def _tower_module(vision_config) -> torch.nn.Module:
@@ -139,7 +148,7 @@ def _tower_module(vision_config) -> torch.nn.Module:
 def _build_tower(model: str, config) -> tuple[torch.nn.Module, list[Path]]:
     """The vision tower with its checkpoint weights, and the files they came from."""
     tower = _tower_module(config.vision_config)
-    prefix = "vision_tower" if _family(config) == "llava" else "visual"
+    prefix = _tower_prefix(config)
     wanted = set(tower.state_dict())
     state = {}
     files = _weight_files(model, prefix)
@@ -187,6 +196,15 @@ def _llava_forward(tower, config, inputs: dict) -> RaggedFeatures:
     return RaggedFeatures.stack(feats, (side, side) if side * side == feats.shape[1] else None)
 
 
+def _gemma3_forward(tower, config, inputs: dict) -> RaggedFeatures:
+    hidden = tower(inputs["pixel_values"]).last_hidden_state  # (B, patches, D), post-norm
+    patches = config.vision_config.image_size // config.vision_config.patch_size
+    side = math.isqrt(config.mm_tokens_per_image)
+    grid = hidden.transpose(1, 2).reshape(len(hidden), hidden.shape[2], patches, patches)
+    pooled = torch.nn.functional.avg_pool2d(grid, patches // side).flatten(2).transpose(1, 2)
+    return RaggedFeatures.stack(pooled, (side, side))
+
+
 def _qwen_inputs(processor, images) -> dict:
     inputs = processor(images=images, return_tensors="pt")
     return {"pixel_values": inputs["pixel_values"], "grid_thw": inputs["image_grid_thw"]}
@@ -204,7 +222,7 @@ def _qwen_forward(tower, config, inputs: dict) -> RaggedFeatures:
 @dataclass
 class Tower:
     """A checkpoint's vision tower up to the selector's input (LLaVA: the feature layer
-    without CLS; Qwen: after the merger), with the model's own preprocessing.
+    without CLS; Gemma 3: pooled; Qwen: after the merger), with the model's own preprocessing.
 
     ``tower(images)`` gives their features; ``preprocess`` and ``forward`` are its two
     halves, for timing the forward alone. Call under ``torch.inference_mode()``.
@@ -224,7 +242,7 @@ def _processor(model: str, config, processor_kwargs: dict[str, int]):
     resizes Qwen images within (None for LLaVA, whose images all get one size)."""
     from transformers import AutoImageProcessor
 
-    if _family(config) == "llava":
+    if _family(config) != "qwen":
         if processor_kwargs:
             raise FeatureSettingsError(f"{sorted(processor_kwargs)} apply to Qwen models only; "
                                        f"{model} resizes every image to one size")
@@ -248,15 +266,16 @@ def load_tower(model: str, *, device: str = "cpu", dtype: torch.dtype = torch.fl
     processor, image_pixels = _processor(model, config, processor_kwargs or {})
     module, _ = _build_tower(model, config)
     module.to(device=device, dtype=dtype)
-    llava = _family(config) == "llava"
+    read = {"llava": _llava_forward, "gemma3": _gemma3_forward, "qwen": _qwen_forward}[_family(config)]
+    inputs_of = {"qwen": _qwen_inputs}.get(_family(config), _llava_inputs)
 
     def preprocess(images: list[Image.Image]) -> dict[str, torch.Tensor]:
         images = [im.convert("RGB") for im in images]
-        inputs = _llava_inputs(processor, images) if llava else _qwen_inputs(processor, images)
+        inputs = inputs_of(processor, images)
         return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
 
     def forward(inputs: dict[str, torch.Tensor]) -> RaggedFeatures:
-        return _llava_forward(module, config, inputs) if llava else _qwen_forward(module, config, inputs)
+        return read(module, config, inputs)
 
     return Tower(config, preprocess, forward, image_pixels)
 
@@ -276,7 +295,8 @@ def feature_info(model: str, tower: Tower, grids: torch.Tensor, feature_dim: int
     lengths = grids.prod(dim=1)
     return {
         "source_model": model,
-        "feature_layer": getattr(config, "vision_feature_layer", None) if _family(config) == "llava" else "merger",
+        "feature_layer": {"llava": getattr(config, "vision_feature_layer", None), "gemma3": "pooled",
+                          "qwen": "merger"}[_family(config)],
         "vision_signature": vision_signature(config),
         "num_tokens": [int(lengths.min()), int(lengths.max())],
         "feature_dim": feature_dim,
@@ -348,7 +368,7 @@ def features_key(model: str, image_paths: list[Path], *, dtype: torch.dtype,
     }
     processor_config = _model_file(model, "preprocessor_config.json")
     parts["processor"] = processor_config.read_text() if processor_config else None
-    prefix = "vision_tower" if _family(config) == "llava" else "visual"
+    prefix = _tower_prefix(config)
     parts["weights"] = [_file_stamp(p) for p in _weight_files(model, prefix)]
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:32]

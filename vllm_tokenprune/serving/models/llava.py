@@ -78,8 +78,9 @@ class LlavaTowerMixin:
                            total_heads=self.config.vision_config.num_attention_heads)
         with probe:
             features = self._image_pixels_to_features(self.vision_tower, pixel_values)
-        # The feature strategy drops the [CLS] token from the features: from the stats too.
-        select = _get_vision_feature_selector(self.config.vision_feature_select_strategy)
+        # The feature strategy drops the [CLS] token from the features: from the stats too
+        # (Gemma 3, which uses this tower too, has no strategy: it keeps every token).
+        select = _get_vision_feature_selector(getattr(self.config, "vision_feature_select_strategy", "full"))
 
         def at_features(v: torch.Tensor) -> torch.Tensor:  # (S,) or (S, d), as select wants
             return select(v.reshape(1, len(v), -1))[0].reshape(-1, *v.shape[1:])
