@@ -27,7 +27,7 @@ def test_every_table_reads_the_family_table():
     assert tiny.ARCHES == tuple(f.name for f in FAMILIES)
     for family in FAMILIES:
         assert by_name(family.name) is of_architectures([family.stock]) is of_model_type(family.model_type)
-        assert family.pruned == "Pruned" + family.stock and family.features in ("llava", "gemma3", "qwen")
+        assert family.pruned == "Pruned" + family.stock and family.features in ("llava", "gemma3", "internvl", "qwen")
     with pytest.raises(ValueError, match="llava-onevision"):  # the message lists the families
         by_name("paligemma")
     with pytest.raises(ValueError, match="not one pruning serves"):

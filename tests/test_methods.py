@@ -375,7 +375,7 @@ def test_attention_is_computed_only_for_pruned_images_of_methods_that_read_it():
 
 # --- the statistics as vLLM's towers produce them ----------------------------------------
 
-STOCK_ARCH = {f.name: f.stock for f in FAMILIES if f.name in ("llava", "gemma3") or f.features == "qwen"}
+STOCK_ARCH = {f.name: f.stock for f in FAMILIES if f.name in ("llava", "gemma3", "internvl") or f.features == "qwen"}
 
 
 def hf_eager(path):
@@ -388,28 +388,42 @@ def hf_eager(path):
 
 
 # The tiny towers' probed layers (2 layers each): LLaVA's vision_feature_layer = -2 leaves one
-# layer, both LATE and MIDDLE; Gemma 3 uses both, MIDDLE at round(2 x 9/24) - 1.
-SQUARE_TOWER_LAYERS = {"llava": {LATE: 0, MIDDLE: 0}, "gemma3": {LATE: 1, MIDDLE: 0}}
+# layer, both LATE and MIDDLE; Gemma 3 and InternVL use both, MIDDLE at round(2 x 9/24) - 1.
+SQUARE_TOWER_LAYERS = {"llava": {LATE: 0, MIDDLE: 0}, "gemma3": {LATE: 1, MIDDLE: 0}, "internvl": {LATE: 1, MIDDLE: 0}}
 
 
 @torch.no_grad()
 def hf_square_tower_statistics(path, arch, pixels) -> list[dict[Probe, torch.Tensor]]:
-    """Per crop, at the tokens the model's tower gives the methods: the [CLS] row (LLaVA's
-    CLIP) or the mean over queries (SigLIP) of transformers' attention weights, the mean over
-    queries, and the keys."""
+    """Per crop, at the tokens the model's tower gives the methods: the [CLS] row (InternVL,
+    LLaVA's CLIP) or the mean over queries (SigLIP) of transformers' attention weights, the
+    mean over queries, and the keys. InternVL's per-patch statistics are averaged over the
+    2 x 2 patches its pixel shuffle folds into a token."""
     tower = hf_eager(path).model.vision_tower
     out = tower(pixels, output_attentions=True, output_hidden_states=True)
-    layers = tower.encoder.layers
+    layers = tower.encoder.layers if arch != "internvl" else tower.encoder.layer
     has_cls = arch != "gemma3"
     per_layer = {}
     for name, index in SQUARE_TOWER_LAYERS[arch].items():
         layer = layers[index]
-        keys = layer.self_attn.k_proj(layer.layer_norm1(out.hidden_states[index]))
+        if arch == "internvl":
+            keys = layer.attention.k_proj(layer.layernorm_before(out.hidden_states[index]))
+        else:
+            keys = layer.self_attn.k_proj(layer.layer_norm1(out.hidden_states[index]))
         keys = keys.reshape(*keys.shape[:2], tower.config.num_attention_heads, -1).mean(2)
         weights = out.attentions[index]
         mean = weights.mean(dim=(1, 2))
         found = {ATTENTION: weights[:, :, 0].mean(1) if has_cls else mean, GLOBAL_ATTENTION: mean, KEYS: keys}
         per_layer[name] = {stat: v[:, 1:] if has_cls else v for stat, v in found.items()}
+    if arch == "internvl":
+        from transformers.models.internvl.modeling_internvl import InternVLModel
+
+        def folded(v):  # (B, patches[, d]) -> (B, tokens[, d]): the mean of each token's patches
+            side = math.isqrt(v.shape[1])
+            grid = v.reshape(len(v), side, side, -1)
+            shuffled = InternVLModel.pixel_shuffle(None, grid, scale_factor=0.5)
+            return shuffled.reshape(len(v), -1, 4, grid.shape[-1]).mean(2).reshape(len(v), -1, *v.shape[2:])
+
+        per_layer = {name: {stat: folded(v) for stat, v in found.items()} for name, found in per_layer.items()}
     return [{probe: per_layer[probe.layer][probe.stat][b] for probe in ALL_PROBES} for b in range(len(pixels))]
 
 

@@ -123,10 +123,12 @@ def test_extract_features_are_what_the_projector_receives(tiny_llava, llava_conf
     torch.testing.assert_close(torch.stack(list(features)), captured[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llava-next", "llava-onevision", "gemma3", "qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
+@pytest.mark.parametrize("arch", ["llava-next", "llava-onevision", "gemma3", "internvl", "qwen2-vl", "qwen2.5-vl",
+                                  "qwen3-vl"])
 def test_extract_features_other_families(tiny_checkpoint, arch):
     """LLaVA-NeXT, OneVision: the projector input of each image's base view (its first patch);
-    Gemma 3: the projector's pooled tokens before its norm; Qwen: the merged tokens (Qwen3-VL:
+    Gemma 3: the projector's pooled tokens before its norm; InternVL: the projector's input for
+    the whole image as one tile; Qwen: the merged tokens (Qwen3-VL:
     the main embedding) of each image at its own size."""
     import transformers
     from transformers import AutoConfig, AutoImageProcessor
@@ -153,14 +155,18 @@ def test_extract_features_other_families(tiny_checkpoint, arch):
                                             "max_pixels": processor.size["longest_edge"]}
             assert features.feature_dim == config.text_config.hidden_size  # the merger feeds the LM
             features = features.tokens
-        elif arch == "gemma3":  # what the projector's norm receives
+        elif arch in ("gemma3", "internvl"):  # what the projector's norm receives
+            projector = model.model.multi_modal_projector
             captured = []
-            model.model.multi_modal_projector.mm_soft_emb_norm.register_forward_pre_hook(
+            (projector.mm_soft_emb_norm if arch == "gemma3" else projector).register_forward_pre_hook(
                 lambda module, args: captured.append(args[0]))
-            model.model.get_image_features(pixel_values=processor(images=images, return_tensors="pt")["pixel_values"])
+            one_tile = {"crop_to_patches": False} if arch == "internvl" else {}
+            model.model.get_image_features(
+                pixel_values=processor(images=images, return_tensors="pt", **one_tile)["pixel_values"],
+                **({"vision_feature_layer": -1, "vision_feature_select_strategy": "default"} if one_tile else {}))
             reference = captured[0]
             features = torch.stack(list(features))
-            assert info["feature_layer"] == "pooled"
+            assert info["feature_layer"] == {"gemma3": "pooled", "internvl": "pixel_shuffle"}[arch]
         else:
             from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 

@@ -250,7 +250,7 @@ def load_query_selector(path: str | Path, *, map_location="cpu") -> tuple[TokenS
 def vision_signature(hf_config) -> dict[str, Any]:
     """The facts about a VLM config that determine the features the selector sees.
 
-    Works on transformers' LLaVA / LLaVA-NeXT / LLaVA-OneVision / Gemma 3 / Qwen-VL
+    Works on transformers' LLaVA / LLaVA-NeXT / LLaVA-OneVision / Gemma 3 / InternVL / Qwen-VL
     configs (and vLLM's hf_config, the same objects). For the Qwen families the selector scores the
     merged tokens after the patch merger, so feature_dim is the merger's output width:
     ``out_hidden_size``, or on Qwen2-VL, which has none, the vision ``hidden_size`` (its
@@ -259,10 +259,13 @@ def vision_signature(hf_config) -> dict[str, Any]:
     vc = hf_config.vision_config
     layer = getattr(hf_config, "vision_feature_layer", None)
     out_hidden = getattr(vc, "out_hidden_size", None)
+    downsample = getattr(hf_config, "downsample_ratio", None)
     if out_hidden is not None:
         feature_dim = out_hidden
     elif isinstance(layer, (list, tuple)):  # LLaVA concatenates the listed layers
         feature_dim = vc.hidden_size * len(layer)
+    elif downsample is not None:  # InternVL's pixel shuffle folds 1 / ratio^2 patches into a token
+        feature_dim = vc.hidden_size * round(1 / downsample) ** 2
     else:
         feature_dim = vc.hidden_size
     num_layers = getattr(vc, "num_hidden_layers", None)
@@ -278,6 +281,7 @@ def vision_signature(hf_config) -> dict[str, Any]:
         "vision_feature_select_strategy": getattr(hf_config, "vision_feature_select_strategy", None),
         "spatial_merge_size": getattr(vc, "spatial_merge_size", None),
         "mm_tokens_per_image": getattr(hf_config, "mm_tokens_per_image", None),  # Gemma 3's pooling
+        "downsample_ratio": downsample,
     }
     # Through JSON so tuples become lists and compare equal to a loaded checkpoint's.
     return json.loads(json.dumps(signature))

@@ -16,7 +16,8 @@ class Family:
     model_type: str  # the checkpoint config's model_type
     stock: str  # the architecture checkpoints name
     module: str  # the module holding the pruned class
-    # how training reads the tower: "llava" (a feature layer), "gemma3" (pooled) or "qwen" (the merger)
+    # how training reads the tower: "llava" (a feature layer), "gemma3" (pooled), "internvl"
+    # (pixel-shuffled) or "qwen" (the merger)
     features: str
 
     @property
@@ -40,6 +41,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen2.5-vl", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", f"{_MODELS}.qwen2_5_vl", "qwen"),
     Family("qwen3-vl", "qwen3_vl", "Qwen3VLForConditionalGeneration", f"{_MODELS}.qwen3_vl", "qwen"),
     Family("gemma3", "gemma3", "Gemma3ForConditionalGeneration", f"{_MODELS}.gemma3", "gemma3"),
+    Family("internvl", "internvl", "InternVLForConditionalGeneration", f"{_MODELS}.internvl", "internvl"),
 )
 
 

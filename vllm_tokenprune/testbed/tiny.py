@@ -56,6 +56,8 @@ class Preset:
     # Gemma 3: patches pooled k x k into one token (the real model: 4 x 4), local attention window
     gemma_pool: int = 2
     gemma_sliding_window: int = 64
+    # InternVL: tiles of the tower's input per image, before the thumbnail (the real model: 12)
+    internvl_max_tiles: int = 6
     # Qwen towers: token budget per image (the processor resizes into it)
     qwen_min_tokens: int = 4
     qwen_max_tokens: int = 256
@@ -446,6 +448,46 @@ def _build_gemma3(p: Preset):
     return config, processor
 
 
+def _build_internvl(p: Preset):
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+        InternVLVisionConfig,
+        Qwen2Config,
+    )
+
+    tok = _qwen_tokenizer(p, {"start_image_token": "<img>", "end_image_token": "</img>",
+                              "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    tok.chat_template = chatml_template("<IMG_CONTEXT>\n", "<video>\n", default_system=None)
+    side = [p.image_size, p.image_size]
+    config = InternVLConfig(
+        vision_config=InternVLVisionConfig(
+            hidden_size=p.vision_hidden, intermediate_size=p.vision_intermediate,
+            num_hidden_layers=p.vision_layers, num_attention_heads=p.vision_heads,
+            image_size=side, patch_size=[p.patch_size, p.patch_size]),
+        text_config=Qwen2Config(**_qwen_text_config(p, tok, {"rope_theta": 1e6})),
+        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=(p.image_size // p.patch_size // 2) ** 2,  # 2 x 2 patches per token (pixel shuffle)
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",  # drop CLS
+        tie_word_embeddings=False,
+    )
+    size = {"height": p.image_size, "width": p.image_size}
+    # Tiles of the tower's input side, up to internvl_max_tiles, plus a thumbnail (the real model: 12).
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=True, min_patches=1,
+                                              max_patches=p.internvl_max_tiles),
+        video_processor=InternVLVideoProcessor(size=size),
+        tokenizer=tok,
+        image_seq_length=config.image_seq_length,
+        chat_template=tok.chat_template,
+    )
+    return config, processor
+
+
 _QWEN2_HUB_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
 _ARCHES = {
     "llava": _Arch(_build_llava, _LLAVA_HUB_PREFIXES),
@@ -458,6 +500,8 @@ _ARCHES = {
     "qwen3-vl": _Arch(_build_qwen3_vl, ()),
     # Gemma 3's hub checkpoints keep LLaVA's layout (`language_model.model.*`, `vision_tower.vision_model.*`).
     "gemma3": _Arch(_build_gemma3, _LLAVA_HUB_PREFIXES),
+    # InternVL's "-hf" checkpoints were released with transformers' current layout.
+    "internvl": _Arch(_build_internvl, ()),
 }
 
 

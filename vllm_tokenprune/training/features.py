@@ -13,6 +13,9 @@ Only the vision tower is built and only its weights are read from the checkpoint
 - Gemma 3 (``gemma3``): the SigLIP tower's last hidden state (post-norm, as served),
   average-pooled to the projector's token grid, as ``serving/models/gemma3.py`` scores it
   (the projector's pooling without its norm and projection).
+- InternVL (``internvl``): the tower's last hidden state without [CLS], pixel-shuffled (2 x 2
+  patches per token), as the projector receives it, on the whole image as one tile (no
+  tiles: like LLaVA-NeXT's base view, enough to train a selector for every tile).
 - Qwen2-VL, Qwen2.5-VL and Qwen3-VL: the visual module's output after the patch merger (the merged
   tokens the selector scores at serve time; Qwen3-VL's main embedding, without DeepStack,
   as ``serving/models/qwen3_vl.py`` scores it). Each image keeps its own size and aspect
@@ -124,7 +127,7 @@ def _tower_key(key: str, tower_prefix: str) -> str | None:
 
 
 def _family(config) -> str:
-    """How the tower's features are read: "llava", "gemma3" or "qwen" (``serving.families``)."""
+    """How the tower's features are read: "llava", "gemma3", "internvl" or "qwen" (``serving.families``)."""
     return of_model_type(config.model_type).features
 
 
@@ -205,6 +208,21 @@ def _gemma3_forward(tower, config, inputs: dict) -> RaggedFeatures:
     return RaggedFeatures.stack(pooled, (side, side))
 
 
+def _internvl_inputs(processor, images) -> dict:
+    return {"pixel_values": processor(images=images, crop_to_patches=False, return_tensors="pt")["pixel_values"]}
+
+
+def _internvl_forward(tower, config, inputs: dict) -> RaggedFeatures:
+    from transformers.models.internvl.modeling_internvl import InternVLModel
+
+    hidden = tower(inputs["pixel_values"]).last_hidden_state[:, 1:]  # without CLS
+    side = math.isqrt(hidden.shape[1])
+    # transformers' own shuffle (it reads nothing of the model it belongs to)
+    shuffled = InternVLModel.pixel_shuffle(None, hidden.reshape(len(hidden), side, side, -1),
+                                           scale_factor=config.downsample_ratio)
+    return RaggedFeatures.stack(shuffled.flatten(1, 2), tuple(shuffled.shape[1:3]))
+
+
 def _qwen_inputs(processor, images) -> dict:
     inputs = processor(images=images, return_tensors="pt")
     return {"pixel_values": inputs["pixel_values"], "grid_thw": inputs["image_grid_thw"]}
@@ -222,7 +240,7 @@ def _qwen_forward(tower, config, inputs: dict) -> RaggedFeatures:
 @dataclass
 class Tower:
     """A checkpoint's vision tower up to the selector's input (LLaVA: the feature layer
-    without CLS; Gemma 3: pooled; Qwen: after the merger), with the model's own preprocessing.
+    without CLS; Gemma 3: pooled; InternVL: pixel-shuffled; Qwen: after the merger), with the model's own preprocessing.
 
     ``tower(images)`` gives their features; ``preprocess`` and ``forward`` are its two
     halves, for timing the forward alone. Call under ``torch.inference_mode()``.
@@ -266,8 +284,9 @@ def load_tower(model: str, *, device: str = "cpu", dtype: torch.dtype = torch.fl
     processor, image_pixels = _processor(model, config, processor_kwargs or {})
     module, _ = _build_tower(model, config)
     module.to(device=device, dtype=dtype)
-    read = {"llava": _llava_forward, "gemma3": _gemma3_forward, "qwen": _qwen_forward}[_family(config)]
-    inputs_of = {"qwen": _qwen_inputs}.get(_family(config), _llava_inputs)
+    read = {"llava": _llava_forward, "gemma3": _gemma3_forward, "internvl": _internvl_forward,
+            "qwen": _qwen_forward}[_family(config)]
+    inputs_of = {"internvl": _internvl_inputs, "qwen": _qwen_inputs}.get(_family(config), _llava_inputs)
 
     def preprocess(images: list[Image.Image]) -> dict[str, torch.Tensor]:
         images = [im.convert("RGB") for im in images]
@@ -296,7 +315,7 @@ def feature_info(model: str, tower: Tower, grids: torch.Tensor, feature_dim: int
     return {
         "source_model": model,
         "feature_layer": {"llava": getattr(config, "vision_feature_layer", None), "gemma3": "pooled",
-                          "qwen": "merger"}[_family(config)],
+                          "internvl": "pixel_shuffle", "qwen": "merger"}[_family(config)],
         "vision_signature": vision_signature(config),
         "num_tokens": [int(lengths.min()), int(lengths.max())],
         "feature_dim": feature_dim,
