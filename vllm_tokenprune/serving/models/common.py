@@ -343,6 +343,16 @@ class PruningProcessorMixin:
         record_request(str(model_name), method, ratio, counts)
 
 
+class HFProcessorTokensMixin(PruningProcessorMixin):
+    """N of families whose count follows the HF processor's kwargs (Gemma 3's pan-and-scan
+    crops, InternVL's tiles): vLLM's own count for an image under them."""
+
+    def _unpruned_tokens(self, image_size: ImageSize, hf_kwargs: Mapping[str, object]) -> int:
+        return self.info.get_num_image_tokens(
+            image_width=image_size.width, image_height=image_size.height,
+            processor=self.info.get_hf_processor(**hf_kwargs), mm_kwargs=hf_kwargs)
+
+
 def check_budget_predictor(path: str | None, hf_config) -> None:
     """At start-up: the selector checkpoint's budget predictor loads (the API server's
     processor loads it on the first ``auto`` request), and a server whose default is

@@ -24,7 +24,7 @@ stock and pruned models alike.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import torch
 from vllm.model_executor.models.gemma3_mm import (
@@ -34,25 +34,19 @@ from vllm.model_executor.models.gemma3_mm import (
     Gemma3ProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.parse import ImageSize
 
 from vllm_tokenprune.serving.models.common import (
     KEEP_FIELD,
+    HFProcessorTokensMixin,
     NoEncoderCudaGraphsMixin,
     PruningModelMixin,
-    PruningProcessorMixin,
 )
 from vllm_tokenprune.serving.models.llava import LlavaTowerMixin
 from vllm_tokenprune.serving.policy import split_keep
 
 
-class PrunedGemma3MultiModalProcessor(PruningProcessorMixin, Gemma3MultiModalProcessor):
+class PrunedGemma3MultiModalProcessor(HFProcessorTokensMixin, Gemma3MultiModalProcessor):
     """Gemma 3's processor, each image's placeholders cut to its K, markers and crop text kept."""
-
-    def _unpruned_tokens(self, image_size: ImageSize, hf_kwargs: Mapping[str, object]) -> int:
-        return self.info.get_num_image_tokens(
-            image_width=image_size.width, image_height=image_size.height,
-            processor=self.info.get_hf_processor(**hf_kwargs), mm_kwargs=hf_kwargs)
 
 
 @MULTIMODAL_REGISTRY.register_processor(

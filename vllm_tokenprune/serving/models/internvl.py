@@ -19,7 +19,7 @@ and the projector maps those into the language model. The prompt holds them all 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import torch
 from vllm.model_executor.models.interns1 import (
@@ -29,21 +29,15 @@ from vllm.model_executor.models.interns1 import (
     InternS1ProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.parse import ImageSize
 
 from vllm_tokenprune.selection import methods
 from vllm_tokenprune.selection.methods.attention import TowerProbe
-from vllm_tokenprune.serving.models.common import KEEP_FIELD, PruningModelMixin, PruningProcessorMixin
+from vllm_tokenprune.serving.models.common import KEEP_FIELD, HFProcessorTokensMixin, PruningModelMixin
 from vllm_tokenprune.serving.models.llava import OBJECT_LAYER_SHARE
 
 
-class PrunedInternVLMultiModalProcessor(PruningProcessorMixin, InternS1MultiModalProcessor):
+class PrunedInternVLMultiModalProcessor(HFProcessorTokensMixin, InternS1MultiModalProcessor):
     """InternVL's processor, each image's run of context tokens cut to its K, markers kept."""
-
-    def _unpruned_tokens(self, image_size: ImageSize, hf_kwargs: Mapping[str, object]) -> int:
-        return self.info.get_num_image_tokens(
-            image_width=image_size.width, image_height=image_size.height,
-            processor=self.info.get_hf_processor(**hf_kwargs), mm_kwargs=hf_kwargs)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
