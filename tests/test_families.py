@@ -94,3 +94,49 @@ def test_every_method_keeps_one_and_all_but_one_token(family, tiny_checkpoint, r
     finally:
         llm.llm_engine.engine_core.shutdown()
 
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.features != "qwen"], ids=lambda f: f.name)
+def test_a_batch_a_cache_hit_and_chunks_answer_as_each_request_alone(family, tiny_checkpoint, random_selector):
+    """Requests of several ratios and methods answer the same alone in 32-token prefill
+    chunks, together in one batch, and again from the prefix cache. (The M-RoPE families,
+    whose positions make this harder, are tested so in tests/test_qwen.py.)"""
+    from vllm import LLM, SamplingParams
+
+    path = tiny_checkpoint(family.name)
+    image = noise_image(336, 252, seed=5)
+    asks = [{"keep_ratio": 0.25, "prune_method": "norm"}, {"keep_ratio": 1.0},
+            {"keep_ratio": 0.5, "prune_method": "random"}, {"keep_ratio": 0.1, "prune_method": "learned"}]
+    greedy = SamplingParams(temperature=0, max_tokens=4, min_tokens=4)
+
+    def engine(**args):
+        return LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=4096, seed=0,
+                   hf_overrides={"architectures": [family.pruned],
+                                 "tokenprune_selector": str(random_selector(family.name))}, **args)
+
+    def requests(llm):
+        text = llm.get_tokenizer().apply_chat_template(
+            # a question long enough that even keep 0.1 fills a 32-token block holding the image
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it ? " * 12}]}],
+            tokenize=False, add_generation_prompt=True)
+        return [{"prompt": text, "multi_modal_data": {"image": image}, "mm_processor_kwargs": ask} for ask in asks]
+
+    def answers(outs):
+        return [(out.prompt_token_ids, list(out.outputs[0].token_ids)) for out in outs]
+
+    chunked = engine(enable_chunked_prefill=True, max_num_batched_tokens=32, max_num_seqs=4,
+                     enable_prefix_caching=False)
+    try:
+        alone = [answers(chunked.generate([r], greedy, use_tqdm=False))[0] for r in requests(chunked)]
+    finally:
+        chunked.llm_engine.engine_core.shutdown()
+    llm = engine(block_size=32)
+    try:
+        assert answers(llm.generate(requests(llm), greedy, use_tqdm=False)) == alone
+        for request, want in zip(requests(llm), alone):
+            (again,) = llm.generate([request], greedy, use_tqdm=False)
+            first_image_token = again.prompt_token_ids.index(tiny.image_token_id(path))
+            assert again.num_cached_tokens > first_image_token, request["mm_processor_kwargs"]
+            assert answers([again])[0] == want, request["mm_processor_kwargs"]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
