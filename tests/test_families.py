@@ -9,6 +9,8 @@ pruned architecture, with that selector in the model config, sizes an image to K
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from PIL import Image
 from reference import chat, noise_image
@@ -138,5 +140,40 @@ def test_a_batch_a_cache_hit_and_chunks_answer_as_each_request_alone(family, tin
             first_image_token = again.prompt_token_ids.index(tiny.image_token_id(path))
             assert again.num_cached_tokens > first_image_token, request["mm_processor_kwargs"]
             assert answers([again])[0] == want, request["mm_processor_kwargs"]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.mark.vllm
+def test_gemma3_pan_and_scan_crops_share_k(tiny_checkpoint, random_selector):
+    """With pan-and-scan on, a wide image is the whole image plus crops, each in its own framed
+    run with text between them: the processor cuts each run to its share of K
+    (``policy.split_keep``), keeps the text, and the model fills each run with that many tokens."""
+    from vllm import LLM, SamplingParams
+
+    from vllm_tokenprune.serving.policy import split_keep
+
+    path = tiny_checkpoint("gemma3")
+    image = noise_image(500, 200, seed=4)
+    crops = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 64}
+    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=4096, seed=0,
+              mm_processor_kwargs=crops, hf_overrides={"architectures": [by_name("gemma3").pruned],
+                                                       "tokenprune_selector": str(random_selector("gemma3"))})
+    try:
+        tokenizer = llm.get_tokenizer()
+        soft = tokenizer.convert_tokens_to_ids("<image_soft_token>")
+        runs = {}
+        for ratio in (1.0, 0.5, 0.1):
+            (out,) = llm.chat(chat([image], lambda im: {"type": "image_pil", "image_pil": im}),
+                              SamplingParams(temperature=0, max_tokens=2, min_tokens=2), use_tqdm=False,
+                              mm_processor_kwargs={"keep_ratio": ratio, "prune_method": "norm"})
+            ids = out.prompt_token_ids
+            runs[ratio] = [len(list(run)) for is_soft, run in itertools.groupby(ids, key=soft.__eq__) if is_soft]
+            assert tokenizer.decode([t for t in ids if t != soft]).count("<start_of_image>") == len(runs[ratio])
+        per_crop = runs[1.0][0]
+        assert len(runs[1.0]) > 2 and set(runs[1.0]) == {per_crop}  # the whole image and its crops
+        n = per_crop * len(runs[1.0])
+        for ratio in (0.5, 0.1):
+            assert runs[ratio] == split_keep(keep_count(n, ratio), runs[1.0]), ratio
     finally:
         llm.llm_engine.engine_core.shutdown()
