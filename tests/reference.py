@@ -36,6 +36,24 @@ def hf_model(path):
     return model.eval(), info
 
 
+def stock_greedy(path, images, dtype: str, new_tokens: int = NEW_TOKENS):
+    """The stock model's prompt ids and greedy tokens: transformers' in fp32; in bf16 (families
+    vLLM runs only in bf16 on CPU, ``tiny.CPU_DTYPES``) vLLM's own stock architecture, since
+    bf16 kernels differ between the two."""
+    if dtype == "float32":
+        return hf_greedy(path, images, new_tokens)[:2]
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(path), dtype=dtype, enforce_eager=True, max_model_len=4096, seed=0,
+              limit_mm_per_prompt={"image": max(1, len(images))})
+    try:
+        (out,) = llm.chat(chat(images, lambda image: {"type": "image_pil", "image_pil": image}),
+                          SamplingParams(temperature=0, max_tokens=new_tokens, min_tokens=new_tokens), use_tqdm=False)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    return list(out.prompt_token_ids), list(out.outputs[0].token_ids)
+
+
 def hf_greedy(path, images, new_tokens: int = NEW_TOKENS):
     """transformers' prompt ids, greedy tokens and their logprobs for a chat with ``images``."""
     from transformers import AutoProcessor

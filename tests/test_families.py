@@ -78,7 +78,7 @@ def test_every_method_keeps_one_and_all_but_one_token(family, tiny_checkpoint, r
     path = tiny_checkpoint(family.name)
     image = noise_image(336, 252, seed=1)
     n = tiny.count_image_tokens(path, image.size)
-    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=4096, seed=0,
+    llm = LLM(model=str(path), dtype=tiny.cpu_dtype(family.name), enforce_eager=True, max_model_len=4096, seed=0,
               hf_overrides={"architectures": [family.pruned],
                             "tokenprune_selector": str(random_selector(family.name))})
     try:
@@ -112,7 +112,7 @@ def test_a_batch_a_cache_hit_and_chunks_answer_as_each_request_alone(family, tin
     greedy = SamplingParams(temperature=0, max_tokens=4, min_tokens=4)
 
     def engine(**args):
-        return LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=4096, seed=0,
+        return LLM(model=str(path), dtype=tiny.cpu_dtype(family.name), enforce_eager=True, max_model_len=4096, seed=0,
                    hf_overrides={"architectures": [family.pruned],
                                  "tokenprune_selector": str(random_selector(family.name))}, **args)
 

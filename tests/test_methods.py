@@ -33,6 +33,7 @@ from vllm_tokenprune.selection.methods.pool import cells, shares
 from vllm_tokenprune.selection.methods.visionzip import split
 from vllm_tokenprune.selection.selector import SelectorConfig, TokenSelector
 from vllm_tokenprune.serving.families import FAMILIES, of_architectures
+from vllm_tokenprune.testbed.tiny import cpu_dtype
 
 ALL_PROBES = [Probe(stat, layer) for stat in (ATTENTION, GLOBAL_ATTENTION, KEYS) for layer in (LATE, MIDDLE)]
 
@@ -497,7 +498,8 @@ def test_tower_statistics_in_vllm_equal_transformers_attention(arch, tiny_checkp
     image_processor = AutoProcessor.from_pretrained(path).image_processor
     processed = image_processor(images=images, return_tensors="pt")
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model sends functions
-    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
+    dtype = cpu_dtype(arch)
+    llm = LLM(model=str(path), dtype=dtype, enforce_eager=True, max_model_len=2048, seed=0,
               hf_overrides={"architectures": [of_architectures([STOCK_ARCH[arch]]).pruned]})
     try:
         if arch in SQUARE_TOWER_LAYERS:
@@ -516,4 +518,7 @@ def test_tower_statistics_in_vllm_equal_transformers_attention(arch, tiny_checkp
     for image_got, image_want in zip(got, want):
         assert set(image_got) == {tuple(p) for p in ALL_PROBES}
         for probe in ALL_PROBES:
-            assert torch.allclose(torch.tensor(image_got[tuple(probe)]), image_want[probe], atol=1e-5), probe
+            expected = image_want[probe]
+            # a bf16 tower (Qwen3.5 on CPU) against transformers' fp32: within 2% of the statistic's range
+            atol = 1e-5 if dtype == "float32" else 0.02 * float(expected.abs().max())
+            assert torch.allclose(torch.tensor(image_got[tuple(probe)]), expected, atol=atol), probe

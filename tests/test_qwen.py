@@ -16,13 +16,13 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from reference import NEW_TOKENS, QUESTION, chat, hf_greedy, hf_model, noise_image
+from reference import NEW_TOKENS, QUESTION, chat, hf_greedy, hf_model, noise_image, stock_greedy
 
 from vllm_tokenprune.selection.methods import METHOD_NAMES
 from vllm_tokenprune.serving import plugin
 from vllm_tokenprune.serving.families import FAMILIES, of_architectures
 from vllm_tokenprune.serving.policy import keep_count
-from vllm_tokenprune.testbed.tiny import count_image_tokens, image_token_id
+from vllm_tokenprune.testbed.tiny import count_image_tokens, cpu_dtype, image_token_id
 
 STOCK_ARCH = {f.name: f.stock for f in FAMILIES if f.features == "qwen"}  # the M-RoPE families
 METHODS = ("learned", "random", "norm")
@@ -40,10 +40,13 @@ def _install_probes(model) -> None:
     and of the last request, its position inputs and encoder outputs (position columns
     included)."""
     model.probe_positions, model.probe_kept, model.probe_embeds, model.probe_mrope = [], [], [], []
+
+    def record(_, args, kwargs):  # Qwen3.5's layers take their arguments by keyword, the others' by position
+        model.probe_positions.append((kwargs["positions"] if "positions" in kwargs else args[0]).tolist())
+
     # The first decoder layer: vLLM's compile decorator calls the language model's
     # forward directly, past module hooks; its layers are called as modules.
-    model.language_model.model.layers[0].register_forward_pre_hook(
-        lambda _, args: model.probe_positions.append(args[0].tolist()))
+    model.language_model.model.layers[0].register_forward_pre_hook(record, with_kwargs=True)
     keep_rows = model._keep_rows
 
     def recording(*args, **kwargs):
@@ -147,7 +150,7 @@ def load(path, arch, selector, **engine_args):
 
     overrides = {"architectures": [of_architectures([STOCK_ARCH[arch]]).pruned],
                  "tokenprune_selector": str(selector)}
-    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=4096,
+    llm = LLM(model=str(path), dtype=cpu_dtype(arch), enforce_eager=True, max_model_len=4096,
               hf_overrides=overrides, limit_mm_per_prompt={"image": 2, "video": 1},
               seed=0, **engine_args)
     llm.apply_model(_install_probes)
@@ -196,9 +199,10 @@ def hf_positions(path, imgs) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def stock(path):
-    """transformers' prompt ids, greedy tokens and positions for images(1)."""
-    prompt, tokens, _ = hf_greedy(path, images(1))
+def stock(path, arch):
+    """The stock model's prompt ids and greedy tokens (``reference.stock_greedy``) and
+    transformers' positions for images(1)."""
+    prompt, tokens = stock_greedy(path, images(1), cpu_dtype(arch))
     return prompt, tokens, hf_positions(path, images(1))
 
 
@@ -349,8 +353,10 @@ def test_prefix_cache_hit_gives_the_same_output_and_positions(llm, path):
     imgs = images(3)
     prompt, _, _ = hf_greedy(path, imgs, new_tokens=1)
     positions = hf_positions(path, imgs)
-    first, first_seen, kept = run(llm, imgs, keep_ratio=0.25, prune_method="norm")
-    again, again_seen, _ = run(llm, imgs, keep_ratio=0.25, prune_method="norm")
+    # Keep 0.5: the prompt must fill a cache block, and Qwen3.5's hybrid cache blocks (sized
+    # to match a linear-attention state) are 64 tokens on its tiny checkpoint.
+    first, first_seen, kept = run(llm, imgs, keep_ratio=0.5, prune_method="norm")
+    again, again_seen, _ = run(llm, imgs, keep_ratio=0.5, prune_method="norm")
     # The repeat reads the first image's tokens from cached blocks, runs no recompute
     # there, and still continues at the stock positions.
     first_image = again.prompt_token_ids.index(image_token_id(path))
@@ -465,6 +471,30 @@ def test_our_model_state_turns_the_v2_pruner_on(monkeypatch):
     assert (state.mm_pruner.rope_state, state.mm_pruner.encoder_cache) == ("rope", "cache")
     with pytest.raises(ValueError, match="provisional positions"):
         PrunedMRopeModelState(SimpleNamespace(rope_state=None), model, "cache", "cpu")
+
+
+def test_a_hybrid_model_gets_the_hybrid_state_v2_would_give_it():
+    """Qwen3.5's Gated DeltaNet layers keep their recurrent state in V2's Mamba-hybrid state."""
+    from vllm.v1.worker.gpu.model_states import resolve_model_state_cls
+    from vllm.v1.worker.gpu.model_states.mamba_hybrid import MambaHybridModelState
+
+    from vllm_tokenprune.serving.models.runner_v2 import PrunedMRopeHybridModelState, PrunedMRopeModelState
+
+    assert "MambaHybridModelState" in inspect.getsource(resolve_model_state_cls)
+    assert issubclass(PrunedMRopeHybridModelState, MambaHybridModelState)
+    for family in FAMILIES:
+        if family.features == "qwen":
+            model_class = plugin_class(family)
+            want = PrunedMRopeHybridModelState if getattr(model_class, "is_hybrid", False) else PrunedMRopeModelState
+            assert model_class.get_model_state_cls(model_class) is want, family.name
+    assert plugin_class(of_architectures(["Qwen3_5ForConditionalGeneration"])).is_hybrid
+
+
+def plugin_class(family):
+    import importlib
+
+    module, name = family.target.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def test_a_configuration_that_would_serve_wrong_positions_stops_at_start_up(monkeypatch):

@@ -13,12 +13,12 @@ import time
 import openai
 import pytest
 import requests
-from reference import NEW_TOKENS, QUESTION, chat, hf_greedy, noise_image
+from reference import NEW_TOKENS, QUESTION, chat, noise_image, stock_greedy
 from server import Server, serve_command
 
 from vllm_tokenprune.selection.methods import METHOD_NAMES
 from vllm_tokenprune.serving.policy import keep_count
-from vllm_tokenprune.testbed.tiny import ARCHES, count_image_tokens
+from vllm_tokenprune.testbed.tiny import ARCHES, count_image_tokens, cpu_dtype
 from vllm_tokenprune.tools.client import image_url
 
 pytestmark = pytest.mark.server
@@ -41,7 +41,7 @@ def model(tiny_checkpoint, arch):
 @pytest.fixture(scope="module")
 def server(model, arch, random_selector, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with Server(model, "--selector", str(random_selector(arch)), "--dtype", "float32",
+    with Server(model, "--selector", str(random_selector(arch)), "--dtype", cpu_dtype(arch),
                 "--max-model-len", "4096", "--limit-mm-per-prompt", '{"image": 2}',
                 "--min-keep-ratio", "0.05", "--keep-ratio-step", "0.05",
                 "--block-size", str(BLOCK), "--enable-prompt-tokens-details",
@@ -75,8 +75,8 @@ def test_prompt_tokens_fall_by_exactly_n_minus_k_in_any_order(client, model):
             assert full - got.prompt_tokens == n - keep_count(n, ratio), (order, ratio)
 
 
-def test_keep_one_reproduces_the_stock_model(client, model):
-    prompt, tokens, _ = hf_greedy(model, [IMAGE])
+def test_keep_one_reproduces_the_stock_model(client, model, arch):
+    prompt, tokens = stock_greedy(model, [IMAGE], cpu_dtype(arch))
     for method in METHOD_NAMES:
         out = ask(client, headers={"X-Keep-Ratio": "1", "X-Prune-Method": method})
         assert out.choices[0].token_ids == tokens, method

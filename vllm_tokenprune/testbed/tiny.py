@@ -28,6 +28,14 @@ from vllm_tokenprune.serving.families import FAMILIES, by_name
 from vllm_tokenprune.testbed.tokenizers import chatml_template, gemma_template, make_tokenizer, vicuna_template
 
 ARCHES = tuple(f.name for f in FAMILIES)  # every family pruning serves, and only those
+# The dtype vLLM's CPU build serves each tiny checkpoint in for tests that compare outputs: fp32
+# (bf16, its default, would not match transformers), except where vLLM 0.32 has only a bf16
+# CPU kernel: Qwen3.5's Gated DeltaNet layers ("CPU GDN attention requires BF16.").
+CPU_DTYPES = {"qwen3.5": "bfloat16"}
+
+
+def cpu_dtype(arch: str) -> str:
+    return CPU_DTYPES.get(arch, "float32")
 
 
 @dataclass(frozen=True)
@@ -334,8 +342,11 @@ def _build_qwen2_5_vl(p: Preset):
     ))
 
 
-def _build_qwen3_vl(p: Preset):
-    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLProcessor, Qwen3VLVideoProcessor
+def _build_qwen3_family(p: Preset, config_class: str, text: dict, vision: dict):
+    """Qwen3-VL and Qwen3.5: one tokenizer, chat template, tower layout and processor; the
+    language models differ (``text``, ``vision``: the family's own config keys)."""
+    import transformers
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
     tok = _qwen_tokenizer(p, _QWEN_VL_MEDIA)
     tok.chat_template = chatml_template(
@@ -343,11 +354,8 @@ def _build_qwen3_vl(p: Preset):
         "<|vision_start|><|video_pad|><|vision_end|>",
         default_system=None,
     )
-    head_dim = p.text_hidden // p.text_heads
-    # Qwen3-VL interleaves 64 frequencies 24 / 20 / 20 over (t, h, w)
-    rope = {"rope_theta": 5e6, "mrope_section": _mrope_section(head_dim, 0.375), "mrope_interleaved": True}
-    config = Qwen3VLConfig(
-        text_config={**_qwen_text_config(p, tok, rope), "head_dim": head_dim},
+    config = getattr(transformers, config_class)(
+        text_config={**_qwen_text_config(p, tok, text.pop("rope")), **text},
         vision_config=dict(
             depth=p.vision_layers,
             hidden_size=p.vision_hidden,
@@ -358,8 +366,8 @@ def _build_qwen3_vl(p: Preset):
             spatial_merge_size=2,
             temporal_patch_size=2,
             num_position_embeddings=24 * 24,  # a square grid, interpolated to each image (real: 48 x 48)
-            deepstack_visual_indexes=list(range(p.vision_layers - 1)),  # all but the last, like 8/16/24 of 27
             hidden_act="gelu_pytorch_tanh",
+            **vision,
         ),
         **_qwen_vision_ids(tok),
         tie_word_embeddings=False,
@@ -374,6 +382,35 @@ def _build_qwen3_vl(p: Preset):
         chat_template=tok.chat_template,
     )
     return config, processor
+
+
+def _build_qwen3_vl(p: Preset):
+    head_dim = p.text_hidden // p.text_heads
+    # Qwen3-VL interleaves 64 frequencies 24 / 20 / 20 over (t, h, w)
+    rope = {"rope_theta": 5e6, "mrope_section": _mrope_section(head_dim, 0.375), "mrope_interleaved": True}
+    return _build_qwen3_family(p, "Qwen3VLConfig", {"rope": rope, "head_dim": head_dim}, {
+        "deepstack_visual_indexes": list(range(p.vision_layers - 1)),  # all but the last, like 8/16/24 of 27
+    })
+
+
+def _build_qwen3_5(p: Preset):
+    # Qwen3.5 rotates a quarter of each 256-wide head, its 32 frequencies interleaved 11 / 11 / 10;
+    # here a quarter of 128 (vLLM's CPU attention wants head_dim 32, 64, 80, ...).
+    head_dim = 128
+    rope = {"rope_theta": 1e7, "partial_rotary_factor": 0.25, "mrope_interleaved": True,
+            "mrope_section": _mrope_section(head_dim // 4, 0.5)}
+    return _build_qwen3_family(p, "Qwen3_5Config", {
+        "rope": rope, "head_dim": head_dim,
+        # Gated DeltaNet (linear attention) layers, then a full-attention one, as in 3:1
+        "layer_types": ["linear_attention", "full_attention"] * (p.text_layers // 2),
+        # the real model's head widths (vLLM's CPU kernel takes no others), one head
+        "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_num_key_heads": 1,
+        "linear_num_value_heads": 1, "linear_conv_kernel_dim": 4,
+        # vLLM sizes a cache block so that its attention pages match one linear-attention
+        # state; wide heads, all of them KV heads, keep that block short enough for a tiny
+        # prompt to fill one (48 tokens)
+        "num_key_value_heads": p.text_heads,
+    }, {})  # no DeepStack
 
 
 def _build_llava_onevision(p: Preset):
@@ -496,8 +533,9 @@ _ARCHES = {
     "qwen2.5-vl": _Arch(_build_qwen2_5_vl, _QWEN2_HUB_PREFIXES),
     "llava-next": _Arch(_build_llava_next, _LLAVA_HUB_PREFIXES),
     "llava-onevision": _Arch(_build_llava_onevision, _LLAVA_HUB_PREFIXES),
-    # Qwen3-VL was released with transformers' current layout (`model.language_model.*`).
+    # Qwen3-VL and Qwen3.5 were released with transformers' current layout (`model.language_model.*`).
     "qwen3-vl": _Arch(_build_qwen3_vl, ()),
+    "qwen3.5": _Arch(_build_qwen3_5, ()),
     # Gemma 3's hub checkpoints keep LLaVA's layout (`language_model.model.*`, `vision_tower.vision_model.*`).
     "gemma3": _Arch(_build_gemma3, _LLAVA_HUB_PREFIXES),
     # InternVL's "-hf" checkpoints were released with transformers' current layout.

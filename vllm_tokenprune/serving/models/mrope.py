@@ -108,14 +108,12 @@ def check_position_recompute(vllm_config, model) -> None:
         raise ValueError(f"{name}: pipeline parallelism is not supported with pruning: later stages "
                          "compute M-RoPE positions without the encoder's kept tokens")
     if vllm_config.use_v2_model_runner:
-        from vllm_tokenprune.serving.models.runner_v2 import PrunedMRopeModelState
-
         try:
             from vllm.v1.worker.gpu.model_states import resolve_model_state_cls
         except ImportError as exc:
             raise ValueError(f"{name}: vLLM's Model Runner V2 moved its model states ({exc}); "
                              "set VLLM_USE_V2_MODEL_RUNNER=0 to serve pruned models on V1") from None
-        if resolve_model_state_cls(vllm_config, model) is not PrunedMRopeModelState:
+        if resolve_model_state_cls(vllm_config, model) is not model.get_model_state_cls():
             raise ValueError(f"{name}: Model Runner V2 ignores the model's own state, so it would not "
                              "recompute M-RoPE positions; set VLLM_USE_V2_MODEL_RUNNER=0")
     else:
@@ -146,12 +144,12 @@ class MRopePruningModelMixin(NoEncoderCudaGraphsMixin, PruningModelMixin):
         check_position_recompute(vllm_config, self)
         self._init_pruning(vllm_config, self.visual.device)
 
-    @staticmethod
-    def get_model_state_cls():
-        """Model Runner V2's hook for a model's own state (``models/runner_v2.py``)."""
-        from vllm_tokenprune.serving.models.runner_v2 import PrunedMRopeModelState
+    def get_model_state_cls(self):
+        """Model Runner V2's hook for a model's own state (``models/runner_v2.py``): the one V2
+        would choose, hybrid or not, with the pruner on."""
+        from vllm_tokenprune.serving.models.runner_v2 import PrunedMRopeHybridModelState, PrunedMRopeModelState
 
-        return PrunedMRopeModelState
+        return PrunedMRopeHybridModelState if getattr(self, "is_hybrid", False) else PrunedMRopeModelState
 
     def _selection_features(self, embeds: torch.Tensor) -> torch.Tensor:
         """The part of an image's embeddings (N, D) the method scores."""
