@@ -109,11 +109,14 @@ def test_every_method_gives_the_same_count_and_is_deterministic(client):
     assert len(counts) == 1
 
 
-def test_the_question_is_part_of_the_image_for_methods_that_read_it(client):
+def test_the_question_is_part_of_the_image_for_methods_that_read_it(client, model):
     """Through the prefix cache: the image's blocks are reused by a repeat, and by another
     question only when the method does not read the question."""
-    for seed, method in enumerate(("cdpruner", "mmtok", "norm"), start=20):
-        image = noise_image(336, 252, seed=seed)  # new to this server
+    kept = keep_count(count_image_tokens(model, IMAGE.size), 0.5)
+    if kept < BLOCK:
+        pytest.skip(f"{kept} kept tokens fill no cache block before the question starts")
+    for seed, method in enumerate(("norm", "cdpruner", "mmtok"), start=20):
+        image = noise_image(*IMAGE.size, seed=seed)  # new to this server
 
         def cached(question):
             out = ask(client, images=(image,), question=question, max_tokens=1,
@@ -121,7 +124,10 @@ def test_the_question_is_part_of_the_image_for_methods_that_read_it(client):
             return out.usage.prompt_tokens_details.cached_tokens or 0
 
         assert cached("what is red ?") == 0
-        assert cached("what is red ?") >= BLOCK, method
+        repeat = cached("what is red ?")
+        if method == "norm" and repeat == 0:
+            pytest.skip("no prefix-cache hit even for a repeat (a hybrid model's state is not cached here)")
+        assert repeat >= BLOCK, method
         other = cached("what is blue ?")
         assert other == 0 if method != "norm" else other >= BLOCK, (method, other)
 
