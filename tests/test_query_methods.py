@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import pytest
 import torch
 from test_methods import random_tokens
 
@@ -67,15 +68,6 @@ def test_cdpruner_relevance_is_the_mean_cosine_to_the_question_scaled_to_unit_ra
     assert 0 < THETA < 1
 
 
-def test_cdpruner_keeps_what_the_question_asks_about_among_equally_diverse_tokens():
-    """Four orthogonal tokens: any two are equally diverse; the question decides which."""
-    features = torch.eye(4)
-    for asked in range(4):
-        query = torch.eye(4)[asked:asked + 1]
-        rows = methods.select("cdpruner", Tokens(features, ((2, 2),), seed=0, query=query), 1)
-        assert rows.index.tolist() == [asked]
-
-
 def _coverage(sim: torch.Tensor, weights: torch.Tensor, chosen) -> float:
     if not chosen:
         return 0.0
@@ -114,12 +106,13 @@ def test_coverage_weighs_the_question_and_the_image_as_defined():
     assert coverage_matrix(without)[0].shape == (n, n)
 
 
-def test_mmtok_keeps_the_token_that_covers_the_question():
-    """Tokens equally covering the image (orthogonal): the question decides."""
+@pytest.mark.parametrize("method", ["cdpruner", "mmtok"])
+def test_among_equally_diverse_tokens_the_question_decides(method):
+    """Four orthogonal tokens: any one is as diverse and covers the image as well as another."""
     features = torch.eye(4)
     for asked in range(4):
         query = torch.eye(4)[asked:asked + 1]
-        rows = methods.select("mmtok", Tokens(features, ((2, 2),), seed=0, query=query), 1)
+        rows = methods.select(method, Tokens(features, ((2, 2),), seed=0, query=query), 1)
         assert rows.index.tolist() == [asked]
 
 

@@ -440,7 +440,7 @@ class PruningModelMixin:
         positions; ``tokens`` fills the rest of ``methods.Tokens`` (values, embed, stats)."""
         name = methods.method_name(fields[METHOD_FIELD][i])
         k = fields[KEEP_FIELD][i] if k is None else k
-        if methods.get(name).reads_query:
+        if methods.get(name).reads_query and k < len(features):  # at K = N no method runs
             tokens["query"] = self.get_language_model().embed_input_ids(fields[QUERY_FIELD][i].to(features.device))
         candidates = methods.Tokens(features, grids, seed=fields[SEED_FIELD][i], selector=self.token_selector,
                                     query_selector=self.query_selector, **tokens)
