@@ -13,9 +13,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vllm_tokenprune.selection.budget import (
+    CELLS,
+    FEATURES,
     THUMBNAIL,
     BudgetConfig,
     BudgetPredictor,
+    cell_features,
     load_budget_predictor,
     section,
     thumbnail,
@@ -28,10 +31,33 @@ from vllm_tokenprune.training.budget import RATIOS, tolerance_targets
 def test_thumbnail_is_one_size_and_deterministic(size):
     image = density_image(*size, density=0.5, seed=1)
     a, b = thumbnail(image), thumbnail(image.copy())
-    assert a.shape == (3, THUMBNAIL, THUMBNAIL) and a.dtype == torch.float32
-    assert torch.equal(a, b) and 0.0 <= float(a.min()) <= float(a.max()) <= 1.0
-    assert torch.equal(thumbnail(np.asarray(image)), a)  # vLLM may hold images as arrays
-    assert torch.equal(thumbnail(image.convert("RGBA")), a)  # any mode is read as RGB
+    assert a.shape == (THUMBNAIL, THUMBNAIL, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert np.array_equal(thumbnail(np.asarray(image)), a)  # vLLM may hold images as arrays
+    assert np.array_equal(thumbnail(image.convert("RGBA")), a)  # any mode is read as RGB
+
+
+def test_cell_features_describe_each_cell():
+    flat = np.full((1, THUMBNAIL, THUMBNAIL, 3), 128, np.uint8)
+    striped = flat.copy()
+    striped[0, :8, :8:2] = 255  # vertical stripes in the first cell only
+    a, b = cell_features(flat)[0], cell_features(striped)[0]
+    assert a.shape == (CELLS * CELLS, FEATURES)
+    assert np.allclose(a[:, 3:], 0)  # a flat image: no spread, no change between pixels
+    assert (b[0, 3:9] > 0.1).all() and (b[0, 9:] < 0.05).all()  # spread, change across; little down
+    assert np.array_equal(b[1:], a[1:])  # the other cells do not see it
+
+
+def test_serving_forward_equals_training_forward():
+    torch.manual_seed(0)
+    predictor = BudgetPredictor(BudgetConfig(log_tokens=[4.0, 6.0]))
+    predictor.feature_mean.uniform_(0, 0.5)
+    predictor.feature_std.uniform_(0.1, 1)
+    images = [density_image(96, 64, d, seed=3) for d in (0.0, 0.4, 1.0)]
+    counts = [20, 100, 10**6]
+    with torch.no_grad():
+        logits = predictor(torch.from_numpy(cell_features(np.stack([thumbnail(i) for i in images]))), counts)
+    assert predictor.fractions(images, counts) == pytest.approx(torch.sigmoid(logits).tolist(), abs=1e-5)
 
 
 def test_the_predictor_is_a_section_of_the_selector_checkpoint(random_selector, tmp_path):
@@ -47,13 +73,13 @@ def test_the_predictor_is_a_section_of_the_selector_checkpoint(random_selector, 
     save_file({**old_tensors, **tensors}, str(path), metadata={**meta, "budget_predictor": json.dumps(header)})
 
     loaded, loaded_header = load_budget_predictor(path)
-    assert loaded_header["target"] == {"kind": "test"} and loaded_header["format_version"] == 1
+    assert loaded_header["target"] == {"kind": "test"} and loaded_header["format_version"] == 2
     images = [density_image(64, 48, d, seed=2) for d in (0.0, 1.0)]
     assert loaded.fractions(images, [20, 300]) == predictor.fractions(images, [20, 300])
     assert all(0.0 < f <= 1.0 for f in loaded.fractions(images, [1, 10**6]))  # N out of range is clamped
     load_selector(path)  # the selector still loads beside it
 
-    for bad in ({**header, "format_version": 2}, {**header, "config": {"channels": "x"}}, 3):
+    for bad in ({**header, "format_version": 1}, {**header, "config": {"channels": "x"}}, 3):
         save_file({**old_tensors, **tensors}, str(path), metadata={**meta, "budget_predictor": json.dumps(bad)})
         with pytest.raises(SelectorCheckpointError, match="budget predictor"):
             load_budget_predictor(path)
@@ -87,3 +113,29 @@ def test_train_fits_a_predictor_that_gives_dense_images_more_tokens(budget_selec
     fractions = predictor.fractions([blank, sparse, dense], [144] * 3)
     assert fractions[0] < fractions[1] < fractions[2]
     assert fractions[2] > 2 * fractions[0]
+
+
+def test_budget_only_refits_the_predictor_and_keeps_the_selector(budget_selector, tiny_checkpoint, tmp_path,
+                                                                 capsys):
+    from vllm_tokenprune.cli import main
+
+    path = budget_selector("llava")
+    out = tmp_path / "refit.safetensors"
+    out.write_bytes(path.read_bytes())
+    images, cache = path.parent / "images", path.parent / "cache"
+    args = ["train", "--model", str(tiny_checkpoint("llava")), "--images", str(images), "--out", str(out),
+            "--budget-only", "--budget-tolerance", "0.05", "--budget-steps", "100", "--threads", "1",
+            "--cache-dir", str(cache), "--no-progress"]
+    assert main(args) == 0
+    before, after = (safe_open(str(p), "pt") for p in (path, out))
+    assert {k for k in after.keys() if not k.startswith("budget.")} == {k for k in before.keys()
+                                                                        if not k.startswith("budget.")}
+    for name in (k for k in before.keys() if not k.startswith("budget.")):
+        assert torch.equal(before.get_tensor(name), after.get_tensor(name)), name
+    (_, old), (_, new) = load_budget_predictor(path), load_budget_predictor(out)
+    assert new["target"]["tolerance"] == 0.05 != old["target"]["tolerance"]
+    # A lower tolerance asks for more tokens per image.
+    assert new["eval"]["target_fraction"]["mean"] > old["eval"]["target_fraction"]["mean"]
+
+    args[args.index("--model") + 1] = str(tiny_checkpoint("qwen2.5-vl"))  # another tower: refused
+    assert main(args) == 2 and "does not fit" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from vllm_tokenprune.tools.eval import (
     evaluate,
     load_items,
     markdown,
+    parse_ratios,
     plot,
     score,
     server_methods,
@@ -61,16 +62,18 @@ def test_items_from_paths_data_urls_and_errors(tmp_path):
 
 def test_score_counts_failures_as_wrong_and_splits_by_kind():
     items = [Item("u", "q", "five", "count"), Item("u", "q", "red", "colour"), Item("u", "q", "two", "count")]
-    cell = score(items, [("Five", 160, None), ("blue", 160, None), (None, None, "500: boom")], Matcher())
+    cell = score(items, [("Five", 160, 144, None), ("blue", 160, 140, None), (None, None, None, "500: boom")],
+                 Matcher())
     assert cell["correct"] == 1 and cell["accuracy"] == pytest.approx(1 / 3)
     assert cell["errors"] == 1 and cell["first_error"] == "500: boom" and cell["mean_prompt_tokens"] == 160
+    assert cell["mean_image_tokens"] == 142
     assert cell["by_kind"] == {"colour": 0.0, "count": 0.5}
     assert "by_density" not in cell
 
 
 def test_score_splits_by_content_density():
     items = [Item("u", "q", "a", content_tokens=n) for n in (3, 8, 9, 40, 14)]
-    cell = score(items, [("a", 1, None), ("b", 1, None), ("a", 1, None), ("a", 1, None), ("b", 1, None)], Matcher())
+    cell = score(items, [(a, 1, 1, None) for a in "abaab"], Matcher())
     assert cell["by_density"] == {"1-8": 0.5, "9-14": 0.5, "37+": 1.0}
     assert list(cell["by_density"]) == ["1-8", "9-14", "37+"]  # bucket order, not name order
     assert [density_bucket(n) for n in (1, 14, 15, 36, 37, None)] == ["1-8", "9-14", "15-24", "25-36", "37+", None]
@@ -105,6 +108,31 @@ def test_report_table_and_plot(tmp_path):
         assert image.height > 1.5 * single.height
 
 
+def test_parse_ratios_keeps_budgets_after_numbers():
+    assert parse_ratios("0.25,auto,1,0.25, 0.1,auto;max=0.5,auto") == [1.0, 0.25, 0.1, "auto", "auto;max=0.5"]
+
+
+def test_report_places_auto_by_the_image_tokens_it_kept(tmp_path):
+    def cell(method, ratio, acc, image_tokens):
+        return {"method": method, "keep_ratio": ratio, "n": 10, "correct": round(10 * acc), "accuracy": acc,
+                "mean_prompt_tokens": 20 + image_tokens, "mean_image_tokens": image_tokens, "errors": 0,
+                "first_error": None}
+
+    result = {"n": 10, "refused": {}, "cells": [
+        cell("learned", 1.0, 0.8, 144), cell("learned", 0.5, 0.8, 72), cell("learned", 0.25, 0.7, 36),
+        cell("learned", "auto", 0.8, 28.8), cell("random", 0.5, 0.5, 72), cell("random", "auto", 0.4, 28.8)]}
+    report = {"model": "demo", "command": "vllm-tokenprune eval", "commit": "abc", "match": Matcher().__dict__,
+              "ratios": [1.0, 0.5, 0.25, "auto"], "methods": ["learned", "random"], "datasets": {"mixed": result}}
+    text = markdown(report)
+    assert "| learned | 80.0 | 80.0 | 70.0 | 80.0 |" in text and "| *image tokens* | 144.0 | 72.0 | 36.0 | 28.8 |" in text
+    assert ("auto (learned): 80.0% right, 100.0% of the keep-1.0 accuracy, 20.0% of the image tokens; the "
+            "smallest fixed ratio as accurate, keep 0.5, keeps 50.0%: auto needs 40% of its tokens") in text
+    assert "auto (random): 40.0% right, 50.0% of the keep-1.0 accuracy, 20.0% of the image tokens; the " \
+           "smallest fixed ratio as accurate, keep 0.5" in text
+    plot(report, tmp_path / "accuracy.png")
+    assert (tmp_path / "accuracy.png").stat().st_size > 10_000
+
+
 def test_missing_data_file_or_server_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "--url", "http://127.0.0.1:9", "--data", str(tmp_path / "none.jsonl")]) == 2
     assert "none.jsonl" in capsys.readouterr().err
@@ -120,9 +148,9 @@ def test_missing_data_file_or_server_is_a_clear_error(tmp_path, capsys):
 
 @pytest.mark.server
 def test_accuracy_against_a_real_server(tmp_path):
-    """Six held-out items plus one with a wrong answer key, at keep 1.0 and 0.25, learned
-    and random: every cell's count equals the one found by asking request by request,
-    and the CLI writes its three files."""
+    """Six held-out items plus one with a wrong answer key, at keep 1.0, 0.25 and auto,
+    learned and random: every cell's count equals the one found by asking request by
+    request, the image tokens are the server's, and the CLI writes its three files."""
     from server import Server
 
     from vllm_tokenprune.selection.methods import METHOD_NAMES
@@ -139,7 +167,7 @@ def test_accuracy_against_a_real_server(tmp_path):
     with Server(DEMO_DIR / "model", "--selector", str(DEMO_DIR / "selector.safetensors"),
                 "--served-model-name", "demo", log_path=tmp_path / "server.log") as server:
         assert server_methods(server.url, "demo") == list(METHOD_NAMES)
-        report = evaluate(server.url, {"set": items}, [1.0, 0.25], ["learned", "random"], Matcher(),
+        report = evaluate(server.url, {"set": items}, [1.0, 0.25, "auto"], ["learned", "random"], Matcher(),
                           concurrency=4, progress=False)
         client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
         for c in report["datasets"]["set"]["cells"]:
@@ -153,11 +181,14 @@ def test_accuracy_against_a_real_server(tmp_path):
                         {"type": "text", "text": item.question}]}])
                 right += out.choices[0].message.content.strip().lower() == item.answer
             assert c["correct"] == right and c["n"] == 7 and c["errors"] == 0, c
-        assert main(["eval", "--url", server.root, "--data", str(data), "--ratios", "1.0,0.25",
+        assert main(["eval", "--url", server.root, "--data", str(data), "--ratios", "1.0,0.25,auto",
                      "--methods", "learned,random", "--out", str(tmp_path / "out")]) == 0
     full = next(c for c in report["datasets"]["set"]["cells"] if c["keep_ratio"] == 1.0)
     assert full["correct"] <= 6 and full["mean_prompt_tokens"] - 108 == pytest.approx(
         next(c for c in report["datasets"]["set"]["cells"] if c["keep_ratio"] == 0.25)["mean_prompt_tokens"])
+    images = {(c["method"], c["keep_ratio"]): c["mean_image_tokens"] for c in report["datasets"]["set"]["cells"]}
+    assert images[("learned", 1.0)] == 144 and images[("learned", 0.25)] == 36
+    assert 1 <= images[("learned", "auto")] < 144 and images[("learned", "auto")] == images[("random", "auto")]
     written = json.loads((tmp_path / "out" / "results.json").read_text())
     assert written["datasets"]["set"]["cells"] == report["datasets"]["set"]["cells"]
     assert (tmp_path / "out" / "accuracy.png").exists()

@@ -8,11 +8,18 @@ dynamic resolution: the same content at more tokens needs a smaller fraction), a
 returns a fraction in (0, 1). The processor turns it into K with ``policy.keep_count``,
 like any ratio.
 
-Architecture: three strided 3 x 3 convolutions (64 -> 32 -> 16 -> 8), global mean
-pooling, then a small MLP that also reads log N. The mean over positions makes it
+Architecture: the thumbnail is cut into an 8 x 8 grid of cells, and each cell described by
+fixed statistics (``cell_features``: its mean colour, the spread of its colours, and how
+much they change from pixel to pixel, across and down); a small MLP shared by all cells
+scores them, the mean over cells and log N go through a second MLP. The mean makes it
 count local evidence ("how much of the image holds detail"), which is what the number of
-tokens worth keeping follows. About 15k parameters; well under a millisecond per image on
-one core (``benchmarks/budget_cost.py``).
+tokens worth keeping follows. About 3k parameters.
+
+Serving runs it in NumPy, single-threaded by construction (``fractions``): a PyTorch
+convolution or matrix product hands even this little work to the intra-op thread pool,
+whose threads wake, spin and wait on every call, and in an API server with one pool thread
+per core that costs more CPU than the arithmetic (``benchmarks/budget_cost.py``). Training
+uses the same weights as a PyTorch module; a test holds the two forwards equal.
 
 It is trained by ``training.budget`` after the selector, and ships in the selector's
 checkpoint as its own section (tensors ``budget.*``, header key ``budget_predictor``
@@ -35,34 +42,49 @@ from torch import nn
 from vllm_tokenprune.selection.selector import SelectorCheckpointError, read_checkpoint, section_header
 
 SECTION = "budget_predictor"  # the checkpoint header key of the predictor's section
-SECTION_VERSION = 1
+SECTION_VERSION = 2  # 2: cell statistics and MLPs (1, convolutions, is refused: retrain)
 PREFIX = "budget."  # its tensors' names in the checkpoint
 THUMBNAIL = 64  # side of the square thumbnail the predictor reads
+CELLS = 8  # cells per side of the thumbnail
+FEATURES = 12  # statistics per cell (``cell_features``)
 # Fractions are kept away from 0 so that they are always a valid keep ratio.
 MIN_FRACTION = 1e-4
 
 
-def thumbnail(image) -> torch.Tensor:
-    """(3, THUMBNAIL, THUMBNAIL) float32 in [0, 1]: the whole image, squashed to a square.
+def thumbnail(image) -> np.ndarray:
+    """(THUMBNAIL, THUMBNAIL, 3) uint8: the whole image, squashed to a square.
 
     The same function prepares training images and served ones, so the predictor sees
-    the same input for the same picture. PIL's ``reducing_gap`` first shrinks by an
-    integer factor (a cheap box filter), then resamples bilinearly: the cost stays small
-    for large images and the result is deterministic.
+    the same input for the same picture. PIL first shrinks by the largest integer factor
+    that stays above the target (``reducing_gap=1``: a cheap box filter), then resamples
+    bilinearly: the cost stays small for large images and the result is deterministic.
     """
     if not isinstance(image, Image.Image):
         image = Image.fromarray(np.asarray(image, dtype=np.uint8))  # vLLM's (H, W, C) arrays
     if image.mode != "RGB":
         image = image.convert("RGB")
-    small = image.resize((THUMBNAIL, THUMBNAIL), Image.BILINEAR, reducing_gap=2.0)
-    pixels = torch.frombuffer(bytearray(small.tobytes()), dtype=torch.uint8)
-    return pixels.view(THUMBNAIL, THUMBNAIL, 3).permute(2, 0, 1).float().div_(255)
+    return np.asarray(image.resize((THUMBNAIL, THUMBNAIL), Image.BILINEAR, reducing_gap=1.0))
+
+
+def cell_features(thumbnails: np.ndarray) -> np.ndarray:
+    """(B, CELLS * CELLS, FEATURES) float32 from uint8 thumbnails (B, S, S, 3): per cell and
+    colour channel the mean, the standard deviation, and the mean absolute difference of
+    neighbouring pixels across and down (the last column and row repeat their neighbour)."""
+    x = np.asarray(thumbnails, dtype=np.float32) * np.float32(1 / 255)
+    across = np.abs(np.diff(x, axis=2, append=x[:, :, -2:-1]))
+    down = np.abs(np.diff(x, axis=1, append=x[:, -2:-1]))
+    values = np.concatenate([x, x * x, across, down], axis=3)  # (B, S, S, 12)
+    b, side, step = len(x), CELLS, THUMBNAIL // CELLS
+    # Per-cell means as two sums over contiguous runs (NumPy's mean over axes (2, 4) is 8x slower).
+    sums = values.reshape(b, side, step, side, step * 12).sum(axis=2).reshape(b, side, side, step, 12).sum(axis=3)
+    mean, square, across, down = np.split(sums.reshape(b, side * side, 12) / (step * step), 4, axis=2)
+    std = np.sqrt(np.maximum(square - mean * mean, 0))
+    return np.concatenate([mean, std, across, down], axis=2)
 
 
 @dataclass
 class BudgetConfig:
-    channels: list[int] = field(default_factory=lambda: [16, 32, 32])  # per strided convolution
-    hidden: int = 32  # MLP width
+    hidden: int = 32  # width of both MLPs
     # log N of the training images (fewest, most tokens): N enters standardized to this
     # range and clamped to it, so an unseen N (another family's layout) is never extrapolated.
     log_tokens: list[float] = field(default_factory=lambda: [0.0, 0.0])
@@ -72,31 +94,48 @@ class BudgetPredictor(nn.Module):
     def __init__(self, config: BudgetConfig):
         super().__init__()
         self.config = config
-        layers, width = [], 3
-        for channels in config.channels:
-            layers += [nn.Conv2d(width, channels, 3, stride=2, padding=1), nn.ReLU()]
-            width = channels
-        self.convs = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.Linear(width + 1, config.hidden), nn.ReLU(), nn.Linear(config.hidden, 1))
+        # The training cells' feature statistics: inputs enter standardized.
+        self.register_buffer("feature_mean", torch.zeros(FEATURES))
+        self.register_buffer("feature_std", torch.ones(FEATURES))
+        self.cell = nn.Sequential(nn.Linear(FEATURES, config.hidden), nn.ReLU(),
+                                  nn.Linear(config.hidden, config.hidden), nn.ReLU())
+        self.head = nn.Sequential(nn.Linear(config.hidden + 1, config.hidden), nn.ReLU(),
+                                  nn.Linear(config.hidden, 1))
 
-    def _tokens_input(self, num_tokens: torch.Tensor) -> torch.Tensor:
+    def tokens_input(self, num_tokens) -> np.ndarray:
+        """(B, 1) float32: log N standardized to the training range, clamped to it."""
         low, high = self.config.log_tokens
+        n = np.asarray(num_tokens, dtype=np.float64)
         if high <= low:  # every training image had one N: the input carries nothing
-            return torch.zeros(len(num_tokens), 1)
-        z = (num_tokens.float().log() - (low + high) / 2) / ((high - low) / 2)
-        return z.clamp(-1.0, 1.0)[:, None]
+            return np.zeros((len(n), 1), np.float32)
+        z = (np.log(n) - (low + high) / 2) / ((high - low) / 2)
+        return np.clip(z, -1.0, 1.0).astype(np.float32)[:, None]
 
-    def forward(self, thumbnails: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
-        """thumbnails (B, 3, S, S) in [0, 1], num_tokens (B,) -> logits (B,)."""
-        pooled = self.convs(thumbnails - 0.5).mean(dim=(2, 3))
-        return self.head(torch.cat([pooled, self._tokens_input(num_tokens)], dim=1))[:, 0]
+    def forward(self, features: torch.Tensor, num_tokens) -> torch.Tensor:
+        """features (B, cells, FEATURES) from ``cell_features``, num_tokens (B,) -> logits (B,)."""
+        pooled = self.cell((features - self.feature_mean) / self.feature_std).mean(dim=1)
+        tokens = torch.from_numpy(self.tokens_input(num_tokens)).to(pooled)
+        return self.head(torch.cat([pooled, tokens], dim=1))[:, 0]
 
-    @torch.inference_mode()
+    def _numpy_weights(self) -> list[np.ndarray]:
+        """The weights as float32 arrays (views, no copies), in ``_numpy_logits``' order."""
+        return [t.detach().cpu().float().numpy() for t in (
+            self.feature_mean, self.feature_std, self.cell[0].weight, self.cell[0].bias, self.cell[2].weight,
+            self.cell[2].bias, self.head[0].weight, self.head[0].bias, self.head[2].weight, self.head[2].bias)]
+
+    def _numpy_logits(self, features: np.ndarray, num_tokens) -> np.ndarray:
+        """``forward`` in NumPy. ``einsum`` without ``optimize`` never calls BLAS, so no
+        thread pool wakes up (module docstring)."""
+        mean, std, w1, b1, w2, b2, w3, b3, w4, b4 = self._numpy_weights()
+        h = np.maximum(np.einsum("bcf,hf->bch", (features - mean) / std, w1) + b1, 0)
+        h = np.maximum(np.einsum("bcf,hf->bch", h, w2) + b2, 0).mean(axis=1)
+        h = np.maximum(np.einsum("bf,hf->bh", np.concatenate([h, self.tokens_input(num_tokens)], 1), w3) + b3, 0)
+        return np.einsum("bf,hf->bh", h, w4)[:, 0] + b4[0]
+
     def fractions(self, images, num_tokens) -> list[float]:
-        """Each image's predicted kept fraction, in [MIN_FRACTION, 1]."""
-        x = torch.stack([thumbnail(image) for image in images])
-        p = torch.sigmoid(self(x, torch.as_tensor(num_tokens, dtype=torch.int64)))
-        return [min(1.0, max(MIN_FRACTION, float(v))) for v in p]
+        """Each image's predicted kept fraction, in [MIN_FRACTION, 1] (serving: NumPy)."""
+        logits = self._numpy_logits(cell_features(np.stack([thumbnail(image) for image in images])), num_tokens)
+        return [min(1.0, max(MIN_FRACTION, float(v))) for v in 1 / (1 + np.exp(-logits.astype(np.float64)))]
 
 
 def section(predictor: BudgetPredictor, info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -120,7 +159,7 @@ def load_budget_predictor(path: str | Path) -> tuple[BudgetPredictor, dict[str, 
                                   strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise SelectorCheckpointError(f"{path}: cannot rebuild the budget predictor: {e}") from e
-    if not all(bool(torch.isfinite(p).all()) for p in predictor.parameters()) or not all(
-            math.isfinite(v) for v in predictor.config.log_tokens):
+    if not all(bool(torch.isfinite(t).all()) for t in predictor.state_dict().values()) or not all(
+            math.isfinite(v) for v in predictor.config.log_tokens) or not bool((predictor.feature_std > 0).all()):
         raise SelectorCheckpointError(f"{path}: the budget predictor holds non-finite weights")
     return predictor.eval(), header

@@ -15,10 +15,11 @@ def image_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def prune_headers(keep_ratio: float | None = None, method: str | None = None) -> dict[str, str]:
+def prune_headers(keep_ratio: float | str | None = None, method: str | None = None) -> dict[str, str]:
+    """The request headers for a keep ratio (a number, or a budget such as ``auto``) and method."""
     headers = {}
     if keep_ratio is not None:
-        headers[KEEP_RATIO_HEADER] = repr(float(keep_ratio))
+        headers[KEEP_RATIO_HEADER] = keep_ratio if isinstance(keep_ratio, str) else repr(float(keep_ratio))
     if method is not None:
         headers[METHOD_HEADER] = method
     return headers

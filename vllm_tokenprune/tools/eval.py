@@ -14,8 +14,14 @@ The methods are the ones the server has (it lists them in the 400 it gives an un
 method), unless ``--methods`` names some. Keep 1.0 is the unpruned model whatever the
 method, so it is asked once and shown for every method.
 
+``--ratios`` may name budgets besides numbers: ``auto`` (each image's own ratio, from the
+server's budget predictor) is asked for every method and placed by the fraction of image
+tokens it kept on average (``usage.prompt_tokens_details.multimodal_tokens``); the report
+compares it with the smallest fixed ratio of the same method that is as accurate.
+
 Results go to ``--out``: ``results.json``, ``results.md`` (a table per data file) and
-``accuracy.png`` (accuracy vs keep ratio, one line per method).
+``accuracy.png`` (accuracy vs kept fraction of image tokens, one line per method, ``auto``
+a star).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from vllm_tokenprune.tools.client import METHOD_HEADER, prune_headers, served_mo
 
 ACCEPTS_EXTRA_ARGS = True  # extra arguments go to the server it starts
 MATCHES = ("exact", "first-word", "contains")
+Ratio = float | str  # a keep ratio, or a budget the server resolves per image (``auto``)
 # Content-density buckets (content tokens, inclusive): 14 and 36 tokens are keep 0.1 and
 # 0.25 of a 144-token image, so the top buckets hold more content than those budgets.
 DENSITY_BUCKETS = ((1, 8), (9, 14), (15, 24), (25, 36), (37, None))
@@ -51,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="a running server (http://host:port[/v1])")
     parser.add_argument("--model", help="checkpoint to serve (default: the embedded demo model)")
     parser.add_argument("--selector", help="selector for the server it starts")
-    parser.add_argument("--ratios", default="1.0,0.5,0.25,0.1")
+    parser.add_argument("--ratios", default="1.0,0.5,0.25,0.1",
+                        help="keep ratios and budgets, e.g. 1.0,0.25,0.1,auto")
     parser.add_argument("--methods", default=None,
                         help="comma-separated (default: every method the server has)")
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
@@ -151,9 +159,10 @@ def server_methods(url: str, model: str) -> list[str]:
     return [m.strip() for m in found.group(1).split(",")]
 
 
-async def _ask_all(url: str, model: str, items: list[Item], cells: list[tuple[float, str | None]],
+async def _ask_all(url: str, model: str, items: list[Item], cells: list[tuple[Ratio, str | None]],
                    concurrency: int, max_tokens: int, progress: bool) -> dict:
-    """Answers for every (cell, item): {(ratio, method): [(text or None, prompt_tokens, error)]}."""
+    """Answers for every (cell, item):
+    {(ratio, method): [(text or None, prompt_tokens, image_tokens, error)]}."""
     import openai
     from tqdm.auto import tqdm
 
@@ -170,9 +179,11 @@ async def _ask_all(url: str, model: str, items: list[Item], cells: list[tuple[fl
                         {"type": "image_url", "image_url": {"url": item.image_url}},
                         {"type": "text", "text": item.question}]}],
                     extra_headers=prune_headers(ratio, method))
-                return out.choices[0].message.content or "", out.usage.prompt_tokens, None
+                details = out.usage.prompt_tokens_details
+                images = (getattr(details, "multimodal_tokens", None) or {}).get("image") if details else None
+                return out.choices[0].message.content or "", out.usage.prompt_tokens, images, None
             except openai.APIStatusError as err:
-                return None, None, f"{err.status_code}: {str(err)[:300]}"
+                return None, None, None, f"{err.status_code}: {str(err)[:300]}"
             finally:
                 bar.update()
 
@@ -188,11 +199,13 @@ async def _ask_all(url: str, model: str, items: list[Item], cells: list[tuple[fl
 
 def score(items: list[Item], answers: list[tuple], matcher: Matcher) -> dict:
     """Accuracy of one cell; failed requests count as wrong and are reported."""
-    right = [text is not None and matcher(text, item.answer) for item, (text, _, _) in zip(items, answers)]
-    tokens = [t for _, t, _ in answers if t is not None]
-    errors = [e for _, _, e in answers if e is not None]
+    right = [text is not None and matcher(text, item.answer) for item, (text, *_) in zip(items, answers)]
+    tokens = [t for _, t, _, _ in answers if t is not None]
+    images = [t for _, _, t, _ in answers if t is not None]
+    errors = [e for *_, e in answers if e is not None]
     cell = {"n": len(items), "correct": sum(right), "accuracy": sum(right) / len(items),
             "mean_prompt_tokens": sum(tokens) / len(tokens) if tokens else None,
+            "mean_image_tokens": sum(images) / len(images) if images else None,
             "errors": len(errors), "first_error": errors[0] if errors else None}
     kinds = sorted({i.kind for i in items if i.kind is not None})
     if kinds:
@@ -226,7 +239,18 @@ def _group_order(group: str):
     return (_BUCKET_NAMES.index(group), "") if group in _BUCKET_NAMES else (len(_BUCKET_NAMES), group)
 
 
-def evaluate(url: str, datasets: dict[str, list[Item]], ratios: list[float], methods: list[str],
+def parse_ratios(text: str) -> list[Ratio]:
+    """``--ratios``: numbers, largest first, then budgets (``auto``) in the order given."""
+    numbers, budgets = set(), []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            numbers.add(float(part))
+        except ValueError:
+            budgets.append(part)
+    return sorted(numbers, reverse=True) + list(dict.fromkeys(budgets))
+
+
+def evaluate(url: str, datasets: dict[str, list[Item]], ratios: list[Ratio], methods: list[str],
              matcher: Matcher, concurrency: int = 16, max_tokens: int = 8, progress: bool = True,
              model: str | None = None) -> dict:
     """{name: {"n", "cells": [{"method", "keep_ratio", ...score}]}} for each data set.
@@ -235,7 +259,7 @@ def evaluate(url: str, datasets: dict[str, list[Item]], ratios: list[float], met
     left out and named under "refused". ``model``: the served name (default: asked).
     """
     model = model or served_model(url)
-    pruned = [r for r in ratios if r < 1.0]
+    pruned = [r for r in ratios if r != 1.0]
     cells = ([(1.0, None)] if 1.0 in ratios else []) + [(r, m) for m in methods for r in pruned]
     results = {}
     for name, items in datasets.items():
@@ -288,6 +312,9 @@ def markdown(report: dict) -> str:
             lines.append(f"| {m} | " + " | ".join(row) + " |")
         if tokens and all(v is not None for v in tokens.values()):
             lines.append("| *prompt tokens* | " + " | ".join(f"{tokens[r]:.0f}" for r in ratios) + " |")
+        images = {r: _cell(result, methods[0], r).get("mean_image_tokens") for r in ratios} if methods else {}
+        if images and all(v is not None for v in images.values()):
+            lines.append("| *image tokens* | " + " | ".join(f"{images[r]:.1f}" for r in ratios) + " |")
         lines.append("")
         lines += _density_table(result, methods, ratios)
         lines += _summary(result, ratios)
@@ -309,7 +336,7 @@ DENSITY_RATIOS = (0.25, 0.1)  # the keep ratios whose accuracy is shown by conte
 def _density_table(result: dict, methods: list[str], ratios: list[float]) -> list[str]:
     counts = result.get("density_counts")
     lines = []
-    for r in (r for r in DENSITY_RATIOS if r in ratios and counts):
+    for r in (r for r in (*DENSITY_RATIOS, *(r for r in ratios if isinstance(r, str))) if r in ratios and counts):
         lines += [f"Accuracy at keep {r} by content tokens per image (items per bucket):", "",
                   "| method | " + " | ".join(f"{b} ({n})" for b, n in counts.items()) + " |",
                   "|---|" + "---|" * len(counts)]
@@ -328,7 +355,7 @@ def _summary(result: dict, ratios: list[float]) -> list[str]:
         return lines
     for r in ratios:
         learned = _cell(result, "learned", r)
-        if r == 1.0 or learned is None:
+        if r == 1.0 or isinstance(r, str) or learned is None:
             continue
         kept = 100 * learned["accuracy"] / max(full["accuracy"], 1e-9)
         parts = [f"learned keeps {kept:.1f}% of the keep-1.0 accuracy"]
@@ -337,7 +364,48 @@ def _summary(result: dict, ratios: list[float]) -> list[str]:
             if c is not None:
                 parts.append(f"{100 * (learned['accuracy'] - c['accuracy']):+.1f} points vs {other}")
         lines.append(f"- keep {r}: " + ", ".join(parts))
+    for r in (r for r in ratios if isinstance(r, str)):
+        lines += [_budget_line(result, m, r, full) for m in _methods_of(result) if _cell(result, m, r)]
     return lines + ([""] if lines else [])
+
+
+def _methods_of(result: dict) -> list[str]:
+    return list(dict.fromkeys(c["method"] for c in result["cells"]))
+
+
+def kept_fraction(result: dict, cell: dict) -> float | None:
+    """The cell's mean image tokens over keep 1.0's (its keep ratio where not reported)."""
+    full = next((c for c in result["cells"] if c["keep_ratio"] == 1.0), None)
+    mine, whole = cell.get("mean_image_tokens"), (full or {}).get("mean_image_tokens")
+    if mine is not None and whole:
+        return mine / whole
+    return cell["keep_ratio"] if isinstance(cell["keep_ratio"], float) else None
+
+
+def smallest_as_accurate(result: dict, method: str, accuracy: float) -> dict | None:
+    """The fixed-ratio cell of ``method`` (keep 1.0 included) with the fewest image tokens
+    whose accuracy is at least ``accuracy``, or None."""
+    cells = [c for c in result["cells"] if isinstance(c["keep_ratio"], float)
+             and c["method"] == method and c["accuracy"] >= accuracy and kept_fraction(result, c) is not None]
+    return min(cells, key=lambda c: kept_fraction(result, c), default=None)
+
+
+def _budget_line(result: dict, method: str, budget: str, full: dict) -> str:
+    """A budget cell against the fixed ratios: accuracy kept, tokens, and the smallest fixed
+    ratio of the method that is as accurate."""
+    cell = _cell(result, method, budget)
+    fraction = kept_fraction(result, cell)
+    text = (f"- {budget} ({method}): {100 * cell['accuracy']:.1f}% right, "
+            f"{100 * cell['accuracy'] / max(full['accuracy'], 1e-9):.1f}% of the keep-1.0 accuracy")
+    if fraction is None:
+        return text + " (the server reported no image tokens)"
+    text += f", {100 * fraction:.1f}% of the image tokens"
+    rival = smallest_as_accurate(result, method, cell["accuracy"])
+    if rival is None:
+        return text + "; no fixed ratio is as accurate"
+    return (text + f"; the smallest fixed ratio as accurate, keep {rival['keep_ratio']}, keeps "
+            f"{100 * kept_fraction(result, rival):.1f}%: {budget} needs "
+            f"{100 * fraction / kept_fraction(result, rival):.0f}% of its tokens")
 
 
 def plot(report: dict, path: Path) -> None:
@@ -353,13 +421,18 @@ def plot(report: dict, path: Path) -> None:
     for ax, name in zip(axes[0], names):
         result = report["datasets"][name]
         for i, m in enumerate(m for m in report["methods"] if m not in result["refused"]):
-            cells = sorted((c for c in result["cells"] if c["method"] == m), key=lambda c: c["keep_ratio"])
-            ax.plot([c["keep_ratio"] for c in cells], [100 * c["accuracy"] for c in cells],
+            cells = [c for c in result["cells"] if c["method"] == m and kept_fraction(result, c) is not None]
+            fixed = sorted((c for c in cells if isinstance(c["keep_ratio"], float)), key=lambda c: c["keep_ratio"])
+            ax.plot([kept_fraction(result, c) for c in fixed], [100 * c["accuracy"] for c in fixed],
                     marker="o", color=f"C{i}", lw=2.5 if m == "learned" else 1.5, label=m,
                     zorder=3 if m == "learned" else 2)
-        ax.set(xscale="log", xlabel="keep ratio (fraction of image tokens)", ylabel="accuracy (%)",
-               title=f"{name} ({result['n']} items)", ylim=(0, 102))
-        ax.set_xticks(report["ratios"], [str(r) for r in report["ratios"]])
+            for c in (c for c in cells if isinstance(c["keep_ratio"], str)):
+                ax.scatter([kept_fraction(result, c)], [100 * c["accuracy"]], marker="*", s=160, color=f"C{i}",
+                           edgecolor="black", zorder=4)
+        ax.set(xscale="log", xlabel="kept fraction of image tokens (stars: auto, at its mean)",
+               ylabel="accuracy (%)", title=f"{name} ({result['n']} items)", ylim=(0, 102))
+        fixed_ratios = [r for r in report["ratios"] if isinstance(r, float)]
+        ax.set_xticks(fixed_ratios, [str(r) for r in fixed_ratios])
         ax.minorticks_off()
         ax.grid(alpha=0.3)
     for ax, name in zip(axes[1] if rows == 2 else [], names):
@@ -408,7 +481,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    ratios = sorted({float(r) for r in args.ratios.split(",")}, reverse=True)
+    ratios = parse_ratios(args.ratios)
     matcher = Matcher(args.match, args.case_sensitive, args.keep_punctuation)
     args.out.mkdir(parents=True, exist_ok=True)
     serve_args = [*args.extra_args, *(["--selector", args.selector] if args.selector else [])]

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vllm_tokenprune.selection.budget import BudgetConfig, BudgetPredictor, thumbnail
+from vllm_tokenprune.selection.budget import BudgetConfig, BudgetPredictor, cell_features, thumbnail
 from vllm_tokenprune.selection.methods.topk import topk_sorted
 from vllm_tokenprune.selection.selector import TokenSelector
 from vllm_tokenprune.serving.policy import keep_count
@@ -97,38 +97,46 @@ def tolerance_targets(errors: torch.Tensor, tolerance: float) -> torch.Tensor:
     return torch.tensor(targets)
 
 
-def thumbnails(paths: list[Path]) -> torch.Tensor:
-    """The predictor's input for each image file (B, 3, S, S), as uint8 (a quarter of the
-    memory; ``thumbnail`` values are bytes / 255, so nothing is lost)."""
+def thumbnails(paths: list[Path]) -> np.ndarray:
+    """The predictor's thumbnail of each image file (B, S, S, 3), uint8."""
     out = []
     for path in paths:
         try:
             with Image.open(path) as image:
-                out.append(thumbnail(image).mul(255).round().to(torch.uint8))
+                out.append(thumbnail(image))
         except OSError as e:
             raise ImageFolderError(f"cannot read image {path}: {e}") from e
-    return torch.stack(out)
+    return np.stack(out)
 
 
-def fit_predictor(images: torch.Tensor, num_tokens: torch.Tensor, targets: torch.Tensor, *, steps: int,
+def predict(predictor: BudgetPredictor, images: np.ndarray, num_tokens: torch.Tensor) -> torch.Tensor:
+    """Fractions (B,) for uint8 thumbnails (B, S, S, 3), through the training forward."""
+    with torch.no_grad():
+        return torch.sigmoid(predictor(torch.from_numpy(cell_features(images)), num_tokens))
+
+
+def fit_predictor(images: np.ndarray, num_tokens: torch.Tensor, targets: torch.Tensor, *, steps: int,
                   seed: int) -> BudgetPredictor:
-    """A predictor fitted to ``targets`` (B,) from uint8 thumbnails (B, 3, S, S) and token
+    """A predictor fitted to ``targets`` (B,) from uint8 thumbnails (B, S, S, 3) and token
     counts (B,): squared error of the predicted fraction, AdamW, warmup then cosine decay,
     random horizontal flips (a mirrored image needs as many tokens)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     logs = num_tokens.double().log()
     predictor = BudgetPredictor(BudgetConfig(log_tokens=[float(logs.min()), float(logs.max())]))
+    features = torch.stack([torch.from_numpy(cell_features(images)),
+                            torch.from_numpy(cell_features(images[:, :, ::-1]))], dim=1)  # (B, 2, cells, F)
+    cells = features[:, 0].reshape(-1, features.shape[-1])
+    predictor.feature_mean.copy_(cells.mean(0))
+    predictor.feature_std.copy_(cells.std(0).clamp_min(1e-4))
     optimizer = torch.optim.AdamW(predictor.parameters(), lr=LR, weight_decay=1e-4)
     predictor.train()
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = warmup_cosine(step, steps, LR, min(30, steps // 10))
         idx = torch.randint(len(images), (min(BATCH_SIZE, len(images)),), generator=gen)
-        x = images[idx].float() / 255
-        flip = torch.rand(len(idx), generator=gen) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        loss = (torch.sigmoid(predictor(x, num_tokens[idx])) - targets[idx]).pow(2).mean()
+        flip = (torch.rand(len(idx), generator=gen) < 0.5).long()
+        loss = (torch.sigmoid(predictor(features[idx, flip], num_tokens[idx])) - targets[idx]).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -168,8 +176,7 @@ def train_budget(selector: TokenSelector, reconstructor: TokenReconstructor, tra
         images = thumbnails(held_paths)
     else:
         images = thumbnails(train_paths)
-    with torch.no_grad():
-        predicted = torch.sigmoid(predictor(images.float() / 255, lengths))
+    predicted = predict(predictor, images, lengths)
     mean_fraction = torch.full_like(predicted, float(predicted.mean()))
     report = {
         "target": {"kind": "reconstruction tolerance",

@@ -47,7 +47,6 @@ from vllm_tokenprune.selection.selector import (
     TokenSelector,
     load_selector,
     query_section,
-    read_checkpoint,
 )
 from vllm_tokenprune.serving.policy import QUESTION_TOKENS, keep_count, markup_ids, question_tokens
 from vllm_tokenprune.training.options import add_options, from_args, opt, warmup_cosine
@@ -255,7 +254,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vllm_tokenprune.training.reconstruction import write_checkpoint
+    from vllm_tokenprune.training.reconstruction import replace_section
 
     cfg = from_args(QueryConfig, args)
     if cfg.threads:
@@ -265,16 +264,12 @@ def run(args: argparse.Namespace) -> int:
     train, held = split(teach(args.model, items), cfg.heldout, cfg.seed)
     reader, info = train_reader(image_selector, train, held, cfg, image_only=args.image_only)
     info = {**info, "question_tokens": QUESTION_TOKENS, "data": [str(path) for path in args.data]}
-    checkpoint, meta = read_checkpoint(args.selector, "cpu")
-    if args.image_only:  # the learned method's selector, its training recorded beside the reconstruction's
-        prefix = "selector."
-        tensors = {prefix + k: v.contiguous() for k, v in reader.state_dict().items()}
-        meta = {**meta, "attention_training": info}
-    else:
-        prefix, (header, tensors) = QUERY_PREFIX, query_section(reader, info)
-        meta = {**meta, QUERY_SECTION: header}
     out = args.out or args.selector
-    write_checkpoint(out, {**{n: t for n, t in checkpoint.items() if not n.startswith(prefix)}, **tensors}, meta)
+    if args.image_only:  # the learned method's selector, its training recorded beside the reconstruction's
+        replace_section(args.selector, "attention_training", "selector.",
+                        (info, {"selector." + k: v.contiguous() for k, v in reader.state_dict().items()}), out)
+    else:
+        replace_section(args.selector, QUERY_SECTION, QUERY_PREFIX, query_section(reader, info), out)
     shares = info["heldout_recall"]
     print(f"wrote {out}: held-out attention kept at keep {cfg.keep_ratio}: "
           f"{'learned' if args.image_only else 'learned_query'} {shares['trained']:.3f} (from {shares['start']:.3f}), "

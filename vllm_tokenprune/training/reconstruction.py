@@ -30,8 +30,10 @@ from vllm_tokenprune.selection.selector import (
     QUERY_SECTION,
     REQUIRED_METADATA,
     RESERVED,
+    SelectorCheckpointError,
     TokenSelector,
     encoder_stack,
+    read_checkpoint,
     resolve_width_and_heads,
 )
 from vllm_tokenprune.training.ragged import real_tokens
@@ -234,6 +236,26 @@ def save_selector(
             tensors.update(section_tensors)
     header.update(metadata)
     write_checkpoint(path, tensors, header)
+
+
+def load_reconstructor(path: str | Path) -> TokenReconstructor:
+    """The reconstructor a selector checkpoint was trained with (eval mode)."""
+    tensors, meta = read_checkpoint(path, "cpu")
+    if "reconstructor_config" not in meta:
+        raise SelectorCheckpointError(f"{path}: holds no reconstructor (written without one)")
+    reconstructor = TokenReconstructor(ReconstructorConfig(**meta["reconstructor_config"]))
+    reconstructor.load_state_dict({k.removeprefix("reconstructor."): v for k, v in tensors.items()
+                                   if k.startswith("reconstructor.")})
+    return reconstructor.eval()
+
+
+def replace_section(path: str | Path, name: str, prefix: str, section: Section, out: str | Path | None = None) -> None:
+    """Rewrite a checkpoint with its section ``name`` (tensors ``prefix*``) replaced by
+    ``section``; everything else stays. To ``out`` if given, else in place."""
+    tensors, meta = read_checkpoint(path, "cpu")
+    header, section_tensors = section
+    kept = {k: t for k, t in tensors.items() if not k.startswith(prefix)}
+    write_checkpoint(out or path, {**kept, **section_tensors}, {**meta, name: header})
 
 
 def write_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> None:

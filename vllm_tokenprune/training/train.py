@@ -49,9 +49,18 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from vllm_tokenprune.selection.budget import PREFIX as BUDGET_PREFIX
+from vllm_tokenprune.selection.budget import SECTION as BUDGET_SECTION
 from vllm_tokenprune.selection.budget import section as budget_section
 from vllm_tokenprune.selection.methods.topk import topk_sorted
-from vllm_tokenprune.selection.selector import SelectorConfig, TokenSelector
+from vllm_tokenprune.selection.selector import (
+    SelectorCheckpointError,
+    SelectorConfig,
+    SelectorMismatchError,
+    TokenSelector,
+    check_compatible,
+    load_selector,
+)
 from vllm_tokenprune.serving.policy import keep_count
 from vllm_tokenprune.training.budget import format_budget_report, train_budget
 from vllm_tokenprune.training.curves import append_log, plot_curves, write_log
@@ -63,6 +72,8 @@ from vllm_tokenprune.training.reconstruction import (
     ReconstructorConfig,
     TokenReconstructor,
     dropped_mse,
+    load_reconstructor,
+    replace_section,
     sample_keep_mask,
     save_selector,
     selector_loss,
@@ -314,13 +325,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="checkpoint to write (.safetensors)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUT.state.pt (saved every --save-every steps) if it exists")
+    parser.add_argument("--budget-only", action="store_true",
+                        help="refit only the budget predictor of the selector at OUT, on these images (another "
+                             "--budget-tolerance, or a checkpoint whose predictor this version cannot read); "
+                             "its selector and reconstructor stay")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_options(parser, TrainConfig)
 
 
 def run(args: argparse.Namespace) -> int:
     return train_on_folder(args.model, args.images, args.out, from_args(TrainConfig, args),
-                           progress=not args.no_progress, resume=args.resume)
+                           progress=not args.no_progress, resume=args.resume, budget_only=args.budget_only)
+
+
+def _budget(selector, reconstructor, train_store, held_store, train_paths, held_paths, cfg: TrainConfig):
+    """The budget predictor's checkpoint section, or None (reported) when an image changed
+    or vanished since its features were read."""
+    try:
+        predictor, report = train_budget(
+            selector, reconstructor, train_store, train_paths, keep_ratio=cfg.keep_ratio,
+            tolerance=cfg.budget_tolerance, steps=cfg.budget_steps, seed=cfg.seed, held_set=held_store,
+            held_paths=held_paths)
+    except ImageFolderError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    print(format_budget_report(report))
+    return budget_section(predictor, report)
+
+
+def _refit_budget(model: str, out: Path, train_store, held_store, train_paths, held_paths, cfg: TrainConfig) -> int:
+    """``--budget-only``: the selector at ``out``, with a budget predictor fitted anew."""
+    try:
+        selector, meta = load_selector(out)
+        reconstructor = load_reconstructor(out)
+    except (OSError, SelectorCheckpointError) as e:
+        print(f"error: --budget-only needs the selector to refit at {out}: {e}", file=sys.stderr)
+        return 2
+    from transformers import AutoConfig
+
+    try:
+        check_compatible(meta, AutoConfig.from_pretrained(model))
+    except SelectorMismatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    budget = _budget(selector, reconstructor, train_store, held_store, train_paths, held_paths, cfg)
+    if budget is None:
+        return 2
+    replace_section(out, BUDGET_SECTION, BUDGET_PREFIX, budget)
+    print(f"wrote {out} (budget predictor refitted)")
+    return 0
 
 
 def _token_range(num_tokens: list[int]) -> str:
@@ -329,10 +382,11 @@ def _token_range(num_tokens: list[int]) -> str:
 
 
 def train_on_folder(model: str, images: Path, out: Path, cfg: TrainConfig, *, progress: bool = True,
-                    resume: bool = False) -> int:
+                    resume: bool = False, budget_only: bool = False) -> int:
     """``vllm-tokenprune train``: features of the folder's images, a selector trained on
     them and evaluated on the held-out ones, written to ``out`` with its log and curves
-    beside it. Returns an exit code."""
+    beside it (``budget_only``: the budget predictor of the selector at ``out`` refitted).
+    Returns an exit code."""
     if cfg.device == "cpu":
         torch.set_num_threads(cfg.threads or idle_cpu_threads())
     out = Path(out)
@@ -355,6 +409,9 @@ def train_on_folder(model: str, images: Path, out: Path, cfg: TrainConfig, *, pr
         f"({_token_range(info['num_tokens'])}, {info['feature_dim']}) per image, "
         f"{'from cache' if all(cached for _, cached in stores) else 'extracted'} ({train_store.root.parent})"
     )
+    if budget_only:
+        return _refit_budget(model, out, train_store, held_store, [paths[i] for i in train_idx],
+                             [paths[i] for i in held_idx], cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     state_path, log_path = out.with_suffix(".state.pt"), out.with_suffix(".log.jsonl")
     try:
@@ -368,16 +425,10 @@ def train_on_folder(model: str, images: Path, out: Path, cfg: TrainConfig, *, pr
     print(format_report(report["eval"], f"reconstruction MSE of dropped tokens on {report['eval_images']} images"))
     budget = None
     if cfg.budget_steps:
-        try:
-            predictor, budget_report = train_budget(
-                selector, reconstructor, train_store, [paths[i] for i in train_idx], keep_ratio=cfg.keep_ratio,
-                tolerance=cfg.budget_tolerance, steps=cfg.budget_steps, seed=cfg.seed, held_set=held_store,
-                held_paths=[paths[i] for i in held_idx])
-        except ImageFolderError as e:  # an image changed or vanished since its features were read
-            print(f"error: {e}", file=sys.stderr)
+        budget = _budget(selector, reconstructor, train_store, held_store, [paths[i] for i in train_idx],
+                         [paths[i] for i in held_idx], cfg)
+        if budget is None:
             return 2
-        print(format_budget_report(budget_report))
-        budget = budget_section(predictor, budget_report)
 
     cfg = replace(cfg, steps=report["steps"])
     metadata = {
