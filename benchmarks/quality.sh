@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The accuracy tables in benchmarks/results: every method the server has, keep 1.0 / 0.5 /
-# 0.25 / 0.1 / 0.05, on N held-out scenes of each variant in VARIANTS, through a real server,
+# 0.25 / 0.1 / 0.05 and auto (the selector's budget predictor), on N held-out scenes of each variant in VARIANTS, through a real server,
 # with accuracy by content density. By default the shipped demo model on the shapes task;
 # a model trained on both tasks (`vllm-tokenprune train-demo --out DIR`) on all four:
 #   VARIANTS="textured plain clutter clutter-plain" bash benchmarks/quality.sh \
@@ -17,4 +17,4 @@ for variant in ${VARIANTS:-textured plain}; do
         $bin/vllm-tokenprune make-eval-set --variant "$variant" --split test --n "$n" --out "$work/$variant"
     data+=(--data "$variant=$work/$variant/items.jsonl")
 done
-$bin/vllm-tokenprune eval "${data[@]}" --ratios 1.0,0.5,0.25,0.1,0.05 --out benchmarks/results/quality "$@"
+$bin/vllm-tokenprune eval "${data[@]}" --ratios 1.0,0.5,0.25,0.1,0.05,auto --out benchmarks/results/quality "$@"
