@@ -105,3 +105,22 @@ def test_against_stock_compares_interleaved_rounds(tiny_checkpoint, tmp_path):
     assert set(report["translation"]) == {"1", "2"} and all(t["ms"] > 0 for t in report["translation"].values())
     assert (out / "results.md").read_text().startswith("# The plugin at keep 1.0 against stock vLLM")
     assert (out / "against_stock.png").stat().st_size > 10_000
+
+
+def test_workload_compares_budgets_on_an_eval_files_images(served, tmp_path):
+    """`bench --workload`: every request answered under each budget, image tokens as the
+    server counted them (N at keep 1.0, K at 0.25), and its three files written."""
+    model, server = served
+    assert cli.main(["make-eval-set", "--variant", "textured", "--n", "6", "--out", str(tmp_path / "set")]) == 0
+    out = tmp_path / "workload"
+    code = cli.main(["bench", "--model", str(model), "--url", server.root, "--out", str(out),
+                     "--workload", str(tmp_path / "set" / "items.jsonl"), "--workload-ratios", "1.0,0.25",
+                     "--workload-requests", "4", "--workload-rounds", "2", "--workload-concurrency", "2",
+                     "--output-tokens", "2"])
+    assert code == 0
+    report = json.loads((out / "results.json").read_text())
+    n = count_image_tokens(model, (SIZE, SIZE))
+    cells = {c["budget"]: c for c in report["cells"]}
+    assert cells["1.0"]["mean_image_tokens"] == n and cells["0.25"]["mean_image_tokens"] == keep_count(n, 0.25)
+    assert all(c["requests"] == 8 and c["failed"] == 0 and c["median_ttft_ms"] > 0 for c in cells.values())
+    assert (out / "workload.png").stat().st_size > 10_000 and "| 0.25 |" in (out / "results.md").read_text()

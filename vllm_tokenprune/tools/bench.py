@@ -20,6 +20,9 @@ One run, against one server, measures:
 5. optionally a **soak**: mixed ratios and methods at concurrency 16 with a few bad
    requests mixed in, counting failed good requests and the server's memory growth.
 
+``--against-stock`` (``overhead``) and ``--workload`` (``workload``: budgets such as ``auto``
+against fixed ratios on an eval file's images) run instead of all of this.
+
 Results go to ``--out``: ``results.json`` (everything, with machine, model and commit),
 ``results.md`` (tables) and ``ttft_throughput.png``.
 """
@@ -40,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vllm_tokenprune.tools import overhead
+from vllm_tokenprune.tools import overhead, workload
 from vllm_tokenprune.tools.bench_report import markdown, plot
 from vllm_tokenprune.tools.client import image_url, prune_headers
 from vllm_tokenprune.tools.provenance import environment
@@ -77,6 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--soak-seconds", type=float, default=0, help="also run a soak this long")
     parser.add_argument("--seed", type=int, default=None, help="default: from the clock")
     overhead.add_arguments(parser)
+    workload.add_arguments(parser)
 
 
 # ---------------------------------------------------------------------------------------
@@ -357,6 +361,8 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.against_stock:
         return overhead.run(args, out, seed)
+    if args.workload:
+        return workload.run(args, out)
 
     serve_args = [*args.extra_args] + (["--selector", args.selector] if args.selector else [])
     with target(args.url, args.model, serve_args, out / "server.log") as (root, model_name, server):
