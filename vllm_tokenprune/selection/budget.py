@@ -101,6 +101,7 @@ class BudgetPredictor(nn.Module):
                                   nn.Linear(config.hidden, config.hidden), nn.ReLU())
         self.head = nn.Sequential(nn.Linear(config.hidden + 1, config.hidden), nn.ReLU(),
                                   nn.Linear(config.hidden, 1))
+        self._served_weights: list[np.ndarray] | None = None
 
     def tokens_input(self, num_tokens) -> np.ndarray:
         """(B, 1) float32: log N standardized to the training range, clamped to it."""
@@ -118,10 +119,14 @@ class BudgetPredictor(nn.Module):
         return self.head(torch.cat([pooled, tokens], dim=1))[:, 0]
 
     def _numpy_weights(self) -> list[np.ndarray]:
-        """The weights as float32 arrays (views, no copies), in ``_numpy_logits``' order."""
-        return [t.detach().cpu().float().numpy() for t in (
-            self.feature_mean, self.feature_std, self.cell[0].weight, self.cell[0].bias, self.cell[2].weight,
-            self.cell[2].bias, self.head[0].weight, self.head[0].bias, self.head[2].weight, self.head[2].bias)]
+        """The weights as float32 arrays, in ``_numpy_logits``' order: read at the first
+        served call and kept (a served predictor never changes; reading them every call
+        costs a tenth of the forward)."""
+        if self._served_weights is None:
+            self._served_weights = [t.detach().cpu().float().numpy().copy() for t in (
+                self.feature_mean, self.feature_std, self.cell[0].weight, self.cell[0].bias, self.cell[2].weight,
+                self.cell[2].bias, self.head[0].weight, self.head[0].bias, self.head[2].weight, self.head[2].bias)]
+        return self._served_weights
 
     def _numpy_logits(self, features: np.ndarray, num_tokens) -> np.ndarray:
         """``forward`` in NumPy. ``einsum`` without ``optimize`` never calls BLAS, so no
