@@ -9,7 +9,7 @@ returns a fraction in (0, 1). The processor turns it into K with ``policy.keep_c
 like any ratio.
 
 Architecture: the thumbnail is cut into an 8 x 8 grid of cells, and each cell described by
-fixed statistics (``cell_features``: its mean colour, the spread of its colours, and how
+fixed statistics (``cell_features``: how far its colour lies from the image's, its spread, and how
 much they change from pixel to pixel, across and down); a small MLP shared by all cells
 scores them, the mean over cells and log N go through a second MLP. The mean makes it
 count local evidence ("how much of the image holds detail"), which is what the number of
@@ -68,18 +68,25 @@ def thumbnail(image) -> np.ndarray:
 
 def cell_features(thumbnails: np.ndarray) -> np.ndarray:
     """(B, CELLS * CELLS, FEATURES) float32 from uint8 thumbnails (B, S, S, 3): per cell and
-    colour channel the mean, the standard deviation, and the mean absolute difference of
-    neighbouring pixels across and down (the last column and row repeat their neighbour)."""
+    colour channel how far its mean lies from the whole image's, its standard deviation, and
+    the mean absolute difference of neighbouring pixels across and down (the last column and
+    row repeat their neighbour). How much stands out, never which colour: a predictor
+    trained on one palette must not read an image of another (a black one among grey
+    scenes) as dense."""
     x = np.asarray(thumbnails, dtype=np.float32) * np.float32(1 / 255)
-    across = np.abs(np.diff(x, axis=2, append=x[:, :, -2:-1]))
-    down = np.abs(np.diff(x, axis=1, append=x[:, -2:-1]))
-    values = np.concatenate([x, x * x, across, down], axis=3)  # (B, S, S, 12)
     b, side, step = len(x), CELLS, THUMBNAIL // CELLS
-    # Per-cell means as two sums over contiguous runs (NumPy's mean over axes (2, 4) is 8x slower).
-    sums = values.reshape(b, side, step, side, step * 12).sum(axis=2).reshape(b, side, side, step, 12).sum(axis=3)
-    mean, square, across, down = np.split(sums.reshape(b, side * side, 12) / (step * step), 4, axis=2)
-    std = np.sqrt(np.maximum(square - mean * mean, 0))
-    return np.concatenate([mean, std, across, down], axis=2)
+
+    def cell_mean(values):  # (B, S, S, 3) -> (B, cells, 3)
+        # Two sums over contiguous runs: NumPy's mean over axes (2, 4) is 8x slower.
+        sums = values.reshape(b, side, step, side, step * 3).sum(axis=2).reshape(b, side, side, step, 3).sum(axis=3)
+        return sums.reshape(b, side * side, 3) / (step * step)
+
+    mean = cell_mean(x)
+    std = np.sqrt(np.maximum(cell_mean(x * x) - mean * mean, 0))
+    across = cell_mean(np.abs(np.diff(x, axis=2, append=x[:, :, -2:-1])))
+    down = cell_mean(np.abs(np.diff(x, axis=1, append=x[:, -2:-1])))
+    contrast = np.abs(mean - mean.mean(axis=1, keepdims=True))  # against the whole image's colour
+    return np.concatenate([contrast, std, across, down], axis=2)
 
 
 @dataclass
@@ -94,7 +101,11 @@ class BudgetPredictor(nn.Module):
     def __init__(self, config: BudgetConfig):
         super().__init__()
         self.config = config
-        # The training cells' feature statistics: inputs enter standardized.
+        # The training cells' feature statistics: inputs enter clipped to the range seen in
+        # training (an unlike image, e.g. a blank one among textured scenes, is read as the
+        # nearest seen, never extrapolated), then standardized.
+        self.register_buffer("feature_low", torch.full((FEATURES,), -math.inf))
+        self.register_buffer("feature_high", torch.full((FEATURES,), math.inf))
         self.register_buffer("feature_mean", torch.zeros(FEATURES))
         self.register_buffer("feature_std", torch.ones(FEATURES))
         self.cell = nn.Sequential(nn.Linear(FEATURES, config.hidden), nn.ReLU(),
@@ -114,7 +125,8 @@ class BudgetPredictor(nn.Module):
 
     def forward(self, features: torch.Tensor, num_tokens) -> torch.Tensor:
         """features (B, cells, FEATURES) from ``cell_features``, num_tokens (B,) -> logits (B,)."""
-        pooled = self.cell((features - self.feature_mean) / self.feature_std).mean(dim=1)
+        x = torch.minimum(torch.maximum(features, self.feature_low), self.feature_high)
+        pooled = self.cell((x - self.feature_mean) / self.feature_std).mean(dim=1)
         tokens = torch.from_numpy(self.tokens_input(num_tokens)).to(pooled)
         return self.head(torch.cat([pooled, tokens], dim=1))[:, 0]
 
@@ -124,15 +136,16 @@ class BudgetPredictor(nn.Module):
         costs a tenth of the forward)."""
         if self._served_weights is None:
             self._served_weights = [t.detach().cpu().float().numpy().copy() for t in (
-                self.feature_mean, self.feature_std, self.cell[0].weight, self.cell[0].bias, self.cell[2].weight,
-                self.cell[2].bias, self.head[0].weight, self.head[0].bias, self.head[2].weight, self.head[2].bias)]
+                self.feature_low, self.feature_high, self.feature_mean, self.feature_std, self.cell[0].weight,
+                self.cell[0].bias, self.cell[2].weight, self.cell[2].bias, self.head[0].weight, self.head[0].bias,
+                self.head[2].weight, self.head[2].bias)]
         return self._served_weights
 
     def _numpy_logits(self, features: np.ndarray, num_tokens) -> np.ndarray:
         """``forward`` in NumPy. ``einsum`` without ``optimize`` never calls BLAS, so no
         thread pool wakes up (module docstring)."""
-        mean, std, w1, b1, w2, b2, w3, b3, w4, b4 = self._numpy_weights()
-        h = np.maximum(np.einsum("bcf,hf->bch", (features - mean) / std, w1) + b1, 0)
+        low, high, mean, std, w1, b1, w2, b2, w3, b3, w4, b4 = self._numpy_weights()
+        h = np.maximum(np.einsum("bcf,hf->bch", (np.clip(features, low, high) - mean) / std, w1) + b1, 0)
         h = np.maximum(np.einsum("bcf,hf->bch", h, w2) + b2, 0).mean(axis=1)
         h = np.maximum(np.einsum("bf,hf->bh", np.concatenate([h, self.tokens_input(num_tokens)], 1), w3) + b3, 0)
         return np.einsum("bf,hf->bh", h, w4)[:, 0] + b4[0]
@@ -164,7 +177,10 @@ def load_budget_predictor(path: str | Path) -> tuple[BudgetPredictor, dict[str, 
                                   strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise SelectorCheckpointError(f"{path}: cannot rebuild the budget predictor: {e}") from e
-    if not all(bool(torch.isfinite(t).all()) for t in predictor.state_dict().values()) or not all(
+    weights = predictor.state_dict()
+    bounds = ("feature_low", "feature_high")  # infinite where a feature is not clipped
+    if not all(bool(torch.isfinite(t).all()) or (name in bounds and not bool(t.isnan().any()))
+               for name, t in weights.items()) or not all(
             math.isfinite(v) for v in predictor.config.log_tokens) or not bool((predictor.feature_std > 0).all()):
         raise SelectorCheckpointError(f"{path}: the budget predictor holds non-finite weights")
     return predictor.eval(), header

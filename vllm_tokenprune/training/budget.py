@@ -127,6 +127,8 @@ def fit_predictor(images: np.ndarray, num_tokens: torch.Tensor, targets: torch.T
     features = torch.stack([torch.from_numpy(cell_features(images)),
                             torch.from_numpy(cell_features(images[:, :, ::-1]))], dim=1)  # (B, 2, cells, F)
     cells = features[:, 0].reshape(-1, features.shape[-1])
+    predictor.feature_low.copy_(cells.min(0).values)
+    predictor.feature_high.copy_(cells.max(0).values)
     predictor.feature_mean.copy_(cells.mean(0))
     predictor.feature_std.copy_(cells.std(0).clamp_min(1e-4))
     optimizer = torch.optim.AdamW(predictor.parameters(), lr=LR, weight_decay=1e-4)
