@@ -487,7 +487,8 @@ def test_a_hybrid_model_gets_the_hybrid_state_v2_would_give_it():
             model_class = plugin_class(family)
             want = PrunedMRopeHybridModelState if getattr(model_class, "is_hybrid", False) else PrunedMRopeModelState
             assert model_class.get_model_state_cls(model_class) is want, family.name
-    assert plugin_class(of_architectures(["Qwen3_5ForConditionalGeneration"])).is_hybrid
+    for stock in ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"):
+        assert plugin_class(of_architectures([stock])).is_hybrid
 
 
 def plugin_class(family):

@@ -124,7 +124,7 @@ def test_extract_features_are_what_the_projector_receives(tiny_llava, llava_conf
 
 
 @pytest.mark.parametrize("arch", ["llava-next", "llava-onevision", "gemma3", "internvl", "qwen2-vl", "qwen2.5-vl",
-                                  "qwen3-vl", "qwen3.5"])
+                                  "qwen3-vl", "qwen3.5", "qwen3.5-moe"])
 def test_extract_features_other_families(tiny_checkpoint, arch):
     """LLaVA-NeXT, OneVision: the projector input of each image's base view (its first patch);
     Gemma 3: the projector's pooled tokens before its norm; InternVL: the projector's input for

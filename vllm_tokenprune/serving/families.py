@@ -41,6 +41,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen2.5-vl", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", f"{_MODELS}.qwen2_5_vl", "qwen"),
     Family("qwen3-vl", "qwen3_vl", "Qwen3VLForConditionalGeneration", f"{_MODELS}.qwen3_vl", "qwen"),
     Family("qwen3.5", "qwen3_5", "Qwen3_5ForConditionalGeneration", f"{_MODELS}.qwen3_5", "qwen"),
+    Family("qwen3.5-moe", "qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", f"{_MODELS}.qwen3_5", "qwen"),
     Family("gemma3", "gemma3", "Gemma3ForConditionalGeneration", f"{_MODELS}.gemma3", "gemma3"),
     Family("internvl", "internvl", "InternVLForConditionalGeneration", f"{_MODELS}.internvl", "internvl"),
 )

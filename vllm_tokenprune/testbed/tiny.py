@@ -30,8 +30,8 @@ from vllm_tokenprune.testbed.tokenizers import chatml_template, gemma_template, 
 ARCHES = tuple(f.name for f in FAMILIES)  # every family pruning serves, and only those
 # The dtype vLLM's CPU build serves each tiny checkpoint in for tests that compare outputs: fp32
 # (bf16, its default, would not match transformers), except where vLLM 0.32 has only a bf16
-# CPU kernel: Qwen3.5's Gated DeltaNet layers ("CPU GDN attention requires BF16.").
-CPU_DTYPES = {"qwen3.5": "bfloat16"}
+# CPU kernel: Qwen3.5's Gated DeltaNet layers ("CPU GDN attention requires BF16."), MoE too.
+CPU_DTYPES = {"qwen3.5": "bfloat16", "qwen3.5-moe": "bfloat16"}
 
 
 def cpu_dtype(arch: str) -> str:
@@ -95,6 +95,8 @@ class _Arch:
     build: Callable  # Preset -> (config, processor)
     # transformers' state-dict prefix -> hub checkpoint prefix, first match wins
     hub_prefixes: tuple[tuple[str, str], ...]
+    # any other change from transformers' names to the hub's (MoE experts)
+    hub_names: Callable[[dict], dict] = dict
 
 
 # LLaVA-family hub checkpoints predate transformers' `model.` nesting and keep the CLIP /
@@ -393,13 +395,14 @@ def _build_qwen3_vl(p: Preset):
     })
 
 
-def _build_qwen3_5(p: Preset):
+def _build_qwen3_5(p: Preset, config_class: str = "Qwen3_5Config", **moe):
     # Qwen3.5 rotates a quarter of each 256-wide head, its 32 frequencies interleaved 11 / 11 / 10;
     # here a quarter of 128 (vLLM's CPU attention wants head_dim 32, 64, 80, ...).
     head_dim = 128
     rope = {"rope_theta": 1e7, "partial_rotary_factor": 0.25, "mrope_interleaved": True,
             "mrope_section": _mrope_section(head_dim // 4, 0.5)}
-    return _build_qwen3_family(p, "Qwen3_5Config", {
+    return _build_qwen3_family(p, config_class, {
+        **moe,
         "rope": rope, "head_dim": head_dim,
         # Gated DeltaNet (linear attention) layers, then a full-attention one, as in 3:1
         "layer_types": ["linear_attention", "full_attention"] * (p.text_layers // 2),
@@ -411,6 +414,32 @@ def _build_qwen3_5(p: Preset):
         # prompt to fill one (48 tokens)
         "num_key_value_heads": p.text_heads,
     }, {})  # no DeepStack
+
+
+def _build_qwen3_5_moe(p: Preset):
+    # Every feed-forward layer routes each token to 2 of 4 experts next to a shared expert
+    # (the real model: 8 of 256, 40 layers)
+    return _build_qwen3_5(p, "Qwen3_5MoeConfig", num_experts=4, num_experts_per_tok=2,
+                          moe_intermediate_size=p.text_intermediate // 2,
+                          shared_expert_intermediate_size=p.text_intermediate // 2)
+
+
+def _split_experts(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hub MoE layout: one weight per expert (``experts.{e}.gate_proj.weight``, ...) where
+    transformers keeps them stacked (``experts.gate_up_proj``: E x 2I x H, ``experts.down_proj``:
+    E x H x I); transformers and vLLM both stack them again on load."""
+    out = {}
+    for name, value in weights.items():
+        stem, _, param = name.rpartition(".")
+        if stem.endswith("experts") and param == "gate_up_proj":
+            for e, gate_up in enumerate(value):
+                gate, up = gate_up.chunk(2)
+                out[f"{stem}.{e}.gate_proj.weight"], out[f"{stem}.{e}.up_proj.weight"] = gate, up
+        elif stem.endswith("experts") and param == "down_proj":
+            out.update({f"{stem}.{e}.down_proj.weight": down for e, down in enumerate(value)})
+        else:
+            out[name] = value
+    return {name: value.contiguous() for name, value in out.items()}
 
 
 def _build_llava_onevision(p: Preset):
@@ -533,9 +562,11 @@ _ARCHES = {
     "qwen2.5-vl": _Arch(_build_qwen2_5_vl, _QWEN2_HUB_PREFIXES),
     "llava-next": _Arch(_build_llava_next, _LLAVA_HUB_PREFIXES),
     "llava-onevision": _Arch(_build_llava_onevision, _LLAVA_HUB_PREFIXES),
-    # Qwen3-VL and Qwen3.5 were released with transformers' current layout (`model.language_model.*`).
+    # Qwen3-VL and Qwen3.5 were released with transformers' current layout (`model.language_model.*`),
+    # Qwen3.5-MoE with one weight per expert.
     "qwen3-vl": _Arch(_build_qwen3_vl, ()),
     "qwen3.5": _Arch(_build_qwen3_5, ()),
+    "qwen3.5-moe": _Arch(_build_qwen3_5_moe, (), _split_experts),
     # Gemma 3's hub checkpoints keep LLaVA's layout (`language_model.model.*`, `vision_tower.vision_model.*`).
     "gemma3": _Arch(_build_gemma3, _LLAVA_HUB_PREFIXES),
     # InternVL's "-hf" checkpoints were released with transformers' current layout.
@@ -575,6 +606,8 @@ def _random_weights(model_class: str, config, seed: int) -> dict[str, torch.Tens
             value = 1.0 + 0.1 * noise
         elif name.endswith("bias"):
             value = 0.1 * noise
+        elif meta.ndim == 3 and ".experts." in name:  # stacked linear weights: experts x out x in
+            value = noise / meta.shape[-1] ** 0.5
         elif meta.ndim >= 2:
             value = noise / math.prod(meta.shape[1:]) ** 0.5  # 1 / sqrt(fan_in)
         else:
@@ -615,7 +648,8 @@ def build_tiny(arch: str, out_dir: Path | str, seed: int = 0, preset: str = "tes
     # Without it vLLM resolves model_type to the headless LlavaModel and runs it as a pooler.
     config.architectures = [stock]
     weights = _random_weights(stock, config, seed)
-    save_file(_to_hub_layout(weights, spec.hub_prefixes), out / "model.safetensors", metadata={"format": "pt"})
+    save_file(spec.hub_names(_to_hub_layout(weights, spec.hub_prefixes)), out / "model.safetensors",
+              metadata={"format": "pt"})
     config.save_pretrained(out)
     text = config.get_text_config()
     GenerationConfig(

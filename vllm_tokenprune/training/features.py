@@ -16,7 +16,7 @@ Only the vision tower is built and only its weights are read from the checkpoint
 - InternVL (``internvl``): the tower's last hidden state without [CLS], pixel-shuffled (2 x 2
   patches per token), as the projector receives it, on the whole image as one tile (no
   tiles: like LLaVA-NeXT's base view, enough to train a selector for every tile).
-- Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5: the visual module's output after the patch merger (the merged
+- Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and Qwen3.5-MoE: the visual module's output after the patch merger (the merged
   tokens the selector scores at serve time; Qwen3-VL's main embedding, without DeepStack,
   as ``serving/models/qwen3_vl.py`` scores it). Each image keeps its own size and aspect
   as the checkpoint's image processor resizes it (``smart_resize`` within min_pixels and
