@@ -29,7 +29,8 @@ def test_every_table_reads_the_family_table():
     assert tiny.ARCHES == tuple(f.name for f in FAMILIES)
     for family in FAMILIES:
         assert by_name(family.name) is of_architectures([family.stock]) is of_model_type(family.model_type)
-        assert family.pruned == "Pruned" + family.stock and family.features in ("llava", "gemma3", "internvl", "qwen")
+        assert family.pruned == "Pruned" + family.stock
+        assert family.features in ("llava", "gemma3", "gemma4", "internvl", "qwen")
     with pytest.raises(ValueError, match="llava-onevision"):  # the message lists the families
         by_name("paligemma")
     with pytest.raises(ValueError, match="not one pruning serves"):
@@ -144,12 +145,30 @@ def test_a_batch_a_cache_hit_and_chunks_answer_as_each_request_alone(family, tin
         llm.llm_engine.engine_core.shutdown()
 
 
+def image_runs(llm, image, placeholder: str, method: str, ratios=(1.0, 0.5, 0.1)):
+    """Per ratio, the lengths of the image's placeholder runs in the prompt, and the prompt's
+    text without them (its markers and text between runs)."""
+    from vllm import SamplingParams
+
+    tokenizer = llm.get_tokenizer()
+    soft = tokenizer.convert_tokens_to_ids(placeholder)
+    runs, text = {}, {}
+    for ratio in ratios:
+        (out,) = llm.chat(chat([image], lambda im: {"type": "image_pil", "image_pil": im}),
+                          SamplingParams(temperature=0, max_tokens=2, min_tokens=2), use_tqdm=False,
+                          mm_processor_kwargs={"keep_ratio": ratio, "prune_method": method})
+        ids = out.prompt_token_ids
+        runs[ratio] = [len(list(run)) for is_soft, run in itertools.groupby(ids, key=soft.__eq__) if is_soft]
+        text[ratio] = tokenizer.decode([t for t in ids if t != soft])
+    return runs, text
+
+
 @pytest.mark.vllm
 def test_gemma3_pan_and_scan_crops_share_k(tiny_checkpoint, random_selector):
     """With pan-and-scan on, a wide image is the whole image plus crops, each in its own framed
     run with text between them: the processor cuts each run to its share of K
     (``policy.split_keep``), keeps the text, and the model fills each run with that many tokens."""
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     from vllm_tokenprune.serving.policy import split_keep
 
@@ -160,20 +179,37 @@ def test_gemma3_pan_and_scan_crops_share_k(tiny_checkpoint, random_selector):
               mm_processor_kwargs=crops, hf_overrides={"architectures": [by_name("gemma3").pruned],
                                                        "tokenprune_selector": str(random_selector("gemma3"))})
     try:
-        tokenizer = llm.get_tokenizer()
-        soft = tokenizer.convert_tokens_to_ids("<image_soft_token>")
-        runs = {}
-        for ratio in (1.0, 0.5, 0.1):
-            (out,) = llm.chat(chat([image], lambda im: {"type": "image_pil", "image_pil": im}),
-                              SamplingParams(temperature=0, max_tokens=2, min_tokens=2), use_tqdm=False,
-                              mm_processor_kwargs={"keep_ratio": ratio, "prune_method": "norm"})
-            ids = out.prompt_token_ids
-            runs[ratio] = [len(list(run)) for is_soft, run in itertools.groupby(ids, key=soft.__eq__) if is_soft]
-            assert tokenizer.decode([t for t in ids if t != soft]).count("<start_of_image>") == len(runs[ratio])
+        runs, text = image_runs(llm, image, "<image_soft_token>", "norm")
+        for ratio in runs:
+            assert text[ratio].count("<start_of_image>") == len(runs[ratio])
         per_crop = runs[1.0][0]
         assert len(runs[1.0]) > 2 and set(runs[1.0]) == {per_crop}  # the whole image and its crops
         n = per_crop * len(runs[1.0])
         for ratio in (0.5, 0.1):
             assert runs[ratio] == split_keep(keep_count(n, ratio), runs[1.0]), ratio
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.mark.vllm
+def test_gemma4_k_follows_the_servers_soft_token_budget(tiny_checkpoint, random_selector):
+    """Gemma 4's N is the image's soft tokens under the budget the server sets
+    (``--mm-processor-kwargs '{"max_soft_tokens": ...}'``): K = keep_count(N, ratio) of that N,
+    in one run between the markers, which stay."""
+    from vllm import LLM
+
+    path = tiny_checkpoint("gemma4")
+    image = noise_image(336, 252, seed=4)
+    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=4096, seed=0,
+              mm_processor_kwargs={"max_soft_tokens": 140},
+              hf_overrides={"architectures": [by_name("gemma4").pruned],
+                            "tokenprune_selector": str(random_selector("gemma4"))})
+    try:
+        runs, text = image_runs(llm, image, "<|image|>", "visionzip")
+        assert all(t.count("<|image><image|>") == 1 for t in text.values())
+        (n,) = runs[1.0]
+        assert n > tiny.count_image_tokens(path, image.size)  # more than under the checkpoint's budget of 70
+        for ratio in (0.5, 0.1):
+            assert runs[ratio] == [keep_count(n, ratio)], ratio
     finally:
         llm.llm_engine.engine_core.shutdown()

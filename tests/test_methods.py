@@ -376,7 +376,8 @@ def test_attention_is_computed_only_for_pruned_images_of_methods_that_read_it():
 
 # --- the statistics as vLLM's towers produce them ----------------------------------------
 
-STOCK_ARCH = {f.name: f.stock for f in FAMILIES if f.name in ("llava", "gemma3", "internvl") or f.features == "qwen"}
+STOCK_ARCH = {f.name: f.stock for f in FAMILIES
+              if f.name in ("llava", "gemma3", "gemma4", "internvl") or f.features == "qwen"}
 
 
 def hf_eager(path):
@@ -470,7 +471,53 @@ def hf_qwen_statistics(path, arch, pixels, grid_thw, blocks: dict[str, int], mon
             for i in range(len(sizes))]
 
 
+@torch.no_grad()
+def hf_gemma4_statistics(path, pixels, positions, monkeypatch):
+    """Per image, per soft token: the mean over heads and real queries of transformers'
+    attention weights to each real patch, and the head-mean keys (after norm and rotary), of
+    the last layer (LATE) and the first (MIDDLE, round(2 x 9/24) - 1), each averaged over
+    the patches transformers' pooler averages into the soft token."""
+    import transformers.models.gemma4.modeling_gemma4 as module
+
+    tower = hf_eager(path).model.vision_tower
+    layers = {LATE: tower.encoder.layers[-1].self_attn, MIDDLE: tower.encoder.layers[0].self_attn}
+    seen = {}
+    eager = module.eager_attention_forward
+
+    def recording(attn, query, key, *args, **kwargs):
+        output, weights = eager(attn, query, key, *args, **kwargs)
+        for layer, probed in layers.items():
+            if attn is probed:
+                seen[layer] = weights, key
+        return output, weights
+
+    monkeypatch.setattr(module, "eager_attention_forward", recording)
+    tower(pixel_values=pixels, pixel_position_ids=positions)
+    out = []
+    for b, image_positions in enumerate(positions):
+        real = (image_positions != -1).any(-1)
+        length = int(real.sum()) // tower.config.pooling_kernel_size**2
+        stats = {}
+        for layer, (weights, key) in seen.items():
+            attention = torch.zeros(len(real))
+            attention[real] = weights[b][:, real][:, :, real].mean(dim=(0, 1))
+            per_patch = {GLOBAL_ATTENTION: attention[:, None], KEYS: key[b].mean(0) * real[:, None]}
+            for stat, v in per_patch.items():
+                pooled, _ = tower.pooler._avg_pool_by_positions(
+                    v[None], image_positions[None], len(real) // tower.config.pooling_kernel_size**2)
+                stats[Probe(stat, layer)] = pooled[0, :length].squeeze(-1)
+            stats[Probe(ATTENTION, layer)] = stats[Probe(GLOBAL_ATTENTION, layer)]  # no [CLS]
+        out.append(stats)
+    return out
+
+
 # In the worker (sent by `LLM.apply_model`; results as lists, which survive the trip).
+
+def _gemma4_statistics(pixels, positions, model):
+    image_input = {"pixel_values": pixels, "pixel_position_ids": positions}
+    _, _, stats = model._probed_images(image_input, set(ALL_PROBES))
+    return [{tuple(p): v.tolist() for p, v in image.items()} for image in stats]
+
 
 def _square_tower_statistics(pixels, model):
     _, stats = model._tower_features(pixels.to(next(model.vision_tower.parameters()).device), set(ALL_PROBES))
@@ -502,7 +549,11 @@ def test_tower_statistics_in_vllm_equal_transformers_attention(arch, tiny_checkp
     llm = LLM(model=str(path), dtype=dtype, enforce_eager=True, max_model_len=2048, seed=0,
               hf_overrides={"architectures": [of_architectures([STOCK_ARCH[arch]]).pruned]})
     try:
-        if arch in SQUARE_TOWER_LAYERS:
+        if arch == "gemma4":
+            pixels, positions = processed["pixel_values"], processed["image_position_ids"]
+            want = hf_gemma4_statistics(path, pixels, positions, monkeypatch)
+            (got,) = llm.apply_model(functools.partial(_gemma4_statistics, pixels, positions))
+        elif arch in SQUARE_TOWER_LAYERS:
             want = hf_square_tower_statistics(path, arch, processed["pixel_values"])
             (got,) = llm.apply_model(functools.partial(_square_tower_statistics, processed["pixel_values"]))
         else:

@@ -126,7 +126,9 @@ def test_the_question_is_part_of_the_image_for_methods_that_read_it(client, mode
         assert cached("what is red ?") == 0
         repeat = cached("what is red ?")
         if method == "norm" and repeat == 0:
-            pytest.skip("no prefix-cache hit even for a repeat (a hybrid model's state is not cached here)")
+            # Qwen3.5's linear-attention state is not cached here; Gemma 4's two head sizes make
+            # vLLM's hybrid cache blocks 64 tokens (the lcm of its groups'), longer than this prompt.
+            pytest.skip("no prefix-cache hit even for a repeat (a hybrid cache this prompt fills no block of)")
         assert repeat >= BLOCK, method
         other = cached("what is blue ?")
         assert other == 0 if method != "norm" else other >= BLOCK, (method, other)

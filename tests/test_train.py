@@ -123,11 +123,12 @@ def test_extract_features_are_what_the_projector_receives(tiny_llava, llava_conf
     torch.testing.assert_close(torch.stack(list(features)), captured[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llava-next", "llava-onevision", "gemma3", "internvl", "qwen2-vl", "qwen2.5-vl",
-                                  "qwen3-vl", "qwen3.5", "qwen3.5-moe"])
+@pytest.mark.parametrize("arch", ["llava-next", "llava-onevision", "gemma3", "gemma4", "internvl", "qwen2-vl",
+                                  "qwen2.5-vl", "qwen3-vl", "qwen3.5", "qwen3.5-moe"])
 def test_extract_features_other_families(tiny_checkpoint, arch):
     """LLaVA-NeXT, OneVision: the projector input of each image's base view (its first patch);
-    Gemma 3: the projector's pooled tokens before its norm; InternVL: the projector's input for
+    Gemma 3: the projector's pooled tokens before its norm; Gemma 4: the soft tokens the
+    embedder receives, each image at its own size; InternVL: the projector's input for
     the whole image as one tile; Qwen: the merged tokens (Qwen3-VL:
     the main embedding) of each image at its own size."""
     import transformers
@@ -154,6 +155,18 @@ def test_extract_features_other_families(tiny_checkpoint, arch):
             assert info["image_pixels"] == {"min_pixels": processor.size["shortest_edge"],
                                             "max_pixels": processor.size["longest_edge"]}
             assert features.feature_dim == config.text_config.hidden_size  # the merger feeds the LM
+            features = features.tokens
+        elif arch == "gemma4":  # what the embedder receives
+            captured = []
+            model.model.embed_vision.register_forward_pre_hook(
+                lambda module, args, kwargs: captured.append(kwargs["inputs_embeds"]), with_kwargs=True)
+            inputs = processor(images=images, return_tensors="pt")
+            per_image = model.model.get_image_features(
+                inputs["pixel_values"], inputs["image_position_ids"]).pooler_output
+            reference = captured[0]
+            assert features.lengths.tolist() == [len(p) for p in per_image]
+            assert features.grids[0].tolist() != features.grids[1].tolist()  # each image at its own size
+            assert info["feature_layer"] == "pooled"
             features = features.tokens
         elif arch in ("gemma3", "internvl"):  # what the projector's norm receives
             projector = model.model.multi_modal_projector

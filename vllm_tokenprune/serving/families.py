@@ -16,8 +16,8 @@ class Family:
     model_type: str  # the checkpoint config's model_type
     stock: str  # the architecture checkpoints name
     module: str  # the module holding the pruned class
-    # how training reads the tower: "llava" (a feature layer), "gemma3" (pooled), "internvl"
-    # (pixel-shuffled) or "qwen" (the merger)
+    # how training reads the tower: "llava" (a feature layer), "gemma3" (pooled), "gemma4" (the
+    # pooler's soft tokens), "internvl" (pixel-shuffled) or "qwen" (the merger)
     features: str
 
     @property
@@ -44,6 +44,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen3.5-moe", "qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", f"{_MODELS}.qwen3_5", "qwen"),
     Family("gemma3", "gemma3", "Gemma3ForConditionalGeneration", f"{_MODELS}.gemma3", "gemma3"),
     Family("internvl", "internvl", "InternVLForConditionalGeneration", f"{_MODELS}.internvl", "internvl"),
+    Family("gemma4", "gemma4", "Gemma4ForConditionalGeneration", f"{_MODELS}.gemma4", "gemma4"),
 )
 
 

@@ -64,6 +64,8 @@ class Preset:
     # Gemma 3: patches pooled k x k into one token (the real model: 4 x 4), local attention window
     gemma_pool: int = 2
     gemma_sliding_window: int = 64
+    # Gemma 4: pooled tokens an image may have (its processor takes 70, 140, 280, 560, 1120)
+    gemma4_soft_tokens: int = 70
     # InternVL: tiles of the tower's input per image, before the thumbnail (the real model: 12)
     internvl_max_tiles: int = 6
     # Qwen towers: token budget per image (the processor resizes into it)
@@ -514,6 +516,54 @@ def _build_gemma3(p: Preset):
     return config, processor
 
 
+def _build_gemma4(p: Preset):
+    from transformers import (
+        Gemma4AudioFeatureExtractor,  # the processor needs one; the tiny model has no audio tower
+        Gemma4Config,
+        Gemma4ImageProcessor,
+        Gemma4Processor,
+        Gemma4TextConfig,
+        Gemma4VideoProcessor,
+        Gemma4VisionConfig,
+    )
+
+    media = {"boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>"}
+    # Gemma 4's processor wants audio tokens in any tokenizer, with or without an audio tower.
+    audio = {"boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>"}
+    tok = make_tokenizer(p.vocab_size, p.max_position_embeddings,
+        specials=["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", *media.values(),
+                  "<|video|>", *audio.values()],
+        bos="<bos>", eos="<end_of_turn>", pad="<pad>", extra={**media, **audio}, add_bos=False)
+    tok.chat_template = gemma_template(media["image_token"])
+    head_dim = p.text_hidden // p.text_heads
+    ids = tok.convert_tokens_to_ids
+    config = Gemma4Config(
+        # Local then global layers, the global ones with twice as wide heads (the real model:
+        # 256 and 512), and no per-layer input embeddings (as the larger Gemma 4 models).
+        text_config=Gemma4TextConfig(**_text_config(
+            p, tok, head_dim=head_dim, global_head_dim=2 * head_dim, rms_norm_eps=1e-6,
+            sliding_window=p.gemma_sliding_window, hidden_size_per_layer_input=0,
+            layer_types=["sliding_attention", "full_attention"] * (p.text_layers // 2))),
+        vision_config=Gemma4VisionConfig(
+            hidden_size=p.vision_hidden, intermediate_size=p.vision_intermediate,
+            num_hidden_layers=p.vision_layers, num_attention_heads=p.vision_heads,
+            num_key_value_heads=p.vision_heads, head_dim=p.vision_hidden // p.vision_heads,
+            patch_size=p.patch_size, pooling_kernel_size=3, position_embedding_size=1024,  # real: 10240
+            default_output_length=p.gemma4_soft_tokens),
+        audio_config=None,
+        boi_token_id=ids(media["boi_token"]), eoi_token_id=ids(media["eoi_token"]),
+        image_token_id=ids(media["image_token"]), video_token_id=ids("<|video|>"),
+        boa_token_id=ids(audio["boa_token"]), eoa_token_index=ids(audio["eoa_token"]),
+        audio_token_id=ids(audio["audio_token"]), tie_word_embeddings=False,
+    )
+    images = {"patch_size": p.patch_size, "pooling_kernel_size": 3, "max_soft_tokens": p.gemma4_soft_tokens}
+    processor = Gemma4Processor(
+        feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=Gemma4ImageProcessor(**images),
+        video_processor=Gemma4VideoProcessor(**images), tokenizer=tok, chat_template=tok.chat_template,
+        image_seq_length=p.gemma4_soft_tokens)
+    return config, processor
+
+
 def _build_internvl(p: Preset):
     from transformers import (
         GotOcr2ImageProcessor,
@@ -571,10 +621,16 @@ _ARCHES = {
     "gemma3": _Arch(_build_gemma3, _LLAVA_HUB_PREFIXES),
     # InternVL's "-hf" checkpoints were released with transformers' current layout.
     "internvl": _Arch(_build_internvl, ()),
+    # Gemma 4 was released with transformers' current layout.
+    "gemma4": _Arch(_build_gemma4, ()),
 }
 
 
 # --------------------------------------------------------------------------- weights
+
+
+# Persistent buffers that checkpoints hold, scales near 1 (Gemma 4's per-layer output scale).
+_SCALE_BUFFERS = ("layer_scalar",)
 
 
 def _random_weights(model_class: str, config, seed: int) -> dict[str, torch.Tensor]:
@@ -599,10 +655,11 @@ def _random_weights(model_class: str, config, seed: int) -> dict[str, torch.Tens
     gen = torch.Generator().manual_seed(seed)
     weights = {}
     for name, meta in model.state_dict().items():
-        if name not in params:
+        scale = name.endswith(_SCALE_BUFFERS)
+        if name not in params and not scale:
             raise ValueError(f"{model_class} has a persistent buffer {name}; give it a value here")
         noise = torch.randn(meta.shape, generator=gen, dtype=torch.float32)
-        if name in norm_params and name.endswith("weight"):
+        if name in norm_params and name.endswith("weight") or scale:
             value = 1.0 + 0.1 * noise
         elif name.endswith("bias"):
             value = 0.1 * noise

@@ -13,6 +13,9 @@ Only the vision tower is built and only its weights are read from the checkpoint
 - Gemma 3 (``gemma3``): the SigLIP tower's last hidden state (post-norm, as served),
   average-pooled to the projector's token grid, as ``serving/models/gemma3.py`` scores it
   (the projector's pooling without its norm and projection).
+- Gemma 4 (``gemma4``): the tower's soft tokens (its pooler's k x k averages, padding stripped),
+  each image at its own aspect as the processor resizes it, as ``serving/models/gemma4.py``
+  scores them (before the embedder's norm and projection).
 - InternVL (``internvl``): the tower's last hidden state without [CLS], pixel-shuffled (2 x 2
   patches per token), as the projector receives it, on the whole image as one tile (no
   tiles: like LLaVA-NeXT's base view, enough to train a selector for every tile).
@@ -127,7 +130,7 @@ def _tower_key(key: str, tower_prefix: str) -> str | None:
 
 
 def _family(config) -> str:
-    """How the tower's features are read: "llava", "gemma3", "internvl" or "qwen" (``serving.families``)."""
+    """How the tower's features are read: "llava", "gemma3", "gemma4", "internvl" or "qwen" (``serving.families``)."""
     return of_model_type(config.model_type).features
 
 
@@ -208,6 +211,21 @@ def _gemma3_forward(tower, config, inputs: dict) -> RaggedFeatures:
     return RaggedFeatures.stack(pooled, (side, side))
 
 
+def _gemma4_inputs(processor, images) -> dict:
+    inputs = processor(images=images, return_tensors="pt")
+    return {"pixel_values": inputs["pixel_values"], "pixel_position_ids": inputs["image_position_ids"]}
+
+
+def _gemma4_forward(tower, config, inputs: dict) -> RaggedFeatures:
+    # The pooler's soft tokens of all images one after the other, padding stripped, each
+    # image's in row-major order of its grid of k x k patch blocks; a patch's position is
+    # (x, y), -1 for padding.
+    soft_tokens = tower(**inputs).last_hidden_state
+    x, y = (inputs["pixel_position_ids"].amax(dim=1) + 1).T
+    kernel = config.vision_config.pooling_kernel_size
+    return RaggedFeatures(soft_tokens, torch.stack([y // kernel, x // kernel], dim=1))
+
+
 def _internvl_inputs(processor, images) -> dict:
     return {"pixel_values": processor(images=images, crop_to_patches=False, return_tensors="pt")["pixel_values"]}
 
@@ -284,9 +302,10 @@ def load_tower(model: str, *, device: str = "cpu", dtype: torch.dtype = torch.fl
     processor, image_pixels = _processor(model, config, processor_kwargs or {})
     module, _ = _build_tower(model, config)
     module.to(device=device, dtype=dtype)
-    read = {"llava": _llava_forward, "gemma3": _gemma3_forward, "internvl": _internvl_forward,
-            "qwen": _qwen_forward}[_family(config)]
-    inputs_of = {"internvl": _internvl_inputs, "qwen": _qwen_inputs}.get(_family(config), _llava_inputs)
+    read = {"llava": _llava_forward, "gemma3": _gemma3_forward, "gemma4": _gemma4_forward,
+            "internvl": _internvl_forward, "qwen": _qwen_forward}[_family(config)]
+    inputs_of = {"gemma4": _gemma4_inputs, "internvl": _internvl_inputs,
+                 "qwen": _qwen_inputs}.get(_family(config), _llava_inputs)
 
     def preprocess(images: list[Image.Image]) -> dict[str, torch.Tensor]:
         images = [im.convert("RGB") for im in images]
@@ -315,7 +334,7 @@ def feature_info(model: str, tower: Tower, grids: torch.Tensor, feature_dim: int
     return {
         "source_model": model,
         "feature_layer": {"llava": getattr(config, "vision_feature_layer", None), "gemma3": "pooled",
-                          "internvl": "pixel_shuffle", "qwen": "merger"}[_family(config)],
+                          "gemma4": "pooled", "internvl": "pixel_shuffle", "qwen": "merger"}[_family(config)],
         "vision_signature": vision_signature(config),
         "num_tokens": [int(lengths.min()), int(lengths.max())],
         "feature_dim": feature_dim,
