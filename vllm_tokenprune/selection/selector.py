@@ -250,7 +250,7 @@ def load_query_selector(path: str | Path, *, map_location="cpu") -> tuple[TokenS
 def vision_signature(hf_config) -> dict[str, Any]:
     """The facts about a VLM config that determine the features the selector sees.
 
-    Works on transformers' LLaVA / LLaVA-NeXT / LLaVA-OneVision / Gemma 3 / InternVL / Qwen-VL
+    Works on transformers' LLaVA / LLaVA-NeXT / LLaVA-OneVision / Gemma 3 / Gemma 4 / InternVL / Qwen-VL
     configs (and vLLM's hf_config, the same objects). For the Qwen families the selector scores the
     merged tokens after the patch merger, so feature_dim is the merger's output width:
     ``out_hidden_size``, or on Qwen2-VL, which has none, the vision ``hidden_size`` (its

@@ -258,7 +258,8 @@ def _qwen_forward(tower, config, inputs: dict) -> RaggedFeatures:
 @dataclass
 class Tower:
     """A checkpoint's vision tower up to the selector's input (LLaVA: the feature layer
-    without CLS; Gemma 3: pooled; InternVL: pixel-shuffled; Qwen: after the merger), with the model's own preprocessing.
+    without CLS; Gemma 3: pooled; Gemma 4: its pooler's soft tokens; InternVL: pixel-shuffled; Qwen: after the
+    merger), with the model's own preprocessing.
 
     ``tower(images)`` gives their features; ``preprocess`` and ``forward`` are its two
     halves, for timing the forward alone. Call under ``torch.inference_mode()``.
