@@ -16,11 +16,11 @@ from the image size (``_compute_num_soft_tokens``). How pruning treats that:
 * K = keep_count(N, ratio) per image, cut from the one run between the markers, which stay.
   One image is one run (no crops or tiles), so nothing is split.
 * The tower is transformers' module inside vLLM, which calls its attention function by name,
-  with no vLLM attention op to probe. For a batch whose methods read attention statistics, a
-  tapped attention function (``_tapped_attention``) hands the probed layers' queries and keys
-  to ``TowerProbe``, and each image runs through the tower alone, without its padding
-  patches, so the statistics cover its own patches only; a soft token gets the mean over its
-  k x k patches. Other batches run the stock batched path.
+  with no vLLM attention op to probe. An image whose method reads attention statistics runs
+  through the tower alone, without its padding patches (so the statistics cover its own
+  patches only), while a tapped attention function (``_tapped_attention``) hands the probed
+  layers' queries and keys to ``TowerProbe``; a soft token gets the mean over its k x k
+  patches. The other images of the batch take the stock batched path.
 * Videos (frames through the same tower) and audio are never pruned.
 
 The language model places tokens by 1-D positions, as Gemma 3's does.
@@ -51,6 +51,7 @@ from vllm_tokenprune.selection import methods
 from vllm_tokenprune.selection.methods.attention import TowerProbe
 from vllm_tokenprune.serving.models.common import (
     KEEP_FIELD,
+    METHOD_FIELD,
     NoEncoderCudaGraphsMixin,
     PruningModelMixin,
     PruningProcessorMixin,
@@ -172,24 +173,34 @@ class PrunedGemma4ForConditionalGeneration(NoEncoderCudaGraphsMixin, PruningMode
         return stock, soft_tokens, stats
 
     def _pruned_embeddings(self, image_input, fields: dict[str, list]) -> list[torch.Tensor]:
-        """The K embeddings of each image, in stock order."""
+        """The K embeddings of each image, in stock order. Images whose method reads attention
+        statistics run alone under the probe (``_probed_images``); the others take the stock
+        batched path, so an image kept whole is the stock one whatever it is batched with.
+        (The processor caps an image's blocks at its budget, so its grid holds exactly its
+        soft tokens.)"""
         kernel = self.config.vision_config.pooling_kernel_size
         grids = [soft_token_grid(p, kernel) for p in image_input["pixel_position_ids"]]
-        probes = self._requested_probes(fields, [rows * cols for rows, cols in grids])
-        if probes:
-            stock, soft_tokens, stats = self._probed_images(image_input, probes)
-        else:
-            (stock, soft_tokens), stats = self._stock_images(image_input), [{}] * len(grids)
+        counts = [rows * cols for rows, cols in grids]
+        probed = [i for i, n in enumerate(counts)
+                  if methods.get(methods.method_name(fields[METHOD_FIELD][i])).needs and fields[KEEP_FIELD][i] < n]
+        rest = [i for i in range(len(counts)) if i not in probed]
+
+        def images(indices: list[int]) -> dict[str, list[torch.Tensor]]:
+            return {name: [image_input[name][i] for i in indices] for name in ("pixel_values", "pixel_position_ids")}
+
+        found = {}
+        if rest:
+            found.update(zip(rest, zip(*self._stock_images(images(rest)), [{}] * len(rest))))
+        if probed:
+            found.update(zip(probed, zip(*self._probed_images(images(probed), self._requested_probes(fields, counts)))))
         out = []
-        for i, (embeds, tokens, grid) in enumerate(zip(stock, soft_tokens, grids)):
+        for i, grid in enumerate(grids):
+            embeds, tokens, stats = found[i]
             if fields[KEEP_FIELD][i] >= len(embeds):
                 out.append(embeds)
                 continue
-            # An extreme aspect ratio can have more blocks than the budget (the processor caps
-            # the count): then no grid fits, and the tokens are one row.
-            grid = grid if grid[0] * grid[1] == len(tokens) else (1, len(tokens))
             out.append(self._keep_rows(fields, i, tokens, grids=(grid,), values=embeds, embed=self._embed,
-                                       stats=stats[i]).values)
+                                       stats=stats).values)
         return out
 
     def embed_multimodal(self, **kwargs: object):
