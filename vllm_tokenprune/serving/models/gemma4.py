@@ -72,7 +72,8 @@ class PrunedGemma4MultiModalProcessor(PruningProcessorMixin, Gemma4MultiModalPro
 # -- the tower's attention, tapped ------------------------------------------------------
 
 _TAPPED = "tokenprune_tapped"
-_TAPS: ContextVar[dict | None] = ContextVar("tokenprune_gemma4_taps", default=None)
+# While taps are on: the taps by attention module, and the tower's own attention function's name
+_TAPS: ContextVar[tuple[dict, str | None] | None] = ContextVar("tokenprune_gemma4_taps", default=None)
 
 
 class _AttentionTap(torch.nn.Module):
