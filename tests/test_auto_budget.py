@@ -83,8 +83,10 @@ def test_the_predictor_is_a_section_of_the_selector_checkpoint(random_selector, 
 
     for bad in ({**header, "format_version": 1}, {**header, "config": {"channels": "x"}}, 3):
         save_file({**old_tensors, **tensors}, str(path), metadata={**meta, "budget_predictor": json.dumps(bad)})
-        with pytest.raises(SelectorCheckpointError, match="budget predictor"):
+        with pytest.raises(SelectorCheckpointError, match="budget predictor") as err:
             load_budget_predictor(path)
+        # A section of another format says how to mend it; a damaged one of this format is reported as damaged.
+        assert ("--budget-only" in str(err.value)) == (bad != {**header, "config": {"channels": "x"}})
 
 
 def test_the_target_is_the_smallest_fraction_within_the_tolerance():

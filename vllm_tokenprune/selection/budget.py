@@ -42,7 +42,7 @@ from torch import nn
 from vllm_tokenprune.selection.selector import SelectorCheckpointError, read_checkpoint, section_header
 
 SECTION = "budget_predictor"  # the checkpoint header key of the predictor's section
-SECTION_VERSION = 2  # 2: cell statistics and MLPs (1, convolutions, is refused: retrain)
+SECTION_VERSION = 2
 PREFIX = "budget."  # its tensors' names in the checkpoint
 THUMBNAIL = 64  # side of the square thumbnail the predictor reads
 CELLS = 8  # cells per side of the thumbnail
@@ -168,7 +168,11 @@ def load_budget_predictor(path: str | Path) -> tuple[BudgetPredictor, dict[str, 
     """The predictor in a selector checkpoint (eval mode) and its header section, or None
     when the checkpoint has none. Raises SelectorCheckpointError for a damaged one."""
     tensors, meta = read_checkpoint(path, "cpu")
-    header = section_header(path, meta, SECTION, SECTION_VERSION, "budget predictor")
+    try:
+        header = section_header(path, meta, SECTION, SECTION_VERSION, "budget predictor")
+    except SelectorCheckpointError as e:
+        raise SelectorCheckpointError(f"{e}: refit it with `vllm-tokenprune train --model MODEL --images DIR "
+                                      f"--out {path} --budget-only` (the selector stays)") from None
     if header is None:
         return None
     try:
