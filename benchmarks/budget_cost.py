@@ -20,11 +20,12 @@ image every round (no cache can answer).
    largest share for the predictor) and of 32; the CPU time the API server process spends on each
    request, read around it from the scheduler's per-thread counters (nanoseconds; the
    per-process tick counters are too coarse for a request). The engine core is another process
-   and not counted: its work differs by the kept tokens, not by how K was chosen.
+   and not counted.
 
 The model is the tiny test LLaVA with its image side raised to 336 px, so its processor
-does LLaVA-1.5's work (576 tokens); the predictor has random weights (its cost does not
-depend on them).
+does LLaVA-1.5's work (576 tokens). The predictor says 0.25 for every image
+(``fixed_predictor``), so both arms keep the same K and carry prompts of the same length
+through the API server: the rounds differ by the predictor's work alone.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import platform
 import statistics
 import tempfile
@@ -149,6 +151,18 @@ def api_server_cost(model: Path, selector: Path, rounds: int, rng: np.random.Gen
     return out
 
 
+def fixed_predictor(fraction: float) -> BudgetPredictor:
+    """A predictor of random weights whose output layer is zeroed to say ``fraction`` for
+    every image: auto then keeps the same K as that fixed ratio, so the two arms of a paired
+    round differ only by the predictor's work (which does not depend on the weights)."""
+    torch.manual_seed(0)
+    predictor = BudgetPredictor(BudgetConfig(log_tokens=[6.0, 6.5]))
+    with torch.no_grad():
+        predictor.head[2].weight.zero_()
+        predictor.head[2].bias.fill_(math.log(fraction / (1 - fraction)))
+    return predictor.eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=60)
@@ -169,7 +183,7 @@ def main() -> None:
         signature = vision_signature(AutoConfig.from_pretrained(model))
         selector = Path(tmp) / "selector.safetensors"
         save_selector(selector, TokenSelector(SelectorConfig(signature["feature_dim"], width=32, num_layers=1)),
-                      budget=section(BudgetPredictor(BudgetConfig(log_tokens=[6.0, 6.5])), {}),
+                      budget=section(fixed_predictor(0.25), {}),
                       metadata={"source_model": str(model), "feature_layer": signature["vision_feature_layer"],
                                 "vision_signature": signature})
         results = {"predictor_ms_per_image": predictor_cost(args.rounds, rng),
