@@ -9,11 +9,11 @@ returns a fraction in (0, 1). The processor turns it into K with ``policy.keep_c
 like any ratio.
 
 Architecture: the thumbnail is cut into an 8 x 8 grid of cells, and each cell described by
-fixed statistics (``cell_features``: how far its colour lies from the image's, its spread, and how
-much they change from pixel to pixel, across and down); a small MLP shared by all cells
-scores them, the mean over cells and log N go through a second MLP. The mean makes it
-count local evidence ("how much of the image holds detail"), which is what the number of
-tokens worth keeping follows. About 3k parameters.
+fixed statistics (``cell_features``: how far its colour lies from the image's, its spread,
+and how much it changes from pixel to pixel, across and down); a small MLP shared by all
+cells scores them, the mean over cells and log N go through a second MLP. The mean makes
+it count local evidence ("how much of the image holds detail"), which is what the number
+of tokens worth keeping follows. About 3k parameters.
 
 Serving runs it in NumPy, single-threaded by construction (``fractions``): a PyTorch
 convolution or matrix product hands even this little work to the intra-op thread pool,
