@@ -213,7 +213,23 @@ def probes(llm) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return [torch.tensor(s) for s in steps], [torch.tensor(k) for k in kept]
 
 
-GREEDY = dict(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
+GREEDY = dict(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=2)
+# Two runs of a bf16 model (Qwen3.5 on CPU) that compute the same thing in another order
+# (chunks, a batch, cached blocks) may part at a near-tie: where each picks a token the
+# other ranks within this many nats of its own pick (the T test's logprob tolerance).
+BF16_TIE = 0.15
+
+
+def assert_same_greedy(a, b, arch: str, context) -> None:
+    """``a`` and ``b`` answer with the same greedy tokens; in bf16 up to a near-tie, after
+    which the continuations differ by construction and are not compared."""
+    for i, (x, y) in enumerate(zip(a.outputs[0].token_ids, b.outputs[0].token_ids, strict=True)):
+        if x == y:
+            continue
+        tie = all(other in step and step[mine].logprob - step[other].logprob <= BF16_TIE
+                  for step, mine, other in ((a.outputs[0].logprobs[i], x, y), (b.outputs[0].logprobs[i], y, x)))
+        assert cpu_dtype(arch) == "bfloat16" and tie, (context, i, a.outputs[0].token_ids, b.outputs[0].token_ids)
+        return
 
 
 def request(llm, imgs, video=None, **mm_kwargs) -> dict:
@@ -349,7 +365,7 @@ def test_every_method_keeps_one_and_all_but_one_token_at_stock_positions(llm, pa
 
 
 @pytest.mark.vllm
-def test_prefix_cache_hit_gives_the_same_output_and_positions(llm, path):
+def test_prefix_cache_hit_gives_the_same_output_and_positions(llm, path, arch):
     imgs = images(3)
     prompt, _, _ = hf_greedy(path, imgs, new_tokens=1)
     positions = hf_positions(path, imgs)
@@ -361,19 +377,19 @@ def test_prefix_cache_hit_gives_the_same_output_and_positions(llm, path):
     # there, and still continues at the stock positions.
     first_image = again.prompt_token_ids.index(image_token_id(path))
     assert again.num_cached_tokens > first_image
-    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    assert_same_greedy(again, first, arch, "prefix-cache repeat")
     for out, seen in ((first, first_seen), (again, again_seen)):
         assert_stock_positions(out, seen, kept, prompt, positions, image_token_id(path))
 
 
 @pytest.mark.vllm
-def test_chunked_prefill_matches_one_step_prefill(llm, chunked_llm, path, stock):
+def test_chunked_prefill_matches_one_step_prefill(llm, chunked_llm, path, stock, arch):
     prompt, _, positions = stock
     for kwargs in ({"keep_ratio": 0.25, "prune_method": "norm"},
                    {"keep_ratio": 0.5, "prune_method": "random"}, {"keep_ratio": 1.0}):
         whole, _, _ = run(llm, images(1), **kwargs)
         chunked, seen, kept = run(chunked_llm, images(1), **kwargs)
-        assert chunked.outputs[0].token_ids == whole.outputs[0].token_ids, kwargs
+        assert_same_greedy(chunked, whole, arch, kwargs)
         prefill_steps = seen[: len(seen) - (NEW_TOKENS - 1)]
         assert len(prefill_steps) > 1 and prefill_steps[0].shape[1] == CHUNK, kwargs
         assert_stock_positions(chunked, seen, kept or full_kept(path, images(1)), prompt,
@@ -405,7 +421,7 @@ def test_pruned_images_around_an_unpruned_video(llm, path):
 
 
 @pytest.mark.vllm
-def test_a_batch_of_ratios_answers_as_each_request_alone(llm, path):
+def test_a_batch_of_ratios_answers_as_each_request_alone(llm, path, arch):
     """Requests of different ratios sent together: requests scheduled in one step share
     one encoder call (per-image K, method, seed) and get one position recompute each."""
     from vllm import SamplingParams
@@ -429,7 +445,7 @@ def test_a_batch_of_ratios_answers_as_each_request_alone(llm, path):
     for out, kwargs in zip(batch, asks):
         alone, _, _ = run(llm, imgs, **kwargs)
         assert alone.prompt_token_ids == out.prompt_token_ids, kwargs
-        assert alone.outputs[0].token_ids == out.outputs[0].token_ids, kwargs
+        assert_same_greedy(alone, out, arch, kwargs)
 
 
 # --- Model Runner V2 (the GPU default; it needs Triton, so its pruner is driven directly) --
