@@ -25,6 +25,13 @@ def prune_headers(keep_ratio: float | str | None = None, method: str | None = No
     return headers
 
 
+def image_tokens(usage) -> int | None:
+    """The image tokens of a response's prompt, as the server counted them
+    (``usage.prompt_tokens_details.multimodal_tokens``, with ``--enable-prompt-tokens-details``)."""
+    details = getattr(usage, "prompt_tokens_details", None)
+    return (getattr(details, "multimodal_tokens", None) or {}).get("image") if details else None
+
+
 class ServerUnreachableError(RuntimeError):
     pass
 

@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_tokenprune.tools.client import METHOD_HEADER, prune_headers, served_model
+from vllm_tokenprune.tools.client import METHOD_HEADER, image_tokens, prune_headers, served_model
 
 ACCEPTS_EXTRA_ARGS = True  # extra arguments go to the server it starts
 MATCHES = ("exact", "first-word", "contains")
@@ -179,9 +179,7 @@ async def _ask_all(url: str, model: str, items: list[Item], cells: list[tuple[Ra
                         {"type": "image_url", "image_url": {"url": item.image_url}},
                         {"type": "text", "text": item.question}]}],
                     extra_headers=prune_headers(ratio, method))
-                details = out.usage.prompt_tokens_details
-                images = (getattr(details, "multimodal_tokens", None) or {}).get("image") if details else None
-                return out.choices[0].message.content or "", out.usage.prompt_tokens, images, None
+                return out.choices[0].message.content or "", out.usage.prompt_tokens, image_tokens(out.usage), None
             except openai.APIStatusError as err:
                 return None, None, None, f"{err.status_code}: {str(err)[:300]}"
             finally:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vllm_tokenprune.tools.client import prune_headers
+from vllm_tokenprune.tools.client import image_tokens, prune_headers
 from vllm_tokenprune.tools.overhead import unique
 
 
@@ -66,7 +66,7 @@ async def closed_loop(url: str, model: str, images: list[tuple[bytes, str]], bud
 
     client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
     queue = list(images)
-    ttfts, image_tokens, failures = [], [], []
+    ttfts, kept, failures = [], [], []
 
     async def one(jpeg: bytes, question: str) -> None:
         url_ = "data:image/jpeg;base64," + base64.b64encode(unique(jpeg, next(tags))).decode()
@@ -81,11 +81,8 @@ async def closed_loop(url: str, model: str, images: list[tuple[bytes, str]], bud
         async for chunk in stream:
             if first is None and chunk.choices and chunk.choices[0].delta.content:
                 first = time.perf_counter() - start
-            if chunk.usage is not None:
-                details = chunk.usage.prompt_tokens_details
-                found = (getattr(details, "multimodal_tokens", None) or {}).get("image") if details else None
-                if found is not None:
-                    image_tokens.append(found)
+            if (found := image_tokens(chunk.usage)) is not None:  # the last chunk carries usage
+                kept.append(found)
         ttfts.append(first if first is not None else time.perf_counter() - start)
 
     async def worker():
@@ -100,7 +97,7 @@ async def closed_loop(url: str, model: str, images: list[tuple[bytes, str]], bud
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - start
     await client.close()
-    return {"ttfts": ttfts, "requests_per_s": len(ttfts) / elapsed, "image_tokens": image_tokens,
+    return {"ttfts": ttfts, "requests_per_s": len(ttfts) / elapsed, "image_tokens": kept,
             "failed": len(failures), "failures": failures[:3]}
 
 
