@@ -353,27 +353,19 @@ def _budget(selector, reconstructor, train_store, held_store, train_paths, held_
     return budget_section(predictor, report)
 
 
-def _refit_budget(model: str, out: Path, train_store, held_store, train_paths, held_paths, cfg: TrainConfig) -> int:
-    """``--budget-only``: the selector at ``out``, with a budget predictor fitted anew."""
-    try:
-        selector, meta = load_selector(out)
-        reconstructor = load_reconstructor(out)
-    except (OSError, SelectorCheckpointError) as e:
-        print(f"error: --budget-only needs the selector to refit at {out}: {e}", file=sys.stderr)
-        return 2
+def _trained_selector(model: str, out: Path):
+    """``--budget-only``: the selector and reconstructor at ``out``, checked against the
+    model before any feature is extracted; None (reported) when they cannot serve."""
     from transformers import AutoConfig
 
     try:
+        selector, meta = load_selector(out)
+        reconstructor = load_reconstructor(out)
         check_compatible(meta, AutoConfig.from_pretrained(model))
-    except SelectorMismatchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    budget = _budget(selector, reconstructor, train_store, held_store, train_paths, held_paths, cfg)
-    if budget is None:
-        return 2
-    replace_section(out, BUDGET_SECTION, BUDGET_PREFIX, budget)
-    print(f"wrote {out} (budget predictor refitted)")
-    return 0
+    except (OSError, SelectorCheckpointError, SelectorMismatchError) as e:
+        print(f"error: --budget-only needs a selector for this model at {out}: {e}", file=sys.stderr)
+        return None
+    return selector, reconstructor
 
 
 def _token_range(num_tokens: list[int]) -> str:
@@ -390,6 +382,9 @@ def train_on_folder(model: str, images: Path, out: Path, cfg: TrainConfig, *, pr
     if cfg.device == "cpu":
         torch.set_num_threads(cfg.threads or idle_cpu_threads())
     out = Path(out)
+    trained = _trained_selector(model, out) if budget_only else None
+    if budget_only and trained is None:
+        return 2
     try:
         paths = find_images(images)
         train_idx, held_idx = split_indices(len(paths), cfg.holdout, cfg.seed, cfg.max_heldout)
@@ -410,8 +405,13 @@ def train_on_folder(model: str, images: Path, out: Path, cfg: TrainConfig, *, pr
         f"{'from cache' if all(cached for _, cached in stores) else 'extracted'} ({train_store.root.parent})"
     )
     if budget_only:
-        return _refit_budget(model, out, train_store, held_store, [paths[i] for i in train_idx],
-                             [paths[i] for i in held_idx], cfg)
+        budget = _budget(*trained, train_store, held_store, [paths[i] for i in train_idx],
+                         [paths[i] for i in held_idx], cfg)
+        if budget is None:
+            return 2
+        replace_section(out, BUDGET_SECTION, BUDGET_PREFIX, budget)
+        print(f"wrote {out} (budget predictor refitted)")
+        return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     state_path, log_path = out.with_suffix(".state.pt"), out.with_suffix(".log.jsonl")
     try:
