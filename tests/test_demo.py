@@ -162,3 +162,26 @@ def test_selector_only_retrains_the_selector_of_a_saved_model(tmp_path):
     check_compatible(metadata, AutoConfig.from_pretrained(tmp_path / "model"))
     config = json.loads((tmp_path / "training.json").read_text())["config"]
     assert config["selector_images"] == 10 and config["selector_steps"] == 2 and config["steps"] == 1
+
+
+def test_continue_from_trains_the_saved_model_on_later_scenes(tmp_path):
+    """`train-demo --continue-from DIR`: starts from DIR's weights, counts steps (and so
+    scenes) on from where DIR stopped, records DIR's report; other model options are refused."""
+    import json
+
+    from vllm_tokenprune.cli import main
+
+    first = tmp_path / "first"
+    args = ["--vision-layers", "1", "--text-layers", "1", "--batch-size", "2", "--eval-every", "0",
+            "--eval-scenes", "2", "--selector-images", "10", "--selector-steps", "1", "--no-progress"]
+    assert main(["train-demo", "--out", str(first), "--steps", "2", *args]) == 0
+    second = tmp_path / "second"
+    assert main(["train-demo", "--out", str(second), "--continue-from", str(first), "--steps", "3", *args]) == 0
+    report = json.loads((second / "training.json").read_text())
+    assert report["first_step"] == 2 and report["history"][-1]["step"] == 5
+    assert report["continued"]["config"]["steps"] == 2
+    before = (first / "model" / "model.safetensors").read_bytes()
+    assert (second / "model" / "model.safetensors").read_bytes() != before
+    with pytest.raises(SystemExit, match="not the model these options describe"):
+        main(["train-demo", "--out", str(tmp_path / "third"), "--continue-from", str(first),
+              "--steps", "1", *args, "--text-layers", "2"])

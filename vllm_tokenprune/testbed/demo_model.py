@@ -310,24 +310,38 @@ def validation_accuracy(model, processor, prompts: Prompts, cfg: DemoConfig, kee
 # Training
 
 
-def train_vlm(cfg: DemoConfig, progress: bool = True, log=tqdm.write):
-    """Train from scratch; returns (model, processor, report)."""
+def train_vlm(cfg: DemoConfig, progress: bool = True, log=tqdm.write, init: Path | None = None):
+    """Train from scratch, or (``init``, a train-demo output folder) continue its model for
+    cfg.steps more: a fresh optimizer with its own warmup and cosine schedule, on the scenes
+    after the ones it was trained on. Returns (model, processor, report)."""
     from transformers import LlavaForConditionalGeneration
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng([cfg.seed, 1])
     processor = build_processor()
-    model = LlavaForConditionalGeneration(build_config(cfg, processor.tokenizer)).float()
+    earlier, first = None, 0
+    if init is None:
+        model = LlavaForConditionalGeneration(build_config(cfg, processor.tokenizer)).float()
+    else:
+        earlier = json.loads((init / "training.json").read_text())
+        first = earlier.get("first_step", 0) + earlier["config"]["steps"]  # scenes and curriculum go on
+        model = LlavaForConditionalGeneration.from_pretrained(init / "model").float()
+        with torch.device("meta"):  # shapes only: no memory, no draw from the seed
+            described = LlavaForConditionalGeneration(build_config(cfg, processor.tokenizer))
+        shapes = [{k: v.shape for k, v in m.state_dict().items()} for m in (model, described)]
+        if shapes[0] != shapes[1]:
+            raise SystemExit(f"{init / 'model'} is not the model these options describe; "
+                             "continue with the options it was trained with (its training.json)")
+    rng = np.random.default_rng([cfg.seed, 1, first])
     model.train()
     prompts = Prompts(processor.tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                   weight_decay=cfg.weight_decay)
     history = []
     start, cpu_start = time.time(), time.process_time()
-    bar = tqdm(range(cfg.steps), desc="train-demo", unit="step", disable=not progress)
+    bar = tqdm(range(first, first + cfg.steps), desc="train-demo", unit="step", disable=not progress)
     for step in bar:
-        lr = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup_steps)
+        lr = warmup_cosine(step - first, cfg.steps, cfg.lr, cfg.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = training_batch(step, cfg, processor, rng)
@@ -340,7 +354,7 @@ def train_vlm(cfg: DemoConfig, progress: bool = True, log=tqdm.write):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", kept=f"{np.mean([len(k) for k in batch.keep]):.0f}")
-        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step == cfg.steps - 1:
+        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step == first + cfg.steps - 1:
             row = {"step": step + 1, "loss": round(loss.item(), 4), "seconds": round(time.time() - start, 1),
                    "val_all": validation_accuracy(model, processor, prompts, cfg),
                    "val_content_only": validation_accuracy(model, processor, prompts, cfg, keep="content")}
@@ -350,6 +364,8 @@ def train_vlm(cfg: DemoConfig, progress: bool = True, log=tqdm.write):
     report = {"config": asdict(cfg), "train_seconds": round(time.time() - start, 1),
               "train_cpu_seconds": round(time.process_time() - cpu_start, 1),
               "parameters": sum(p.numel() for p in model.parameters()), "history": history}
+    if earlier is not None:
+        report.update(first_step=first, continued={"from": str(init), **earlier})
     return model, processor, report
 
 
@@ -409,6 +425,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--selector-only", action="store_true",
                         help="keep OUT/model and retrain only its selector (minutes, not a quarter hour)")
+    parser.add_argument("--continue-from", type=Path, metavar="DIR",
+                        help="train DIR's model (a train-demo --out folder) for --steps more, on the scenes "
+                             "after those it saw, with a fresh optimizer and schedule; OUT gets the result")
     add_options(parser, DemoConfig)
 
 
@@ -422,9 +441,10 @@ def run(args: argparse.Namespace) -> int:
         selector_fields = {"selector_images", "selector_steps"}
         report["config"].update({k: v for k, v in asdict(cfg).items() if k in selector_fields})
     else:
+        model, processor, report = train_vlm(cfg, progress=progress, log=tqdm.write if progress else print,
+                                             init=args.continue_from)
         if model_dir.exists():
             shutil.rmtree(model_dir)  # replace, never merge with an older checkpoint
-        model, processor, report = train_vlm(cfg, progress=progress, log=tqdm.write if progress else print)
         save_checkpoint(model, processor, model_dir)
         print(f"wrote {model_dir} ({report['parameters']} parameters, {report['train_seconds']:.0f} s, "
               f"{report['train_cpu_seconds']:.0f} s CPU)")
