@@ -18,6 +18,7 @@ from vllm_tokenprune.testbed.demo_model import (
     Prompts,
     answer_logits,
     greedy_right,
+    patch_labels,
     pixel_values,
     save_checkpoint,
     train_vlm,
@@ -185,3 +186,19 @@ def test_continue_from_trains_the_saved_model_on_later_scenes(tmp_path):
     with pytest.raises(SystemExit, match="not the model these options describe"):
         main(["train-demo", "--out", str(tmp_path / "third"), "--continue-from", str(first),
               "--steps", "1", *args, "--text-layers", "2"])
+
+
+@pytest.mark.parametrize("variant", ["clutter", "textured"])
+def test_patch_labels_mark_each_shapes_kind_and_centre(variant):
+    """The auxiliary labels, from the scene's construction: one centre per shape, in a patch
+    labelled with that shape's kind; kinds only where shapes put ink."""
+    from vllm_tokenprune.testbed.synthetic import SHAPES
+
+    for item in _test_items(variant, 20):
+        scene = item.scene
+        labels = patch_labels(scene)
+        kind, centre = labels[:, 0].numpy(), labels[:, 1].numpy()
+        assert centre.sum() == len(scene.shapes)
+        assert sorted(kind[centre == 1]) == sorted(1 + SHAPES.index(s.kind) for s in scene.shapes)
+        assert (scene.content_patches().reshape(-1)[kind > 0]).all()
+        assert {int(k) for k in kind if k} == {1 + SHAPES.index(s.kind) for s in scene.shapes}
