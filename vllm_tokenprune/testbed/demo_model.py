@@ -285,8 +285,10 @@ def training_batch(step: int, cfg: DemoConfig, processor, rng: np.random.Generat
             questions.append(scene.question(kind))
             answers.append(scene.answer(kind))
         images.append(scene.image)
-        labels.append(patch_labels(scene))
-    return Batch(pixel_values(images, processor), image_of, keep, questions, answers, torch.stack(labels))
+        if cfg.aux_weight:  # drawn per shape: not worth it when the loss is off
+            labels.append(patch_labels(scene))
+    return Batch(pixel_values(images, processor), image_of, keep, questions, answers,
+                 torch.stack(labels) if labels else None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -386,8 +388,8 @@ def train_vlm(cfg: DemoConfig, progress: bool = True, log=tqdm.write, init: Path
     prompts = Prompts(processor.tokenizer)
     # Training only: not part of the checkpoint.
     head = torch.nn.Linear(model.config.text_config.hidden_size, len(synthetic.SHAPES) + 2)
-    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=cfg.lr, betas=(0.9, 0.99),
-                                  weight_decay=cfg.weight_decay)
+    params = [*model.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     history = []
     start, cpu_start = time.time(), time.process_time()
     bar = tqdm(range(first, first + cfg.steps), desc="train-demo", unit="step", disable=not progress)
@@ -405,7 +407,7 @@ def train_vlm(cfg: DemoConfig, progress: bool = True, log=tqdm.write, init: Path
             loss = loss + cfg.aux_weight * aux_loss(head, features, batch.labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([*model.parameters(), *head.parameters()], 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", kept=f"{np.mean([len(k) for k in batch.keep]):.0f}")
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step == first + cfg.steps - 1:
