@@ -22,7 +22,7 @@ def coverage():
 
 def test_shares_are_fractions_and_the_budget_adds_up(coverage, tmp_path):
     report = coverage.measure(DEMO_DIR / "model", DEMO_DIR / "selector.safetensors", "clutter", 3)
-    assert set(report) == set(coverage.METHODS) - {"learned_query"}  # the demo's selector reads no question
+    assert set(report) == set(coverage.METHODS)  # the demo's selector has a question-reading section
     for by_ratio in report.values():
         assert set(by_ratio) == {str(r) for r in coverage.RATIOS}
         for cell in by_ratio.values():

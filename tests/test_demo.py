@@ -67,12 +67,12 @@ def test_prompt_is_what_training_used(demo):
     torch.testing.assert_close(pixel_values([image], processor), reference, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["textured", "plain"])
+@pytest.mark.parametrize("variant", tasks.VARIANTS)
 def test_answers_held_out_scenes_with_all_tokens_and_with_the_content_only(demo, variant):
     """transformers' own generate() at keep 1.0 on a few items; then teacher-forced greedy
     accuracy per question kind, with all tokens and with only the content patches."""
     model, processor = demo
-    items = _test_items(variant, 48)
+    items = _test_items(variant, 96)
     asked = items[:4]
     right = 0
     for it in asked:
@@ -90,7 +90,7 @@ def test_answers_held_out_scenes_with_all_tokens_and_with_the_content_only(demo,
             right = greedy_right(*answer_logits(model, Batch.of(items, keep, processor), prompts))
         for kind in tasks.kinds(variant):
             hits = [r for r, it in zip(right, items) if it.kind == kind]
-            assert np.mean(hits) >= 0.9, (kind, np.mean(hits))
+            assert np.mean(hits) >= 0.85, (kind, np.mean(hits))  # 32 per kind; 400 in docs/quality.md
 
 
 @pytest.mark.parametrize("variant", ["textured", "plain"])

@@ -8,12 +8,12 @@ and LLaVA-1.5's chat template, written in the hub layout that transformers and v
 (``DIR/model``). It answers the questions of every ``testbed.tasks`` variant: how many
 shapes, which colour appears the most (the shapes task), the colour of the one shape of a
 kind and the three digits in the box (the clutter task). Then its selector (and budget
-predictor) is trained with ``vllm-tokenprune train`` on training scenes of every variant
+predictor) is trained with ``vllm-tokenprune train`` on textured training scenes
 (``DIR/selector.safetensors``).
-The package ships a model trained on the shapes task alone in ``vllm_tokenprune/testbed/demo/``
-(its ``training.json`` records the settings), which ``vllm-tokenprune serve`` with no MODEL
-serves; this recipe's model answers the clutter task too but does not yet replace it
-(docs/quality.md says why).
+The package ships this recipe's model in ``vllm_tokenprune/testbed/demo/``, trained on in
+several runs (``--continue-from``; its ``training.json`` records each run's settings) and with
+its selector fitted to the model's attention (``vllm-tokenprune train-query``); that is what
+``vllm-tokenprune serve`` with no MODEL serves. docs/quality.md has the commands and times.
 
 Token dropout: a model trained on full token sets only answers from how many tokens look
 coloured and breaks under any pruning (docs/quality.md). So most samples keep every

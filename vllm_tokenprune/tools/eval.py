@@ -413,19 +413,22 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(report["datasets"])
+    # one colour per method in every panel; past matplotlib's ten, colours it does not cycle to
+    palette = [f"C{i}" for i in range(10)] + ["black", "darkgoldenrod", "navy"]
+    colour = {m: palette[i % len(palette)] for i, m in enumerate(report["methods"])}
+    bold = {m: m.startswith("learned") for m in report["methods"]}
     density = min((r for r in DENSITY_RATIOS if r in report["ratios"]), default=None)
     rows = 2 if density and any("density_counts" in d for d in report["datasets"].values()) else 1
     fig, axes = plt.subplots(rows, len(names), figsize=(5.2 * len(names), 4.2 * rows), squeeze=False)
     for ax, name in zip(axes[0], names):
         result = report["datasets"][name]
-        for i, m in enumerate(m for m in report["methods"] if m not in result["refused"]):
+        for m in (m for m in report["methods"] if m not in result["refused"]):
             cells = [c for c in result["cells"] if c["method"] == m and kept_fraction(result, c) is not None]
             fixed = sorted((c for c in cells if isinstance(c["keep_ratio"], float)), key=lambda c: c["keep_ratio"])
             ax.plot([kept_fraction(result, c) for c in fixed], [100 * c["accuracy"] for c in fixed],
-                    marker="o", color=f"C{i}", lw=2.5 if m == "learned" else 1.5, label=m,
-                    zorder=3 if m == "learned" else 2)
+                    marker="o", color=colour[m], lw=2.5 if bold[m] else 1.5, label=m, zorder=3 if bold[m] else 2)
             for c in (c for c in cells if isinstance(c["keep_ratio"], str)):
-                ax.scatter([kept_fraction(result, c)], [100 * c["accuracy"]], marker="*", s=160, color=f"C{i}",
+                ax.scatter([kept_fraction(result, c)], [100 * c["accuracy"]], marker="*", s=160, color=colour[m],
                            edgecolor="black", zorder=4)
         ax.set(xscale="log", xlabel="kept fraction of image tokens (stars: auto, at its mean)",
                ylabel="accuracy (%)", title=f"{name} ({result['n']} items)", ylim=(0, 102))
@@ -436,10 +439,10 @@ def plot(report: dict, path: Path) -> None:
     for ax, name in zip(axes[1] if rows == 2 else [], names):
         result = report["datasets"][name]
         buckets = list(result.get("density_counts", {}))
-        for i, m in enumerate(m for m in report["methods"] if m not in result["refused"]):
+        for m in (m for m in report["methods"] if m not in result["refused"]):
             by = (_cell(result, m, density) or {}).get("by_density", {})
             ax.plot(range(len(buckets)), [100 * by.get(b, float("nan")) for b in buckets], marker="o",
-                    color=f"C{i}", lw=2.5 if m == "learned" else 1.5, zorder=3 if m == "learned" else 2)
+                    color=colour[m], lw=2.5 if bold[m] else 1.5, zorder=3 if bold[m] else 2)
         ax.set(xlabel="content tokens per image", ylabel="accuracy (%)", ylim=(0, 102),
                title=f"{name}: keep {density} by content density")
         ax.set_xticks(range(len(buckets)), buckets)
