@@ -10,7 +10,7 @@ import pytest
 from server import Server
 
 from vllm_tokenprune.testbed import tasks
-from vllm_tokenprune.tools.client import image_url, prune_headers
+from vllm_tokenprune.tools.client import prune_headers
 from vllm_tokenprune.tools.eval import Matcher, evaluate, load_items
 from vllm_tokenprune.tools.serve import DEFAULT_SERVED_NAME
 
