@@ -428,7 +428,7 @@ def test_a_batch_of_ratios_answers_as_each_request_alone(llm, path, arch):
 
     asks = [{"keep_ratio": 0.25, "prune_method": "norm"}, {"keep_ratio": 1.0},
             {"keep_ratio": 0.5, "prune_method": "random"}, {"keep_ratio": 0.1, "prune_method": "norm"}]
-    for attempt in range(3):
+    for attempt in range(6):  # on a loaded host three tries have all come one by one
         imgs = images(7 + 10 * attempt)  # new images each time: no cache hit shortens a retry
         batch = llm.generate([request(llm, imgs, **kwargs) for kwargs in asks],
                              SamplingParams(**GREEDY), use_tqdm=False)
@@ -438,7 +438,7 @@ def test_a_batch_of_ratios_answers_as_each_request_alone(llm, path, arch):
         if max(s.shape[1] for s in steps) > max(len(out.prompt_token_ids) for out in batch) + len(asks):
             break
     else:
-        pytest.fail("in three tries the engine never prefilled two of the requests in one step")
+        pytest.fail("in six tries the engine never prefilled two of the requests in one step")
     sizes = [count_image_tokens(path, im.size) for im in imgs]
     assert sorted(len(k) for k in kept) == sorted(
         keep_count(n, kwargs["keep_ratio"]) for kwargs in asks for n in sizes)
