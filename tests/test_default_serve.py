@@ -10,7 +10,7 @@ import pytest
 from server import Server
 
 from vllm_tokenprune.testbed import tasks
-from vllm_tokenprune.tools.client import prune_headers
+from vllm_tokenprune.tools.client import image_question, prune_headers
 from vllm_tokenprune.tools.eval import Matcher, evaluate, load_items
 from vllm_tokenprune.tools.serve import DEFAULT_SERVED_NAME
 
@@ -31,12 +31,13 @@ def test_serve_without_a_model(tmp_path):
         # decoded after the prompt, with its leading space
         answer = client.chat.completions.create(
             model=DEFAULT_SERVED_NAME, max_tokens=4, temperature=0, extra_headers=prune_headers(0.25),
-            messages=_messages(sets["plain"][0]))
+            messages=image_question(sets["plain"][0].image_url, sets["plain"][0].question))
         assert answer.choices[0].message.content == " " + sets["plain"][0].answer
         # the demo's selector carries a budget predictor: auto works, one K per image
         kept = []
         for item in [sets["plain"][0], sets["clutter"][0], sets["plain"][0]]:
-            out = client.chat.completions.create(model=DEFAULT_SERVED_NAME, messages=_messages(item), max_tokens=1,
+            out = client.chat.completions.create(model=DEFAULT_SERVED_NAME, max_tokens=1,
+                                                 messages=image_question(item.image_url, item.question),
                                                  temperature=0, extra_headers={"X-Keep-Ratio": "auto"})
             kept.append(out.usage.prompt_tokens_details.multimodal_tokens["image"])
         assert all(1 <= k < 144 for k in kept) and kept[0] == kept[2], kept
@@ -48,8 +49,3 @@ def test_serve_without_a_model(tmp_path):
         for kind, accuracy in cells[1.0]["by_kind"].items():
             assert accuracy >= FULL, (variant, kind, cells[1.0]["by_kind"])
         assert cells[0.25]["accuracy"] >= PRUNED[variant], (variant, cells[0.25])
-
-
-def _messages(item) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": item.image_url}},
-                                         {"type": "text", "text": item.question}]}]

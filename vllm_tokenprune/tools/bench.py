@@ -45,7 +45,7 @@ from PIL import Image
 
 from vllm_tokenprune.tools import overhead, workload
 from vllm_tokenprune.tools.bench_report import markdown, plot
-from vllm_tokenprune.tools.client import image_url, prune_headers
+from vllm_tokenprune.tools.client import image_question, image_url, prune_headers
 from vllm_tokenprune.tools.provenance import environment
 
 ACCEPTS_EXTRA_ARGS = True  # extra arguments go to the server it starts
@@ -92,9 +92,7 @@ def random_image(rng: np.random.Generator, size: int) -> Image.Image:
 
 
 def image_messages(image: Image.Image, text: str = "Describe the image.") -> list[dict]:
-    return [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": image_url(image)}},
-        {"type": "text", "text": text}]}]
+    return image_question(image_url(image), text)
 
 
 def timed_request(client, model: str, messages, headers=None) -> tuple[float, int]:

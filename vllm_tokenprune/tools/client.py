@@ -8,6 +8,12 @@ import io
 from vllm_tokenprune.serving.http import KEEP_RATIO_HEADER, METHOD_HEADER
 
 
+def image_question(url: str, text: str) -> list[dict]:
+    """Chat messages of one user turn: one image (its URL) and a question."""
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": text}]}]
+
+
 def image_url(image) -> str:
     """A PIL image as a data URL for an OpenAI ``image_url`` content item."""
     buf = io.BytesIO()

@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_tokenprune.tools.client import METHOD_HEADER, image_tokens, prune_headers, served_model
+from vllm_tokenprune.tools.client import METHOD_HEADER, image_question, image_tokens, prune_headers, served_model
 
 ACCEPTS_EXTRA_ARGS = True  # extra arguments go to the server it starts
 MATCHES = ("exact", "first-word", "contains")
@@ -175,9 +175,7 @@ async def _ask_all(url: str, model: str, items: list[Item], cells: list[tuple[Ra
             try:
                 out = await client.chat.completions.create(
                     model=model, max_tokens=max_tokens, temperature=0,
-                    messages=[{"role": "user", "content": [
-                        {"type": "image_url", "image_url": {"url": item.image_url}},
-                        {"type": "text", "text": item.question}]}],
+                    messages=image_question(item.image_url, item.question),
                     extra_headers=prune_headers(ratio, method))
                 return out.choices[0].message.content or "", out.usage.prompt_tokens, image_tokens(out.usage), None
             except openai.APIStatusError as err:
@@ -413,10 +411,11 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(report["datasets"])
-    # one colour per method in every panel; past matplotlib's ten, colours it does not cycle to
+    # one style per method in every panel (past matplotlib's ten, colours it does not cycle
+    # to); the learned methods drawn bold, on top
     palette = [f"C{i}" for i in range(10)] + ["black", "darkgoldenrod", "navy"]
-    colour = {m: palette[i % len(palette)] for i, m in enumerate(report["methods"])}
-    bold = {m: m.startswith("learned") for m in report["methods"]}
+    style = {m: {"color": palette[i % len(palette)], "lw": 2.5 if m.startswith("learned") else 1.5,
+                 "zorder": 3 if m.startswith("learned") else 2} for i, m in enumerate(report["methods"])}
     density = min((r for r in DENSITY_RATIOS if r in report["ratios"]), default=None)
     rows = 2 if density and any("density_counts" in d for d in report["datasets"].values()) else 1
     fig, axes = plt.subplots(rows, len(names), figsize=(5.2 * len(names), 4.2 * rows), squeeze=False)
@@ -426,10 +425,10 @@ def plot(report: dict, path: Path) -> None:
             cells = [c for c in result["cells"] if c["method"] == m and kept_fraction(result, c) is not None]
             fixed = sorted((c for c in cells if isinstance(c["keep_ratio"], float)), key=lambda c: c["keep_ratio"])
             ax.plot([kept_fraction(result, c) for c in fixed], [100 * c["accuracy"] for c in fixed],
-                    marker="o", color=colour[m], lw=2.5 if bold[m] else 1.5, label=m, zorder=3 if bold[m] else 2)
+                    marker="o", label=m, **style[m])
             for c in (c for c in cells if isinstance(c["keep_ratio"], str)):
-                ax.scatter([kept_fraction(result, c)], [100 * c["accuracy"]], marker="*", s=160, color=colour[m],
-                           edgecolor="black", zorder=4)
+                ax.scatter([kept_fraction(result, c)], [100 * c["accuracy"]], marker="*", s=160,
+                           color=style[m]["color"], edgecolor="black", zorder=4)
         ax.set(xscale="log", xlabel="kept fraction of image tokens (stars: auto, at its mean)",
                ylabel="accuracy (%)", title=f"{name} ({result['n']} items)", ylim=(0, 102))
         fixed_ratios = [r for r in report["ratios"] if isinstance(r, float)]
@@ -442,7 +441,7 @@ def plot(report: dict, path: Path) -> None:
         for m in (m for m in report["methods"] if m not in result["refused"]):
             by = (_cell(result, m, density) or {}).get("by_density", {})
             ax.plot(range(len(buckets)), [100 * by.get(b, float("nan")) for b in buckets], marker="o",
-                    color=colour[m], lw=2.5 if bold[m] else 1.5, zorder=3 if bold[m] else 2)
+                    **style[m])
         ax.set(xlabel="content tokens per image", ylabel="accuracy (%)", ylim=(0, 102),
                title=f"{name}: keep {density} by content density")
         ax.set_xticks(range(len(buckets)), buckets)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vllm_tokenprune.tools.client import image_tokens, prune_headers
+from vllm_tokenprune.tools.client import image_question, image_tokens, prune_headers
 from vllm_tokenprune.tools.overhead import unique
 
 
@@ -76,8 +76,7 @@ async def closed_loop(url: str, model: str, images: list[tuple[bytes, str]], bud
             model=model, max_tokens=output_tokens, temperature=0, stream=True,
             stream_options={"include_usage": True}, extra_headers=prune_headers(budget),
             extra_body={"ignore_eos": True},
-            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url_}},
-                                                   {"type": "text", "text": question}]}])
+            messages=image_question(url_, question))
         async for chunk in stream:
             if first is None and chunk.choices and chunk.choices[0].delta.content:
                 first = time.perf_counter() - start
