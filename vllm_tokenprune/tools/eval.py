@@ -277,8 +277,35 @@ def evaluate(url: str, datasets: dict[str, list[Item]], ratios: list[Ratio], met
         first = next(iter(answers.values()))  # a few predictions, to see what the model says
         results[name]["examples"] = [{"question": i.question, "answer": i.answer, "prediction": a[0]}
                                      for i, a in zip(items[:5], first)]
+    if len(results) > 1:
+        results[ALL_SETS] = pooled(list(results.values()))
     return {"model": model, "match": matcher.__dict__, "ratios": ratios, "methods": methods,
             "datasets": results}
+
+
+ALL_SETS = "all sets"  # the data sets pooled: a mix of sparse and dense images, where auto matters
+
+
+def pooled(results: list[dict]) -> dict:
+    """The cells of several data sets' results as one set of all their items: accuracy and
+    mean token counts weighted by items (a cell only where every set has it)."""
+    def merged(parts: list[dict]) -> dict:
+        n = sum(c["n"] for c in parts)
+        cell = {"method": parts[0]["method"], "keep_ratio": parts[0]["keep_ratio"], "n": n,
+                "correct": sum(c["correct"] for c in parts), "errors": sum(c["errors"] for c in parts),
+                "first_error": next((c["first_error"] for c in parts if c["first_error"]), None)}
+        cell["accuracy"] = cell["correct"] / n
+        for key in ("mean_prompt_tokens", "mean_image_tokens"):
+            values = [c[key] for c in parts]
+            cell[key] = None if None in values else sum(v * c["n"] for v, c in zip(values, parts)) / n
+        return cell
+
+    keys = [(c["method"], c["keep_ratio"]) for c in results[0]["cells"]]
+    cells = [[next((c for c in r["cells"] if (c["method"], c["keep_ratio"]) == key), None) for r in results]
+             for key in keys]
+    return {"n": sum(r["n"] for r in results),
+            "refused": {m: e for r in results for m, e in r["refused"].items()},
+            "cells": [merged(parts) for parts in cells if None not in parts], "examples": []}
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,23 +1,33 @@
 """Training the budget predictor behind ``X-Keep-Ratio: auto`` (``selection.budget``).
 
-What it learns to predict, per image: the smallest kept fraction from which the trained
-reconstructor rebuilds the image's features to within a tolerance. For each image and
-each ratio r of a grid (0.05, 0.10, ..., 1), the selector keeps its top K = keep_count(N, r)
-tokens and the reconstructor rebuilds the rest; the image's error at r is the squared
-error of its rebuilt tokens averaged over all N tokens (kept ones count zero), in the
-selector's standardized feature units, so it is the share of the features' variance the
-kept tokens leave unexplained. It falls to 0 at r = 1. The target is the first r where it
-is within the tolerance, interpolated linearly between the grid points around it. The
-tolerance defaults to the median training image's error at the run's ``--keep-ratio``, so
-the median image keeps about that ratio and the others more or less as their content
-asks.
+Two targets, one per way the selector was trained; the predictor and its fit are the same.
 
-Why not the paper's own signal, the fraction of tokens with a positive keep logit: with
-this project's per-image rate term max(kept_i, p) the selector is pushed to p on every
-image (below p only the reconstruction term acts, and it always favours keeping), so that
-fraction measures the training target p more than the image. Every run reports its
-spread and its correlation with the tolerance target (``logit_fraction``), and
-docs/methods.md has the numbers measured here.
+**A selector fitted to the model's attention** (``train-query --image-only``,
+``train_share_budget``): its softmax over an image's tokens is fitted to the share of the
+model's attention each token gets, so the tokens it rates above an even share (weight >
+1/N) are the ones the model reads more than the rest. That count is the paper's rule of
+keeping the tokens with a positive keep logit, with the level a softmax leaves free set
+at the even share. The target is the count with a margin for the predictor's own error,
+``(1 + margin) * count + extra`` tokens.
+
+**A reconstruction-trained selector** (``train``, ``train_budget``): the smallest kept
+fraction from which the trained reconstructor rebuilds the image's features to within a
+tolerance. For each image and each ratio r of a grid (0.05, 0.10, ..., 1), the selector
+keeps its top K = keep_count(N, r) tokens and the reconstructor rebuilds the rest; the
+image's error at r is the squared error of its rebuilt tokens averaged over all N tokens
+(kept ones count zero), in the selector's standardized feature units, so it is the share
+of the features' variance the kept tokens leave unexplained. It falls to 0 at r = 1. The
+target is the first r where it is within the tolerance, interpolated linearly between the
+grid points around it. The tolerance defaults to the median training image's error at the
+run's ``--keep-ratio``, so the median image keeps about that ratio and the others more or
+less as their content asks.
+
+Why not the positive-logit fraction for this selector: with this project's per-image rate
+term max(kept_i, p) the selector is pushed to p on every image (below p only the
+reconstruction term acts, and it always favours keeping), so that fraction measures the
+training target p more than the image. Every run reports its spread and its correlation
+with the tolerance target (``logit_fraction``), and docs/methods.md has the numbers
+measured here.
 
 The targets of the training images come from a reconstructor trained on them and so run
 a little low; the held-out images' targets are computed alike and the report is on them.
@@ -157,57 +167,119 @@ def _summary(values: torch.Tensor) -> dict[str, float]:
             "min": float(values.min()), "max": float(values.max())}
 
 
-def train_budget(selector: TokenSelector, reconstructor: TokenReconstructor, train_set: FeatureSet,
-                 train_paths: list[Path], *, keep_ratio: float, tolerance: float | None, steps: int, seed: int,
-                 held_set: FeatureSet | None = None, held_paths: list[Path] | None = None
-                 ) -> tuple[BudgetPredictor, dict[str, Any]]:
-    """The budget predictor for a trained selector and reconstructor, and what its
-    checkpoint section records: the target, the tolerance, and how the predictions and
-    the positive-logit fractions compare with the targets (held-out images when given)."""
-    errors, lengths, positive = error_curves(selector, reconstructor, train_set)
-    chosen = tolerance is None
-    if chosen:
-        tolerance = float(at_ratios(errors, torch.full((len(errors),), keep_ratio)).median())
-    targets = tolerance_targets(errors, tolerance)
-    predictor = fit_predictor(thumbnails(train_paths), lengths, targets, steps=steps, seed=seed)
-
-    held = held_set is not None and held_paths
-    if held:
-        errors, lengths, positive = error_curves(selector, reconstructor, held_set)
-        targets = tolerance_targets(errors, tolerance)
-        images = thumbnails(held_paths)
-    else:
-        images = thumbnails(train_paths)
+def _fit_and_report(target: dict[str, Any], train: tuple, held: tuple | None, *, steps: int, seed: int,
+                    judge=None) -> tuple[BudgetPredictor, dict[str, Any]]:
+    """Fit the predictor to ``train`` (thumbnails, token counts, target fractions) and
+    report how it does on ``held`` (the same, or None: on ``train``); ``judge(predicted,
+    targets)`` adds what a target kind measures beyond the fit."""
+    predictor = fit_predictor(*train, steps=steps, seed=seed)
+    images, lengths, targets = held or train
     predicted = predict(predictor, images, lengths)
-    mean_fraction = torch.full_like(predicted, float(predicted.mean()))
     report = {
-        "target": {"kind": "reconstruction tolerance",
-                   "metric": "squared error of the rebuilt tokens over all N, standardized features",
-                   "tolerance": tolerance, "median_error_at_keep_ratio": keep_ratio if chosen else None,
-                   "ratios": list(RATIOS), "steps": steps},
+        "target": {**target, "steps": steps},
         "eval": {
             "images": "held-out" if held else "train (no held-out images)",
             "target_fraction": _summary(targets),
             "predicted_fraction": _summary(predicted),
             "mean_abs_error": float((predicted - targets).abs().mean()),
             "correlation": _correlation(predicted, targets),
-            # At the same mean fraction: adaptive K per image against one ratio for all.
+            **(judge(predicted, targets) if judge else {}),
+        },
+    }
+    if not math.isfinite(report["eval"]["mean_abs_error"]):
+        raise ValueError(f"budget predictor training diverged: {report['eval']}")
+    return predictor, report
+
+
+def train_budget(selector: TokenSelector, reconstructor: TokenReconstructor, train_set: FeatureSet,
+                 train_paths: list[Path], *, keep_ratio: float, tolerance: float | None, steps: int, seed: int,
+                 held_set: FeatureSet | None = None, held_paths: list[Path] | None = None
+                 ) -> tuple[BudgetPredictor, dict[str, Any]]:
+    """The budget predictor for a trained selector and reconstructor (the reconstruction
+    tolerance target), and what its checkpoint section records: the target, the tolerance,
+    and how the predictions and the positive-logit fractions compare with the targets
+    (held-out images when given)."""
+    errors, lengths, positive = error_curves(selector, reconstructor, train_set)
+    chosen = tolerance is None
+    if chosen:
+        tolerance = float(at_ratios(errors, torch.full((len(errors),), keep_ratio)).median())
+    if not math.isfinite(tolerance):
+        raise ValueError(f"budget predictor: the tolerance is {tolerance}")
+    train = (thumbnails(train_paths), lengths, tolerance_targets(errors, tolerance))
+    held = None
+    if held_set is not None and held_paths:
+        errors, lengths, positive = error_curves(selector, reconstructor, held_set)
+        held = (thumbnails(held_paths), lengths, tolerance_targets(errors, tolerance))
+
+    def judge(predicted, targets):
+        mean_fraction = torch.full_like(predicted, float(predicted.mean()))
+        return {  # at the same mean fraction: adaptive K per image against one ratio for all
             "error_at_predicted": float(at_ratios(errors, predicted).mean()),
             "error_at_mean_fraction": float(at_ratios(errors, mean_fraction).mean()),
             "logit_fraction": {**_summary(positive), "correlation_with_target": _correlation(positive, targets)},
-        },
-    }
-    if not all(math.isfinite(v) for v in (report["eval"]["mean_abs_error"], tolerance)):
-        raise ValueError(f"budget predictor training diverged: {report['eval']}")
-    return predictor, report
+        }
+
+    target = {"kind": "reconstruction tolerance",
+              "metric": "squared error of the rebuilt tokens over all N, standardized features",
+              "tolerance": tolerance, "median_error_at_keep_ratio": keep_ratio if chosen else None,
+              "ratios": list(RATIOS)}
+    return _fit_and_report(target, train, held, steps=steps, seed=seed, judge=judge)
+
+
+def above_even_share(scores: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    """(B,) how many of each image's tokens the selector rates above an even share: softmax
+    weight over the image's own tokens > 1/N. ``padding`` (B, L) marks tokens past N."""
+    weights = torch.softmax(scores.float().masked_fill(padding, -math.inf), dim=1)
+    n = (~padding).sum(dim=1, keepdim=True)
+    return (weights * n > 1).sum(dim=1)
+
+
+def share_targets(counts: torch.Tensor, lengths: torch.Tensor, *, margin: float, extra: float) -> torch.Tensor:
+    """Per image, the fraction ``min(1, ((1 + margin) * count + extra) / N)``: the count
+    with room for the predictor's own error (``docs/methods.md``)."""
+    return (((1 + margin) * counts.double() + extra) / lengths.double()).clamp(max=1.0).float()
+
+
+def train_share_budget(train: tuple[np.ndarray, torch.Tensor, torch.Tensor],
+                       held: tuple[np.ndarray, torch.Tensor, torch.Tensor] | None, *, margin: float, extra: float,
+                       steps: int, seed: int) -> tuple[BudgetPredictor, dict[str, Any]]:
+    """The budget predictor of a selector fitted to the model's attention: per image
+    (thumbnails, token counts N, ``above_even_share`` counts), its target is that count
+    with a margin (``share_targets``); the report adds how often the predicted K holds
+    the count itself."""
+
+    def as_targets(part):
+        images, lengths, counts = part
+        return images, lengths, share_targets(counts, lengths, margin=margin, extra=extra)
+
+    _, lengths, counts = held or train
+
+    def judge(predicted, targets):
+        kept = torch.tensor([keep_count(int(n), float(f)) for n, f in zip(lengths, predicted)])
+        return {"count_fraction": _summary(counts.double() / lengths.double()),
+                "count_covered": float((kept >= counts).double().mean())}
+
+    target = {"kind": "above an even share",
+              "metric": "tokens whose selector softmax weight exceeds 1/N, times (1 + margin), plus extra",
+              "margin": margin, "extra": extra}
+    return _fit_and_report(target, as_targets(train), held and as_targets(held), steps=steps, seed=seed,
+                           judge=judge)
 
 
 def format_budget_report(report: dict[str, Any]) -> str:
     e, t = report["eval"], report["target"]
     corr = "n/a" if e["correlation"] is None else f"{e['correlation']:.2f}"
-    return (f"budget predictor ({e['images']} images): target fraction {e['target_fraction']['mean']:.3f} "
-            f"+- {e['target_fraction']['std']:.3f} at tolerance {t['tolerance']:.4g}; predicted "
+    goal = f"tolerance {t['tolerance']:.4g}" if "tolerance" in t else f"margin {t['margin']:g}, extra {t['extra']:g}"
+    line = (f"budget predictor ({e['images']} images): target fraction {e['target_fraction']['mean']:.3f} "
+            f"+- {e['target_fraction']['std']:.3f} ({t['kind']}, {goal}); predicted "
             f"{e['predicted_fraction']['mean']:.3f} +- {e['predicted_fraction']['std']:.3f}, mean abs error "
-            f"{e['mean_abs_error']:.3f}, correlation {corr}; error at predicted K {e['error_at_predicted']:.4f} vs "
-            f"{e['error_at_mean_fraction']:.4f} at one ratio of the same mean; positive-logit fraction "
-            f"{e['logit_fraction']['mean']:.3f} +- {e['logit_fraction']['std']:.3f}")
+            f"{e['mean_abs_error']:.3f}, correlation {corr}")
+    if "error_at_predicted" in e:
+        line += (f"; error at predicted K {e['error_at_predicted']:.4f} vs {e['error_at_mean_fraction']:.4f} at one "
+                 f"ratio of the same mean; positive-logit fraction {e['logit_fraction']['mean']:.3f} "
+                 f"+- {e['logit_fraction']['std']:.3f}")
+    if "count_covered" in e:
+        line += (f"; tokens above an even share {e['count_fraction']['mean']:.3f} +- "
+                 f"{e['count_fraction']['std']:.3f} of N, all of them within the predicted K on "
+                 f"{100 * e['count_covered']:.1f}% of the images")
+    return line

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +41,9 @@ from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
+from vllm_tokenprune.selection.budget import PREFIX as BUDGET_PREFIX
+from vllm_tokenprune.selection.budget import SECTION as BUDGET_SECTION
+from vllm_tokenprune.selection.budget import section as budget_section
 from vllm_tokenprune.selection.selector import (
     QUERY_PREFIX,
     QUERY_SECTION,
@@ -49,6 +53,7 @@ from vllm_tokenprune.selection.selector import (
     query_section,
 )
 from vllm_tokenprune.serving.policy import QUESTION_TOKENS, keep_count, markup_ids, question_tokens
+from vllm_tokenprune.training.budget import above_even_share, format_budget_report, thumbnails, train_share_budget
 from vllm_tokenprune.training.options import add_options, from_args, opt, warmup_cosine
 
 
@@ -63,6 +68,11 @@ class QueryConfig:
     eval_every: int = opt(250, "evaluate the held-out items every N steps (0: at the end only)")
     seed: int = opt(0, "seed of the split and of the batches")
     threads: int = opt(1, "CPU threads (0: torch's default)")
+    budget_steps: int = opt(2000, "with --image-only or --budget-only: steps fitting the budget predictor of keep "
+                                  "ratio auto (0: none)")
+    budget_margin: float = opt(0.2, "auto: an image keeps (1 + margin) times the tokens its selector rates above "
+                                    "an even share, plus --budget-extra")
+    budget_extra: float = opt(4.0, "auto: tokens added to every image's count (room for the predictor's error)")
 
 
 @dataclass
@@ -72,9 +82,11 @@ class Questions:
     features: list[torch.Tensor]  # M x (N_i, D): tower features, what the selector scores
     questions: list[torch.Tensor]  # M x (Q_i, H): the question's word embeddings
     attention: list[torch.Tensor]  # M x (N_i,): the model's attention to each image token, sums to 1
+    images: list[Path]  # M: each item's image file
 
     def take(self, index) -> Questions:
-        return Questions(*([part[int(i)] for i in index] for part in (self.features, self.questions, self.attention)))
+        return Questions(*([part[int(i)] for i in index]
+                           for part in (self.features, self.questions, self.attention, self.images)))
 
 
 def read_items(path: Path) -> list[tuple[Path, str, str | None]]:
@@ -122,7 +134,7 @@ def teach(model_dir: str, items: list[tuple[Path, str, str | None]], *, progress
     tower = load_tower(model_dir)
     markup = markup_ids(processor.tokenizer)
     table = model.get_input_embeddings()
-    taught = Questions([], [], [])
+    taught = Questions([], [], [], [])
     for image_path, question, answer in tqdm(items, desc="teacher", unit="q", disable=not progress):
         image = Image.open(image_path).convert("RGB")
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
@@ -142,6 +154,7 @@ def teach(model_dir: str, items: list[tuple[Path, str, str | None]], *, progress
             raise RuntimeError(f"{image_path}: {len(looked)} placeholders for {len(features)} tower tokens")
         taught.features.append(features)
         taught.attention.append(looked / looked.sum())
+        taught.images.append(image_path)
         words = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         taught.questions.append(table(torch.tensor(question_tokens(words, markup))))
     return taught
@@ -232,6 +245,39 @@ def train_reader(image_selector: TokenSelector, train: Questions, held: Question
     return reader.eval(), info
 
 
+@torch.no_grad()
+def image_counts(selector: TokenSelector, data: Questions, skip: frozenset[Path] = frozenset(), *,
+                 batch_size: int = 64) -> tuple[list[Path], torch.Tensor, torch.Tensor]:
+    """Each distinct image of ``data`` not in ``skip``: its path, its token count N and how
+    many of its tokens ``selector`` rates above an even share (``above_even_share``)."""
+    first: dict[Path, int] = {}
+    for i, path in enumerate(data.images):
+        if path not in skip:
+            first.setdefault(path, i)
+    index = list(first.values())
+    selector.eval()
+    counts = []
+    for start in range(0, len(index), batch_size):
+        features, padding = _padded([data.features[i] for i in index[start:start + batch_size]])
+        counts.append(above_even_share(selector.scores(features, padding), padding))
+    lengths = torch.tensor([len(data.features[i]) for i in index])
+    return list(first), lengths, torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long)
+
+
+def fit_budget(selector: TokenSelector, train: Questions, held: Questions, cfg: QueryConfig):
+    """The budget predictor's checkpoint section for an image-only selector fitted to the
+    model's attention (``training.budget``: the tokens it rates above an even share),
+    fitted on the training items' images and reported on the held-out ones."""
+    paths, lengths, counts = image_counts(selector, train)
+    held_paths, held_lengths, held_counts = image_counts(selector, held, frozenset(paths))
+    predictor, report = train_share_budget(
+        (thumbnails(paths), lengths, counts),
+        (thumbnails(held_paths), held_lengths, held_counts) if held_paths else None,
+        margin=cfg.budget_margin, extra=cfg.budget_extra, steps=cfg.budget_steps, seed=cfg.seed)
+    print(format_budget_report(report))
+    return budget_section(predictor, report)
+
+
 def split(data: Questions, heldout: float, seed: int) -> tuple[Questions, Questions]:
     order = torch.randperm(len(data.features), generator=torch.Generator().manual_seed(seed)).tolist()
     n_held = max(1, math.floor(len(order) * heldout))
@@ -249,7 +295,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where to write the checkpoint with its question-reading section (default: --selector)")
     parser.add_argument("--image-only", action="store_true",
                         help="instead, fit the image-only selector (the one `learned` serves) to the model's "
-                             "attention, in place of its reconstruction training")
+                             "attention, in place of its reconstruction training, and its budget predictor "
+                             "(keep ratio auto) to what it then rates above an even share")
+    parser.add_argument("--budget-only", action="store_true",
+                        help="refit only the budget predictor of a selector fitted with --image-only (another "
+                             "--budget-margin or --budget-extra); the selector stays")
     add_options(parser, QueryConfig)
 
 
@@ -259,15 +309,26 @@ def run(args: argparse.Namespace) -> int:
     cfg = from_args(QueryConfig, args)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    image_selector, _ = load_selector(args.selector)
+    image_selector, meta = load_selector(args.selector)
+    out = args.out or args.selector
+    if args.budget_only and "attention_training" not in meta:
+        print(f"error: {args.selector}: --budget-only refits the predictor of a selector fitted with --image-only; "
+              f"a reconstruction-trained one is refitted by `vllm-tokenprune train --budget-only`", file=sys.stderr)
+        return 2
     items = [item for path in args.data for item in read_items(path)]
     train, held = split(teach(args.model, items), cfg.heldout, cfg.seed)
+    if args.budget_only:
+        replace_section(args.selector, BUDGET_SECTION, BUDGET_PREFIX, fit_budget(image_selector, train, held, cfg),
+                        out)
+        print(f"wrote {out} (budget predictor refitted)")
+        return 0
     reader, info = train_reader(image_selector, train, held, cfg, image_only=args.image_only)
     info = {**info, "question_tokens": QUESTION_TOKENS, "data": [str(path) for path in args.data]}
-    out = args.out or args.selector
     if args.image_only:  # the learned method's selector, its training recorded beside the reconstruction's
         replace_section(args.selector, "attention_training", "selector.",
                         (info, {"selector." + k: v.contiguous() for k, v in reader.state_dict().items()}), out)
+        if cfg.budget_steps:  # the predictor fitted to the selector it replaced no longer fits
+            replace_section(out, BUDGET_SECTION, BUDGET_PREFIX, fit_budget(reader, train, held, cfg))
     else:
         replace_section(args.selector, QUERY_SECTION, QUERY_PREFIX, query_section(reader, info), out)
     shares = info["heldout_recall"]
