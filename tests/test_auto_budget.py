@@ -23,8 +23,9 @@ from vllm_tokenprune.selection.budget import (
     section,
     thumbnail,
 )
-from vllm_tokenprune.selection.selector import SelectorCheckpointError, load_selector
-from vllm_tokenprune.training.budget import RATIOS, tolerance_targets
+from vllm_tokenprune.selection.selector import SelectorCheckpointError, load_selector, read_checkpoint
+from vllm_tokenprune.training.budget import RATIOS, above_even_share, share_targets, tolerance_targets
+from vllm_tokenprune.training.reconstruction import write_checkpoint
 
 
 @pytest.mark.parametrize("size", [(1, 1), (336, 336), (3000, 40), (40, 3000)])
@@ -98,6 +99,17 @@ def test_the_target_is_the_smallest_fraction_within_the_tolerance():
     assert targets[2] == pytest.approx(0.875)  # between 0.85 (1.0) and 0.9 (0.0), interpolated
 
 
+def test_the_attention_target_counts_the_tokens_rated_above_an_even_share():
+    scores = torch.tensor([[5.0, 5.0, 0.0, 0.0, 0.0, 0.0],  # two tokens stand out
+                           [1.0, 1.0, 1.0, 1.0, 0.0, 0.0],  # four tokens of four: none above an even share
+                           [3.0, 0.0, 0.0, 9.0, 9.0, 9.0]])  # one of three; the rest is padding
+    padding = torch.tensor([[False] * 6, [False] * 4 + [True] * 2, [False] * 3 + [True] * 3])
+    assert above_even_share(scores, padding).tolist() == [2, 0, 1]
+    assert above_even_share(scores + 100, padding).tolist() == [2, 0, 1]  # the level is free
+    counts, lengths = torch.tensor([2, 0, 100]), torch.tensor([100, 100, 144])
+    assert share_targets(counts, lengths, margin=0.5, extra=4).tolist() == pytest.approx([0.07, 0.04, 1.0])
+
+
 def test_train_fits_a_predictor_that_gives_dense_images_more_tokens(budget_selector, tiny_checkpoint):
     from transformers import AutoConfig
 
@@ -143,3 +155,8 @@ def test_budget_only_refits_the_predictor_and_keeps_the_selector(budget_selector
 
     args[args.index("--model") + 1] = str(tiny_checkpoint("qwen2.5-vl"))  # another tower: refused
     assert main(args) == 2 and "does not fit" in capsys.readouterr().err
+    # A selector fitted to the attention has another target: `train-query --budget-only` refits it.
+    tensors, meta = read_checkpoint(out, "cpu")
+    write_checkpoint(out, tensors, {**meta, "attention_training": {}})
+    args[args.index("--model") + 1] = str(tiny_checkpoint("llava"))
+    assert main(args) == 2 and "train-query" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from vllm_tokenprune.tools.eval import (
     markdown,
     parse_ratios,
     plot,
+    pooled,
     score,
     server_methods,
 )
@@ -132,6 +133,27 @@ def test_report_places_auto_by_the_image_tokens_it_kept(tmp_path):
            "smallest fixed ratio as accurate, keep 0.5" in text
     plot(report, tmp_path / "accuracy.png")
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000
+
+
+def test_several_sets_are_also_reported_pooled():
+    def cell(method, ratio, n, acc, image_tokens):
+        return {"method": method, "keep_ratio": ratio, "n": n, "correct": round(n * acc), "accuracy": acc,
+                "mean_prompt_tokens": 10 + image_tokens, "mean_image_tokens": image_tokens, "errors": 0,
+                "first_error": None}
+
+    sparse = {"n": 30, "refused": {}, "cells": [cell("learned", 1.0, 30, 1.0, 144), cell("learned", 0.25, 30, 1.0, 36),
+                                                cell("learned", "auto", 30, 1.0, 6)]}
+    dense = {"n": 10, "refused": {"norm": "400"}, "cells": [
+        cell("learned", 1.0, 10, 0.9, 144), cell("learned", 0.25, 10, 0.8, 36), cell("learned", "auto", 10, 0.9, 50)]}
+    both = {c["keep_ratio"]: c for c in pooled([sparse, dense])["cells"]}
+    assert both[1.0]["n"] == 40 and both[1.0]["correct"] == 39 and both[1.0]["accuracy"] == 39 / 40
+    assert both[0.25]["accuracy"] == 38 / 40 and both[0.25]["mean_image_tokens"] == 36
+    assert both["auto"]["mean_image_tokens"] == (30 * 6 + 10 * 50) / 40 == 17
+    assert both["auto"]["mean_prompt_tokens"] == 27
+    assert pooled([sparse, dense])["refused"] == {"norm": "400"}
+    # a cell only where every set has it
+    del dense["cells"][2]
+    assert {c["keep_ratio"] for c in pooled([sparse, dense])["cells"]} == {1.0, 0.25}
 
 
 def test_missing_data_file_or_server_is_a_clear_error(tmp_path, capsys):

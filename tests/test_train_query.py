@@ -80,9 +80,11 @@ def test_train_query_writes_its_section_and_keeps_the_rest_of_the_checkpoint(
                      {k: v for k, v in meta.items() if k != QUERY_SECTION})
     out = tmp_path / "trained.safetensors"
     args = argparse.Namespace(model=str(tiny_checkpoint(arch)), selector=start, data=[items], out=out,
-                              image_only=False, steps=40, batch_size=8, lr=3e-3, warmup_steps=5, heldout=0.2,
-                              keep_ratio=0.1, eval_every=20, seed=0, threads=1)
+                              image_only=False, budget_only=False, steps=40, batch_size=8, lr=3e-3, warmup_steps=5,
+                              heldout=0.2, keep_ratio=0.1, eval_every=20, seed=0, threads=1, budget_steps=50,
+                              budget_margin=0.2, budget_extra=4.0)
     assert query.run(args) == 0
+    assert "budget_predictor" not in read_checkpoint(out, "cpu")[1]  # the question reader fits none
     trained, header = load_query_selector(out)
     shares = header["heldout_recall"]
     assert 0 <= shares["start"] <= shares["attention"] <= 1 and 0 <= shares["trained"] <= shares["attention"]
@@ -91,14 +93,28 @@ def test_train_query_writes_its_section_and_keeps_the_rest_of_the_checkpoint(
     assert trained.config.query_dim == AutoConfig.from_pretrained(tiny_checkpoint(arch)).get_text_config().hidden_size
     before, after = read_checkpoint(start, "cpu")[0], read_checkpoint(out, "cpu")[0]
     assert all(torch.equal(after[k], v) for k, v in before.items())
-    # --image-only refits the learned method's selector instead, and leaves the section alone.
+    # A reconstruction-trained selector's predictor is refitted by `train`, not here.
+    assert query.run(argparse.Namespace(**{**vars(args), "selector": out, "budget_only": True})) == 2
+    # --image-only refits the learned method's selector instead, and its budget predictor to
+    # what that selector rates above an even share; the question-reading section stays.
     refit = tmp_path / "refit.safetensors"
     assert query.run(argparse.Namespace(**{**vars(args), "selector": out, "out": refit, "image_only": True})) == 0
     tensors, meta = read_checkpoint(refit, "cpu")
     assert meta["attention_training"]["heldout_recall"]["attention"] == shares["attention"]
     assert load_query_selector(refit)[1] == header
     assert not torch.equal(tensors["selector.head.weight"], before["selector.head.weight"])
-    assert all(torch.equal(tensors[k], v) for k, v in after.items() if not k.startswith("selector."))
+    assert all(torch.equal(tensors[k], v) for k, v in after.items() if not k.startswith(("selector.", "budget.")))
+    budget = meta["budget_predictor"]
+    assert budget["target"]["kind"] == "above an even share" and budget["target"]["steps"] == 50
+    assert 0 < budget["eval"]["target_fraction"]["mean"] <= 1 and 0 <= budget["eval"]["count_covered"] <= 1
+    # --budget-only refits that predictor alone: another margin asks for more tokens.
+    wider = tmp_path / "wider.safetensors"
+    assert query.run(argparse.Namespace(**{**vars(args), "selector": refit, "out": wider, "budget_only": True,
+                                           "budget_margin": 1.0})) == 0
+    tensors_after, meta_after = read_checkpoint(wider, "cpu")
+    assert all(torch.equal(tensors_after[k], v) for k, v in tensors.items() if not k.startswith("budget."))
+    assert meta_after["budget_predictor"]["target"]["margin"] == 1.0
+    assert meta_after["budget_predictor"]["eval"]["target_fraction"]["mean"] > budget["eval"]["target_fraction"]["mean"]
 
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2.5-vl"])

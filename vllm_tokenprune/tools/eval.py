@@ -465,6 +465,9 @@ def plot(report: dict, path: Path) -> None:
     for ax, name in zip(axes[1] if rows == 2 else [], names):
         result = report["datasets"][name]
         buckets = list(result.get("density_counts", {}))
+        if not buckets:  # e.g. the pooled sets
+            ax.axis("off")
+            continue
         for m in (m for m in report["methods"] if m not in result["refused"]):
             by = (_cell(result, m, density) or {}).get("by_density", {})
             ax.plot(range(len(buckets)), [100 * by.get(b, float("nan")) for b in buckets], marker="o",

@@ -365,6 +365,11 @@ def _trained_selector(model: str, out: Path):
     except (OSError, SelectorCheckpointError, SelectorMismatchError) as e:
         print(f"error: --budget-only needs a selector for this model at {out}: {e}", file=sys.stderr)
         return None
+    if "attention_training" in meta:  # its predictor's target is not the rebuild error
+        print(f"error: the selector at {out} was fitted to the model's attention; refit its budget predictor "
+              f"with `vllm-tokenprune train-query MODEL --selector {out} --data ITEMS --budget-only`",
+              file=sys.stderr)
+        return None
     return selector, reconstructor
 
 
