@@ -1,0 +1,29 @@
+"""benchmarks/auto_margin.py on a few scenes: every row covers the same scenes, K follows the
+rows' definitions, and it writes its three files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+
+def test_rows_and_files(tmp_path):
+    path = Path(__file__).parents[1] / "benchmarks" / "auto_margin.py"
+    spec = importlib.util.spec_from_file_location("auto_margin_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "out"
+    assert module.main(["--n", "4", "--train-n", "4", "--margins", "0", "--extras", "0,4", "--threads", "1",
+                        "--out", str(out)]) == 0
+    report = json.loads((out / "results.json").read_text())
+    rows = {r["row"]: r for r in report["rows"]}
+    assert [r["row"] for r in report["rows"]][:5] == [f"keep {r}" for r in module.RATIOS]
+    assert rows["keep 1.0"]["image_tokens"]["all sets"] == 144 and rows["keep 0.05"]["image_tokens"]["plain"] == 7
+    exact = rows["count x 1 + 4 (exact)"]["image_tokens"]
+    assert exact["textured"] == rows["count x 1 + 0 (exact)"]["image_tokens"]["textured"] + 4
+    assert all(0 <= v <= 100 for r in report["rows"] for v in r["accuracy"].values())
+    assert any(name.startswith("shipped predictor (margin 0.2") for name in rows)
+    assert -1 <= report["count_vs_content"]["correlation"] <= 1
+    assert "| keep 1.0 |" in (out / "results.md").read_text()
+    assert (out / "auto-margin.png").stat().st_size > 10_000
