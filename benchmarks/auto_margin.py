@@ -43,6 +43,7 @@ from vllm_tokenprune.testbed.demo_model import (
     pixel_values,
 )
 from vllm_tokenprune.testbed.synthetic import scene_seed
+from vllm_tokenprune.tools.eval import ALL_SETS
 from vllm_tokenprune.tools.provenance import source_commit
 from vllm_tokenprune.training.budget import above_even_share, fit_predictor, predict, share_targets
 
@@ -90,7 +91,7 @@ def accuracy(model, prompts: Prompts, data: Scenes, ks: np.ndarray) -> dict[str,
         for (i, _), ok in zip(items, greedy_right(*answer_logits(model, batch, prompts, data.lm[list(rows)]))):
             right[data.variants[i]].append(ok)
     out = {v: 100 * float(np.mean(r)) for v, r in right.items()}
-    out["all sets"] = float(np.mean([out[v] for v in tasks.VARIANTS]))  # the variants hold equal scenes
+    out[ALL_SETS] = float(np.mean([out[v] for v in tasks.VARIANTS]))  # the variants hold equal scenes
     return out
 
 
@@ -114,18 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     selector = load_selector(DEMO_DIR / "selector.safetensors")[0].eval()
     test = Scenes(model, processor, tower, selector, "test", args.n)
     n, rows = test.n, []
-    variants = np.array(test.variants)
-    counts = test.counts.double()
-    follows = {"correlation": float(np.corrcoef(counts.numpy(), test.content)[0, 1]),
+    variants, counts, content = np.array(test.variants), test.counts.double(), np.array(test.content)
+    follows = {"correlation": float(np.corrcoef(counts.numpy(), content)[0, 1]),
                **{v: {"count": float(counts.numpy()[variants == v].mean()),
-                      "content": float(np.mean(np.array(test.content)[variants == v]))} for v in tasks.VARIANTS}}
+                      "content": float(content[variants == v].mean())} for v in tasks.VARIANTS}}
     print(f"tokens above an even share against content tokens: {follows}")
 
     def row(name: str, ks) -> None:
         ks = np.minimum(n, np.asarray(ks, dtype=np.int64))
         acc = accuracy(model, prompts, test, ks)
-        tokens = {v: float(ks[[x == v for x in test.variants]].mean()) for v in tasks.VARIANTS}
-        tokens["all sets"] = float(ks.mean())
+        tokens = {v: float(ks[variants == v].mean()) for v in tasks.VARIANTS}
+        tokens[ALL_SETS] = float(ks.mean())
         rows.append({"row": name, "accuracy": acc, "image_tokens": tokens})
         print(f"{name:40s} " + "  ".join(f"{v} {acc[v]:5.1f}/{tokens[v]:5.1f}" for v in acc), flush=True)
 
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
               "test_scenes_per_variant": args.n, "train_scenes_per_variant": args.train_n, "image_tokens": n,
               "count_vs_content": follows, "rows": rows}
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    sets = [*tasks.VARIANTS, "all sets"]
+    sets = [*tasks.VARIANTS, ALL_SETS]
     lines = ["# `auto` on the demo model: how many tokens, and what the margin buys", "",
              f"`{report['command']}` at commit `{report['commit']}`; {args.n} test scenes per variant, every "
              "question of each, teacher-forced greedy answers from the selector's top K. Accuracy % (mean image "
@@ -176,11 +176,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     fixed = [r for r in rows if r["row"].startswith("keep ")]
-    ax.plot([r["image_tokens"]["all sets"] for r in fixed], [r["accuracy"]["all sets"] for r in fixed], "o-",
+    ax.plot([r["image_tokens"][ALL_SETS] for r in fixed], [r["accuracy"][ALL_SETS] for r in fixed], "o-",
             color="grey", label="one K for every image (keep 0.05 .. 1.0)")
     for r in (r for r in rows if not r["row"].startswith("keep ")):
         shipped = r["row"].startswith("shipped")
-        ax.scatter([r["image_tokens"]["all sets"]], [r["accuracy"]["all sets"]], label=r["row"], zorder=3,
+        ax.scatter([r["image_tokens"][ALL_SETS]], [r["accuracy"][ALL_SETS]], label=r["row"], zorder=3,
                    **({"marker": "*", "s": 220, "color": "black"} if shipped else {"marker": "o", "s": 50}))
     ax.set(xscale="log", xlabel="mean image tokens per image (of 144)", ylabel="accuracy, four sets together (%)",
            title="auto on the demo model: K per image vs one K for all")

@@ -23,7 +23,12 @@ from vllm_tokenprune.selection.budget import (
     section,
     thumbnail,
 )
-from vllm_tokenprune.selection.selector import SelectorCheckpointError, load_selector, read_checkpoint
+from vllm_tokenprune.selection.selector import (
+    ATTENTION_SECTION,
+    SelectorCheckpointError,
+    load_selector,
+    read_checkpoint,
+)
 from vllm_tokenprune.training.budget import RATIOS, above_even_share, share_targets, tolerance_targets
 from vllm_tokenprune.training.reconstruction import write_checkpoint
 
@@ -157,6 +162,6 @@ def test_budget_only_refits_the_predictor_and_keeps_the_selector(budget_selector
     assert main(args) == 2 and "does not fit" in capsys.readouterr().err
     # A selector fitted to the attention has another target: `train-query --budget-only` refits it.
     tensors, meta = read_checkpoint(out, "cpu")
-    write_checkpoint(out, tensors, {**meta, "attention_training": {}})
+    write_checkpoint(out, tensors, {**meta, ATTENTION_SECTION: {}})
     args[args.index("--model") + 1] = str(tiny_checkpoint("llava"))
     assert main(args) == 2 and "train-query" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vllm_tokenprune.selection.selector import (
+    ATTENTION_SECTION,
     QUERY_SECTION,
     SelectorCheckpointError,
     SelectorConfig,
@@ -100,14 +101,21 @@ def test_train_query_writes_its_section_and_keeps_the_rest_of_the_checkpoint(
     refit = tmp_path / "refit.safetensors"
     assert query.run(argparse.Namespace(**{**vars(args), "selector": out, "out": refit, "image_only": True})) == 0
     tensors, meta = read_checkpoint(refit, "cpu")
-    assert meta["attention_training"]["heldout_recall"]["attention"] == shares["attention"]
+    assert meta[ATTENTION_SECTION]["heldout_recall"]["attention"] == shares["attention"]
     assert load_query_selector(refit)[1] == header
     assert not torch.equal(tensors["selector.head.weight"], before["selector.head.weight"])
     assert all(torch.equal(tensors[k], v) for k, v in after.items() if not k.startswith(("selector.", "budget.")))
     budget = meta["budget_predictor"]
     assert budget["target"]["kind"] == "above an even share" and budget["target"]["steps"] == 50
     assert 0 < budget["eval"]["target_fraction"]["mean"] <= 1 and 0 <= budget["eval"]["count_covered"] <= 1
-    # --budget-only refits that predictor alone: another margin asks for more tokens.
+    # --budget-only refits that predictor alone, from the tower's features without the
+    # teacher: with the same flags the same fit, with another margin more tokens.
+    same = tmp_path / "same.safetensors"
+    assert query.run(argparse.Namespace(**{**vars(args), "selector": refit, "out": same, "budget_only": True})) == 0
+    again = read_checkpoint(same, "cpu")[1]["budget_predictor"]["eval"]
+    for key in ("target_fraction", "predicted_fraction", "count_fraction"):
+        assert again[key] == pytest.approx(budget["eval"][key], abs=1e-5), key
+    assert again["count_covered"] == budget["eval"]["count_covered"]
     wider = tmp_path / "wider.safetensors"
     assert query.run(argparse.Namespace(**{**vars(args), "selector": refit, "out": wider, "budget_only": True,
                                            "budget_margin": 1.0})) == 0

@@ -43,6 +43,9 @@ RESERVED = ("format", "format_version", "selector_config", "reconstructor_config
 QUERY_SECTION = "query_selector"
 QUERY_PREFIX = "query_selector."
 QUERY_SECTION_VERSION = 1
+# The header key recording that the image-only selector was refitted to the model's
+# attention (``train-query --image-only``); its budget predictor then has that target.
+ATTENTION_SECTION = "attention_training"
 DROP, KEEP = 0, 1  # index of each logit in the head's output
 
 

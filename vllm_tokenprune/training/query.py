@@ -45,16 +45,20 @@ from vllm_tokenprune.selection.budget import PREFIX as BUDGET_PREFIX
 from vllm_tokenprune.selection.budget import SECTION as BUDGET_SECTION
 from vllm_tokenprune.selection.budget import section as budget_section
 from vllm_tokenprune.selection.selector import (
+    ATTENTION_SECTION,
     QUERY_PREFIX,
     QUERY_SECTION,
     SelectorConfig,
+    SelectorMismatchError,
     TokenSelector,
+    check_compatible,
     load_selector,
     query_section,
 )
 from vllm_tokenprune.serving.policy import QUESTION_TOKENS, keep_count, markup_ids, question_tokens
 from vllm_tokenprune.training.budget import above_even_share, format_budget_report, thumbnails, train_share_budget
 from vllm_tokenprune.training.options import add_options, from_args, opt, warmup_cosine
+from vllm_tokenprune.training.reconstruction import replace_section
 
 
 @dataclass
@@ -245,31 +249,35 @@ def train_reader(image_selector: TokenSelector, train: Questions, held: Question
     return reader.eval(), info
 
 
+Images = dict[Path, torch.Tensor]  # distinct images: each one's tower features (N_i, D)
+
+
+def distinct_images(data: Questions) -> Images:
+    """The items' images, each once."""
+    return dict(zip(data.images, data.features))
+
+
 @torch.no_grad()
-def image_counts(selector: TokenSelector, data: Questions, skip: frozenset[Path] = frozenset(), *,
-                 batch_size: int = 64) -> tuple[list[Path], torch.Tensor, torch.Tensor]:
-    """Each distinct image of ``data`` not in ``skip``: its path, its token count N and how
-    many of its tokens ``selector`` rates above an even share (``above_even_share``)."""
-    first: dict[Path, int] = {}
-    for i, path in enumerate(data.images):
-        if path not in skip:
-            first.setdefault(path, i)
-    index = list(first.values())
+def image_counts(selector: TokenSelector, images: Images, *, batch_size: int = 64
+                 ) -> tuple[list[Path], torch.Tensor, torch.Tensor]:
+    """Per image: its path, its token count N and how many of its tokens ``selector``
+    rates above an even share (``above_even_share``)."""
+    paths, features = list(images), list(images.values())
     selector.eval()
-    counts = []
-    for start in range(0, len(index), batch_size):
-        features, padding = _padded([data.features[i] for i in index[start:start + batch_size]])
-        counts.append(above_even_share(selector.scores(features, padding), padding))
-    lengths = torch.tensor([len(data.features[i]) for i in index])
-    return list(first), lengths, torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long)
+    counts = [torch.zeros(0, dtype=torch.long)]
+    for start in range(0, len(features), batch_size):
+        batch, padding = _padded(features[start:start + batch_size])
+        counts.append(above_even_share(selector.scores(batch, padding), padding))
+    return paths, torch.tensor([len(f) for f in features]), torch.cat(counts)
 
 
-def fit_budget(selector: TokenSelector, train: Questions, held: Questions, cfg: QueryConfig):
+def fit_budget(selector: TokenSelector, train: Images, held: Images, cfg: QueryConfig):
     """The budget predictor's checkpoint section for an image-only selector fitted to the
     model's attention (``training.budget``: the tokens it rates above an even share),
-    fitted on the training items' images and reported on the held-out ones."""
+    fitted on the training items' images and reported on the held-out ones (those that
+    are not also training images)."""
     paths, lengths, counts = image_counts(selector, train)
-    held_paths, held_lengths, held_counts = image_counts(selector, held, frozenset(paths))
+    held_paths, held_lengths, held_counts = image_counts(selector, {p: f for p, f in held.items() if p not in train})
     predictor, report = train_share_budget(
         (thumbnails(paths), lengths, counts),
         (thumbnails(held_paths), held_lengths, held_counts) if held_paths else None,
@@ -278,10 +286,26 @@ def fit_budget(selector: TokenSelector, train: Questions, held: Questions, cfg: 
     return budget_section(predictor, report)
 
 
+def tower_features(model_dir: str, paths: list[Path]) -> Images:
+    """``--budget-only``: the tower features of each image, without the teacher's pass
+    through the language model (the count needs the selector's scores only)."""
+    from vllm_tokenprune.training.features import load_tower
+
+    tower = load_tower(model_dir)
+    with torch.inference_mode():
+        return {path: tower([Image.open(path).convert("RGB")]).tokens for path in dict.fromkeys(paths)}
+
+
+def split_index(n: int, heldout: float, seed: int) -> tuple[list[int], list[int]]:
+    """Training and held-out item indices."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_held = max(1, math.floor(n * heldout))
+    return order[n_held:], order[:n_held]
+
+
 def split(data: Questions, heldout: float, seed: int) -> tuple[Questions, Questions]:
-    order = torch.randperm(len(data.features), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_held = max(1, math.floor(len(order) * heldout))
-    return data.take(order[n_held:]), data.take(order[:n_held])
+    train, held = split_index(len(data.features), heldout, seed)
+    return data.take(train), data.take(held)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -304,35 +328,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vllm_tokenprune.training.reconstruction import replace_section
-
     cfg = from_args(QueryConfig, args)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     image_selector, meta = load_selector(args.selector)
     out = args.out or args.selector
-    if args.budget_only and "attention_training" not in meta:
-        print(f"error: {args.selector}: --budget-only refits the predictor of a selector fitted with --image-only; "
-              f"a reconstruction-trained one is refitted by `vllm-tokenprune train --budget-only`", file=sys.stderr)
-        return 2
     items = [item for path in args.data for item in read_items(path)]
-    train, held = split(teach(args.model, items), cfg.heldout, cfg.seed)
     if args.budget_only:
-        replace_section(args.selector, BUDGET_SECTION, BUDGET_PREFIX, fit_budget(image_selector, train, held, cfg),
-                        out)
-        print(f"wrote {out} (budget predictor refitted)")
-        return 0
+        return _refit_budget(args, cfg, image_selector, meta, items, out)
+    train, held = split(teach(args.model, items), cfg.heldout, cfg.seed)
     reader, info = train_reader(image_selector, train, held, cfg, image_only=args.image_only)
     info = {**info, "question_tokens": QUESTION_TOKENS, "data": [str(path) for path in args.data]}
     if args.image_only:  # the learned method's selector, its training recorded beside the reconstruction's
-        replace_section(args.selector, "attention_training", "selector.",
+        replace_section(args.selector, ATTENTION_SECTION, "selector.",
                         (info, {"selector." + k: v.contiguous() for k, v in reader.state_dict().items()}), out)
         if cfg.budget_steps:  # the predictor fitted to the selector it replaced no longer fits
-            replace_section(out, BUDGET_SECTION, BUDGET_PREFIX, fit_budget(reader, train, held, cfg))
+            replace_section(out, BUDGET_SECTION, BUDGET_PREFIX,
+                            fit_budget(reader, distinct_images(train), distinct_images(held), cfg))
     else:
         replace_section(args.selector, QUERY_SECTION, QUERY_PREFIX, query_section(reader, info), out)
     shares = info["heldout_recall"]
     print(f"wrote {out}: held-out attention kept at keep {cfg.keep_ratio}: "
           f"{'learned' if args.image_only else 'learned_query'} {shares['trained']:.3f} (from {shares['start']:.3f}), "
           f"the attention itself {shares['attention']:.3f}")
+    return 0
+
+
+def _refit_budget(args: argparse.Namespace, cfg: QueryConfig, selector: TokenSelector, meta: dict, items, out) -> int:
+    """``--budget-only``: the budget predictor of a selector fitted with ``--image-only``
+    refitted on the same split of the items' images; the rest of the checkpoint stays."""
+    from transformers import AutoConfig
+
+    if ATTENTION_SECTION not in meta:
+        print(f"error: {args.selector}: --budget-only refits the predictor of a selector fitted with --image-only; "
+              f"a reconstruction-trained one is refitted by `vllm-tokenprune train --budget-only`", file=sys.stderr)
+        return 2
+    try:
+        check_compatible(meta, AutoConfig.from_pretrained(args.model))
+    except SelectorMismatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    train, held = split_index(len(items), cfg.heldout, cfg.seed)
+    images = tower_features(args.model, [path for path, _, _ in items])
+    section = fit_budget(selector, {items[i][0]: images[items[i][0]] for i in train},
+                         {items[i][0]: images[items[i][0]] for i in held}, cfg)
+    replace_section(args.selector, BUDGET_SECTION, BUDGET_PREFIX, section, out)
+    print(f"wrote {out} (budget predictor refitted)")
     return 0

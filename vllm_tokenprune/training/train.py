@@ -54,6 +54,7 @@ from vllm_tokenprune.selection.budget import SECTION as BUDGET_SECTION
 from vllm_tokenprune.selection.budget import section as budget_section
 from vllm_tokenprune.selection.methods.topk import topk_sorted
 from vllm_tokenprune.selection.selector import (
+    ATTENTION_SECTION,
     SelectorCheckpointError,
     SelectorConfig,
     SelectorMismatchError,
@@ -365,7 +366,7 @@ def _trained_selector(model: str, out: Path):
     except (OSError, SelectorCheckpointError, SelectorMismatchError) as e:
         print(f"error: --budget-only needs a selector for this model at {out}: {e}", file=sys.stderr)
         return None
-    if "attention_training" in meta:  # its predictor's target is not the rebuild error
+    if ATTENTION_SECTION in meta:  # its predictor's target is not the rebuild error
         print(f"error: the selector at {out} was fitted to the model's attention; refit its budget predictor "
               f"with `vllm-tokenprune train-query MODEL --selector {out} --data ITEMS --budget-only`",
               file=sys.stderr)
