@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from vllm_tokenprune.selection.budget import (
     CELLS,
     FEATURES,
+    SECTION_VERSION,
     THUMBNAIL,
     BudgetConfig,
     BudgetPredictor,
@@ -43,6 +44,35 @@ def test_thumbnail_is_one_size_and_deterministic(size):
     assert np.array_equal(thumbnail(image.convert("RGBA")), a)  # any mode is read as RGB
 
 
+def _area_means(image: np.ndarray, side: int) -> np.ndarray:
+    """Each output pixel the mean of the input area it covers, rounded half up: exact
+    integers, written plainly (weights of each input row and column, in units of 1 / side)."""
+    def weights(length):
+        return np.array([[max(0, min((o + 1) * length, (i + 1) * side) - max(o * length, i * side))
+                          for i in range(length)] for o in range(side)], np.int64)
+
+    height, width = image.shape[:2]
+    total = np.einsum("oh,hwc,xw->oxc", weights(height), image.astype(np.int64), weights(width))
+    return (2 * total + height * width) // (2 * height * width)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (68, 68), (127, 65), (84, 100), (1, 1), (30, 50)])
+def test_area_resample_is_the_exact_area_mean(shape):
+    from vllm_tokenprune.selection.budget_kernel import area_resample
+
+    rng = np.random.default_rng(sum(shape))
+    for image in (rng.integers(0, 256, (*shape, 3), dtype=np.uint8),
+                  (rng.integers(0, 2, (*shape, 3)) * 255).astype(np.uint8)):  # means on rounding edges
+        assert np.array_equal(area_resample(image, THUMBNAIL), _area_means(image, THUMBNAIL))
+
+
+def test_the_thumbnail_is_the_box_reduction_then_the_area_mean():
+    image = density_image(336, 200, density=0.5, seed=4)  # reduced by 5 x 3 to 68 x 67
+    box = np.asarray(image.reduce((5, 3)))
+    assert box.shape == (67, 68, 3)
+    assert np.array_equal(thumbnail(image), _area_means(box, THUMBNAIL))
+
+
 def test_cell_features_describe_each_cell():
     flat = np.full((1, THUMBNAIL, THUMBNAIL, 3), 128, np.uint8)
     striped = flat.copy()
@@ -61,7 +91,7 @@ def test_serving_forward_equals_training_forward():
     predictor.feature_mean.uniform_(0, 0.5)
     predictor.feature_std.uniform_(0.1, 1)
     predictor.feature_low[:3], predictor.feature_high[3:6] = 0.3, 0.05  # clipping a blank and a dense image
-    images = [density_image(96, 64, d, seed=3) for d in (0.0, 0.4, 1.0)]
+    images = [density_image(w, h, d, seed=3) for (w, h), d in zip([(96, 64), (336, 336), (1000, 90)], (0.0, 0.4, 1.0))]
     counts = [20, 100, 10**6]
     with torch.no_grad():
         logits = predictor(torch.from_numpy(cell_features(np.stack([thumbnail(i) for i in images]))), counts)
@@ -81,13 +111,13 @@ def test_the_predictor_is_a_section_of_the_selector_checkpoint(random_selector, 
     save_file({**old_tensors, **tensors}, str(path), metadata={**meta, "budget_predictor": json.dumps(header)})
 
     loaded, loaded_header = load_budget_predictor(path)
-    assert loaded_header["target"] == {"kind": "test"} and loaded_header["format_version"] == 2
+    assert loaded_header["target"] == {"kind": "test"} and loaded_header["format_version"] == SECTION_VERSION
     images = [density_image(64, 48, d, seed=2) for d in (0.0, 1.0)]
     assert loaded.fractions(images, [20, 300]) == predictor.fractions(images, [20, 300])
     assert all(0.0 < f <= 1.0 for f in loaded.fractions(images, [1, 10**6]))  # N out of range is clamped
     load_selector(path)  # the selector still loads beside it
 
-    for bad in ({**header, "format_version": 1}, {**header, "config": {"channels": "x"}}, 3):
+    for bad in ({**header, "format_version": 2}, {**header, "config": {"channels": "x"}}, 3):
         save_file({**old_tensors, **tensors}, str(path), metadata={**meta, "budget_predictor": json.dumps(bad)})
         with pytest.raises(SelectorCheckpointError, match="budget predictor") as err:
             load_budget_predictor(path)

@@ -1,4 +1,4 @@
-"""benchmarks/coverage.py on a few scenes: every method's keep shares are fractions, the
+"""benchmarks/keep_coverage.py on a few scenes: every method's keep shares are fractions, the
 budget splits into content, texture and background, and the counts follow K."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from vllm_tokenprune.testbed.demo_model import DEMO_DIR
 
 @pytest.fixture(scope="module")
 def coverage():
-    path = Path(__file__).parents[1] / "benchmarks" / "coverage.py"
+    path = Path(__file__).parents[1] / "benchmarks" / "keep_coverage.py"
     spec = importlib.util.spec_from_file_location("coverage_bench", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -15,11 +15,12 @@ cells scores them, the mean over cells and log N go through a second MLP. The me
 it count local evidence ("how much of the image holds detail"), which is what the number
 of tokens worth keeping follows. About 3k parameters.
 
-Serving runs it in NumPy, single-threaded by construction (``fractions``): a PyTorch
-convolution or matrix product hands even this little work to the intra-op thread pool,
-whose threads wake, spin and wait on every call, and in an API server with one pool thread
-per core that costs more CPU than the arithmetic (``benchmarks/budget_cost.py``). Training
-uses the same weights as a PyTorch module; a test holds the two forwards equal.
+Serving runs its forward as one compiled pass on the calling thread (``fractions``,
+``budget_kernel``): a PyTorch convolution or matrix product hands even this little work to
+the intra-op thread pool, whose threads wake, spin and wait on every call, and in an API
+server with one pool thread per core that costs more CPU than the arithmetic
+(``benchmarks/budget_cost.py``). Training uses the same weights as a PyTorch module; a test
+holds the two forwards equal.
 
 It is trained by ``training.budget`` after the selector, and ships in the selector's
 checkpoint as its own section (tensors ``budget.*``, header key ``budget_predictor``
@@ -42,7 +43,7 @@ from torch import nn
 from vllm_tokenprune.selection.selector import SelectorCheckpointError, read_checkpoint, section_header
 
 SECTION = "budget_predictor"  # the checkpoint header key of the predictor's section
-SECTION_VERSION = 2
+SECTION_VERSION = 3  # 3: the thumbnail is an area mean (2: bilinear after the box reduction)
 PREFIX = "budget."  # its tensors' names in the checkpoint
 THUMBNAIL = 64  # side of the square thumbnail the predictor reads
 CELLS = 8  # cells per side of the thumbnail
@@ -51,19 +52,29 @@ FEATURES = 12  # statistics per cell (``cell_features``)
 MIN_FRACTION = 1e-4
 
 
-def thumbnail(image) -> np.ndarray:
-    """(THUMBNAIL, THUMBNAIL, 3) uint8: the whole image, squashed to a square.
-
-    The same function prepares training images and served ones, so the predictor sees
-    the same input for the same picture. PIL first shrinks by the largest integer factor
-    that stays above the target (``reducing_gap=1``: a cheap box filter), then resamples
-    bilinearly: the cost stays small for large images and the result is deterministic.
-    """
+def reduced(image) -> np.ndarray:
+    """(H, W, 3) uint8 with THUMBNAIL <= H, W < 2 * THUMBNAIL (or the image's own side where
+    it is smaller): the image box-averaged by the largest integer factor per side that stays
+    above the thumbnail (PIL's ``reduce``: one pass over the pixels, whatever their number)."""
     if not isinstance(image, Image.Image):
         image = Image.fromarray(np.asarray(image, dtype=np.uint8))  # vLLM's (H, W, C) arrays
     if image.mode != "RGB":
         image = image.convert("RGB")
-    return np.asarray(image.resize((THUMBNAIL, THUMBNAIL), Image.BILINEAR, reducing_gap=1.0))
+    factor = (max(1, image.width // THUMBNAIL), max(1, image.height // THUMBNAIL))
+    return np.asarray(image.reduce(factor) if factor != (1, 1) else image)
+
+
+def thumbnail(image) -> np.ndarray:
+    """(THUMBNAIL, THUMBNAIL, 3) uint8: the whole image, squashed to a square, each pixel
+    the mean of the area it covers (``reduced``, then ``budget_kernel.area_resample``).
+
+    The same steps prepare training images and served ones, so the predictor sees the same
+    input for the same picture; they are deterministic, and their cost stays small for
+    large images.
+    """
+    from vllm_tokenprune.selection.budget_kernel import area_resample
+
+    return area_resample(reduced(image), THUMBNAIL)
 
 
 def cell_features(thumbnails: np.ndarray) -> np.ndarray:
@@ -112,16 +123,18 @@ class BudgetPredictor(nn.Module):
                                   nn.Linear(config.hidden, config.hidden), nn.ReLU())
         self.head = nn.Sequential(nn.Linear(config.hidden + 1, config.hidden), nn.ReLU(),
                                   nn.Linear(config.hidden, 1))
-        self._served_weights: list[np.ndarray] | None = None
+        self._served_params: np.ndarray | None = None
+
+    def token_input(self, num_tokens: int) -> float:
+        """log N standardized to the training range, clamped to it."""
+        low, high = self.config.log_tokens
+        if high <= low:  # every training image had one N: the input carries nothing
+            return 0.0
+        return min(1.0, max(-1.0, (math.log(num_tokens) - (low + high) / 2) / ((high - low) / 2)))
 
     def tokens_input(self, num_tokens) -> np.ndarray:
-        """(B, 1) float32: log N standardized to the training range, clamped to it."""
-        low, high = self.config.log_tokens
-        n = np.asarray(num_tokens, dtype=np.float64)
-        if high <= low:  # every training image had one N: the input carries nothing
-            return np.zeros((len(n), 1), np.float32)
-        z = (np.log(n) - (low + high) / 2) / ((high - low) / 2)
-        return np.clip(z, -1.0, 1.0).astype(np.float32)[:, None]
+        """(B, 1) float32: ``token_input`` of each N."""
+        return np.array([[self.token_input(n)] for n in num_tokens], np.float32).reshape(-1, 1)
 
     def forward(self, features: torch.Tensor, num_tokens) -> torch.Tensor:
         """features (B, cells, FEATURES) from ``cell_features``, num_tokens (B,) -> logits (B,)."""
@@ -130,30 +143,28 @@ class BudgetPredictor(nn.Module):
         tokens = torch.from_numpy(self.tokens_input(num_tokens)).to(pooled)
         return self.head(torch.cat([pooled, tokens], dim=1))[:, 0]
 
-    def _numpy_weights(self) -> list[np.ndarray]:
-        """The weights as float32 arrays, in ``_numpy_logits``' order: read at the first
-        served call and kept (a served predictor never changes; reading them every call
-        costs a tenth of the forward)."""
-        if self._served_weights is None:
-            self._served_weights = [t.detach().cpu().float().numpy().copy() for t in (
+    def _kernel_params(self) -> np.ndarray:
+        """The weights flattened into one float32 array in ``budget_kernel.fraction``'s order:
+        read at the first served call and kept (a served predictor never changes)."""
+        if self._served_params is None:
+            self._served_params = torch.cat([t.detach().cpu().float().reshape(-1) for t in (
                 self.feature_low, self.feature_high, self.feature_mean, self.feature_std, self.cell[0].weight,
                 self.cell[0].bias, self.cell[2].weight, self.cell[2].bias, self.head[0].weight, self.head[0].bias,
-                self.head[2].weight, self.head[2].bias)]
-        return self._served_weights
+                self.head[2].weight, self.head[2].bias)]).numpy()
+        return self._served_params
 
-    def _numpy_logits(self, features: np.ndarray, num_tokens) -> np.ndarray:
-        """``forward`` in NumPy. ``einsum`` without ``optimize`` never calls BLAS, so no
-        thread pool wakes up (module docstring)."""
-        low, high, mean, std, w1, b1, w2, b2, w3, b3, w4, b4 = self._numpy_weights()
-        h = np.maximum(np.einsum("bcf,hf->bch", (np.clip(features, low, high) - mean) / std, w1) + b1, 0)
-        h = np.maximum(np.einsum("bcf,hf->bch", h, w2) + b2, 0).mean(axis=1)
-        h = np.maximum(np.einsum("bf,hf->bh", np.concatenate([h, self.tokens_input(num_tokens)], 1), w3) + b3, 0)
-        return np.einsum("bf,hf->bh", h, w4)[:, 0] + b4[0]
+    def warm_up(self) -> None:
+        """Compile (or load) the served kernel now, on a blank thumbnail."""
+        self.fractions([np.zeros((THUMBNAIL, THUMBNAIL, 3), np.uint8)], [1])
 
     def fractions(self, images, num_tokens) -> list[float]:
-        """Each image's predicted kept fraction, in [MIN_FRACTION, 1] (serving: NumPy)."""
-        logits = self._numpy_logits(cell_features(np.stack([thumbnail(image) for image in images])), num_tokens)
-        return [min(1.0, max(MIN_FRACTION, float(v))) for v in 1 / (1 + np.exp(-logits.astype(np.float64)))]
+        """Each image's predicted kept fraction, in [MIN_FRACTION, 1] (serving: the compiled
+        ``budget_kernel``, single-threaded; its first call in a process compiles or loads it)."""
+        from vllm_tokenprune.selection.budget_kernel import fraction
+
+        params, hidden = self._kernel_params(), self.config.hidden
+        return [fraction(reduced(image), THUMBNAIL, self.token_input(n), CELLS, hidden, params, MIN_FRACTION)
+                for image, n in zip(images, num_tokens, strict=True)]
 
 
 def section(predictor: BudgetPredictor, info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -126,6 +126,12 @@ class PruningProcessorMixin:
     for an image under the HF processor kwargs the request passes on.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # With the processor, at start-up: the first auto request pays no load or compile.
+        path = selector_path(self.info.get_hf_config())
+        self._budget_predictor = None if path is None else _served_budget_predictor(path)
+
     def _unpruned_tokens(self, image_size: ImageSize, hf_kwargs: Mapping[str, object]) -> int:
         raise NotImplementedError
 
@@ -136,19 +142,6 @@ class PruningProcessorMixin:
     @functools.cached_property
     def _policy(self) -> PrunePolicy:
         return PrunePolicy.from_config(self.info.get_hf_config())
-
-    @functools.cached_property
-    def _budget_predictor(self):
-        """The selector checkpoint's budget predictor, or None: loaded on the first ``auto``
-        request, in the process that runs this processor (the API server), once. The model
-        loads it at start-up too, so that a damaged one stops the server there."""
-        path = selector_path(self.info.get_hf_config())
-        if path is None:
-            return None
-        from vllm_tokenprune.selection.budget import load_budget_predictor
-
-        loaded = load_budget_predictor(path)
-        return None if loaded is None else loaded[0]
 
     @functools.cached_property
     def _has_query_selector(self) -> bool:
@@ -351,6 +344,20 @@ class HFProcessorTokensMixin(PruningProcessorMixin):
         return self.info.get_num_image_tokens(
             image_width=image_size.width, image_height=image_size.height,
             processor=self.info.get_hf_processor(**hf_kwargs), mm_kwargs=hf_kwargs)
+
+
+@functools.cache
+def _served_budget_predictor(path: str):
+    """The selector checkpoint's budget predictor, or None, with its kernel compiled: once
+    per process (vLLM builds processors in several places, some per request; a server never
+    swaps its checkpoint). A damaged one raises here and in the model, at start-up."""
+    from vllm_tokenprune.selection.budget import load_budget_predictor
+
+    loaded = load_budget_predictor(path)
+    if loaded is None:
+        return None
+    loaded[0].warm_up()
+    return loaded[0]
 
 
 def check_budget_predictor(path: str | None, hf_config) -> None:

@@ -1,6 +1,6 @@
 """What each method keeps, on scenes whose content is known.
 
-    python benchmarks/coverage.py --variant clutter --n 200 --out benchmarks/results/coverage
+    python benchmarks/keep_coverage.py --variant clutter --n 200 --out benchmarks/results/coverage
 
 For every method that needs no tower attention (learned, random, norm, divprune, and the
 question readers cdpruner, mmtok and, when the selector checkpoint has one, learned_query,
