@@ -21,6 +21,7 @@ from vllm_tokenprune.selection.budget import (
     BudgetPredictor,
     cell_features,
     load_budget_predictor,
+    reduced,
     section,
     thumbnail,
 )
@@ -79,10 +80,29 @@ def test_cell_features_describe_each_cell():
     striped[0, :8, :8:2] = 255  # vertical stripes in the first cell only
     a, b = cell_features(flat)[0], cell_features(striped)[0]
     assert a.shape == (CELLS * CELLS, FEATURES)
-    assert np.allclose(a, 0)  # a flat image: nothing stands out, no spread, no change between pixels
+    assert not a.any()  # a flat image: nothing stands out, no spread, no change between pixels (exactly)
     assert (b[0, :9] > 0.05).all() and (b[0, 9:] < 0.05).all()  # contrast, spread, change across; little down
     assert np.array_equal(b[1:, 3:], a[1:, 3:]) and (b[1:, :3] < 0.01).all()  # the other cells barely see it
     assert np.allclose(cell_features(np.zeros_like(flat)), 0)  # any flat colour is alike
+
+
+def test_cell_features_are_the_statistics_they_name():
+    thumbnails = np.random.default_rng(5).integers(0, 256, (2, THUMBNAIL, THUMBNAIL, 3), dtype=np.uint8)
+    x = thumbnails.astype(np.float64) / 255
+    step = THUMBNAIL // CELLS
+
+    def per_cell(values):  # (B, S, S, 3) -> (B, cells, 3), row-major cells
+        return values.reshape(2, CELLS, step, CELLS, step, 3).mean(axis=(2, 4)).reshape(2, CELLS * CELLS, 3)
+
+    mean = per_cell(x)
+    expected = np.concatenate([
+        np.abs(mean - mean.mean(axis=1, keepdims=True)),
+        np.sqrt(per_cell((x - np.repeat(np.repeat(mean.reshape(2, CELLS, CELLS, 3), step, 1), step, 2)) ** 2)),
+        per_cell(np.abs(np.diff(x, axis=2, append=x[:, :, -2:-1]))),  # the last column: its neighbour before
+        per_cell(np.abs(np.diff(x, axis=1, append=x[:, -2:-1]))),
+    ], axis=2)
+    assert np.allclose(cell_features(thumbnails), expected, atol=1e-6)
+    assert np.array_equal(cell_features(thumbnails[:, :, ::-1]), cell_features(thumbnails[:, :, ::-1].copy()))
 
 
 def test_serving_forward_equals_training_forward():
@@ -96,6 +116,10 @@ def test_serving_forward_equals_training_forward():
     with torch.no_grad():
         logits = predictor(torch.from_numpy(cell_features(np.stack([thumbnail(i) for i in images]))), counts)
     assert predictor.fractions(images, counts) == pytest.approx(torch.sigmoid(logits).tolist(), abs=1e-5)
+
+    from vllm_tokenprune.selection.budget_kernel import fraction
+    with pytest.raises(ValueError, match="layout"):  # a slip between the two layouts is loud
+        fraction(reduced(images[0]), THUMBNAIL, 0.0, CELLS, 32, predictor._kernel_params()[:-1], 1e-4)
 
 
 def test_the_predictor_is_a_section_of_the_selector_checkpoint(random_selector, tmp_path):

@@ -59,12 +59,13 @@ def area_resample(image, side):
     """(H, W, 3) uint8 with H, W < 2 * side -> (side, side, 3) uint8: each output pixel the
     mean of the input area it covers, rounded half up. Integer sums, one exact division."""
     height, width = image.shape[0], image.shape[1]
-    taps = min(3, width)
+    if not (0 < height < 2 * side and 0 < width < 2 * side):
+        raise ValueError("area_resample reads images under twice the thumbnail's side (budget.reduced)")
     (x0, across), (y0, down) = _overlaps(width, side), _overlaps(height, side)
     rows = np.zeros((height, side * 3), np.int32)  # each input row resampled across
     for y in range(height):
         for o in range(side):
-            for j in range(taps):
+            for j in range(min(3, width)):
                 w, x = across[o, j], x0[o] + j
                 for c in range(3):
                     rows[y, 3 * o + c] += w * np.int32(image[y, x, c])
@@ -88,10 +89,10 @@ def area_resample(image, side):
 @_compile
 def _cell_sums(rows, cells, sums):
     """rows (S, 3S) uint8, one thumbnail's rows of interleaved RGB -> sums (cells^2, 4, 3)
-    int32: per cell and channel the sum of the pixels, of their squares, and of the absolute
+    int64: per cell and channel the sum of the pixels, of their squares, and of the absolute
     differences to the next pixel across and down (the last column and row take their
-    neighbour before). Integers, so exact; each band of rows is summed column-wise first,
-    in contiguous loops that vectorize."""
+    neighbour before). Each band of rows is summed column-wise first, in contiguous int32
+    loops that vectorize."""
     side, width = rows.shape[0], rows.shape[1]
     step = side // cells
     total, squares = np.empty(width, np.int32), np.empty(width, np.int32)
@@ -114,14 +115,33 @@ def _cell_sums(rows, cells, sums):
                 across[k] += abs(np.int32(rows[y, k - 3]) - np.int32(rows[y, k]))
         for cx in range(cells):
             for c in range(3):
-                a = b = d = e = 0
-                for k in range(3 * cx * step + c, 3 * (cx + 1) * step, 3):
-                    a += total[k]
-                    b += squares[k]
-                    d += across[k]
-                    e += down[k]
                 cell = band * cells + cx
-                sums[cell, 0, c], sums[cell, 1, c], sums[cell, 2, c], sums[cell, 3, c] = a, b, d, e
+                for k in range(3 * cx * step + c, 3 * (cx + 1) * step, 3):
+                    sums[cell, 0, c] += total[k]
+                    sums[cell, 1, c] += squares[k]
+                    sums[cell, 2, c] += across[k]
+                    sums[cell, 3, c] += down[k]
+
+
+@_compile
+def cell_statistics(thumbnail, cells):
+    """(cells^2, 12) float32 from one (S, S, 3) uint8 thumbnail: ``budget.cell_features``
+    (contrast, standard deviation, change across, change down; three channels each). From
+    integer sums, so a flat image's statistics are exactly 0."""
+    side = thumbnail.shape[0]
+    n, pixels = cells * cells, (side // cells) ** 2
+    sums = np.zeros((n, 4, 3), np.int64)
+    _cell_sums(np.ascontiguousarray(thumbnail).reshape(side, side * 3), cells, sums)
+    out = np.empty((n, 12), np.float32)
+    image = sums[:, 0].sum(axis=0)  # (3,) the whole image's pixel sums
+    for cell in range(n):
+        for c in range(3):
+            out[cell, c] = abs(n * sums[cell, 0, c] - image[c]) / (255 * pixels * n)
+            variance = pixels * sums[cell, 1, c] - sums[cell, 0, c] ** 2  # times (255 pixels)^2, exact
+            out[cell, 3 + c] = math.sqrt(variance) / (255 * pixels)
+            out[cell, 6 + c] = sums[cell, 2, c] / (255 * pixels)
+            out[cell, 9 + c] = sums[cell, 3, c] / (255 * pixels)
+    return out
 
 
 @_compile
@@ -129,8 +149,8 @@ def fraction(reduced, side, tokens, cells, hidden, params, floor):
     """One image's kept fraction in [floor, 1]: reduced (H, W, 3) uint8 (``budget.reduced``),
     side the thumbnail's, tokens the image's ``BudgetPredictor.token_input``, params the
     weights flattened in ``BudgetPredictor._kernel_params``' order."""
-    thumbnail = area_resample(reduced, side)
-    n, features = cells * cells, 4 * 3  # budget.FEATURES: four statistics per colour channel
+    x = cell_statistics(area_resample(reduced, side), cells)
+    n, features = x.shape[0], x.shape[1]
     o = 4 * features
     low, high, mean, std = params[:features], params[features:2 * features], params[2 * features:3 * features], \
         params[3 * features:o]
@@ -142,27 +162,13 @@ def fraction(reduced, side, tokens, cells, hidden, params, floor):
     b2 = params[o:o + hidden]
     w3 = params[o + hidden:o + hidden + hidden * (hidden + 1)].reshape(hidden, hidden + 1)
     o += hidden + hidden * (hidden + 1)
+    if o + 2 * hidden + 1 != params.size:  # no bounds checks in compiled code: a layout slip must be loud
+        raise ValueError("budget predictor parameters do not match its layout")
     b3, w4, b4 = params[o:o + hidden], params[o + hidden:o + 2 * hidden], params[o + 2 * hidden]
 
-    sums = np.empty((n, 4, 3), np.int32)
-    _cell_sums(thumbnail.reshape(side, side * 3), cells, sums)
-    unit = np.float32(1 / (255 * (side // cells) ** 2))  # a pixel sum -> a cell mean in [0, 1]
-    x = np.empty((n, features), np.float32)
-    image_mean = np.zeros(3, np.float32)
-    for cell in range(n):
-        for c in range(3):
-            m = np.float32(sums[cell, 0, c]) * unit
-            x[cell, c] = m
-            x[cell, 3 + c] = math.sqrt(max(np.float32(sums[cell, 1, c]) * (unit / 255) - m * m, np.float32(0)))
-            x[cell, 6 + c] = np.float32(sums[cell, 2, c]) * unit
-            x[cell, 9 + c] = np.float32(sums[cell, 3, c]) * unit
-            image_mean[c] += m
-    image_mean /= np.float32(n)
     h1 = np.empty(hidden, np.float32)
     pooled = np.zeros(hidden, np.float32)
     for cell in range(n):
-        for c in range(3):
-            x[cell, c] = abs(x[cell, c] - image_mean[c])  # contrast with the whole image
         for f in range(features):
             x[cell, f] = (min(max(x[cell, f], low[f]), high[f]) - mean[f]) / std[f]
         for h in range(hidden):

@@ -361,12 +361,9 @@ def _served_budget_predictor(path: str):
 
 
 def check_budget_predictor(path: str | None, hf_config) -> None:
-    """At start-up: the selector checkpoint's budget predictor loads (the API server's
-    processor loads it on the first ``auto`` request), and a server whose default is
-    ``auto`` has one."""
-    from vllm_tokenprune.selection.budget import load_budget_predictor
-
-    has_predictor = path is not None and load_budget_predictor(path) is not None
+    """At start-up, in the model: the selector checkpoint's budget predictor loads, and a
+    server whose default is ``auto`` has one."""
+    has_predictor = path is not None and _served_budget_predictor(path) is not None
     if isinstance(PrunePolicy.from_config(hf_config).default_keep_ratio, AutoBudget) and not has_predictor:
         raise ValueError("the default keep ratio is auto, which needs a budget predictor, and "
                          f"{'the selector ' + path if path else 'this server (no selector)'} has none")
