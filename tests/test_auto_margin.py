@@ -3,16 +3,13 @@ rows' definitions, and it writes its three files."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
+
+import benchmark_script
 
 
 def test_rows_and_files(tmp_path):
-    path = Path(__file__).parents[1] / "benchmarks" / "auto_margin.py"
-    spec = importlib.util.spec_from_file_location("auto_margin_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark_script.load("auto_margin")
     out = tmp_path / "out"
     assert module.main(["--n", "4", "--train-n", "4", "--margins", "0", "--extras", "0,4", "--threads", "1",
                         "--out", str(out)]) == 0

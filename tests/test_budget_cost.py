@@ -4,10 +4,9 @@ paired statistics pair each round's two requests."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
-from pathlib import Path
 
+import benchmark_script
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,11 +14,7 @@ from PIL import Image
 
 @pytest.fixture(scope="module")
 def bench():
-    path = Path(__file__).parents[1] / "benchmarks" / "budget_cost.py"
-    spec = importlib.util.spec_from_file_location("budget_cost_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script.load("budget_cost")
 
 
 def test_the_fixed_predictor_says_one_fraction_for_every_image(bench):

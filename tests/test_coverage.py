@@ -3,9 +3,7 @@ budget splits into content, texture and background, and the counts follow K."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
+import benchmark_script
 import pytest
 
 from vllm_tokenprune.testbed.demo_model import DEMO_DIR
@@ -13,11 +11,7 @@ from vllm_tokenprune.testbed.demo_model import DEMO_DIR
 
 @pytest.fixture(scope="module")
 def coverage():
-    path = Path(__file__).parents[1] / "benchmarks" / "keep_coverage.py"
-    spec = importlib.util.spec_from_file_location("coverage_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script.load("keep_coverage")
 
 
 def test_shares_are_fractions_and_the_budget_adds_up(coverage, tmp_path):
