@@ -2,11 +2,11 @@
 
 vLLM fixes every image's placeholder count in the processor, before the tower runs, so
 an image-dependent K has to be predicted from the image itself, in the API server, on its
-CPU. The predictor reads a fixed 64 x 64 thumbnail of the whole image (``thumbnail``), so
-its cost does not grow with the image's resolution, plus the image's token count N (Qwen's
-dynamic resolution: the same content at more tokens needs a smaller fraction), and
-returns a fraction in (0, 1). The processor turns it into K with ``policy.keep_count``,
-like any ratio.
+CPU. The predictor reads a fixed 64 x 64 thumbnail of the whole image (``thumbnail``;
+making it reads each pixel once, all after costs the same at any resolution) and the
+image's token count N (Qwen's dynamic resolution: the same content at more tokens needs a
+smaller fraction), and returns a fraction in (0, 1). The processor turns it into K with
+``policy.keep_count``, like any ratio.
 
 Architecture: the thumbnail is cut into an 8 x 8 grid of cells, and each cell described by
 fixed statistics (``cell_features``: how far its colour lies from the image's, its spread,
