@@ -368,10 +368,12 @@ def _refit_budget(args: argparse.Namespace, cfg: QueryConfig, selector: TokenSel
     except SelectorMismatchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    train, held = split_index(len(items), cfg.heldout, cfg.seed)
-    images = tower_features(args.model, [path for path, _, _ in items])
-    section = fit_budget(selector, {items[i][0]: images[items[i][0]] for i in train},
-                         {items[i][0]: images[items[i][0]] for i in held}, cfg)
+    features = tower_features(args.model, [path for path, _, _ in items])
+
+    def images(index: list[int]) -> Images:
+        return {items[i][0]: features[items[i][0]] for i in index}
+
+    section = fit_budget(selector, *map(images, split_index(len(items), cfg.heldout, cfg.seed)), cfg)
     replace_section(args.selector, BUDGET_SECTION, BUDGET_PREFIX, section, out)
     print(f"wrote {out} (budget predictor refitted)")
     return 0
