@@ -70,6 +70,20 @@ def test_the_processor_applies_the_policy_and_hashes_what_the_request_gets(proce
     assert hashes[0.25] == hashes[0.26] != hashes[0.5]
 
 
+def test_k_method_and_seed_stay_on_the_cpu_where_the_model_reads_them_without_a_sync(processor):
+    """vLLM moves batched fields to the device unless they are kept on the CPU; the model reads
+    these three on the host, so on the device each read would wait for the GPU."""
+    from vllm.multimodal.inputs import MultiModalKwargsItems
+
+    from vllm_tokenprune.serving.models.common import PRUNE_FIELDS, QUERY_FIELD
+
+    arch, make = processor
+    items = process(make(), arch, keep_ratio=0.5)["mm_kwargs"]["image"]
+    batch = MultiModalKwargsItems({"image": items}).get_data(device="meta")
+    assert all(batch[name].device.type == "cpu" for name in PRUNE_FIELDS)
+    assert batch[QUERY_FIELD].device.type == "meta" and batch["pixel_values"].device.type == "meta"
+
+
 def test_random_is_seeded_from_vllms_item_hash_on_cache_hits_and_misses(processor):
     from vllm.multimodal.cache import MultiModalProcessorOnlyCache
 

@@ -414,3 +414,27 @@ def test_scores_accept_low_precision_features():
     assert learned_keep(selector, torch.randn(10, 32), 0.5).shape == (5,)
     with pytest.raises(ValueError, match="dim 32"):
         selector.scores(torch.randn(10, 16))
+
+
+def test_the_shipped_checkpoint_loads_in_float32_under_a_low_precision_default():
+    """vLLM builds the model under its dtype (bf16 here) and device: the selector, the
+    question-reading selector and the budget predictor stay in the float32 they were trained
+    in, on the CPU until the model moves them, and equal to a plain float32 load."""
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    from vllm_tokenprune.selection.budget import load_budget_predictor
+    from vllm_tokenprune.selection.selector import load_query_selector
+    from vllm_tokenprune.testbed.demo_model import DEMO_DIR
+
+    DEMO_SELECTOR = DEMO_DIR / "selector.safetensors"
+    plain = [load_selector(DEMO_SELECTOR)[0], load_query_selector(DEMO_SELECTOR)[0],
+             load_budget_predictor(DEMO_SELECTOR)[0]]
+    with set_default_torch_dtype(torch.bfloat16), torch.device("meta"):
+        loaded = [load_selector(DEMO_SELECTOR)[0], load_query_selector(DEMO_SELECTOR)[0],
+                  load_budget_predictor(DEMO_SELECTOR)[0]]
+        assert torch.get_default_dtype() == torch.bfloat16  # the context is left as it was
+    assert torch.get_default_dtype() == torch.float32
+    for module, reference in zip(loaded, plain):
+        state = module.state_dict()
+        assert state and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in state.values())
+        assert all(torch.equal(state[k], v) for k, v in reference.state_dict().items())

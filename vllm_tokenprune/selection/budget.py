@@ -40,7 +40,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from vllm_tokenprune.selection.selector import SelectorCheckpointError, read_checkpoint, section_header
+from vllm_tokenprune.selection.selector import (
+    SelectorCheckpointError,
+    float32_on_cpu,
+    read_checkpoint,
+    section_header,
+)
 
 SECTION = "budget_predictor"  # the checkpoint header key of the predictor's section
 SECTION_VERSION = 3  # 3: the thumbnail is an area mean (2: bilinear after the box reduction)
@@ -179,7 +184,8 @@ def load_budget_predictor(path: str | Path) -> tuple[BudgetPredictor, dict[str, 
     if header is None:
         return None
     try:
-        predictor = BudgetPredictor(BudgetConfig(**header["config"]))
+        with float32_on_cpu():  # served on the CPU, in the processor
+            predictor = BudgetPredictor(BudgetConfig(**header["config"]))
         predictor.load_state_dict({k.removeprefix(PREFIX): v for k, v in tensors.items() if k.startswith(PREFIX)},
                                   strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:

@@ -24,6 +24,7 @@ rebuild the selector and to check at start-up that it fits the served model
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -200,9 +201,24 @@ def read_checkpoint(path: str | Path, map_location) -> tuple[dict[str, torch.Ten
     return tensors, meta
 
 
+@contextlib.contextmanager
+def float32_on_cpu():
+    """Build modules in float32 on the CPU, whatever the defaults. vLLM builds the model under
+    its dtype (bf16 / fp16) and device: a checkpoint's selector and budget predictor keep the
+    precision they were trained in (the model moves the selector to its device)."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.device("cpu"):
+            yield
+    finally:
+        torch.set_default_dtype(dtype)
+
+
 def _rebuild(path, config: dict, tensors: dict[str, torch.Tensor], prefix: str, what: str) -> TokenSelector:
     try:
-        selector = TokenSelector(SelectorConfig(**config))
+        with float32_on_cpu():
+            selector = TokenSelector(SelectorConfig(**config))
         selector.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)},
                                  strict=True)
     except (TypeError, ValueError, RuntimeError) as e:

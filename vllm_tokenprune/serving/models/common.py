@@ -275,8 +275,11 @@ class PruningProcessorMixin:
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        for name in (*PRUNE_FIELDS, QUERY_FIELD):
-            fields[name] = MultiModalFieldConfig.batched("image")
+        # K, method and seed stay on the CPU, where the model reads them without a device sync;
+        # the question's ids go to the device, to the embedding table.
+        for name in PRUNE_FIELDS:
+            fields[name] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        fields[QUERY_FIELD] = MultiModalFieldConfig.batched("image")
         return fields
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
