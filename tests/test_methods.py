@@ -28,7 +28,7 @@ from vllm_tokenprune.selection.methods import (
 )
 from vllm_tokenprune.selection.methods.attention import TowerProbe, cls_attention, global_attention, statistics
 from vllm_tokenprune.selection.methods.divprune import greedy_max_min
-from vllm_tokenprune.selection.methods.grid import neighbours
+from vllm_tokenprune.selection.methods.grid import with_neighbours
 from vllm_tokenprune.selection.methods.pool import cells, shares
 from vllm_tokenprune.selection.methods.visionzip import split
 from vllm_tokenprune.selection.selector import SelectorConfig, TokenSelector
@@ -135,10 +135,14 @@ def test_visionzip_keeps_the_top_attention_tokens_and_merges_the_rest_into_unifo
 
 def test_neighbours_stay_inside_each_grid():
     grids = ((3, 3), (2, 4))  # tokens 0-8, then 9-16
-    assert neighbours(torch.tensor([4]), grids).tolist() == [1, 3, 5, 7]
-    assert neighbours(torch.tensor([2]), grids).tolist() == [1, 5]  # no wrap to token 3
-    assert neighbours(torch.tensor([9]), grids).tolist() == [10, 13]  # not token 8 of grid one
-    assert neighbours(torch.tensor([8, 16]), grids).tolist() == [5, 7, 12, 15]
+
+    def marked(index):
+        return with_neighbours(torch.tensor(index), grids).nonzero().squeeze(1).tolist()
+
+    assert marked([4]) == [1, 3, 4, 5, 7]
+    assert marked([2]) == [1, 2, 5]  # no wrap to token 3
+    assert marked([9]) == [9, 10, 13]  # not token 8 of grid one
+    assert marked([8, 16]) == [5, 7, 8, 12, 15, 16]
 
 
 def test_hiprune_takes_anchors_their_buffers_then_registers():

@@ -143,7 +143,8 @@ def test_the_model_hands_a_question_reading_method_the_embedded_question():
         fields = {KEEP_FIELD: [k], METHOD_FIELD: [methods.method_id(method)], SEED_FIELD: [0],
                   QUERY_FIELD: [torch.tensor(question)]}
         with torch.no_grad():
-            return Model()._keep_rows(fields, 0, torch.eye(4), grids=((2, 2),)).index.tolist()
+            model = Model()
+            return model._select([model._candidates(fields, 0, torch.eye(4), grids=((2, 2),))])[0].index.tolist()
 
     for method in ("cdpruner", "mmtok"):
         assert kept(method, [1]) == [1] and kept(method, [6, 2]) == [2], method

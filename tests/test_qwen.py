@@ -47,14 +47,14 @@ def _install_probes(model) -> None:
     # The first decoder layer: vLLM's compile decorator calls the language model's
     # forward directly, past module hooks; its layers are called as modules.
     model.language_model.model.layers[0].register_forward_pre_hook(record, with_kwargs=True)
-    keep_rows = model._keep_rows
+    select = model._select
 
-    def recording(*args, **kwargs):
-        kept = keep_rows(*args, **kwargs)
-        model.probe_kept.append(kept.index.tolist())
+    def recording(jobs):
+        kept = select(jobs)
+        model.probe_kept.extend(rows.index.tolist() for rows in kept)
         return kept
 
-    model._keep_rows = recording
+    model._select = recording
     embed, positions = model.embed_multimodal, model.get_mrope_input_positions
 
     def embedding(**kwargs):

@@ -1,8 +1,8 @@
 """Token selection methods, chosen per request by name.
 
-The interface. A method gets one image's ``Tokens`` and a keep count K (fixed earlier by
-``serving.policy.keep_count`` in the processor, 1 <= K < N) and returns ``Rows``: exactly K
-(position, value) rows, positions strictly ascending. A row is either a token kept as it
+The interface. A method gets a batch of images, each its ``Tokens`` and a keep count K
+(fixed earlier by ``serving.policy.keep_count`` in the processor, 1 <= K < N), and returns
+each image's ``Rows``: exactly K (position, value) rows, positions strictly ascending. A row is either a token kept as it
 is (its own stock position and value) or a merge of several tokens (their mean value, at
 the stock position of the token that stands for them). Model families place row j where
 stock position ``index[j]`` sits: the language model sees the rows in stock order, and
@@ -16,6 +16,12 @@ question as language-model embeddings if it declares ``Method.reads_query``. vLL
 return no attention weights, so a family computes a statistic only when an image in the
 batch uses a method that declared it (``attention.TowerProbe``).
 
+Built for the engine step (``batch.py``): a method takes all images of a tower call at
+once (padded and masked where the math runs across images), never asks the host what a
+device tensor holds (no ``.item()``, ``nonzero``, boolean-mask indexing or ``unique``: every
+shape follows from N and K, known on the host), and merges without atomics, so repeated
+runs and tensor-parallel ranks agree bit for bit.
+
 A method's position in ``METHOD_NAMES`` is the integer id the processor hands to the
 model (multimodal fields must be tensors, not strings); append, never reorder. Each name
 lives in one small module of this package; importing the package imports neither torch
@@ -25,7 +31,7 @@ nor vLLM, so the HTTP layer can validate names cheaply.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, NamedTuple
@@ -124,13 +130,14 @@ class Tokens:
         group is just its own token keeps that token's value exactly."""
         import torch
 
-        member = groups >= 0
-        rows = groups[member]
-        sums = torch.zeros(len(index), self.values.shape[1], dtype=torch.float32,
-                           device=self.values.device)
-        sums.index_add_(0, rows, self.values[member].float())
-        counts = torch.bincount(rows, minlength=len(index)).clamp(min=1)
-        return Rows(index, (sums / counts[:, None]).to(self.values.dtype))
+        k = len(index)
+        # Dropped tokens go to a spare row K. index_put_ with accumulate sums in a fixed
+        # order (index_add_ uses atomics on CUDA: its sums differ from run to run).
+        rows = (torch.where(groups < 0, k, groups),)
+        sums = self.values.new_zeros(k + 1, self.values.shape[1], dtype=torch.float32)
+        sums.index_put_(rows, self.values.float(), accumulate=True)
+        counts = sums.new_zeros(k + 1).index_put_(rows, sums.new_ones(len(groups)), accumulate=True)
+        return Rows(index, (sums[:k] / counts[:k, None].clamp(min=1)).to(self.values.dtype))
 
 
 class Rows(NamedTuple):
@@ -143,7 +150,9 @@ class Rows(NamedTuple):
 @dataclass(frozen=True)
 class Method:
     name: str
-    keep: Callable[[Tokens, int], Rows]  # called with 1 <= k < N
+    # Each image's rows, for a batch of images and their K (1 <= K < N); ``per_image`` makes
+    # one from a rule for one image.
+    keep: Callable[[Sequence[Tokens], Sequence[int]], list[Rows]]
     needs: frozenset[Probe] = frozenset()  # tower statistics read from ``Tokens.stats``
     # Reads ``Tokens.query``: the processor then takes the question from the prompt, and the
     # same image asked another question is another cache item.
@@ -155,13 +164,34 @@ def get(name: str) -> Method:
     return getattr(module, name)
 
 
-def select(name: str, tokens: Tokens, k: int) -> Rows:
-    """The K rows method ``name`` keeps of ``tokens``; all of them, untouched, at K >= N."""
+def per_image(keep: Callable[[Tokens, int], Rows]) -> Callable[[Sequence[Tokens], Sequence[int]], list[Rows]]:
+    """A method's ``keep`` from a rule that takes one image at a time."""
+    return lambda batch, ks: [keep(tokens, k) for tokens, k in zip(batch, ks)]
+
+
+def select_all(jobs: Sequence[tuple[str, Tokens, int]]) -> list[Rows]:
+    """The rows of each (method name, tokens, K), in order: each method runs once, on all of
+    its images that keep fewer than all their tokens; an image at K >= N keeps its rows
+    untouched."""
     import torch
 
-    if k >= len(tokens):
-        return Rows(torch.arange(len(tokens), device=tokens.values.device), tokens.values)
-    rows = get(name).keep(tokens, k)
-    if len(rows.index) != k:
-        raise RuntimeError(f"prune method {name!r} returned {len(rows.index)} rows, not {k}")
-    return rows
+    out: list[Rows | None] = [None] * len(jobs)
+    by_method: dict[str, list[int]] = {}
+    for j, (name, tokens, k) in enumerate(jobs):
+        if k >= len(tokens):
+            out[j] = Rows(torch.arange(len(tokens), device=tokens.values.device), tokens.values)
+        else:
+            by_method.setdefault(name, []).append(j)
+    for name, batch in by_method.items():
+        rows = get(name).keep([jobs[j][1] for j in batch], [jobs[j][2] for j in batch])
+        for j, found in zip(batch, rows):
+            if len(found.index) != jobs[j][2]:
+                raise RuntimeError(f"prune method {name!r} returned {len(found.index)} rows, not {jobs[j][2]}")
+            out[j] = found
+    return out
+
+
+def select(name: str, tokens: Tokens, k: int) -> Rows:
+    """The K rows method ``name`` keeps of one image's ``tokens``; all of them, untouched,
+    at K >= N."""
+    return select_all([(name, tokens, k)])[0]

@@ -25,10 +25,12 @@ the rest are taken by relevance.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from vllm_tokenprune.selection.methods import Method, Rows, Tokens
-from vllm_tokenprune.selection.methods.topk import topk_sorted
+from vllm_tokenprune.selection.methods.batch import gather_rows, padded, valid
 
 THETA = 0.5
 # A residual variance under this adds no volume: the kept tokens already span the token.
@@ -45,41 +47,54 @@ def relevance(embeddings: torch.Tensor, query: torch.Tensor | None) -> torch.Ten
     words = torch.nn.functional.normalize(query.float().to(unit.device), dim=-1)
     r = (unit @ words.T).mean(dim=1)
     spread = r.max() - r.min()
-    return (r - r.min()) / spread if spread > 0 else torch.zeros_like(r)
+    return torch.where(spread > 0, (r - r.min()) / spread, 0.0)
 
 
-def greedy_dpp(features: torch.Tensor, quality: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices (k,) the greedy MAP rule picks under L = diag(quality) S diag(quality), S the
-    cosine similarity of ``features`` (N, D), in pick order. Ties go to the lower index."""
+def greedy_dpp_batch(features: torch.Tensor, quality: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, k): the picks of the greedy MAP rule under L = diag(quality) S diag(quality), S
+    the cosine similarity of ``features`` (B, W, D), among each row's real tokens (``mask``),
+    in pick order; a row's picks past its own K are unused. Ties go to the lower index. Once
+    a row's picks span its features, the rest of its picks go by quality."""
     unit = torch.nn.functional.normalize(features.float(), dim=-1)
     quality = quality.float()
-    n = len(unit)
+    b, w, _ = unit.shape
     # Row i of the Cholesky factor of L restricted to the picks, and i's residual variance
     # d2[i] = L_ii - |c_i|^2: the factor by which adding i multiplies det L of the picks.
-    factor = torch.zeros(n, k, device=unit.device)
-    d2 = quality.square().clone()
-    picks = torch.empty(k, dtype=torch.long, device=unit.device)
-    picked = torch.zeros(n, dtype=torch.bool, device=unit.device)
+    factor = unit.new_zeros(b, w, k)
+    d2 = quality.square()
+    picks = torch.empty(b, k, dtype=torch.long, device=unit.device)
+    taken = ~mask  # picked, or padding
+    spanned = torch.zeros(b, dtype=torch.bool, device=unit.device)
     for step in range(k):
-        residual = d2.masked_fill(picked, -torch.inf)
-        j = int(residual.argmax())
-        if residual[j] <= _SPANNED * quality[j].square():
-            rest = topk_sorted(quality.masked_fill(picked, -torch.inf), k - step)
-            picks[step:] = rest[quality[rest].argsort(descending=True, stable=True)]
-            break
-        picks[step] = j
-        picked[j] = True
-        row = quality[j] * quality * (unit @ unit[j])  # L[j, :]
-        e = (row - factor[:, :step] @ factor[j, :step]) / d2[j].sqrt()
-        factor[:, step] = e
+        residual = d2.masked_fill(taken, -torch.inf)
+        j = residual.argmax(dim=1)
+        q_j = quality.gather(1, j[:, None])[:, 0]
+        spanned |= residual.gather(1, j[:, None])[:, 0] <= _SPANNED * q_j.square()
+        j = torch.where(spanned, quality.masked_fill(taken, -torch.inf).argmax(dim=1), j)
+        picks[:, step] = j
+        taken = taken.scatter(1, j[:, None], True)
+        q_j = quality.gather(1, j[:, None])
+        row = q_j * quality * (unit @ gather_rows(unit, j)[:, :, None])[..., 0]  # L[j, :]
+        projected = (factor[:, :, :step] @ gather_rows(factor, j)[:, :step, None])[..., 0]
+        e = (row - projected) / d2.gather(1, j[:, None]).sqrt()
+        e = torch.where(spanned[:, None], 0.0, e)  # a spanned row adds no volume: its factor stays
+        factor[:, :, step] = e
         d2 = d2 - e.square()
     return picks
 
 
-def _keep(tokens: Tokens, k: int) -> Rows:
+def greedy_dpp(features: torch.Tensor, quality: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (k,) the greedy MAP rule picks for one image's ``features`` (N, D)."""
+    mask = torch.ones(1, len(features), dtype=torch.bool, device=features.device)
+    return greedy_dpp_batch(features[None], quality[None], mask, k)[0]
+
+
+def _keep(batch: Sequence[Tokens], ks: Sequence[int]) -> list[Rows]:
     alpha = THETA / (2 * (1 - THETA))
-    quality = torch.exp(alpha * relevance(tokens.embeddings, tokens.query))
-    return tokens.take(greedy_dpp(tokens.features, quality, k).sort().values)
+    mask = valid([len(t) for t in batch], batch[0].features.device)
+    quality = padded([torch.exp(alpha * relevance(t.embeddings, t.query)) for t in batch])
+    picks = greedy_dpp_batch(padded([t.features for t in batch]), quality, mask, max(ks))
+    return [tokens.take(row[:k].sort().values) for tokens, row, k in zip(batch, picks, ks)]
 
 
 cdpruner = Method("cdpruner", _keep, reads_query=True)

@@ -10,9 +10,10 @@ ranks the image tokens; the top K are kept as they are. Towers without a [CLS] t
 from __future__ import annotations
 
 from vllm_tokenprune.selection.methods import ATTENTION, LATE, Method, Probe
+from vllm_tokenprune.selection.methods.batch import padded
 from vllm_tokenprune.selection.methods.scores import top_k
 
 SCORE = Probe(ATTENTION, LATE)
 
-cls_attention = Method("cls_attention", top_k(lambda tokens: tokens.stats[SCORE]),
+cls_attention = Method("cls_attention", top_k(lambda batch, mask: padded([t.stats[SCORE].float() for t in batch])),
                        needs=frozenset({SCORE}))

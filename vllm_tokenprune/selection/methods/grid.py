@@ -14,14 +14,16 @@ def offsets(grids: tuple[tuple[int, int], ...]) -> list[int]:
     return starts
 
 
-def neighbours(index: torch.Tensor, grids: tuple[tuple[int, int], ...]) -> torch.Tensor:
-    """The tokens above, below, left and right of each token of ``index`` within its grid
-    (fewer at grid borders), ascending and without repeats; may include ``index`` itself."""
-    found = [index[:0]]
+def with_neighbours(index: torch.Tensor, grids: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """(N,) True at the tokens of ``index`` and at those above, below, left and right of
+    each within its grid. A mask, not a list: its size never depends on the data."""
+    n = sum(rows * cols for rows, cols in grids)
+    mask = torch.zeros(n, dtype=torch.bool, device=index.device).index_fill_(0, index, True)
     for start, (rows, cols) in zip(offsets(grids), grids):
-        local = index[(index >= start) & (index < start + rows * cols)] - start
-        r, c = local // cols, local % cols
+        inside = (index >= start) & (index < start + rows * cols)
+        r, c = (index - start) // cols, (index - start) % cols
         for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-            inside = (r + dr >= 0) & (r + dr < rows) & (c + dc >= 0) & (c + dc < cols)
-            found.append((start + (r + dr) * cols + (c + dc))[inside])
-    return torch.cat(found).unique()
+            ok = inside & (r + dr >= 0) & (r + dr < rows) & (c + dc >= 0) & (c + dc < cols)
+            # A neighbour outside the grid marks the token itself, already marked.
+            mask.index_fill_(0, torch.where(ok, index + dr * cols + dc, index), True)
+    return mask

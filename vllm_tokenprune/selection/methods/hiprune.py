@@ -19,8 +19,8 @@ import math
 
 import torch
 
-from vllm_tokenprune.selection.methods import GLOBAL_ATTENTION, LATE, MIDDLE, Method, Probe, Rows, Tokens
-from vllm_tokenprune.selection.methods.grid import neighbours
+from vllm_tokenprune.selection.methods import GLOBAL_ATTENTION, LATE, MIDDLE, Method, Probe, Rows, Tokens, per_image
+from vllm_tokenprune.selection.methods.grid import with_neighbours
 from vllm_tokenprune.selection.methods.topk import topk_sorted
 
 OBJECT = Probe(GLOBAL_ATTENTION, MIDDLE)
@@ -30,15 +30,13 @@ ALPHA = 0.1
 
 def _keep(tokens: Tokens, k: int) -> Rows:
     anchor_count = math.floor(k * ALPHA / 5 + 0.5)
-    local = tokens.stats[OBJECT].new_zeros(0, dtype=torch.long)
-    if anchor_count:
-        anchors = topk_sorted(tokens.stats[OBJECT], anchor_count)
-        local = torch.cat([anchors, neighbours(anchors, tokens.grids)]).unique()
-    # Registers: the best of the rest by deep-layer attention (local tokens ranked last).
-    deep = tokens.stats[DEEP].float().clone()
-    deep[local] = -math.inf
-    registers = topk_sorted(deep, k - len(local)) if k > len(local) else local[:0]
-    return tokens.take(torch.cat([local, registers]).sort().values)
+    deep = tokens.stats[DEEP].float()
+    if not anchor_count:
+        return tokens.take(topk_sorted(deep, k))
+    # Anchors and buffers (at most 5 * anchors <= K tokens) rank first, registers after them
+    # by deep-layer attention: one top-K whose size never depends on the data.
+    local = with_neighbours(topk_sorted(tokens.stats[OBJECT], anchor_count), tokens.grids)
+    return tokens.take(topk_sorted(deep.masked_fill(local, math.inf), k))
 
 
-hiprune = Method("hiprune", _keep, needs=frozenset({OBJECT, DEEP}))
+hiprune = Method("hiprune", per_image(_keep), needs=frozenset({OBJECT, DEEP}))

@@ -10,8 +10,8 @@ text-to-image similarity in the language model's input space (the question's wor
 embeddings against the image's embeddings), image-to-image similarity in the features.
 Both terms are facility-location functions, monotone and submodular, so the greedy rule
 (add the token of largest marginal gain) keeps at least 1 - 1/e of the best f for its K.
-Gains are updated only where a pick raised a row's coverage (the rows of question and
-image tokens it now covers best), so later picks, which change few rows, cost little.
+The picks of a batch's images run together on the device, padded: a step updates every
+candidate's gain from the rows whose coverage the pick raised.
 
 Written from the paper. Deviations: similarities are cosines mapped to [0, 1] (a facility
 location needs non-negative similarities to be monotone), each term is a mean so that the
@@ -22,9 +22,12 @@ not used. With no question (Q = 0) only the image term is left.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from vllm_tokenprune.selection.methods import Method, Rows, Tokens
+from vllm_tokenprune.selection.methods.batch import padded, valid
 
 LAMBDA = 1.0
 
@@ -49,27 +52,44 @@ def coverage_matrix(tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
             torch.cat([torch.full((len(text),), 1 / len(text), device=image.device), weights]))
 
 
-def greedy_coverage(sim: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices (k,) the greedy rule picks for f(S) = sum_r weights[r] max_{v in S} sim[r, v],
-    in pick order. Ties go to the lower index."""
-    covered = torch.zeros(len(sim), device=sim.device)
-    gains = (weights[:, None] * sim).sum(dim=0)  # f({v}) - f({}) for every v
-    picks = torch.empty(k, dtype=torch.long, device=sim.device)
-    picked = torch.zeros(sim.shape[1], dtype=torch.bool, device=sim.device)
+def greedy_coverage_batch(sim: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, k): the picks of the greedy rule for f(S) = sum_r weights[r] max_{v in S} sim[r, v]
+    in each row of the batch (``sim`` B x R x W, ``weights`` B x R, zero at padding), among its
+    real candidates (``mask``, B x W), in pick order; a row's picks past its own K are unused.
+    Ties go to the lower index."""
+    b, r, _ = sim.shape
+    covered = sim.new_zeros(b, r)
+    gains = (weights[:, :, None] * sim).sum(dim=1)  # f({v}) - f({}) for every v
+    picks = torch.empty(b, k, dtype=torch.long, device=sim.device)
+    taken = ~mask
     for step in range(k):
-        j = int(gains.masked_fill(picked, -torch.inf).argmax())
-        picks[step] = j
-        picked[j] = True
-        raised = sim[:, j] > covered
-        rows, old, new = sim[raised], covered[raised, None], sim[raised, j, None]
-        gains -= (weights[raised, None] * ((rows - old).clamp(min=0) - (rows - new).clamp(min=0))).sum(dim=0)
-        covered[raised] = sim[raised, j]
+        j = gains.masked_fill(taken, -torch.inf).argmax(dim=1)
+        picks[:, step] = j
+        taken = taken.scatter(1, j[:, None], True)
+        raised = torch.maximum(covered, sim.gather(2, j[:, None, None].expand(b, r, 1))[..., 0])
+        # Each candidate's gain falls by what the pick now covers of it, row by row.
+        gains -= (weights[:, :, None] * ((sim - covered[:, :, None]).clamp(min=0)
+                                         - (sim - raised[:, :, None]).clamp(min=0))).sum(dim=1)
+        covered = raised
     return picks
 
 
-def _keep(tokens: Tokens, k: int) -> Rows:
-    sim, weights = coverage_matrix(tokens)
-    return tokens.take(greedy_coverage(sim, weights, k).sort().values)
+def greedy_coverage(sim: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (k,) the greedy rule picks for one image's ``sim`` (R, N) and ``weights`` (R,)."""
+    mask = torch.ones(1, sim.shape[1], dtype=torch.bool, device=sim.device)
+    return greedy_coverage_batch(sim[None], weights[None], mask, k)[0]
+
+
+def _keep(batch: Sequence[Tokens], ks: Sequence[int]) -> list[Rows]:
+    matrices = [coverage_matrix(t) for t in batch]
+    # (R_b, N_b) each -> (B, R, W): padding rows and candidates have zero similarity and weight.
+    sim = matrices[0][0].new_zeros(len(batch), max(len(m) for m, _ in matrices), max(len(t) for t in batch))
+    for b, (m, _) in enumerate(matrices):
+        sim[b, :m.shape[0], :m.shape[1]] = m
+    weights = padded([w for _, w in matrices])
+    mask = valid([len(t) for t in batch], sim.device)
+    picks = greedy_coverage_batch(sim, weights, mask, max(ks))
+    return [tokens.take(row[:k].sort().values) for tokens, row, k in zip(batch, picks, ks)]
 
 
 mmtok = Method("mmtok", _keep, reads_query=True)

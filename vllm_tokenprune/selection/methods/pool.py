@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from vllm_tokenprune.selection.methods import Method, Rows, Tokens
+from vllm_tokenprune.selection.methods import Method, Rows, Tokens, per_image
 from vllm_tokenprune.selection.methods.grid import offsets
 
 
@@ -34,9 +34,9 @@ def shares(k: int, sizes: list[int]) -> list[int]:
     return out
 
 
-def cells(rows: int, cols: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cells(rows: int, cols: int, k: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A rows x cols grid pooled to k cells: (cell of each token (rows * cols,), position
-    of each cell's central token (k,)), both row-major."""
+    of each cell's central token (k,)), both row-major; computed on ``device``."""
     bands = min(rows, k, max(math.ceil(k / cols), round(math.sqrt(k * rows / cols))))
 
     def part(i, n, parts):  # start of part i of n items split at floor(i * n / parts)
@@ -46,12 +46,12 @@ def cells(rows: int, cols: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return ((x + 1) * parts + n - 1) // n - 1
 
     # Token (y, x): band b, cell j of that band's c cells.
-    y, x = torch.arange(rows)[:, None], torch.arange(cols)[None, :]
+    y, x = torch.arange(rows, device=device)[:, None], torch.arange(cols, device=device)[None, :]
     b = part_of(y, rows, bands)
     c = part(b + 1, k, bands) - part(b, k, bands)
     cell_of = part(b, k, bands) + part_of(x, cols, c)
     # Cell m: its band and its index in the band give its central token.
-    m = torch.arange(k)
+    m = torch.arange(k, device=device)
     b = part_of(m, k, bands)
     c = part(b + 1, k, bands) - part(b, k, bands)
     j = m - part(b, k, bands)
@@ -61,18 +61,18 @@ def cells(rows: int, cols: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _keep(tokens: Tokens, k: int) -> Rows:
+    device = tokens.values.device
     groups, index, first = [], [], 0
     for start, (rows, cols), share in zip(offsets(tokens.grids), tokens.grids,
                                           shares(k, [r * c for r, c in tokens.grids])):
         if share == 0:
-            groups.append(torch.full((rows * cols,), -1, dtype=torch.long))
+            groups.append(torch.full((rows * cols,), -1, dtype=torch.long, device=device))
             continue
-        cell_of, centres = cells(rows, cols, share)
+        cell_of, centres = cells(rows, cols, share, device)
         groups.append(cell_of + first)
         index.append(centres + start)
         first += share
-    device = tokens.values.device
-    return tokens.merge(torch.cat(index).to(device), torch.cat(groups).to(device))
+    return tokens.merge(torch.cat(index), torch.cat(groups))
 
 
-pool = Method("pool", _keep)
+pool = Method("pool", per_image(_keep))

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from vllm_tokenprune.selection.methods import ATTENTION, KEYS, LATE, Method, Probe, Rows, Tokens
+from vllm_tokenprune.selection.methods import ATTENTION, KEYS, LATE, Method, Probe, Rows, Tokens, per_image
 from vllm_tokenprune.selection.methods.topk import topk_sorted
 
 SCORE = Probe(ATTENTION, LATE)
@@ -39,24 +39,29 @@ def _keep(tokens: Tokens, k: int) -> Rows:
     dominant = topk_sorted(tokens.stats[SCORE], dominant_count)
     if contextual_count == 0:
         return tokens.take(dominant)
-    rest = torch.ones(len(tokens), dtype=torch.bool, device=dominant.device)
-    rest[dominant] = False
-    rest = rest.nonzero().squeeze(1)
-    # Targets every len(rest) // c tokens from the first (len(rest) >= c since K < N).
-    is_target = torch.zeros(len(rest), dtype=torch.bool, device=rest.device)
-    is_target[torch.arange(contextual_count, device=rest.device) * (len(rest) // contextual_count)] = True
-    targets, merged = rest[is_target], rest[~is_target]
+    n, device = len(tokens), dominant.device
+    # The N - dominant others in stock order, targets every len(rest) // c of them from the
+    # first (len(rest) >= c since K < N): by stable sorts of masks, so no size is data's.
+    rest = _unmarked(dominant, n)
+    targets_at = torch.arange(contextual_count, device=device) * ((n - dominant_count) // contextual_count)
+    targets, merged = rest[targets_at], rest[_unmarked(targets_at, len(rest))]
     keys = torch.nn.functional.normalize(tokens.stats[SIMILARITY].float(), dim=-1)
     nearest = (keys[merged] @ keys[targets].T).argmax(dim=1)
 
     index, order = torch.cat([dominant, targets]).sort()
     row_of = torch.empty_like(order)
-    row_of[order] = torch.arange(k, device=order.device)  # row of dominant[i] / targets[j]
-    groups = torch.full((len(tokens),), -1, dtype=torch.long, device=index.device)
+    row_of[order] = torch.arange(k, device=device)  # row of dominant[i] / targets[j]
+    groups = torch.full((n,), -1, dtype=torch.long, device=device)
     groups[dominant] = row_of[:dominant_count]
     groups[targets] = row_of[dominant_count:]
     groups[merged] = row_of[dominant_count + nearest]
     return tokens.merge(index, groups)
 
 
-visionzip = Method("visionzip", _keep, needs=frozenset({SCORE, SIMILARITY}))
+def _unmarked(marked: torch.Tensor, n: int) -> torch.Tensor:
+    """The n - len(marked) indices below n not in ``marked`` (distinct), ascending."""
+    flags = torch.zeros(n, dtype=torch.uint8, device=marked.device).index_fill_(0, marked, 1)
+    return flags.sort(stable=True).indices[:n - len(marked)]
+
+
+visionzip = Method("visionzip", per_image(_keep), needs=frozenset({SCORE, SIMILARITY}))

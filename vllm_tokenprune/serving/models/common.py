@@ -386,7 +386,8 @@ class PruningModelMixin:
     """Mix into a vLLM multimodal model class (before it in the MRO).
 
     ``_init_pruning`` loads the selector named in the config (validated against the
-    served model); ``_keep_rows`` applies an image's method to its candidate tokens.
+    served model); ``_candidates`` makes an image's selection job and ``_select`` runs all
+    the jobs of a tower call together.
     """
 
     token_selector: nn.Module | None
@@ -440,19 +441,24 @@ class PruningModelMixin:
                  for m, k, n in zip(fields[METHOD_FIELD], fields[KEEP_FIELD], counts) if k < n}
         return set().union(*(methods.get(name).needs for name in names))
 
-    def _keep_rows(self, fields: dict[str, list[int]], i: int, features: torch.Tensor, *,
-                   grids: tuple[tuple[int, int], ...], k: int | None = None,
-                   **tokens: object) -> methods.Rows:
-        """Image i's candidate tokens (N, D) -> the K rows its method keeps, ascending stock
-        positions; ``tokens`` fills the rest of ``methods.Tokens`` (values, embed, stats)."""
+    def _candidates(self, fields: dict[str, list[int]], i: int, features: torch.Tensor, *,
+                    grids: tuple[tuple[int, int], ...], k: int | None = None,
+                    **tokens: object) -> tuple[str, methods.Tokens, int]:
+        """Image i's candidate tokens (N, D) as a selection job: (method, ``methods.Tokens``,
+        K); ``tokens`` fills the rest of ``methods.Tokens`` (values, embed, stats)."""
         name = methods.method_name(fields[METHOD_FIELD][i])
         k = fields[KEEP_FIELD][i] if k is None else k
         if methods.get(name).reads_query and k < len(features):  # at K = N no method runs
             tokens["query"] = self.get_language_model().embed_input_ids(fields[QUERY_FIELD][i].to(features.device))
-        candidates = methods.Tokens(features, grids, seed=fields[SEED_FIELD][i], selector=self.token_selector,
-                                    query_selector=self.query_selector, **tokens)
+        return name, methods.Tokens(features, grids, seed=fields[SEED_FIELD][i], selector=self.token_selector,
+                                    query_selector=self.query_selector, **tokens), k
+
+    @staticmethod
+    def _select(jobs: Sequence[tuple[str, methods.Tokens, int]]) -> list[methods.Rows]:
+        """The rows each job keeps, ascending stock positions: all the jobs of a tower call
+        at once, each method once (``methods.select_all``)."""
         with torch.inference_mode():
-            return methods.select(name, candidates, k)
+            return methods.select_all(jobs)
 
     def _selector_weight_names(self) -> Iterable[str]:
         """Names vLLM's loader must see as loaded (the selector loaded itself)."""

@@ -83,18 +83,20 @@ class PrunedGemma3ForConditionalGeneration(LlavaTowerMixin, NoEncoderCudaGraphsM
         features, stats = self._tower_features(pixel_values, probes)
         stock = self.multi_modal_projector(features)  # every crop, as stock
         pooled = self._pooled(features)
-        out = []
+        jobs, image_of = [], []
         for i, (first, crops) in enumerate(zip(itertools.accumulate([0, *crops_per_image]), crops_per_image)):
-            rows = []
             for crop, k in zip(range(first, first + crops), split_keep(fields[KEEP_FIELD][i], [per_crop] * crops)):
                 if k == 0:  # a crop whose share rounds to nothing keeps only its markers
                     continue
                 crop_stats = {p: self._pooled(v.reshape(1, len(v), -1).float())[0].reshape(-1, *v.shape[1:])
                               for p, v in stats[crop].items()}
-                rows.append(self._keep_rows(fields, i, pooled[crop], k=k, grids=((side, side),), stats=crop_stats,
-                                            values=stock[crop], embed=self._embed).values)
-            out.append(torch.cat(rows))
-        return out
+                jobs.append(self._candidates(fields, i, pooled[crop], k=k, grids=((side, side),), stats=crop_stats,
+                                             values=stock[crop], embed=self._embed))
+                image_of.append(i)
+        rows: list[list[torch.Tensor]] = [[] for _ in crops_per_image]
+        for i, kept in zip(image_of, self._select(jobs)):
+            rows[i].append(kept.values)
+        return [torch.cat(r) for r in rows]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return super().load_weights(weights) | set(self._selector_weight_names())

@@ -29,7 +29,7 @@ The language model places tokens by 1-D positions, as Gemma 3's does.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from contextvars import ContextVar
 
 import torch
@@ -117,10 +117,11 @@ def _tapped_attention(config, taps: dict[torch.nn.Module, _AttentionTap]):
         _TAPS.reset(token)
 
 
-def soft_token_grid(position_ids: torch.Tensor, kernel: int) -> tuple[int, int]:
-    """(rows, columns) of an image's soft tokens, from its patches' (x, y) positions (-1: padding)."""
-    x, y = position_ids.reshape(-1, 2).max(dim=0).values.tolist()
-    return (y + 1) // kernel, (x + 1) // kernel
+def soft_token_grids(position_ids: Sequence[torch.Tensor], kernel: int) -> list[tuple[int, int]]:
+    """(rows, columns) of each image's soft tokens, from its patches' (x, y) positions (-1:
+    padding): one read of the device for all the images."""
+    corners = torch.stack([p.reshape(-1, 2).max(dim=0).values for p in position_ids]).tolist()
+    return [((y + 1) // kernel, (x + 1) // kernel) for x, y in corners]
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -164,11 +165,12 @@ class PrunedGemma4ForConditionalGeneration(NoEncoderCudaGraphsMixin, PruningMode
             probe = TowerProbe(ops, probes, has_cls=False, total_heads=self.config.vision_config.num_attention_heads)
             with probe, _tapped_attention(layers[-1].self_attn.config, taps):
                 (embeds,), (tokens,) = self._stock_images(alone)
-            rows, cols = soft_token_grid(positions[real], kernel)
+            ((rows, cols),) = soft_token_grids([positions[real]], kernel)
             # each patch's statistic to its soft token: block (y // k, x // k), row-major
             block = (positions[real, 1] // kernel) * cols + positions[real, 0] // kernel
-            stats.append({p: torch.zeros(rows * cols, *v.shape[1:], device=v.device).index_add_(0, block, v.float())
-                          / kernel**2 for p, v in probe.results()[0].items()})
+            # (summed in a fixed order: index_add_'s atomics differ from run to run on CUDA)
+            stats.append({p: torch.zeros(rows * cols, *v.shape[1:], device=v.device).index_put_(
+                (block,), v.float(), accumulate=True) / kernel**2 for p, v in probe.results()[0].items()})
             stock.append(embeds)
             soft_tokens.append(tokens)
         return stock, soft_tokens, stats
@@ -180,7 +182,7 @@ class PrunedGemma4ForConditionalGeneration(NoEncoderCudaGraphsMixin, PruningMode
         (The processor caps an image's blocks at its budget, so its grid holds exactly its
         soft tokens.)"""
         kernel = self.config.vision_config.pooling_kernel_size
-        grids = [soft_token_grid(p, kernel) for p in image_input["pixel_position_ids"]]
+        grids = soft_token_grids(image_input["pixel_position_ids"], kernel)
         counts = [rows * cols for rows, cols in grids]
         probed = [i for i, n in enumerate(counts)
                   if methods.get(methods.method_name(fields[METHOD_FIELD][i])).needs and fields[KEEP_FIELD][i] < n]
@@ -194,15 +196,9 @@ class PrunedGemma4ForConditionalGeneration(NoEncoderCudaGraphsMixin, PruningMode
             found.update(zip(rest, zip(*self._stock_images(images(rest)), [{}] * len(rest))))
         if probed:
             found.update(zip(probed, zip(*self._probed_images(images(probed), self._requested_probes(fields, counts)))))
-        out = []
-        for i, grid in enumerate(grids):
-            embeds, tokens, stats = found[i]
-            if fields[KEEP_FIELD][i] >= len(embeds):
-                out.append(embeds)
-                continue
-            out.append(self._keep_rows(fields, i, tokens, grids=(grid,), values=embeds, embed=self._embed,
-                                       stats=stats).values)
-        return out
+        return [rows.values for rows in self._select([
+            self._candidates(fields, i, found[i][1], grids=(grid,), values=found[i][0], embed=self._embed,
+                             stats=found[i][2]) for i, grid in enumerate(grids)])]
 
     def embed_multimodal(self, **kwargs: object):
         fields = self._pop_prune_fields(kwargs)

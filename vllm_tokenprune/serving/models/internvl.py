@@ -32,7 +32,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from vllm_tokenprune.selection import methods
 from vllm_tokenprune.selection.methods.attention import TowerProbe
-from vllm_tokenprune.serving.models.common import KEEP_FIELD, HFProcessorTokensMixin, PruningModelMixin
+from vllm_tokenprune.serving.models.common import HFProcessorTokensMixin, PruningModelMixin
 from vllm_tokenprune.serving.models.llava import OBJECT_LAYER_SHARE
 
 
@@ -86,18 +86,14 @@ class PrunedInternVLForConditionalGeneration(PruningModelMixin, InternS1ForCondi
         probes = self._requested_probes(fields, [t * per_tile for t in tiles_per_image])
         features, stats = self._tower_features(image_input["pixel_values"], probes)
         stock = self.multi_modal_projector(features)  # every tile, as stock
-        out = []
+        jobs = []
         for i, (first, tiles) in enumerate(zip(itertools.accumulate([0, *tiles_per_image]), tiles_per_image)):
             image = slice(first, first + tiles)
-            if fields[KEEP_FIELD][i] >= tiles * per_tile:
-                out.append(stock[image].flatten(0, 1))
-                continue
-            kept = self._keep_rows(
+            jobs.append(self._candidates(
                 fields, i, features[image].flatten(0, 1), grids=((side, side),) * tiles,
                 stats={p: torch.cat([tile[p] for tile in stats[image]]) for p in probes},
-                values=stock[image].flatten(0, 1), embed=self.multi_modal_projector)
-            out.append(kept.values)
-        return out
+                values=stock[image].flatten(0, 1), embed=self.multi_modal_projector))
+        return [rows.values for rows in self._select(jobs)]
 
     def embed_multimodal(self, **kwargs: object):
         fields = self._pop_prune_fields(kwargs)

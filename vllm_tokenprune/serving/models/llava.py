@@ -115,9 +115,9 @@ class PrunedLlavaForConditionalGeneration(LlavaTowerMixin, PruningModelMixin,
         tokens, grids = self._crop_tokens()
         probes = self._requested_probes(fields, [tokens] * len(pixel_values))
         features, stats = self._tower_features(pixel_values, probes)  # (B, N, D)
-        kept = [self._keep_rows(fields, i, feats, grids=grids, stats=stats[i],
-                                embed=self.multi_modal_projector).values
-                for i, feats in enumerate(features)]
+        kept = [rows.values for rows in self._select([
+            self._candidates(fields, i, feats, grids=grids, stats=stats[i], embed=self.multi_modal_projector)
+            for i, feats in enumerate(features)])]
         embeds = self.multi_modal_projector(torch.cat(kept))
         return torch.split(embeds, [len(k) for k in kept])
 

@@ -34,6 +34,7 @@ from vllm.model_executor.models.llava_next import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from vllm_tokenprune.selection.methods.batch import to_device
 from vllm_tokenprune.serving.models.common import PruningModelMixin
 from vllm_tokenprune.serving.models.llava import LlavaPruningProcessorMixin, LlavaTowerMixin
 
@@ -77,26 +78,32 @@ class PrunedLlavaNextForConditionalGeneration(
         probes = self._requested_probes(fields, [len(order) for order in orders])
         features, stats = self._tower_features(torch.cat(list(pixel_values)), probes)
         # One projector call for the batch, as stock: whole images at K = N, kept rows else.
-        rows, placements = [], []
+        device = features.device
+        rows, placements, jobs = [], [], []
         for i, (feats, order) in enumerate(zip(features.split(crops_per_image), orders)):
             k = fields["tokenprune_keep"][i]
+            rows.append(feats.flatten(0, 1))
             if k >= len(order):
-                rows.append(feats.flatten(0, 1))
                 placements.append(None)
                 continue
-            order = order.to(feats.device)
-            real_rows = (order >= 0).nonzero().squeeze(1)
-            newline_rows = (order < 0).nonzero().squeeze(1)
-            token = order[real_rows]  # each real row's index into the flattened crop tokens
+            # Which rows are newlines follows from the image's size: found on the host.
+            stock_rows = order.tolist()
+            real_rows, newline_rows = (to_device([j for j, t in enumerate(stock_rows) if (t < 0) == newline], device)
+                                       for newline in (False, True))
+            token = to_device([t for t in stock_rows if t >= 0], device)  # each real row's index into the crop tokens
             extra = len(real_rows) - per_crop  # the unpadded anyres grid, a newline per row
             grids = (base_grid,) + (((len(newline_rows), extra // len(newline_rows)),) if extra else ())
             crop_stats = stats[first_crop[i]:first_crop[i] + crops_per_image[i]]
-            kept = self._keep_rows(
-                fields, i, feats.flatten(0, 1)[token], k=min(k, len(real_rows)), grids=grids,
+            jobs.append(self._candidates(
+                fields, i, rows[i][token], k=min(k, len(real_rows)), grids=grids,
                 stats={p: torch.cat([crop[p] for crop in crop_stats])[token] for p in probes},
-                embed=self.multi_modal_projector)
-            rows.append(kept.values)
-            placements.append((real_rows[kept.index], newline_rows[: k - len(kept.index)]))
+                embed=self.multi_modal_projector))
+            placements.append((real_rows, newline_rows, k))
+        pruned = [i for i, placement in enumerate(placements) if placement is not None]
+        for i, kept in zip(pruned, self._select(jobs)):
+            real_rows, newline_rows, k = placements[i]
+            rows[i] = kept.values
+            placements[i] = (real_rows[kept.index], newline_rows[: k - len(kept.index)])
         embeds = self.multi_modal_projector(torch.cat(rows)).split([len(r) for r in rows])
         out = []
         for size, crops, image_embeds, placement in zip(

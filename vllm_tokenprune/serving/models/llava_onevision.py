@@ -37,6 +37,7 @@ from vllm.model_executor.models.llava_onevision import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from vllm_tokenprune.selection.methods.batch import to_device
 from vllm_tokenprune.serving.models.common import KEEP_FIELD, PruningModelMixin
 from vllm_tokenprune.serving.models.llava import LlavaPruningProcessorMixin, LlavaTowerMixin
 
@@ -90,34 +91,39 @@ class PrunedLlavaOnevisionForConditionalGeneration(
         probes = sorted(self._requested_probes(fields, [len(rows) for rows in newlines]))
         features, stats = self._tower_features(torch.cat(list(pixel_values)), set(probes))
         projected = self.multi_modal_projector(features)  # every crop, as stock
-        out = []
+        device = features.device
+        out, jobs, placements = [], [], []
         for i, (size, is_newline) in enumerate(zip(sizes, newlines)):
             crops = slice(first_crop[i], first_crop[i + 1])
             stock = self._merge_image_patch_embeddings(
                 size, projected[crops], image_newline=self.image_newline, strategy="spatial_unpad")
+            out.append(stock)
             k = fields[KEEP_FIELD][i]
             if k >= len(stock):
-                out.append(stock)
                 continue
             # Features and statistics side by side as channels, through the stock merge.
             parts = [features[crops].float()] + [
                 torch.stack([crop[p] for crop in stats[crops]]).float().reshape(crops_per_image[i], per_crop, -1)
                 for p in probes]
             widths = [part.shape[-1] for part in parts]
-            merged = self._merged(size, torch.cat(parts, dim=-1), nan.expand(sum(widths)).to(features.device))
-            is_newline = is_newline.to(features.device)
-            real_rows, newline_rows = (~is_newline).nonzero().squeeze(1), is_newline.nonzero().squeeze(1)
+            merged = self._merged(size, torch.cat(parts, dim=-1), torch.full((sum(widths),), math.nan, device=device))
+            # Which rows are newlines follows from the image's size: found on the host.
+            flags = is_newline.tolist()
+            real_rows, newline_rows = (to_device([j for j, f in enumerate(flags) if f == newline], device)
+                                       for newline in (False, True))
             row_features, *row_stats = merged[real_rows].split(widths, dim=-1)
             extra = len(real_rows) - per_crop  # the grid's rows, each ended by a newline
             grids = (base_grid,) + (((len(newline_rows), extra // len(newline_rows)),) if extra else ())
-            kept = self._keep_rows(
+            jobs.append(self._candidates(
                 fields, i, row_features.to(features.dtype), k=min(k, len(real_rows)), grids=grids,
                 stats={p: s.squeeze(-1) if stats[crops.start][p].dim() == 1 else s
                        for p, s in zip(probes, row_stats)},
-                values=stock[real_rows], embed=self.multi_modal_projector)
+                values=stock[real_rows], embed=self.multi_modal_projector))
+            placements.append((i, k, real_rows, newline_rows))
+        for (i, k, real_rows, newline_rows), kept in zip(placements, self._select(jobs)):
             filler = newline_rows[: k - len(kept.index)]
-            rows = torch.cat([kept.values, stock[filler]])
-            out.append(rows[torch.cat([real_rows[kept.index], filler]).argsort()])
+            rows = torch.cat([kept.values, out[i][filler]])
+            out[i] = rows[torch.cat([real_rows[kept.index], filler]).argsort()]
         return out
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -54,10 +54,10 @@ import torch
 from vllm.config import CompilationMode
 from vllm.logger import init_logger
 from vllm.multimodal.parse import ImageSize
-from vllm.multimodal.video_prune.evs import compute_mrope_for_media
 
 from vllm_tokenprune.selection import methods
 from vllm_tokenprune.selection.methods.attention import TowerProbe
+from vllm_tokenprune.selection.methods.batch import to_device
 from vllm_tokenprune.serving.models.common import (
     NoEncoderCudaGraphsMixin,
     PruningModelMixin,
@@ -87,6 +87,13 @@ class MRopePruningProcessorMixin(PruningProcessorMixin):
         if getattr(self.info.get_hf_config(), TOWER_COMPILED_KEY, False):
             return "this server compiles (compile_mm_encoder), so no hook can read it"
         return None
+
+
+def _relative_positions(index: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(K, 3) the (t, h, w) of merged tokens ``index`` of an image's (rows, cols) merged grid,
+    relative to its first token, on the index's device (an image has one temporal slice)."""
+    rows, cols = grid
+    return torch.stack([index // (rows * cols), index // cols % rows, index % cols], dim=1)
 
 
 def check_tower_compilation(compilation_config, hf_config) -> None:
@@ -183,7 +190,7 @@ class MRopePruningModelMixin(NoEncoderCudaGraphsMixin, PruningModelMixin):
             order = self._tower_order(grid)
             merged = {p: v.reshape(len(v) // unit, unit, *v.shape[1:]).mean(dim=1) for p, v in image.items()}
             stats.append(merged if order is None else
-                         {p: v[order.argsort().to(v.device)] for p, v in merged.items()})
+                         {p: v[to_device(order.argsort(), v.device)] for p, v in merged.items()})
         return embeds, stats
 
     # -- embeddings -------------------------------------------------------------------
@@ -197,16 +204,18 @@ class MRopePruningModelMixin(NoEncoderCudaGraphsMixin, PruningModelMixin):
                 out += [self._with_positions(e, None) for e in self._process_video_input(mm_input)]
                 continue
             prune = fields is not None and mm_input["type"] == "pixel_values"
-            grids = mm_input["image_grid_thw"].tolist()
-            probes = self._requested_probes(fields, [t * h * w // merge**2 for t, h, w in grids]) if prune else set()
-            image_embeds, stats = self._visual_features(mm_input, grids, probes)
-            for i, (embeds, (t, h, w)) in enumerate(zip(image_embeds, grids)):
-                relative = compute_mrope_for_media([t, h, w], merge)[:, :POSITION_COLUMNS]
-                if prune:
-                    kept = self._keep_rows(fields, i, self._selection_features(embeds), values=embeds,
-                                           grids=((t * h // merge, w // merge),), stats=stats[i])
-                    embeds, relative = kept.values, relative[kept.index.cpu()]
-                out.append(self._with_positions(embeds, relative))
+            thw = mm_input["image_grid_thw"].tolist()  # kept on the CPU by vLLM
+            grids = [(t * h // merge, w // merge) for t, h, w in thw]  # merged tokens
+            probes = self._requested_probes(fields, [h * w for h, w in grids]) if prune else set()
+            image_embeds, stats = self._visual_features(mm_input, thw, probes)
+            if prune:
+                kept = self._select([self._candidates(fields, i, self._selection_features(embeds), values=embeds,
+                                                      grids=(grid,), stats=stats[i])
+                                     for i, (embeds, grid) in enumerate(zip(image_embeds, grids))])
+            else:
+                kept = [methods.Rows(torch.arange(len(e), device=e.device), e) for e in image_embeds]
+            out += [self._with_positions(rows.values, _relative_positions(rows.index, grid))
+                    for rows, grid in zip(kept, grids)]
         return tuple(out)
 
     def _with_positions(self, embeds: torch.Tensor, relative: torch.Tensor | None
@@ -216,8 +225,8 @@ class MRopePruningModelMixin(NoEncoderCudaGraphsMixin, PruningModelMixin):
         if not self.is_multimodal_pruning_enabled:
             return embeds
         if relative is None:
-            relative = torch.zeros(len(embeds), POSITION_COLUMNS)
-        return torch.cat([embeds, relative.to(embeds)], dim=1)
+            relative = embeds.new_zeros(len(embeds), POSITION_COLUMNS)
+        return torch.cat([embeds, relative.to(embeds.dtype)], dim=1)
 
     # -- positions --------------------------------------------------------------------
 

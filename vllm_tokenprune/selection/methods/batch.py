@@ -1,0 +1,48 @@
+"""Images of one tower call as one padded batch, without asking the device what it holds.
+
+Images differ in N: a batch pads each per-token tensor to the longest, with a mask of the
+real tokens. Every size here comes from the host (each image's N and K), so nothing waits
+for the device; the few host integers a batch needs on the device (K, seeds) travel as one
+pinned, non-blocking copy, as vLLM moves its own inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+
+def to_device(values: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host integers (a list, or a CPU tensor) as an int64 tensor on ``device``, copied
+    without a sync (pinned, non-blocking)."""
+    host = torch.as_tensor(values, dtype=torch.int64)
+    if device.type == "cuda" and host.device.type == "cpu":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+def padded(tensors: Sequence[torch.Tensor], fill: float = 0.0) -> torch.Tensor:
+    """(B, W, ...) from tensors (N_b, ...), W the largest N_b, ``fill`` after each."""
+    return pad_sequence(list(tensors), batch_first=True, padding_value=fill)
+
+
+def valid(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
+    """(B, W) True at the real tokens of rows of the given lengths."""
+    return torch.arange(max(lengths), device=device)[None, :] < to_device(lengths, device)[:, None]
+
+
+def top_k_rows(scores: torch.Tensor, ks: Sequence[int]) -> list[torch.Tensor]:
+    """Per row of ``scores`` (B, W; -inf at padding), the indices of its k highest scores in
+    ascending order. Ties go to the lower index (a stable sort), as ``topk.topk_sorted``."""
+    width = scores.shape[1]
+    best = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :max(ks)]
+    taken = torch.arange(best.shape[1], device=scores.device)[None, :] < to_device(ks, scores.device)[:, None]
+    ascending = torch.where(taken, best, width).sort(dim=1).values
+    return [ascending[b, :k] for b, k in enumerate(ks)]
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, W, ...) at one index per row (B,) -> (B, ...)."""
+    return x[torch.arange(len(x), device=x.device), index]
