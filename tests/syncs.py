@@ -21,29 +21,32 @@ class HostSyncs(TorchDispatchMode):
     ``int()``, ``bool()``), data-dependent sizes (``nonzero``, boolean-mask indexing, ``unique``,
     ``bincount``), and copies from the device to the host (none can show on the CPU)."""
 
-    def __init__(self, skip: tuple[torch.nn.Module, ...] = ()):
-        """``skip``: modules whose own ops are not counted (a stock vision tower, whose host
-        work the CPU cannot tell from device work)."""
+    def __init__(self, skip: tuple[tuple[object, str], ...] = ()):
+        """``skip``: (object, method name) pairs whose ops are not counted: stock vLLM code
+        (a vision tower, input parsing), whose host work the CPU cannot tell from device work."""
         super().__init__()
         self.seen: Counter[str] = Counter()
         self._inside = 0
         self._skip = skip
-        self._hooks: list = []
 
     def __enter__(self):
-        def enter(*_):
-            self._inside += 1
+        # On the instance (vLLM's compiled-module wrapper calls forward past module hooks).
+        def skipping(method):
+            def run(*args, **kwargs):
+                self._inside += 1
+                try:
+                    return method(*args, **kwargs)
+                finally:
+                    self._inside -= 1
+            return run
 
-        def leave(*_):
-            self._inside -= 1
-
-        for module in self._skip:
-            self._hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+        for owner, name in self._skip:
+            setattr(owner, name, skipping(getattr(owner, name)))
         return super().__enter__()
 
     def __exit__(self, *exc):
-        for hook in self._hooks:
-            hook.remove()
+        for owner, name in self._skip:
+            delattr(owner, name)  # the class's own again
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -78,11 +78,16 @@ def _count_host_syncs(model) -> None:
 
     embed, model.probe_syncs = model.embed_multimodal, []
 
-    # The stock tower's own host work (Qwen2.5-VL's window index) is vLLM's, not pruning's.
-    tower = tuple(m for name in ("visual", "vision_tower", "vision_model") if (m := getattr(model, name, None)))
+    # Stock code's host work is vLLM's, not pruning's: the tower, its input parsing (InternVL
+    # reads a CPU field), Qwen2.5-VL's window index (which pruning reads for statistics).
+    towers = [m for name in ("visual", "vision_tower", "vision_model") if (m := getattr(model, name, None))]
+    stock = [(m, "forward") for m in towers] + [
+        (owner, name) for owner in (model, *towers)
+        for name in ("_parse_and_validate_multimodal_inputs", "_parse_and_validate_image_input", "get_window_index_thw")
+        if hasattr(owner, name)]
 
     def counted(**kwargs):
-        with HostSyncs(skip=tower) as syncs:
+        with HostSyncs(skip=tuple(stock)) as syncs:
             out = embed(**kwargs)
         model.probe_syncs.append(dict(syncs.seen))
         return out
