@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import hashlib
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Annotated
 
@@ -349,6 +349,17 @@ class HFProcessorTokensMixin(PruningProcessorMixin):
             processor=self.info.get_hf_processor(**hf_kwargs), mm_kwargs=hf_kwargs)
 
 
+def _chunks(counts: Sequence[int], budget: int) -> list[slice]:
+    """Consecutive runs of ``counts`` adding up to at most ``budget``; a count past it alone."""
+    found, start, total = [], 0, 0
+    for i, n in enumerate(counts):
+        if i > start and total + n > budget:
+            found.append(slice(start, i))
+            start, total = i, 0
+        total += n
+    return found + [slice(start, len(counts))] if counts else found
+
+
 @functools.cache
 def _served_budget_predictor(path: str):
     """The selector checkpoint's budget predictor, or None, with its kernel compiled: once
@@ -397,6 +408,12 @@ class PruningModelMixin:
         hf_config = vllm_config.model_config.hf_config
         path = selector_path(hf_config)
         self.token_selector = self.query_selector = None
+        scheduler = vllm_config.scheduler_config
+        # The encoder budget, in tokens as an unpruned image counts them: the most vLLM
+        # schedules, and profiles its tower with, in one step at keep 1.0. The scheduler
+        # charges a pruned image only K, so a step may hold N / K times as many tower tokens;
+        # the tower runs them in chunks of this size (``_in_tower_chunks``).
+        self.tower_budget = min(scheduler.max_num_encoder_input_tokens, scheduler.encoder_cache_size)
         if path is None:
             check_budget_predictor(None, hf_config)
             return
@@ -417,6 +434,34 @@ class PruningModelMixin:
             check_question_width(found[0], hf_config)
             self.query_selector = found[0].to(device=device).eval()
             logger.info("tokenprune: the selector's question-reading section serves 'learned_query'")
+
+    def _in_tower_chunks(self, embed: Callable[[object, dict], list[torch.Tensor]], image_input,
+                         fields: dict[str, list], counts: Sequence[int],
+                         rows: Mapping[str, Sequence[int]] | None = None) -> list[torch.Tensor]:
+        """``embed(image_input, fields)`` over consecutive images whose ``counts`` (tokens as
+        unpruned, ``tower_budget``'s unit) add up to at most the tower budget, an image past it
+        alone: the tower never takes more at once than vLLM profiled, whatever K the scheduler
+        charged. ``rows`` names the inputs packed flat, with each image's rows in them (Qwen's
+        patches, Gemma 3's crops); every other tensor or list of one entry per image is cut
+        likewise."""
+        # A TypedDict, or a vLLM TensorSchema (its inputs as attributes)
+        schema = not isinstance(image_input, Mapping)
+        named = ({k: v for k, v in vars(image_input).items() if not k.startswith("_")} if schema
+                 else image_input)
+        out: list[torch.Tensor] = []
+        for images in _chunks(counts, self.tower_budget):
+            part = {}
+            for name, value in named.items():
+                if rows is not None and name in rows:
+                    first = sum(rows[name][:images.start])
+                    part[name] = value[first:first + sum(rows[name][images])]
+                elif isinstance(value, (torch.Tensor, list, tuple)) and len(value) == len(counts):
+                    part[name] = value[images]
+                else:
+                    part[name] = value
+            out += embed(type(image_input)(validate=False, **part) if schema else part,
+                         {name: value[images] for name, value in fields.items()})
+        return out
 
     @staticmethod
     def _pop_prune_fields(kwargs: dict) -> dict[str, list] | None:

@@ -72,6 +72,10 @@ class PrunedGemma3ForConditionalGeneration(LlavaTowerMixin, NoEncoderCudaGraphsM
         projector = self.multi_modal_projector
         return (projector.mm_soft_emb_norm(pooled) @ projector.mm_input_projection_weight).type_as(pooled)
 
+    def _tower_counts(self, image_input) -> tuple[list[int], dict[str, list[int]]]:
+        crops = image_input["num_patches"].tolist()  # kept on the CPU by vLLM
+        return [c * self.config.mm_tokens_per_image for c in crops], {"pixel_values": crops}
+
     def _pruned_embeddings(self, image_input, fields: dict[str, list[int]]) -> list[torch.Tensor]:
         """The K embeddings of each image: each crop's share of K (module docstring), chosen
         by the image's method among the crop's pooled tokens, in stock order."""

@@ -200,6 +200,10 @@ class PrunedGemma4ForConditionalGeneration(NoEncoderCudaGraphsMixin, PruningMode
             self._candidates(fields, i, found[i][1], grids=(grid,), values=found[i][0], embed=self._embed,
                              stats=found[i][2]) for i, grid in enumerate(grids)])]
 
+    def _tower_counts(self, image_input) -> list[int]:
+        """Each image's soft tokens at most: its patches (padding included) over the pooling."""
+        return [len(p) // self.config.vision_config.pooling_kernel_size**2 for p in image_input["pixel_values"]]
+
     def embed_multimodal(self, **kwargs: object):
         fields = self._pop_prune_fields(kwargs)
         inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
@@ -209,7 +213,8 @@ class PrunedGemma4ForConditionalGeneration(NoEncoderCudaGraphsMixin, PruningMode
         out: list[torch.Tensor] = []
         for modality, mm_input in inputs.items():  # the order vLLM passed them in
             if mm_input is not None:
-                out += (self._pruned_embeddings(mm_input, fields) if modality == "image" else stock[modality](mm_input))
+                out += (self._in_tower_chunks(self._pruned_embeddings, mm_input, fields, self._tower_counts(mm_input))
+                        if modality == "image" else stock[modality](mm_input))
         return out
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -100,7 +100,9 @@ class PrunedInternVLForConditionalGeneration(PruningModelMixin, InternS1ForCondi
         out: list[torch.Tensor] = []
         for modality, mm_input in self._parse_and_validate_multimodal_inputs(**kwargs).items():
             if modality == "images" and fields is not None and mm_input["type"] == "pixel_values":
-                out += self._pruned_embeddings(mm_input, fields)
+                tiles = mm_input["num_patches"].tolist()  # kept on the CPU by vLLM
+                out += self._in_tower_chunks(self._pruned_embeddings, mm_input, fields,
+                                             [t * self.num_image_token for t in tiles], {"pixel_values": tiles})
             else:  # videos and precomputed embeddings: never pruned
                 out += self._process_vision_input(mm_input)
         return tuple(out)

@@ -94,7 +94,15 @@ class LlavaTowerMixin:
             return []
         if fields is None or image_input["type"] != "pixel_values":
             return self._process_image_input(image_input)  # precomputed embeddings: never pruned
-        return self._pruned_embeddings(image_input, fields)
+        return self._in_tower_chunks(self._pruned_embeddings, image_input, fields, *self._tower_counts(image_input))
+
+    def _tower_counts(self, image_input) -> tuple[list[int], dict[str, list[int]] | None]:
+        """Each image's tower tokens (its crops' tokens), and the inputs packed flat with each
+        image's rows in them (``PruningModelMixin._in_tower_chunks``): none, as pixel_values
+        holds one crop (LLaVA-1.5) or one stack of crops (the anyres families) per image."""
+        pixels = image_input["pixel_values"]
+        crops = [1] * len(pixels) if isinstance(pixels, torch.Tensor) and pixels.dim() == 4 else [len(p) for p in pixels]
+        return [c * self._crop_tokens()[0] for c in crops], None
 
 
 @MULTIMODAL_REGISTRY.register_processor(

@@ -67,7 +67,7 @@ class PrunedLlavaOnevisionForConditionalGeneration(
             elif fields is None or mm_input["type"] != "pixel_values":
                 out += self._process_image_input(mm_input)  # precomputed embeddings: never pruned
             else:
-                out += self._pruned_embeddings(mm_input, fields)
+                out += self._in_tower_chunks(self._pruned_embeddings, mm_input, fields, *self._tower_counts(mm_input))
         return tuple(out)
 
     def _merged(self, image_size: torch.Tensor, crops: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:

@@ -203,20 +203,29 @@ class MRopePruningModelMixin(NoEncoderCudaGraphsMixin, PruningModelMixin):
             if modality.startswith("video"):  # "video"; Qwen2-VL says "videos"
                 out += [self._with_positions(e, None) for e in self._process_video_input(mm_input)]
                 continue
-            prune = fields is not None and mm_input["type"] == "pixel_values"
             thw = mm_input["image_grid_thw"].tolist()  # kept on the CPU by vLLM
-            grids = [(t * h // merge, w // merge) for t, h, w in thw]  # merged tokens
-            probes = self._requested_probes(fields, [h * w for h, w in grids]) if prune else set()
-            image_embeds, stats = self._visual_features(mm_input, thw, probes)
-            if prune:
-                kept = self._select([self._candidates(fields, i, self._selection_features(embeds), values=embeds,
-                                                      grids=(grid,), stats=stats[i])
-                                     for i, (embeds, grid) in enumerate(zip(image_embeds, grids))])
+            if fields is not None and mm_input["type"] == "pixel_values":
+                out += self._in_tower_chunks(self._pruned_images, mm_input, fields,
+                                             [t * h * w // merge**2 for t, h, w in thw],
+                                             {"pixel_values": [t * h * w for t, h, w in thw]})
             else:
-                kept = [methods.Rows(torch.arange(len(e), device=e.device), e) for e in image_embeds]
-            out += [self._with_positions(rows.values, _relative_positions(rows.index, grid))
-                    for rows, grid in zip(kept, grids)]
+                out += [self._with_positions(e, _relative_positions(torch.arange(len(e), device=e.device),
+                                                                   (t * h // merge, w // merge)))
+                        for e, (t, h, w) in zip(self._process_image_input(mm_input), thw)]
         return tuple(out)
+
+    def _pruned_images(self, mm_input, fields: dict[str, list]) -> list[torch.Tensor]:
+        """Each image's kept rows, with their relative positions appended."""
+        merge = self.config.vision_config.spatial_merge_size
+        thw = mm_input["image_grid_thw"].tolist()
+        grids = [(t * h // merge, w // merge) for t, h, w in thw]  # merged tokens
+        image_embeds, stats = self._visual_features(mm_input, thw, self._requested_probes(
+            fields, [h * w for h, w in grids]))
+        kept = self._select([self._candidates(fields, i, self._selection_features(embeds), values=embeds,
+                                              grids=(grid,), stats=stats[i])
+                             for i, (embeds, grid) in enumerate(zip(image_embeds, grids))])
+        return [self._with_positions(rows.values, _relative_positions(rows.index, grid))
+                for rows, grid in zip(kept, grids)]
 
     def _with_positions(self, embeds: torch.Tensor, relative: torch.Tensor | None
                         ) -> torch.Tensor:

@@ -1,0 +1,78 @@
+"""The tower never takes more at once than vLLM's encoder budget, whatever K the scheduler
+charged: at a low keep ratio the scheduler fits N / K times as many images into a step, and
+the model runs them through the tower in chunks."""
+
+from __future__ import annotations
+
+import pytest
+from reference import chat, noise_image
+
+from vllm_tokenprune.serving.families import by_name
+from vllm_tokenprune.serving.models.common import _chunks
+from vllm_tokenprune.testbed import tiny
+
+
+def test_chunks_are_consecutive_within_the_budget_and_an_image_past_it_runs_alone():
+    assert _chunks([4, 4, 4, 4, 4], 10) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert _chunks([12, 3, 3, 12], 10) == [slice(0, 1), slice(1, 3), slice(3, 4)]
+    assert _chunks([5, 5], 10) == [slice(0, 2)]
+    assert _chunks([], 10) == []
+
+
+# --- in the worker (sent by `LLM.apply_model`) -------------------------------------------
+
+def _record_tower_calls(model) -> None:
+    """Record the rows (LLaVA: crops; Qwen: patches) of every tower call, and the images of
+    every encoder call."""
+    tower = model.visual if hasattr(model, "visual") else model.vision_tower
+    forward, embed = tower.forward, model.embed_multimodal
+    model.probe_tower, model.probe_encoder = [], []
+
+    def counted_forward(pixels, *args, **kwargs):
+        model.probe_tower.append(len(pixels))
+        return forward(pixels, *args, **kwargs)
+
+    def counted_embed(**kwargs):
+        out = embed(**kwargs)
+        model.probe_encoder.append(len(out))
+        return out
+
+    tower.forward, model.embed_multimodal = counted_forward, counted_embed
+
+
+def _taken_calls(model) -> tuple[list[int], list[int]]:
+    taken = model.probe_tower, model.probe_encoder
+    model.probe_tower, model.probe_encoder = [], []
+    return taken
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("arch", ["llava", "qwen2.5-vl"])
+def test_many_images_at_a_low_ratio_stay_within_the_budget_and_answer_as_alone(
+        arch, tiny_checkpoint, random_selector, monkeypatch):
+    from vllm import LLM, SamplingParams
+
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model sends functions
+    path = tiny_checkpoint(arch)
+    images = [noise_image(336, 252, seed=seed) for seed in range(24)]
+    n = tiny.count_image_tokens(path, images[0].size)
+    budget = 3 * n  # three unpruned images
+    llm = LLM(model=str(path), dtype=tiny.cpu_dtype(arch), enforce_eager=True, max_model_len=4096, seed=0,
+              max_num_batched_tokens=budget, limit_mm_per_prompt={"image": 4},
+              hf_overrides={"architectures": [by_name(arch).pruned],
+                            "tokenprune_selector": str(random_selector(arch))})
+    try:
+        llm.apply_model(_record_tower_calls)
+        greedy = SamplingParams(temperature=0, max_tokens=3, min_tokens=3)
+        requests = [chat(images[i:i + 4], lambda im: {"type": "image_pil", "image_pil": im}) for i in range(0, 24, 4)]
+        together = llm.chat(requests, greedy, use_tqdm=False, mm_processor_kwargs={"keep_ratio": 0.05})
+        ((tower, encoder),) = llm.apply_model(_taken_calls)
+        # LLaVA's tower takes crops of N tokens; Qwen's, patches of which 2 x 2 make a token
+        tokens = [rows // 4 if arch == "qwen2.5-vl" else rows * n for rows in tower]
+        assert sum(tokens) == 24 * n and max(tokens) <= budget, tokens
+        assert max(encoder) > 3, encoder  # the scheduler did fit more than the budget's images into a step
+        alone = [llm.chat(r, greedy, use_tqdm=False, mm_processor_kwargs={"keep_ratio": 0.05})[0] for r in requests]
+        assert [o.outputs[0].token_ids for o in together] == [o.outputs[0].token_ids for o in alone]
+        assert all(len(o.prompt_token_ids) == len(a.prompt_token_ids) for o, a in zip(together, alone))
+    finally:
+        llm.llm_engine.engine_core.shutdown()
