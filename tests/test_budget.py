@@ -95,10 +95,11 @@ def test_policy_floor_and_step():
 
 def test_policy_travels_in_the_model_config():
     policy = PrunePolicy(default_keep_ratio=0.5, min_keep_ratio=0.1, keep_ratio_step=0.05,
-                         allowed_mm_kwargs=("max_pixels",))
+                         allowed_mm_kwargs=("max_pixels",), max_quadratic_tokens=1024)
     overrides = policy.to_overrides()
     assert overrides == {"tokenprune_default_keep_ratio": 0.5, "tokenprune_min_keep_ratio": 0.1,
-                         "tokenprune_keep_ratio_step": 0.05, "tokenprune_allowed_mm_kwargs": ["max_pixels"]}
+                         "tokenprune_keep_ratio_step": 0.05, "tokenprune_allowed_mm_kwargs": ["max_pixels"],
+                         "tokenprune_max_quadratic_tokens": 1024}
     assert PrunePolicy().to_overrides() == {}
     assert PrunePolicy.from_config(SimpleNamespace(**overrides)) == policy
     assert PrunePolicy.from_config(SimpleNamespace()) == PrunePolicy()
@@ -108,7 +109,8 @@ def test_policy_travels_in_the_model_config():
 
 @pytest.mark.parametrize("kwargs", [{"default_keep_ratio": 0}, {"min_keep_ratio": 2},
                                     {"keep_ratio_step": -1}, {"allowed_mm_kwargs": "max_pixels"},
-                                    {"allowed_mm_kwargs": ["keep_ratio"]}])
+                                    {"allowed_mm_kwargs": ["keep_ratio"]}, {"max_quadratic_tokens": -1},
+                                    {"max_quadratic_tokens": 2.5}])
 def test_policy_rejects_bad_settings(kwargs):
     with pytest.raises(ValueError):
         PrunePolicy(**kwargs)

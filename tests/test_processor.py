@@ -119,6 +119,25 @@ def test_refusals_name_the_key(processor, kwargs, param):
     assert err.value.parameter == param
 
 
+def test_methods_that_hold_n_squared_values_are_refused_past_the_operators_bound(processor):
+    """A 400 naming the method, not an out-of-memory engine; keep 1.0 runs no method and passes."""
+    from vllm.exceptions import VLLMValidationError
+
+    arch, make = processor
+    largest = max(unpruned(make()))
+    tight = make(tokenprune_max_quadratic_tokens=largest - 1)
+    for method in ("mmtok", "cdpruner"):
+        with pytest.raises(VLLMValidationError, match=f"up to {largest - 1} tokens") as err:
+            process(tight, arch, keep_ratio=0.5, prune_method=method)
+        assert err.value.parameter == "mm_processor_kwargs.prune_method"
+        assert kept(process(tight, arch, keep_ratio=1.0, prune_method=method)) == unpruned(tight)
+    assert kept(process(tight, arch, keep_ratio=0.5, prune_method="divprune")) == [keep_count(n, 0.5)
+                                                                                 for n in unpruned(tight)]
+    for proc in (make(tokenprune_max_quadratic_tokens=largest), make(tokenprune_max_quadratic_tokens=0)):
+        assert kept(process(proc, arch, keep_ratio=0.5, prune_method="mmtok")) == [keep_count(n, 0.5)
+                                                                                  for n in unpruned(proc)]
+
+
 def test_an_allowed_hf_kwarg_reaches_the_hf_processor_and_k_follows_it(processor):
     arch, make = processor
     if arch == "llava":  # the image's pixels change, its token count does not

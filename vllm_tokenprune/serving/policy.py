@@ -188,7 +188,9 @@ class PrunePolicy:
     share one processor/encoder/prefix cache entry instead of fragmenting the caches;
     ``allowed_mm_kwargs`` names the HF processor kwargs clients may still send (none by
     default: on Qwen, ``max_pixels`` decides how many tokens and how much memory an
-    image costs). ``default_keep_ratio`` may be ``auto`` (with bounds), given as an
+    image costs). ``max_quadratic_tokens`` is the largest image, in tokens, that a method
+    holding O(N^2) values per image accepts (0: any): a request beyond it is refused, not
+    an out-of-memory engine. ``default_keep_ratio`` may be ``auto`` (with bounds), given as an
     ``AutoBudget`` or its string.
 
     The policy travels as ``tokenprune_*`` keys of ``--hf-overrides``, beside the
@@ -200,6 +202,8 @@ class PrunePolicy:
     min_keep_ratio: float = 0.0
     keep_ratio_step: float = 0.0
     allowed_mm_kwargs: tuple[str, ...] = field(default=())
+    # 4096 tokens: N x N float32 similarities of 64 MiB an image (MMTok holds about three).
+    max_quadratic_tokens: int = 4096
 
     CONFIG_PREFIX = "tokenprune_"
 
@@ -220,6 +224,9 @@ class PrunePolicy:
         if clash := set(self.allowed_mm_kwargs) & set(OUR_KEYS):
             raise ValueError(f"allowed_mm_kwargs cannot name our own keys {sorted(clash)}")
         object.__setattr__(self, "allowed_mm_kwargs", tuple(self.allowed_mm_kwargs))
+        if isinstance(self.max_quadratic_tokens, bool) or not isinstance(self.max_quadratic_tokens, int) or (
+                self.max_quadratic_tokens < 0):
+            raise ValueError(f"max_quadratic_tokens must be a whole number >= 0, got {self.max_quadratic_tokens!r}")
 
     @classmethod
     def from_config(cls, hf_config) -> PrunePolicy:

@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-ratio-step", type=float, default=policy.keep_ratio_step,
                         help="round requested ratios to multiples of this step, so near-equal "
                              "ratios share cache entries (default: no rounding)")
+    parser.add_argument("--max-quadratic-tokens", type=int, default=policy.max_quadratic_tokens, metavar="N",
+                        help="largest image, in tokens, the methods that hold N x N values (mmtok, cdpruner) "
+                             "accept; larger ones get a 400 (0: any) (default: %(default)s)")
     parser.add_argument("--allow-mm-kwargs", metavar="KEY[,KEY]", default="",
                         help="HF processor kwargs clients may send in mm_processor_kwargs besides "
                              "keep_ratio and prune_method (default: none; others get a 400)")
@@ -185,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
             extra += ["--served-model-name", DEFAULT_SERVED_NAME]
     try:
         policy = PrunePolicy(args.default_keep_ratio, args.min_keep_ratio, args.keep_ratio_step,
-                             tuple(k for k in args.allow_mm_kwargs.split(",") if k))
+                             tuple(k for k in args.allow_mm_kwargs.split(",") if k), args.max_quadratic_tokens)
     except ValueError as err:
         raise ServeError(str(err)) from None
     check_selector(args.selector, model, policy)

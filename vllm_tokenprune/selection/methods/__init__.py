@@ -157,6 +157,9 @@ class Method:
     # Reads ``Tokens.query``: the processor then takes the question from the prompt, and the
     # same image asked another question is another cache item.
     reads_query: bool = False
+    # Holds O(N^2) values per image (N x N similarities, an N x K factor): the operator bounds
+    # the images it takes (``PrunePolicy.max_quadratic_tokens``).
+    quadratic_memory: bool = False
 
 
 def get(name: str) -> Method:

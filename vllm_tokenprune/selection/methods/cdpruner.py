@@ -97,4 +97,4 @@ def _keep(batch: Sequence[Tokens], ks: Sequence[int]) -> list[Rows]:
     return [tokens.take(row[:k].sort().values) for tokens, row, k in zip(batch, picks, ks)]
 
 
-cdpruner = Method("cdpruner", _keep, reads_query=True)
+cdpruner = Method("cdpruner", _keep, reads_query=True, quadratic_memory=True)

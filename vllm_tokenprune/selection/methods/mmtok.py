@@ -92,4 +92,4 @@ def _keep(batch: Sequence[Tokens], ks: Sequence[int]) -> list[Rows]:
     return [tokens.take(row[:k].sort().values) for tokens, row, k in zip(batch, picks, ks)]
 
 
-mmtok = Method("mmtok", _keep, reads_query=True)
+mmtok = Method("mmtok", _keep, reads_query=True, quadratic_memory=True)

@@ -195,6 +195,7 @@ class PruningProcessorMixin:
                     f"keep_ratio {str(request.keep_ratio)!r} needs a budget predictor, and this server's "
                     "selector has none (`vllm-tokenprune train` writes one into the selector checkpoint); "
                     "send a number in (0, 1]", "mm_processor_kwargs." + KEEP_RATIO_KEY)
+            self._check_quadratic_memory(inputs, request, method)
         except PruneRequestError as err:
             raise PruningRequestError(str(err), parameter=err.param) from None
         # auto travels as its canonical string: what the predictor decides follows from it and
@@ -216,6 +217,22 @@ class PruningProcessorMixin:
         if request.served and _COUNTED.get():
             self._record_metrics(inputs, result, None if auto else request.keep_ratio, method)
         return result
+
+    def _check_quadratic_memory(self, inputs, request, method: str) -> None:
+        """Refuse a method that holds N x N values per image for images past the operator's
+        bound (at K = N no method runs, so keep 1.0 passes)."""
+        bound = self._policy.max_quadratic_tokens
+        if not bound or not methods.get(method).quadratic_memory or request.keep_ratio == 1.0:
+            return
+        images = inputs.mm_data_items.get("image")
+        if not isinstance(images, ImageProcessorItems):
+            return
+        largest = max(self._unpruned_tokens(images.get_image_size(i), request.hf_kwargs) for i in range(len(images)))
+        if largest > bound:
+            raise PruneRequestError(
+                f"prune_method {method!r} holds N x N values per image, and this server takes it for images "
+                f"of up to {bound} tokens (this request has one of {largest}); use a smaller image or another "
+                "method", "mm_processor_kwargs." + METHOD_KEY)
 
     def get_dummy_mm_inputs(self, *args, **kwargs):
         token = _COUNTED.set(False)  # profiling and warm-up inputs are not requests
