@@ -1,0 +1,32 @@
+"""benchmarks/gpu_serving_check.py, the GPU check of serving's selection at real shapes, runs
+with tiny shapes on CPU and imports no vLLM (a bare GPU machine has none)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from vllm_tokenprune.selection.methods import METHOD_NAMES
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_serving_check.py"
+
+
+def test_gpu_serving_check_runs_small_on_cpu_without_vllm(tmp_path):
+    code = (f"import runpy, sys; main = runpy.run_path({str(SCRIPT)!r})['main']; "
+            f"code = main(['--small', '--device', 'cpu', '--rounds', '2', '--out', {str(tmp_path)!r}]); "
+            "sys.exit(code or 3 * ('vllm' in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=SCRIPT.parents[1])
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["small"] and report["ratio"] == 0.25
+    for rows in report["selection"].values():
+        assert list(rows) == list(METHOD_NAMES)
+        assert all(row["seconds"] > 0 and row["syncs"] == "not checked (cpu)" for row in rows.values())
+    assert all(0 <= share <= 1 for share in report["bf16_agreement"].values())
+    chunk, unchunked = report["tower"]["chunk"], report["tower"]["unchunked at keep 0.25"]
+    assert unchunked["images"] == 4 * chunk["images"]
+    assert "| clip-l-336 x 64 | mmtok |" in (tmp_path / "results.md").read_text()
