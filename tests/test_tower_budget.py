@@ -76,3 +76,35 @@ def test_many_images_at_a_low_ratio_stay_within_the_budget_and_answer_as_alone(
         assert all(len(o.prompt_token_ids) == len(a.prompt_token_ids) for o, a in zip(together, alone))
     finally:
         llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("arch", ["llava-next", "qwen2.5-vl", "gemma3"])
+def test_extreme_images_and_ratios_never_raise_in_the_model(arch, tiny_checkpoint, random_selector):
+    """Whatever the processor accepts, the model serves: a 1 x 1 image, 2 x 300 and 300 x 2
+    strips (Qwen's processor refuses sides more than 200 times apart), many images in one
+    request, every method, at one token and at all of them. (An exception in the model would
+    end the engine; every request answering shows none did.)"""
+    from vllm import LLM, SamplingParams
+
+    from vllm_tokenprune.selection.methods import METHOD_NAMES
+
+    path = tiny_checkpoint(arch)
+    llm = LLM(model=str(path), dtype=tiny.cpu_dtype(arch), enforce_eager=True, max_model_len=4096, seed=0,
+              limit_mm_per_prompt={"image": 6},
+              hf_overrides={"architectures": [by_name(arch).pruned],
+                            "tokenprune_selector": str(random_selector(arch))})
+    try:
+        shapes = [(1, 1), (2, 300), (300, 2), (17, 5)]
+        requests = [chat([noise_image(w, h, seed=i)], lambda im: {"type": "image_pil", "image_pil": im})
+                    for i, (w, h) in enumerate(shapes)]
+        requests.append(chat([noise_image(40 + 9 * i, 30, seed=10 + i) for i in range(6)],
+                             lambda im: {"type": "image_pil", "image_pil": im}))
+        greedy = SamplingParams(temperature=0, max_tokens=2, min_tokens=2)
+        for method in METHOD_NAMES:
+            for ratio in (1e-6, 1.0):
+                outs = llm.chat(requests, greedy, use_tqdm=False,
+                                mm_processor_kwargs={"keep_ratio": ratio, "prune_method": method})
+                assert [len(o.outputs[0].token_ids) for o in outs] == [2] * len(requests), (method, ratio)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
