@@ -4,22 +4,15 @@ with tiny shapes on CPU and imports no vLLM (a bare GPU machine has none)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+
+from scripts import run_without_vllm
 
 from vllm_tokenprune.selection.methods import METHOD_NAMES
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_serving_check.py"
-
 
 def test_gpu_serving_check_runs_small_on_cpu_without_vllm(tmp_path):
-    code = (f"import runpy, sys; main = runpy.run_path({str(SCRIPT)!r})['main']; "
-            f"code = main(['--small', '--device', 'cpu', '--rounds', '2', '--out', {str(tmp_path)!r}]); "
-            "sys.exit(code or 3 * ('vllm' in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=SCRIPT.parents[1])
+    result = run_without_vllm("gpu_serving_check.py",
+                              ["--small", "--device", "cpu", "--rounds", "2", "--out", str(tmp_path)])
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     report = json.loads((tmp_path / "results.json").read_text())
     assert report["small"] and report["ratio"] == 0.25

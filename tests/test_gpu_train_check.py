@@ -4,20 +4,12 @@ shapes on CPU and imports no vLLM (a bare GPU machine has none)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_train_check.py"
+from scripts import run_without_vllm
 
 
 def test_gpu_train_check_runs_small_on_cpu_without_vllm(tmp_path):
-    code = (f"import runpy, sys; main = runpy.run_path({str(SCRIPT)!r})['main']; "
-            f"code = main(['--small', '--device', 'cpu', '--out', {str(tmp_path)!r}]); "
-            "sys.exit(code or 3 * ('vllm' in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=SCRIPT.parents[1])
+    result = run_without_vllm("gpu_train_check.py", ["--small", "--device", "cpu", "--out", str(tmp_path)])
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     report = json.loads((tmp_path / "results.json").read_text())
     assert list(report["towers"]) == ["clip-l-336", "siglip-so400m-384", "qwen2.5-vl-7b"]
