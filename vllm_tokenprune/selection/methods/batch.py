@@ -46,3 +46,12 @@ def top_k_rows(scores: torch.Tensor, ks: Sequence[int]) -> list[torch.Tensor]:
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (B, W, ...) at one index per row (B,) -> (B, ...)."""
     return x[torch.arange(len(x), device=x.device), index]
+
+
+def row_dots(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, W): each row of x (B, W, D) dotted with its row's vector of v (B, D), as a greedy
+    step needs. One batched matmul on a GPU; on the CPU a matrix-vector product per row, which
+    measured 4.5x faster there than a batched matmul of one column (16 x 576 x 4096, one thread)."""
+    if x.device.type == "cpu":
+        return torch.stack([row @ vector for row, vector in zip(x, v)])
+    return (x @ v[:, :, None])[..., 0]

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 
 from vllm_tokenprune.selection.methods import Method, Rows, Tokens
-from vllm_tokenprune.selection.methods.batch import gather_rows, padded, valid
+from vllm_tokenprune.selection.methods.batch import gather_rows, padded, row_dots, valid
 
 THETA = 0.5
 # A residual variance under this adds no volume: the kept tokens already span the token.
@@ -74,8 +74,8 @@ def greedy_dpp_batch(features: torch.Tensor, quality: torch.Tensor, mask: torch.
         picks[:, step] = j
         taken = taken.scatter(1, j[:, None], True)
         q_j = quality.gather(1, j[:, None])
-        row = q_j * quality * (unit @ gather_rows(unit, j)[:, :, None])[..., 0]  # L[j, :]
-        projected = (factor[:, :, :step] @ gather_rows(factor, j)[:, :step, None])[..., 0]
+        row = q_j * quality * row_dots(unit, gather_rows(unit, j))  # L[j, :]
+        projected = row_dots(factor[:, :, :step], gather_rows(factor, j)[:, :step])
         e = (row - projected) / d2.gather(1, j[:, None]).sqrt()
         e = torch.where(spanned[:, None], 0.0, e)  # a spanned row adds no volume: its factor stays
         factor[:, :, step] = e

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from vllm_tokenprune.selection.methods import Method, Rows, Tokens
-from vllm_tokenprune.selection.methods.batch import gather_rows, padded, valid
+from vllm_tokenprune.selection.methods.batch import gather_rows, padded, row_dots, valid
 
 # Elements of the distance matrices computed at once for the first pick (memory bound).
 _CHUNK_ELEMENTS = 1 << 24
@@ -40,11 +40,11 @@ def greedy_max_min_batch(points: torch.Tensor, mask: torch.Tensor, k: int) -> to
     picks = torch.empty(b, k, dtype=torch.long, device=unit.device)
     picks[:, 0] = nearest.masked_fill(~mask, -torch.inf).argmax(dim=1)
     # Each token's distance to its nearest pick; padding never wins.
-    to_picks = (1 - (unit @ gather_rows(unit, picks[:, 0])[:, :, None])[..., 0]).masked_fill(~mask, -torch.inf)
+    to_picks = (1 - row_dots(unit, gather_rows(unit, picks[:, 0]))).masked_fill(~mask, -torch.inf)
     for i in range(1, k):
         to_picks.scatter_(1, picks[:, i - 1:i], -torch.inf)  # never picked twice, even among duplicates
         picks[:, i] = to_picks.argmax(dim=1)
-        to_picks = torch.minimum(to_picks, 1 - (unit @ gather_rows(unit, picks[:, i])[:, :, None])[..., 0])
+        to_picks = torch.minimum(to_picks, 1 - row_dots(unit, gather_rows(unit, picks[:, i])))
     return picks
 
 

@@ -67,9 +67,10 @@ def greedy_coverage_batch(sim: torch.Tensor, weights: torch.Tensor, mask: torch.
         picks[:, step] = j
         taken = taken.scatter(1, j[:, None], True)
         raised = torch.maximum(covered, sim.gather(2, j[:, None, None].expand(b, r, 1))[..., 0])
-        # Each candidate's gain falls by what the pick now covers of it, row by row.
-        gains -= (weights[:, :, None] * ((sim - covered[:, :, None]).clamp(min=0)
-                                         - (sim - raised[:, :, None]).clamp(min=0))).sum(dim=1)
+        # Each candidate's gain falls by what the pick now covers of it, row by row:
+        # (s - c)+ - (s - raised)+ = (min(s, raised) - c)+, weighted and summed over rows.
+        lost = (torch.minimum(sim, raised[:, :, None]) - covered[:, :, None]).clamp_(min=0)
+        gains -= (weights[:, None, :] @ lost)[:, 0]
         covered = raised
     return picks
 
