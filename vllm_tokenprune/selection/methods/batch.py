@@ -33,16 +33,6 @@ def valid(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
     return torch.arange(max(lengths), device=device)[None, :] < to_device(lengths, device)[:, None]
 
 
-def top_k_rows(scores: torch.Tensor, ks: Sequence[int]) -> list[torch.Tensor]:
-    """Per row of ``scores`` (B, W; -inf at padding), the indices of its k highest scores in
-    ascending order. Ties go to the lower index (a stable sort), as ``topk.topk_sorted``."""
-    width = scores.shape[1]
-    best = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :max(ks)]
-    taken = torch.arange(best.shape[1], device=scores.device)[None, :] < to_device(ks, scores.device)[:, None]
-    ascending = torch.where(taken, best, width).sort(dim=1).values
-    return [ascending[b, :k] for b, k in enumerate(ks)]
-
-
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (B, W, ...) at one index per row (B,) -> (B, ...)."""
     return x[torch.arange(len(x), device=x.device), index]

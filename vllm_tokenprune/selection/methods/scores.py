@@ -1,7 +1,7 @@
 """Methods that rank tokens by one score each and keep the top K: the learned selector
 (image only, or reading the question), random, and feature norm. A batch is scored at once
 (one selector forward for all its images, padded and masked) and ranked at once; ties
-break the same way everywhere (``batch.top_k_rows``)."""
+break the same way everywhere (``topk.top_k_rows``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from vllm_tokenprune.selection.methods import Method, Rows, Tokens
-from vllm_tokenprune.selection.methods.batch import padded, to_device, top_k_rows, valid
+from vllm_tokenprune.selection.methods.batch import padded, to_device, valid
+from vllm_tokenprune.selection.methods.topk import top_k_rows
 
 
 def top_k(score: Callable[[Sequence[Tokens], torch.Tensor], torch.Tensor]
