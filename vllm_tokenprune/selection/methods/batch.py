@@ -10,8 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch.nn.utils.rnn import pad_sequence
+
+if TYPE_CHECKING:
+    from vllm_tokenprune.selection.methods import Rows, Tokens
 
 
 def to_device(values: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -31,6 +36,17 @@ def padded(tensors: Sequence[torch.Tensor], fill: float = 0.0) -> torch.Tensor:
 def valid(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
     """(B, W) True at the real tokens of rows of the given lengths."""
     return torch.arange(max(lengths), device=device)[None, :] < to_device(lengths, device)[:, None]
+
+
+def real_tokens(batch: Sequence[Tokens]) -> torch.Tensor:
+    """(B, W) True at each image's tokens in the batch padded to its longest."""
+    return valid([len(tokens) for tokens in batch], batch[0].features.device)
+
+
+def take_picks(batch: Sequence[Tokens], picks: torch.Tensor, ks: Sequence[int]) -> list[Rows]:
+    """Each image's rows from a greedy method's picks (B, max K), in pick order: its first K,
+    in stock order."""
+    return [tokens.take(row[:k].sort().values) for tokens, row, k in zip(batch, picks, ks)]
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 
 from vllm_tokenprune.selection.methods import Method, Rows, Tokens
-from vllm_tokenprune.selection.methods.batch import gather_rows, padded, row_dots, valid
+from vllm_tokenprune.selection.methods.batch import gather_rows, padded, real_tokens, row_dots, take_picks
 
 THETA = 0.5
 # A residual variance under this adds no volume: the kept tokens already span the token.
@@ -91,10 +91,10 @@ def greedy_dpp(features: torch.Tensor, quality: torch.Tensor, k: int) -> torch.T
 
 def _keep(batch: Sequence[Tokens], ks: Sequence[int]) -> list[Rows]:
     alpha = THETA / (2 * (1 - THETA))
-    mask = valid([len(t) for t in batch], batch[0].features.device)
+    mask = real_tokens(batch)
     quality = padded([torch.exp(alpha * relevance(t.embeddings, t.query)) for t in batch])
     picks = greedy_dpp_batch(padded([t.features for t in batch]), quality, mask, max(ks))
-    return [tokens.take(row[:k].sort().values) for tokens, row, k in zip(batch, picks, ks)]
+    return take_picks(batch, picks, ks)
 
 
 cdpruner = Method("cdpruner", _keep, reads_query=True, quadratic_memory=True)

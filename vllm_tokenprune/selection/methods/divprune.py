@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from vllm_tokenprune.selection.methods import Method, Rows, Tokens
-from vllm_tokenprune.selection.methods.batch import gather_rows, padded, row_dots, valid
+from vllm_tokenprune.selection.methods.batch import gather_rows, padded, real_tokens, row_dots, take_picks
 
 # Elements of the distance matrices computed at once for the first pick (memory bound).
 _CHUNK_ELEMENTS = 1 << 24
@@ -55,9 +55,9 @@ def greedy_max_min(points: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _keep(batch: Sequence[Tokens], ks: Sequence[int]) -> list[Rows]:
-    mask = valid([len(t) for t in batch], batch[0].features.device)
+    mask = real_tokens(batch)
     picks = greedy_max_min_batch(padded([t.embeddings for t in batch]), mask, max(ks))
-    return [tokens.take(row[:k].sort().values) for tokens, row, k in zip(batch, picks, ks)]
+    return take_picks(batch, picks, ks)
 
 
 divprune = Method("divprune", _keep)

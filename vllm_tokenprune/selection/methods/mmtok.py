@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from vllm_tokenprune.selection.methods import Method, Rows, Tokens
-from vllm_tokenprune.selection.methods.batch import padded, valid
+from vllm_tokenprune.selection.methods.batch import padded, real_tokens, take_picks
 
 LAMBDA = 1.0
 
@@ -88,9 +88,9 @@ def _keep(batch: Sequence[Tokens], ks: Sequence[int]) -> list[Rows]:
     for b, (m, _) in enumerate(matrices):
         sim[b, :m.shape[0], :m.shape[1]] = m
     weights = padded([w for _, w in matrices])
-    mask = valid([len(t) for t in batch], sim.device)
+    mask = real_tokens(batch)
     picks = greedy_coverage_batch(sim, weights, mask, max(ks))
-    return [tokens.take(row[:k].sort().values) for tokens, row, k in zip(batch, picks, ks)]
+    return take_picks(batch, picks, ks)
 
 
 mmtok = Method("mmtok", _keep, reads_query=True, quadratic_memory=True)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from vllm_tokenprune.selection.methods import Method, Rows, Tokens
-from vllm_tokenprune.selection.methods.batch import padded, to_device, valid
+from vllm_tokenprune.selection.methods.batch import padded, real_tokens, to_device, valid
 from vllm_tokenprune.selection.methods.topk import top_k_rows
 
 
@@ -21,7 +21,7 @@ def top_k(score: Callable[[Sequence[Tokens], torch.Tensor], torch.Tensor]
     real tokens."""
 
     def keep(batch: Sequence[Tokens], ks: Sequence[int]) -> list[Rows]:
-        mask = valid([len(t) for t in batch], batch[0].features.device)
+        mask = real_tokens(batch)
         scores = score(batch, mask).masked_fill(~mask, float("-inf"))
         return [tokens.take(index) for tokens, index in zip(batch, top_k_rows(scores, ks))]
 
