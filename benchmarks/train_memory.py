@@ -1,21 +1,23 @@
-"""Peak memory of `vllm-tokenprune train` on a folder of N images and on one of 10 N.
+"""Peak memory of `vllm-tokenprune train` on folders of N, 10 N, 20 N and 40 N images.
 
-Training streams its features from shards on disk (``training.stream``), so its memory
-should follow the batch, shard and round settings, not the folder's size. This runs the
-real command on a tiny LLaVA (``testbed.tiny``) and generated images
+Training streams its features from shards on disk (``training.stream``) and fits the
+budget predictor on a bounded sample (``--budget-images``), so its memory should follow the
+batch, shard, round and sample settings, not the folder's size: it grows while the folder
+is smaller than what those settings hold (two rounds of shards, the predictor's sample) and
+is flat beyond. This runs the real command, with train's defaults except a short run (20
+steps of 8) on one thread, on a tiny LLaVA (``testbed.tiny``) and generated images
 (``testbed.synthetic.write_image_folder``), each run in a fresh process, per folder:
 
 - cold: on an empty feature cache, so the run extracts the features, then trains;
 - warm: the same command again, training from the stored features (no tower).
 
-Both folders train the same steps with the same settings; only the number of images (and
-so the stored shards and the held-out split) differs. A run's peak is its process's
-maximum resident set (``os.wait4``'s ru_maxrss, that child's alone). For contrast it
-reports what the stored features would take held in memory at once.
+A run's peak is its process's maximum resident set (``os.wait4``'s ru_maxrss, that
+child's alone). For contrast it reports what the stored features would take held in
+memory at once, and how many images the settings let training hold.
 
     PYTHONPATH=. python benchmarks/train_memory.py --out benchmarks/results/train-memory
 
-About 4 minutes on one core with the defaults; writes results.json and memory.png.
+About 15 minutes on one core with the defaults; writes results.json and memory.png.
 """
 
 from __future__ import annotations
@@ -30,12 +32,10 @@ import sys
 import time
 from pathlib import Path
 
-# Same settings for both folders, scaled down with them: shards of 32 images taken 2 at a
-# time make a round of 64, so even the small folder spans several rounds and both hold the
-# same bounded window (at most two rounds). 256 steps of 16 are about one pass over the
-# large folder's 4120 training images and ten over the small one's 410.
-TRAIN_ARGS = ("--steps", "256", "--batch-size", "16", "--eval-every", "64", "--shard-images", "32",
-              "--shuffle-shards", "2", "--threads", "1", "--feature-workers", "1", "--no-progress")
+# train's defaults (shards of 256 images, rounds of 8 shards, the predictor's sample of
+# 4,096, at most 1,000 held out), but a short run: a round is read whole whatever the steps.
+TRAIN_ARGS = ("--steps", "20", "--batch-size", "8", "--threads", "1", "--feature-workers", "1", "--no-progress")
+SCALES = (1, 10, 20, 40)
 ROOT = Path(__file__).resolve().parents[1]
 FEATURE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -69,12 +69,31 @@ def stored_features(cache: Path) -> dict:
     return {"images": images, "tokens": tokens, "all_in_memory_mib": round(nbytes / 2**20, 1)}
 
 
-def measure(model: Path, work: Path, n: int, *, scale: int = 10, train_args=TRAIN_ARGS) -> dict:
-    """Cold and warm train runs on folders of n and scale x n images under ``work``."""
+def held_by_settings(train_images: int, held_out: int, args) -> dict:
+    """Images whose data the settings let a run hold at once: the shuffle window (the round
+    drawn from, the next one and a shard being read), the budget predictor's sample and
+    the held-out images' thumbnails."""
+    from vllm_tokenprune.training.train import TrainConfig
+
+    defaults = TrainConfig()
+    value = {name: getattr(defaults, name) for name in ("shard_images", "shuffle_shards", "budget_images")}
+    for name in value:  # flags given override the defaults
+        flag = "--" + name.replace("_", "-")
+        if flag in args:
+            value[name] = int(args[args.index(flag) + 1])
+    window = (2 * value["shuffle_shards"] + 1) * value["shard_images"]
+    return {"shuffle_window": min(train_images, window), "budget_sample": min(train_images, value["budget_images"]),
+            "held_out": held_out}
+
+
+def measure(model: Path, work: Path, n: int, *, scales=SCALES, train_args=TRAIN_ARGS) -> dict:
+    """Cold and warm train runs on folders of scale x n images under ``work``, per scale."""
     from vllm_tokenprune.testbed.synthetic import write_image_folder
+    from vllm_tokenprune.training.train import TrainConfig, split_indices
 
     runs = {}
-    for images in (n, scale * n):
+    for scale in scales:
+        images = scale * n
         folder = work / f"images-{images}"
         if not folder.is_dir():
             write_image_folder(folder, images, seed=0, size=168)
@@ -84,25 +103,28 @@ def measure(model: Path, work: Path, n: int, *, scale: int = 10, train_args=TRAI
                "--cache-dir", str(cache), *train_args]
         shutil.rmtree(cache, ignore_errors=True)  # the cold run starts from an empty cache
         run = {phase: peak_rss(cmd, work / f"train-{images}-{phase}.log") for phase in ("cold", "warm")}
-        runs[str(images)] = {"images": images, **run, "features": stored_features(cache)}
-    small, large = runs[str(n)], runs[str(scale * n)]
+        train, held = split_indices(images, TrainConfig.holdout, TrainConfig.seed, TrainConfig.max_heldout)
+        runs[str(images)] = {"images": images, "scale": scale, **run, "features": stored_features(cache),
+                             "held_by_settings": held_by_settings(len(train), len(held), list(train_args))}
+    first = runs[str(scales[0] * n)]
     return {
         "command": shlex.join(["vllm-tokenprune", "train", "--model", "MODEL", "--images", "FOLDER",
                                "--out", "OUT", "--cache-dir", "CACHE", *train_args]),
-        "n": n, "scale": scale, "runs": runs,
-        "ratio": {phase: round(large[phase]["peak_rss_mib"] / small[phase]["peak_rss_mib"], 3)
-                  for phase in ("cold", "warm")},
+        "n": n, "scales": list(scales), "runs": runs,
+        "ratio_to_first": {images: {phase: round(r[phase]["peak_rss_mib"] / first[phase]["peak_rss_mib"], 3)
+                                    for phase in ("cold", "warm")} for images, r in runs.items()},
     }
 
 
 def table(report: dict) -> str:
-    lines = ["| images | features if all in memory MiB | cold run (extract + train) peak RSS MiB | "
-             "warm run (train) peak RSS MiB |", "| --- | --- | --- | --- |"]
-    for r in report["runs"].values():
-        lines.append(f"| {r['images']} | {r['features']['all_in_memory_mib']:.1f} | {r['cold']['peak_rss_mib']:.1f} "
-                     f"| {r['warm']['peak_rss_mib']:.1f} |")
-    ratio = report["ratio"]
-    lines.append(f"| {report['scale']} N / N | | {ratio['cold']:.3f} | {ratio['warm']:.3f} |")
+    lines = ["| images | shuffle window / predictor sample / held out (images) | features if all in memory MiB "
+             "| cold run (extract + train) peak RSS MiB | warm run (train) peak RSS MiB | warm / first |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for images, r in report["runs"].items():
+        held = r["held_by_settings"]
+        lines.append(f"| {r['images']} | {held['shuffle_window']} / {held['budget_sample']} / {held['held_out']} "
+                     f"| {r['features']['all_in_memory_mib']:.1f} | {r['cold']['peak_rss_mib']:.1f} "
+                     f"| {r['warm']['peak_rss_mib']:.1f} | {report['ratio_to_first'][images]['warm']:.3f} |")
     return "\n".join(lines)
 
 
@@ -113,16 +135,16 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = list(report["runs"].values())
-    labels = ["cold: extract + train", "warm: train", "features if all in memory"]
-    values = [[r["cold"]["peak_rss_mib"], r["warm"]["peak_rss_mib"], r["features"]["all_in_memory_mib"]] for r in runs]
+    images = [r["images"] for r in runs]
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    width = 0.8 / len(runs)
-    for i, (r, v) in enumerate(zip(runs, values)):
-        bars = ax.bar([x + i * width for x in range(len(labels))], v, width, label=f"{r['images']} images")
-        ax.bar_label(bars, fmt="%.0f", fontsize=8)
-    ax.set_xticks([x + width * (len(runs) - 1) / 2 for x in range(len(labels))], labels)
+    for key, label in (("cold", "cold: extract + train"), ("warm", "warm: train")):
+        ax.plot(images, [r[key]["peak_rss_mib"] for r in runs], "o-", label=f"peak RSS, {label}")
+    ax.plot(images, [r["features"]["all_in_memory_mib"] for r in runs], "s--", color="gray",
+            label="the features, if all in memory")
+    ax.set_xlabel("images in the folder")
     ax.set_ylabel("MiB")
-    ax.set_title(f"vllm-tokenprune train: peak RSS, {report['scale']} N / N = {report['ratio']['warm']:.2f} (warm)")
+    last = report["ratio_to_first"][str(images[-1])]["warm"]
+    ax.set_title(f"vllm-tokenprune train: peak RSS; {images[-1]} / {images[0]} images = {last:.2f} (warm)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -131,8 +153,9 @@ def plot(report: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=512, help="images in the small folder")
-    parser.add_argument("--scale", type=int, default=10, help="the large folder holds scale x n images")
+    parser.add_argument("--n", type=int, default=400, help="images in the smallest folder")
+    parser.add_argument("--scales", type=int, nargs="+", default=list(SCALES),
+                        help="folders of scale x n images, one per scale")
     parser.add_argument("--work", type=Path, default=Path(".cache/train-memory"),
                         help="model, image folders and feature caches (reused: images and model)")
     parser.add_argument("--out", type=Path, default=None, help="folder for results.json and memory.png")
@@ -144,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     model = args.work / "model"
     if not (model / "config.json").is_file():
         build_tiny("llava", model, seed=0)
-    report = measure(model.resolve(), args.work.resolve(), args.n, scale=args.scale)
+    report = measure(model.resolve(), args.work.resolve(), args.n, scales=args.scales)
     report["environment"] = {**environment(str(model)), "command": shlex.join(["python", *sys.argv])}
     print(table(report))
     if args.out:

@@ -199,7 +199,8 @@ def test_budget_only_refits_the_predictor_and_keeps_the_selector(budget_selector
     out.write_bytes(path.read_bytes())
     images, cache = path.parent / "images", path.parent / "cache"
     args = ["train", "--model", str(tiny_checkpoint("llava")), "--images", str(images), "--out", str(out),
-            "--budget-only", "--budget-tolerance", "0.05", "--budget-steps", "100", "--threads", "1",
+            "--budget-only", "--budget-tolerance", "0.05", "--budget-steps", "100", "--budget-images", "40",
+            "--threads", "1",
             "--cache-dir", str(cache), "--no-progress"]
     assert main(args) == 0
     before, after = (safe_open(str(p), "pt") for p in (path, out))
@@ -209,6 +210,8 @@ def test_budget_only_refits_the_predictor_and_keeps_the_selector(budget_selector
         assert torch.equal(before.get_tensor(name), after.get_tensor(name)), name
     (_, old), (_, new) = load_budget_predictor(path), load_budget_predictor(out)
     assert new["target"]["tolerance"] == 0.05 != old["target"]["tolerance"]
+    # fitted on a sample of 40 of the 77 training images, the first fit on all of them
+    assert (new["target"]["train_images"], old["target"]["train_images"]) == (40, 77)
     # A lower tolerance asks for more tokens per image.
     assert new["eval"]["target_fraction"]["mean"] > old["eval"]["target_fraction"]["mean"]
 

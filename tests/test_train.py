@@ -357,6 +357,27 @@ def test_a_round_is_read_shard_by_shard_into_place():
     assert len(loaded) == 2
 
 
+def test_chunks_give_the_chosen_images_in_stored_order_and_read_only_their_shards():
+    from vllm_tokenprune.training.stream import chunks
+
+    shards = _Shards(_numbered([3, 3, 3, 1]))
+    assert [_ids(c) for c in chunks(shards, 2)] == [[0, 1], [2], [3, 4], [5], [6, 7], [8], [9]]
+    assert shards.read == [0, 1, 2, 3]
+    some = _Shards(_numbered([3, 3, 3, 1]))
+    assert [i for c in chunks(some, 2, images=[9, 1, 2, 7, 1]) for i in _ids(c)] == [1, 2, 7, 9]
+    assert some.read == [0, 2, 3]  # shard 1 holds none of them
+
+
+def test_the_budget_predictor_is_fitted_on_a_bounded_seeded_sample():
+    from vllm_tokenprune.training.budget import fit_sample
+
+    assert fit_sample(10, 10, seed=0) == list(range(10))
+    sample = fit_sample(100_000, 4096, seed=3)
+    assert len(set(sample)) == 4096 and sample == sorted(sample) and 0 <= sample[0] and sample[-1] < 100_000
+    assert sample == fit_sample(100_000, 4096, seed=3) != fit_sample(100_000, 4096, seed=4)
+    assert sample[-1] > 90_000 and sample[0] < 10_000  # spread over the folder, not its start
+
+
 @pytest.mark.parametrize("arch", ["llava", "qwen2.5-vl"])
 def test_streaming_from_shards_trains_exactly_as_in_memory(tiny_checkpoint, arch, tmp_path, restore_threads):
     """All shards in one shuffle round: the store's batches and statistics equal those of the

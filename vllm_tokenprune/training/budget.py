@@ -60,15 +60,15 @@ LR = 3e-3
 
 @torch.no_grad()
 def error_curves(selector: TokenSelector, reconstructor: TokenReconstructor, features: FeatureSet,
-                 chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per image, in stored order: its error at each ratio of RATIOS (B, R) (module
-    docstring), its token count N (B,) and the fraction of its tokens with a positive keep
-    logit (B,)."""
+                 chunk: int = 64, images: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per image (every one, or those at the sorted stored positions ``images``), in stored
+    order: its error at each ratio of RATIOS (B, R) (module docstring), its token count N
+    (B,) and the fraction of its tokens with a positive keep logit (B,)."""
     selector.eval()
     reconstructor.eval()
     device = selector.feature_mean.device
     errors, lengths, positive = [], [], []
-    for part in chunks(features, chunk):
+    for part in chunks(features, chunk, images):
         batch = part.to(device).padded()
         n = torch.tensor(batch.lengths)
         with autocast(device):
@@ -191,15 +191,27 @@ def _fit_and_report(target: dict[str, Any], train: tuple, held: tuple | None, *,
     return predictor, report
 
 
+def fit_sample(num_images: int, limit: int, seed: int) -> list[int]:
+    """The training images the predictor is fitted on: all, or a seeded uniform sample of
+    ``limit`` (sorted positions). It bounds the fit's memory (a thumbnail and its statistics
+    per image) and its 20 reconstructor passes per image whatever the folder's size; 500
+    steps of 64 draw each of 4,096 images about 8 times."""
+    if num_images <= limit:
+        return list(range(num_images))
+    return sorted(torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))[:limit].tolist())
+
+
 def train_budget(selector: TokenSelector, reconstructor: TokenReconstructor, train_set: FeatureSet,
                  train_paths: list[Path], *, keep_ratio: float, tolerance: float | None, steps: int, seed: int,
-                 held_set: FeatureSet | None = None, held_paths: list[Path] | None = None
+                 images: int, held_set: FeatureSet | None = None, held_paths: list[Path] | None = None
                  ) -> tuple[BudgetPredictor, dict[str, Any]]:
     """The budget predictor for a trained selector and reconstructor (the reconstruction
-    tolerance target), and what its checkpoint section records: the target, the tolerance,
-    and how the predictions and the positive-logit fractions compare with the targets
-    (held-out images when given)."""
-    errors, lengths, positive = error_curves(selector, reconstructor, train_set)
+    tolerance target), fitted on at most ``images`` training images (``fit_sample``), and
+    what its checkpoint section records: the target, the tolerance, and how the predictions
+    and the positive-logit fractions compare with the targets (held-out images when given)."""
+    sample = fit_sample(len(train_paths), images, seed)
+    errors, lengths, positive = error_curves(selector, reconstructor, train_set, images=sample)
+    train_paths = [train_paths[i] for i in sample]
     chosen = tolerance is None
     if chosen:
         tolerance = float(at_ratios(errors, torch.full((len(errors),), keep_ratio)).median())
@@ -222,7 +234,7 @@ def train_budget(selector: TokenSelector, reconstructor: TokenReconstructor, tra
     target = {"kind": "reconstruction tolerance",
               "metric": "squared error of the rebuilt tokens over all N, standardized features",
               "tolerance": tolerance, "median_error_at_keep_ratio": keep_ratio if chosen else None,
-              "ratios": list(RATIOS)}
+              "ratios": list(RATIOS), "train_images": len(sample)}
     return _fit_and_report(target, train, held, steps=steps, seed=seed, judge=judge)
 
 

@@ -18,12 +18,13 @@ from (seed, epoch, round) alone, so
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import chain, count
+from itertools import accumulate, chain, count
 from typing import Protocol
 
 import torch
@@ -196,8 +197,17 @@ def batches(features: FeatureSet, batch_size: int, *, shuffle_shards: int, seed:
                 parts, held = [], 0
 
 
-def chunks(features: FeatureSet, size: int) -> Iterator[RaggedFeatures]:
-    """Every image once, in stored order, in chunks of at most ``size`` images (evaluation)."""
-    for data in ahead(features.load, range(len(features.shard_sizes)), workers=1):
+def chunks(features: FeatureSet, size: int, images: Iterable[int] | None = None) -> Iterator[RaggedFeatures]:
+    """Every image once (or only those at the stored positions ``images``), in stored order,
+    in chunks of at most ``size`` images (evaluation). Shards holding none of ``images`` are
+    not read."""
+    starts = [0, *accumulate(features.shard_sizes)]
+    picks = {}  # shard -> its picked images, shard-local
+    for i in range(starts[-1]) if images is None else sorted(set(images)):
+        shard = bisect_right(starts, i) - 1
+        picks.setdefault(shard, []).append(i - starts[shard])
+    for shard, data in zip(picks, ahead(features.load, picks, workers=1)):
+        if len(picks[shard]) < len(data):
+            data = data[picks[shard]]
         for start in range(0, len(data), size):
             yield data[start:start + size]

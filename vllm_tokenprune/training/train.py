@@ -94,7 +94,7 @@ EPOCHS = 3.0
 # may change them.
 RUNTIME_FIELDS = ("threads", "cache_dir", "feature_batch_size", "feature_workers", "eval_every", "save_every")
 # Settings used only once the selector is trained (the budget predictor): a resumed run may change them.
-AFTER_SELECTOR_FIELDS = ("budget_tolerance", "budget_steps")
+AFTER_SELECTOR_FIELDS = ("budget_tolerance", "budget_steps", "budget_images")
 
 
 @dataclass
@@ -119,6 +119,8 @@ class TrainConfig:
     holdout: float = opt(0.2, "fraction of images held out for evaluation")
     max_heldout: int = opt(1000, "at most this many held-out images (more only slow each evaluation; 0: no limit)")
     budget_steps: int = opt(500, "steps fitting the budget predictor of keep ratio auto (0: no predictor)")
+    budget_images: int = opt(4096, "the budget predictor is fitted on at most this many training images "
+                                   "(a seeded sample): its memory and time do not grow with the folder")
     budget_tolerance: float | None = opt(None, "auto: the error (over all tokens, standardized features) an "
                                                "image's kept tokens may leave; default the median training "
                                                "image's at --keep-ratio")
@@ -345,7 +347,8 @@ def _budget(selector, reconstructor, train_store, held_store, train_paths, held_
     try:
         predictor, report = train_budget(
             selector, reconstructor, train_store, train_paths, keep_ratio=cfg.keep_ratio,
-            tolerance=cfg.budget_tolerance, steps=cfg.budget_steps, seed=cfg.seed, held_set=held_store,
+            tolerance=cfg.budget_tolerance, steps=cfg.budget_steps, seed=cfg.seed, images=cfg.budget_images,
+            held_set=held_store,
             held_paths=held_paths)
     except ImageFolderError as e:
         print(f"error: {e}", file=sys.stderr)
