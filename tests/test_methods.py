@@ -364,11 +364,18 @@ def test_tower_probe_reduces_in_one_order_whatever_the_process():
 
 
 def test_attention_is_computed_only_for_pruned_images_of_methods_that_read_it():
-    from vllm_tokenprune.serving.models.common import KEEP_FIELD, METHOD_FIELD, SEED_FIELD, PruningModelMixin
+    from vllm_tokenprune.serving.models.common import (
+        KEEP_FIELD,
+        METHOD_FIELD,
+        PROBE_KEEP_FIELD,
+        PROBE_METHODS_FIELD,
+        PruningModelMixin,
+    )
 
-    def fields(*pairs):
+    def fields(*pairs, probe=()):
         return {METHOD_FIELD: [methods.method_id(m) for m, _ in pairs], KEEP_FIELD: [k for _, k in pairs],
-                SEED_FIELD: [0] * len(pairs)}
+                PROBE_METHODS_FIELD: [methods.method_mask(probe)] * len(pairs),
+                PROBE_KEEP_FIELD: [1 if probe else 0] * len(pairs)}
 
     requested = PruningModelMixin._requested_probes
     assert requested(fields(("norm", 5), ("pool", 5), ("divprune", 5)), [10, 10, 10]) == set()
@@ -376,6 +383,9 @@ def test_attention_is_computed_only_for_pruned_images_of_methods_that_read_it():
     assert requested(fields(("norm", 5), ("visionzip", 5)), [10, 10]) == {Probe(ATTENTION, LATE), Probe(KEYS, LATE)}
     assert requested(fields(("cls_attention", 5), ("hiprune", 5)), [10, 10]) == {
         Probe(ATTENTION, LATE), Probe(GLOBAL_ATTENTION, LATE), Probe(GLOBAL_ATTENTION, MIDDLE)}
+    # the memory profile's probe asks for what its methods read, at any K
+    assert requested(fields(("norm", 10), probe=("norm", "visionzip")), [10]) == {
+        Probe(ATTENTION, LATE), Probe(KEYS, LATE)}
 
 
 # --- the statistics as vLLM's towers produce them ----------------------------------------

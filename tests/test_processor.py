@@ -108,6 +108,7 @@ def test_random_is_seeded_from_vllms_item_hash_on_cache_hits_and_misses(processo
     ({"keep_ratio": "nan"}, "mm_processor_kwargs.keep_ratio"),
     ({"prune_method": "learned"}, "mm_processor_kwargs.prune_method"),  # no selector here
     ({"tokenprune_query": [1, 2]}, "mm_processor_kwargs.tokenprune_query"),  # the processor's, not a client's
+    ({"tokenprune_probe": True}, "mm_processor_kwargs.tokenprune_probe"),  # the memory profile's
     ({"prune_method": "learned_query"}, "mm_processor_kwargs.prune_method"),  # no selector at all
 ])
 def test_refusals_name_the_key(processor, kwargs, param):
@@ -136,6 +137,36 @@ def test_methods_that_hold_n_squared_values_are_refused_past_the_operators_bound
     for proc in (make(tokenprune_max_quadratic_tokens=largest), make(tokenprune_max_quadratic_tokens=0)):
         assert kept(process(proc, arch, keep_ratio=0.5, prune_method="mmtok")) == [keep_count(n, 0.5)
                                                                                   for n in unpruned(proc)]
+
+
+def test_the_profiles_dummy_items_probe_every_method_the_server_runs_and_requests_none(processor, random_selector):
+    """vLLM's memory profile runs the model on dummy items at the server's default K (all N
+    here): they also name every method this server may run on such an image, at the
+    smallest K the policy lets a request have, so that the profile takes what selection holds."""
+    from vllm.multimodal.parse import ImageProcessorItems
+    from vllm.multimodal.processing import TimingContext
+
+    from vllm_tokenprune.selection import methods
+    from vllm_tokenprune.serving.models.common import PROBE_KEEP_FIELD, PROBE_METHODS_FIELD
+
+    arch, make = processor
+    proc = make(tokenprune_selector=str(random_selector(arch)))
+    dummy = proc.get_dummy_mm_inputs({"image": 1})
+    inputs = proc.get_dummy_inputs(seq_len=4096, mm_counts={"image": 1}, mm_options={})
+    n = proc._unpruned_tokens(inputs.mm_data_items.get_items("image", ImageProcessorItems).get_image_size(0), {})
+    assert kept(dummy) == [n]  # kept whole: the counts vLLM derives from it stay stock
+    assert field(dummy, PROBE_KEEP_FIELD) == [keep_count(n, 0.1)]  # POLICY's floor
+    assert methods.mask_names(field(dummy, PROBE_METHODS_FIELD)[0]) == list(methods.METHOD_NAMES)
+    # no probe on a request, even of the dummy's own image; another item for vLLM's caches
+    request = proc.apply(inputs, timing_ctx=TimingContext(enabled=False))
+    assert field(request, PROBE_METHODS_FIELD) == field(request, PROBE_KEEP_FIELD) == [0]
+    assert request["mm_hashes"]["image"] != dummy["mm_hashes"]["image"]
+    # a method this server refuses for such an image is not probed
+    tight = make(tokenprune_selector=str(random_selector(arch)), tokenprune_max_quadratic_tokens=n - 1)
+    probed = methods.mask_names(field(tight.get_dummy_mm_inputs({"image": 1}), PROBE_METHODS_FIELD)[0])
+    assert probed == [m for m in methods.METHOD_NAMES if m not in ("cdpruner", "mmtok")]
+    bare = methods.mask_names(field(make().get_dummy_mm_inputs({"image": 1}), PROBE_METHODS_FIELD)[0])
+    assert "learned" not in bare and "learned_query" not in bare and "norm" in bare  # no selector
 
 
 def test_an_allowed_hf_kwarg_reaches_the_hf_processor_and_k_follows_it(processor):

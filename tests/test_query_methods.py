@@ -122,6 +122,8 @@ def test_the_model_hands_a_question_reading_method_the_embedded_question():
     from vllm_tokenprune.serving.models.common import (
         KEEP_FIELD,
         METHOD_FIELD,
+        PROBE_KEEP_FIELD,
+        PROBE_METHODS_FIELD,
         QUERY_FIELD,
         SEED_FIELD,
         PruningModelMixin,
@@ -141,7 +143,7 @@ def test_the_model_hands_a_question_reading_method_the_embedded_question():
 
     def kept(method, question, k=1):
         fields = {KEEP_FIELD: [k], METHOD_FIELD: [methods.method_id(method)], SEED_FIELD: [0],
-                  QUERY_FIELD: [torch.tensor(question)]}
+                  PROBE_METHODS_FIELD: [0], PROBE_KEEP_FIELD: [0], QUERY_FIELD: [torch.tensor(question)]}
         with torch.no_grad():
             model = Model()
             return model._select([model._candidates(fields, 0, torch.eye(4), grids=((2, 2),))])[0].index.tolist()

@@ -46,9 +46,28 @@ def _taken_calls(model) -> tuple[list[int], list[int]]:
     return taken
 
 
+def _profile_selections(worker) -> list[tuple[str, int, int]]:
+    """vLLM's own memory profile run (the one that sizes the KV cache on a GPU), each
+    selection job it runs recorded as (method, K, N)."""
+    from vllm_tokenprune.selection import methods
+
+    jobs, select_all = [], methods.select_all
+
+    def recorded(batch):
+        jobs.extend((name, k, len(tokens)) for name, tokens, k in batch)
+        return select_all(batch)
+
+    methods.select_all = recorded
+    try:
+        worker.model_runner.profile_run()
+    finally:
+        methods.select_all = select_all
+    return jobs
+
+
 @pytest.mark.vllm
 @pytest.mark.parametrize("arch", ["llava", "qwen2.5-vl"])
-def test_many_images_at_a_low_ratio_stay_within_the_budget_and_answer_as_alone(
+def test_many_images_at_a_low_ratio_stay_within_the_budget_and_the_profile_runs_every_method(
         arch, tiny_checkpoint, random_selector, monkeypatch):
     from vllm import LLM, SamplingParams
 
@@ -58,7 +77,9 @@ def test_many_images_at_a_low_ratio_stay_within_the_budget_and_answer_as_alone(
     n = tiny.count_image_tokens(path, images[0].size)
     budget = 3 * n  # three unpruned images
     llm = LLM(model=str(path), dtype=tiny.cpu_dtype(arch), enforce_eager=True, max_model_len=4096, seed=0,
-              max_num_batched_tokens=budget, limit_mm_per_prompt={"image": 4},
+              # vLLM profiles the modality of the most tokens an item, on Qwen a video (never pruned)
+              max_num_batched_tokens=budget, limit_mm_per_prompt={"image": 4, **({"video": 0} if arch == "qwen2.5-vl"
+                                                                               else {})},
               hf_overrides={"architectures": [by_name(arch).pruned],
                             "tokenprune_selector": str(random_selector(arch))})
     try:
@@ -74,6 +95,21 @@ def test_many_images_at_a_low_ratio_stay_within_the_budget_and_answer_as_alone(
         alone = [llm.chat(r, greedy, use_tqdm=False, mm_processor_kwargs={"keep_ratio": 0.05})[0] for r in requests]
         assert [o.outputs[0].token_ids for o in together] == [o.outputs[0].token_ids for o in alone]
         assert all(len(o.prompt_token_ids) == len(a.prompt_token_ids) for o, a in zip(together, alone))
+
+        # The profile's dummy images (the largest, kept whole at the default keep 1.0) also run
+        # every method at K = 1, the least this policy lets a request keep, in the budget's chunks.
+        from vllm_tokenprune.selection.methods import METHOD_NAMES
+
+        ((jobs),) = llm.collective_rpc(_profile_selections)
+        largest = max(n for _, _, n in jobs)
+        probed = {name for name, k, n in jobs if k == 1}
+        assert probed == set(METHOD_NAMES), probed
+        kept_whole = [(name, n) for name, k, n in jobs if k == n]
+        assert kept_whole and {name for name, _ in kept_whole} == {"learned"}  # the default method, at K = N
+        assert all(n == largest for _, _, n in jobs)
+        assert len(jobs) == len(kept_whole) * (1 + len(METHOD_NAMES)) and len(kept_whole) * largest <= max(
+            budget, largest)
+        assert llm.apply_model(_taken_calls)[0][1] == [len(kept_whole)]  # one encoder call: the profile's
     finally:
         llm.llm_engine.engine_core.shutdown()
 

@@ -262,6 +262,12 @@ class PrunePolicy:
             ratio = min(1.0, round(steps * self.keep_ratio_step, 12))
         return max(ratio, self.min_keep_ratio)
 
+    @property
+    def lowest_ratio(self) -> float:
+        """The smallest ratio any request gets under this policy (a number or ``auto``): the
+        floor, or one step, or the smallest positive float (K = 1)."""
+        return self.apply(math.ulp(0.0))
+
     def image_ratio(self, ratio: float | AutoBudget, predicted: float | None) -> float:
         """One image's ratio: a request's number as ``apply`` resolved it; under ``auto`` the
         image's predicted fraction, within the request's bounds, then rounded to the step

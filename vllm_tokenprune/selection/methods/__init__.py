@@ -31,7 +31,7 @@ nor vLLM, so the HTTP layer can validate names cheaply.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, NamedTuple
@@ -65,6 +65,15 @@ def method_id(name: str) -> int:
 
 def method_name(ident: int) -> str:
     return METHOD_NAMES[ident]
+
+
+def method_mask(names: Iterable[str]) -> int:
+    """Several methods as one integer (bit i: ``METHOD_NAMES[i]``), for a multimodal field."""
+    return sum(1 << method_id(name) for name in set(names))
+
+
+def mask_names(mask: int) -> list[str]:
+    return [name for i, name in enumerate(METHOD_NAMES) if mask >> i & 1]
 
 
 # --- tower statistics a method may ask for -------------------------------------------

@@ -12,6 +12,13 @@ is decided once, here, and never recomputed from a float.
 
 Methods that read the tower's attention get it from ``methods.attention.TowerProbe``,
 used only for a tower call in which some image asked for such a method.
+
+vLLM sizes the KV cache from the peak memory of a profile run on dummy images, whose K is
+the server's default (usually all N: no method runs). So that the peak includes what
+selection holds (N x N similarities, attention statistics, the selector's activations),
+the dummy items also carry a probe: every method this server may run on such an image,
+at the smallest K its policy allows. The model runs them on each tower chunk and drops
+their rows; the dummy's own rows, and so every count vLLM derives from them, stay stock.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import hashlib
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -57,11 +64,18 @@ SELECTOR_CONFIG_KEY = "tokenprune_selector"
 KEEP_FIELD = "tokenprune_keep"
 METHOD_FIELD = "tokenprune_method"
 SEED_FIELD = "tokenprune_seed"
-PRUNE_FIELDS = (KEEP_FIELD, METHOD_FIELD, SEED_FIELD)
+# The profile's probe (module docstring): the methods as ``methods.method_mask``, and their
+# K; 0 and 0 on every request.
+PROBE_METHODS_FIELD = "tokenprune_probe_methods"
+PROBE_KEEP_FIELD = "tokenprune_probe_keep"
+PRUNE_FIELDS = (KEEP_FIELD, METHOD_FIELD, SEED_FIELD, PROBE_METHODS_FIELD, PROBE_KEEP_FIELD)
 # Each image's question (``policy.question_tokens``; none unless its method reads one).
 # Also the processor kwarg that carries it into vLLM's item hashes: set by the processor,
 # never by a client (``policy.resolve`` refuses keys it does not know).
 QUERY_FIELD = "tokenprune_query"
+# The processor kwarg that marks dummy inputs, so that their items (which carry a probe)
+# never share a cache entry with a request's; a client cannot send it (``policy.resolve``).
+PROBE_KEY = "tokenprune_probe"
 
 
 class PruningInputs(TensorSchema):
@@ -72,13 +86,16 @@ class PruningInputs(TensorSchema):
 
     ``tokenprune_keep`` is K, the image's placeholder count; ``tokenprune_method`` the index
     of its method in ``methods.METHOD_NAMES``; ``tokenprune_seed`` the ``random`` method's
-    seed (0 for other methods). All int64: a float field would be cast to the model dtype.
-    (``QUERY_FIELD``, each image's question of its own length, travels beside them.)
+    seed (0 for other methods); ``tokenprune_probe_methods`` and ``tokenprune_probe_keep``
+    the profile's probe (0 on requests). All int64: a float field would be cast to the model
+    dtype. (``QUERY_FIELD``, each image's question of its own length, travels beside them.)
     """
 
     tokenprune_keep: Annotated[torch.Tensor, TensorShape("bn")]
     tokenprune_method: Annotated[torch.Tensor, TensorShape("bn")]
     tokenprune_seed: Annotated[torch.Tensor, TensorShape("bn")]
+    tokenprune_probe_methods: Annotated[torch.Tensor, TensorShape("bn")]
+    tokenprune_probe_keep: Annotated[torch.Tensor, TensorShape("bn")]
 
 
 def selector_path(hf_config) -> str | None:
@@ -111,7 +128,7 @@ class PruningRequestError(VLLMValidationError):
 
 
 _CALL: ContextVar[_Call | None] = ContextVar("tokenprune_processor_call", default=None)
-_COUNTED: ContextVar[bool] = ContextVar("tokenprune_counted", default=True)
+_DUMMY: ContextVar[bool] = ContextVar("tokenprune_dummy", default=False)
 
 
 class PruningProcessorMixin:
@@ -179,9 +196,21 @@ class PruningProcessorMixin:
     def _markup_ids(self) -> frozenset[int]:
         return markup_ids(self.info.get_tokenizer())
 
+    def _servable(self, name: str, num_tokens: int) -> bool:
+        """Whether this server runs method ``name`` for an image of ``num_tokens`` tokens."""
+        try:
+            self._method(name)
+        except PruneRequestError:
+            return False
+        return not self._quadratic_refused(name, num_tokens)
+
+    def _quadratic_refused(self, method: str, num_tokens: int) -> bool:
+        bound = self._policy.max_quadratic_tokens
+        return bool(bound) and methods.get(method).quadratic_memory and num_tokens > bound
+
     @staticmethod
     def _without_prune_kwargs(mm_kwargs: Mapping[str, object]) -> dict[str, object]:
-        return {k: v for k, v in mm_kwargs.items() if k not in OUR_KEYS and k != QUERY_FIELD}
+        return {k: v for k, v in mm_kwargs.items() if k not in OUR_KEYS and k not in (QUERY_FIELD, PROBE_KEY)}
 
     # -- vLLM processor hooks ---------------------------------------------------------
 
@@ -205,7 +234,7 @@ class PruningProcessorMixin:
                     if methods.get(method).reads_query else {})
         inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={
             **request.hf_kwargs, KEEP_RATIO_KEY: str(request.keep_ratio) if auto else request.keep_ratio,
-            METHOD_KEY: method, **question})
+            METHOD_KEY: method, **question, **({PROBE_KEY: True} if _DUMMY.get() else {})})
         call = _Call(inputs)
         if method == "random" and inputs.mm_data_items.get_count("image", strict=False):
             call.image_hashes = self._get_mm_hashes(inputs)["image"]  # the seeds' source
@@ -214,32 +243,31 @@ class PruningProcessorMixin:
             result = super().apply(inputs, timing_ctx)
         finally:
             _CALL.reset(token)
-        if request.served and _COUNTED.get():
+        if request.served and not _DUMMY.get():
             self._record_metrics(inputs, result, None if auto else request.keep_ratio, method)
         return result
 
     def _check_quadratic_memory(self, inputs, request, method: str) -> None:
         """Refuse a method that holds N x N values per image for images past the operator's
         bound (at K = N no method runs, so keep 1.0 passes)."""
-        bound = self._policy.max_quadratic_tokens
-        if not bound or not methods.get(method).quadratic_memory or request.keep_ratio == 1.0:
-            return
         images = inputs.mm_data_items.get("image")
-        if not isinstance(images, ImageProcessorItems):
+        if (request.keep_ratio == 1.0 or not methods.get(method).quadratic_memory
+                or not isinstance(images, ImageProcessorItems) or not len(images)):
             return
         largest = max(self._unpruned_tokens(images.get_image_size(i), request.hf_kwargs) for i in range(len(images)))
-        if largest > bound:
+        if self._quadratic_refused(method, largest):
+            bound = self._policy.max_quadratic_tokens
             raise PruneRequestError(
                 f"prune_method {method!r} holds N x N values per image, and this server takes it for images "
                 f"of up to {bound} tokens (this request has one of {largest}); use a smaller image or another "
                 "method", "mm_processor_kwargs." + METHOD_KEY)
 
     def get_dummy_mm_inputs(self, *args, **kwargs):
-        token = _COUNTED.set(False)  # profiling and warm-up inputs are not requests
+        token = _DUMMY.set(True)  # profiling and warm-up inputs: not requests, and probed
         try:
             return super().get_dummy_mm_inputs(*args, **kwargs)
         finally:
-            _COUNTED.reset(token)
+            _DUMMY.reset(token)
 
     def _get_mm_hashes(self, inputs):
         call = _CALL.get()
@@ -265,7 +293,9 @@ class PruningProcessorMixin:
         if not isinstance(items, ImageProcessorItems) or not len(items):
             return processed  # no images, or precomputed embeddings (never pruned)
         method = hf_kwargs[METHOD_KEY]
-        keep = self._keep_counts(items, hf_kwargs[KEEP_RATIO_KEY], self._without_prune_kwargs(hf_kwargs))
+        passed_on = self._without_prune_kwargs(hf_kwargs)
+        counts = [self._unpruned_tokens(items.get_image_size(i), passed_on) for i in range(len(items))]
+        keep = self._keep_counts(items, counts, hf_kwargs[KEEP_RATIO_KEY])
         call = _CALL.get()
         hashes = call.image_hashes if call is not None else None
         if method == "random" and (hashes is None or len(hashes) != len(items)):
@@ -277,13 +307,17 @@ class PruningProcessorMixin:
             [item_seed(h) for h in hashes] if method == "random" else [0] * len(items), dtype=torch.int64)
         question = hf_kwargs.get(QUERY_FIELD, [])
         processed[QUERY_FIELD] = torch.tensor([question] * len(items), dtype=torch.int64).reshape(len(items), -1)
+        probe = hf_kwargs.get(PROBE_KEY, False)
+        processed[PROBE_METHODS_FIELD] = torch.tensor(
+            [methods.method_mask(m for m in methods.METHOD_NAMES if probe and self._servable(m, n)) for n in counts],
+            dtype=torch.int64)
+        processed[PROBE_KEEP_FIELD] = torch.tensor(
+            [keep_count(n, self._policy.lowest_ratio) if probe else 0 for n in counts], dtype=torch.int64)
         return processed
 
-    def _keep_counts(self, items: ImageProcessorItems, ratio: float | str,
-                     hf_kwargs: Mapping[str, object]) -> list[int]:
-        """Each image's K: ``keep_count`` of its N at the request's ratio or, under ``auto``
-        (``ratio`` its canonical string), at its predicted fraction under the policy."""
-        counts = [self._unpruned_tokens(items.get_image_size(i), hf_kwargs) for i in range(len(items))]
+    def _keep_counts(self, items: ImageProcessorItems, counts: list[int], ratio: float | str) -> list[int]:
+        """Each image's K: ``keep_count`` of its N (``counts``) at the request's ratio or, under
+        ``auto`` (``ratio`` its canonical string), at its predicted fraction under the policy."""
         if isinstance(ratio, str):
             budget = parse_budget(ratio, param=KEEP_RATIO_KEY)
             fractions = self._budget_predictor.fractions([items.get(i) for i in range(len(items))], counts)
@@ -410,6 +444,16 @@ class NoEncoderCudaGraphsMixin:
         return dataclasses.replace(super().get_encoder_cudagraph_config(), modalities=[])
 
 
+class Job(NamedTuple):
+    """One image's (or crop's) selection: its method, candidate tokens and K, and the
+    profile's probe, (method, K) pairs whose rows are dropped."""
+
+    method: str
+    tokens: methods.Tokens
+    k: int
+    probe: tuple[tuple[str, int], ...] = ()
+
+
 class PruningModelMixin:
     """Mix into a vLLM multimodal model class (before it in the MRO).
 
@@ -496,31 +540,43 @@ class PruningModelMixin:
         return fields
 
     @staticmethod
-    def _requested_probes(fields: dict[str, list[int]], counts: Sequence[int]) -> set[methods.Probe]:
-        """The tower statistics that the images of a batch need: those of the methods of
-        the images that keep fewer than their ``counts`` tokens."""
-        names = {methods.method_name(m)
-                 for m, k, n in zip(fields[METHOD_FIELD], fields[KEEP_FIELD], counts) if k < n}
+    def _image_methods(fields: dict[str, list[int]], i: int, num_tokens: int) -> list[str]:
+        """The methods image i runs: its own, if it keeps fewer than its ``num_tokens``,
+        and those of the profile's probe."""
+        own = [methods.method_name(fields[METHOD_FIELD][i])] if fields[KEEP_FIELD][i] < num_tokens else []
+        return own + methods.mask_names(fields[PROBE_METHODS_FIELD][i])
+
+    @classmethod
+    def _requested_probes(cls, fields: dict[str, list[int]], counts: Sequence[int]) -> set[methods.Probe]:
+        """The tower statistics that the images of a batch (of ``counts`` tokens) need."""
+        names = {name for i, n in enumerate(counts) for name in cls._image_methods(fields, i, n)}
         return set().union(*(methods.get(name).needs for name in names))
 
     def _candidates(self, fields: dict[str, list[int]], i: int, features: torch.Tensor, *,
-                    grids: tuple[tuple[int, int], ...], k: int | None = None,
-                    **tokens: object) -> tuple[str, methods.Tokens, int]:
-        """Image i's candidate tokens (N, D) as a selection job: (method, ``methods.Tokens``,
-        K); ``tokens`` fills the rest of ``methods.Tokens`` (values, embed, stats)."""
+                    grids: tuple[tuple[int, int], ...], k: int | None = None, probe_keep: int | None = None,
+                    **tokens: object) -> Job:
+        """Image i's candidate tokens (N, D) as a selection job; ``k`` and ``probe_keep``, a
+        part's share of the image's K and probe K where a family selects per crop;
+        ``tokens`` fills the rest of ``methods.Tokens`` (values, embed, stats)."""
         name = methods.method_name(fields[METHOD_FIELD][i])
         k = fields[KEEP_FIELD][i] if k is None else k
-        if methods.get(name).reads_query and k < len(features):  # at K = N no method runs
+        probe_keep = fields[PROBE_KEEP_FIELD][i] if probe_keep is None else probe_keep
+        probe = tuple((m, probe_keep) for m in methods.mask_names(fields[PROBE_METHODS_FIELD][i])) if probe_keep else ()
+        running = [m for m, _ in probe] + ([name] if k < len(features) else [])  # at K = N no method runs
+        if any(methods.get(m).reads_query for m in running):
             tokens["query"] = self.get_language_model().embed_input_ids(fields[QUERY_FIELD][i].to(features.device))
-        return name, methods.Tokens(features, grids, seed=fields[SEED_FIELD][i], selector=self.token_selector,
-                                    query_selector=self.query_selector, **tokens), k
+        return Job(name, methods.Tokens(features, grids, seed=fields[SEED_FIELD][i], selector=self.token_selector,
+                                        query_selector=self.query_selector, **tokens), k, probe)
 
     @staticmethod
-    def _select(jobs: Sequence[tuple[str, methods.Tokens, int]]) -> list[methods.Rows]:
+    def _select(jobs: Sequence[Job]) -> list[methods.Rows]:
         """The rows each job keeps, ascending stock positions: all the jobs of a tower call
         at once, each method once (``methods.select_all``)."""
         with torch.inference_mode():
-            return methods.select_all(jobs)
+            probe = [(name, job.tokens, k) for job in jobs for name, k in job.probe]
+            if probe:  # the memory profile's (module docstring): run for the memory it takes
+                methods.select_all(probe)
+            return methods.select_all([(job.method, job.tokens, job.k) for job in jobs])
 
     def _selector_weight_names(self) -> Iterable[str]:
         """Names vLLM's loader must see as loaded (the selector loaded itself)."""

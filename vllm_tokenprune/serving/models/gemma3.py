@@ -37,6 +37,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from vllm_tokenprune.serving.models.common import (
     KEEP_FIELD,
+    PROBE_KEEP_FIELD,
     HFProcessorTokensMixin,
     NoEncoderCudaGraphsMixin,
     PruningModelMixin,
@@ -89,13 +90,14 @@ class PrunedGemma3ForConditionalGeneration(LlavaTowerMixin, NoEncoderCudaGraphsM
         pooled = self._pooled(features)
         jobs, image_of = [], []
         for i, (first, crops) in enumerate(zip(itertools.accumulate([0, *crops_per_image]), crops_per_image)):
-            for crop, k in zip(range(first, first + crops), split_keep(fields[KEEP_FIELD][i], [per_crop] * crops)):
+            shares = (split_keep(fields[field][i], [per_crop] * crops) for field in (KEEP_FIELD, PROBE_KEEP_FIELD))
+            for crop, k, probe_keep in zip(range(first, first + crops), *shares):
                 if k == 0:  # a crop whose share rounds to nothing keeps only its markers
                     continue
                 crop_stats = {p: self._pooled(v.reshape(1, len(v), -1).float())[0].reshape(-1, *v.shape[1:])
                               for p, v in stats[crop].items()}
-                jobs.append(self._candidates(fields, i, pooled[crop], k=k, grids=((side, side),), stats=crop_stats,
-                                             values=stock[crop], embed=self._embed))
+                jobs.append(self._candidates(fields, i, pooled[crop], k=k, probe_keep=probe_keep, grids=((side, side),),
+                                             stats=crop_stats, values=stock[crop], embed=self._embed))
                 image_of.append(i)
         rows: list[list[torch.Tensor]] = [[] for _ in crops_per_image]
         for i, kept in zip(image_of, self._select(jobs)):

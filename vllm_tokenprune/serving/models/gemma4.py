@@ -50,8 +50,6 @@ from vllm.multimodal.parse import ImageSize
 from vllm_tokenprune.selection import methods
 from vllm_tokenprune.selection.methods.attention import TowerProbe
 from vllm_tokenprune.serving.models.common import (
-    KEEP_FIELD,
-    METHOD_FIELD,
     NoEncoderCudaGraphsMixin,
     PruningModelMixin,
     PruningProcessorMixin,
@@ -185,7 +183,7 @@ class PrunedGemma4ForConditionalGeneration(NoEncoderCudaGraphsMixin, PruningMode
         grids = soft_token_grids(image_input["pixel_position_ids"], kernel)
         counts = [rows * cols for rows, cols in grids]
         probed = [i for i, n in enumerate(counts)
-                  if methods.get(methods.method_name(fields[METHOD_FIELD][i])).needs and fields[KEEP_FIELD][i] < n]
+                  if any(methods.get(name).needs for name in self._image_methods(fields, i, n))]
         rest = [i for i in range(len(counts)) if i not in probed]
 
         def images(indices: list[int]) -> dict[str, list[torch.Tensor]]:
