@@ -124,3 +124,35 @@ def test_workload_compares_budgets_on_an_eval_files_images(served, tmp_path):
     assert cells["1.0"]["mean_image_tokens"] == n and cells["0.25"]["mean_image_tokens"] == keep_count(n, 0.25)
     assert all(c["requests"] == 8 and c["failed"] == 0 and c["median_ttft_ms"] > 0 for c in cells.values())
     assert (out / "workload.png").stat().st_size > 10_000 and "| 0.25 |" in (out / "results.md").read_text()
+
+
+def test_before_after_pairs_rounds_of_two_servers_and_checks_out_clean_commits(served, tmp_path):
+    """benchmarks/before_after.py against one real server under two names: every round pairs
+    both, the latencies of one-token requests are their TTFT, the report renders; and a
+    commit is served from a clean worktree of it."""
+    import subprocess
+
+    import benchmark_script
+
+    bench = benchmark_script.load("before_after")
+    _, server = served
+    result = bench.measure({"a": server.root, "b": server.root}, "tiny", keep=0.25, concurrency=2, rounds=2,
+                           per_slot=2, size=SIZE, seed=0)
+    assert [len(result["runs"][name]) for name in "ab"] == [2, 2] and len(result["per_round"]) == 2
+    for s in result["summary"].values():
+        assert s["completed"] == 8 and s["failed"] == 0 and 0 < s["ttft_ms_p50"] <= s["ttft_ms_p90"]
+        assert len(s["prompt_tokens"]) == 1  # every request the same prompt, pruned alike
+    assert result["requests_per_s_ratio_paired"] > 0 and result["ttft_p50_ratio_paired"] > 0
+    report = {"model": "tiny", "keep": 0.25, "concurrency": 2, "rounds": 2, "image_size": SIZE, "cpus": 2,
+              "command": "python benchmarks/before_after.py", **result}
+    assert bench.markdown(report).startswith("# tiny at keep 0.25, 2 clients: a against b")
+    bench.plot(report, tmp_path / "before_after.png")
+    assert (tmp_path / "before_after.png").stat().st_size > 10_000
+
+    commit, tree = bench.checkout("HEAD", tmp_path / "trees")
+    try:
+        assert (tree / "vllm_tokenprune" / "__init__.py").is_file()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True)
+        assert head.stdout.strip() == commit
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=bench.ROOT, check=True)

@@ -82,19 +82,22 @@ class Bodies:
 
 
 async def closed_loop(root: str, bodies: list[bytes], concurrency: int, headers: dict) -> dict:
-    """Send ``bodies`` with ``concurrency`` in flight; requests/s and prompt tokens."""
+    """Send ``bodies`` with ``concurrency`` in flight; requests/s, each request's seconds and
+    the prompt tokens."""
     import httpx
 
     queue = list(bodies)
-    tokens, failures = [], []
+    tokens, failures, latencies = [], [], []
     async with httpx.AsyncClient(base_url=root, timeout=600,
                                  limits=httpx.Limits(max_connections=concurrency)) as client:
         async def worker():
             while queue:
                 body = queue.pop()
+                sent = time.perf_counter()
                 response = await client.post("/v1/chat/completions", content=body,
                                              headers={"Content-Type": "application/json", **headers})
                 if response.status_code == 200:
+                    latencies.append(time.perf_counter() - sent)
                     tokens.append(response.json()["usage"]["prompt_tokens"])
                 else:
                     failures.append(f"{response.status_code}: {response.text[:200]}")
@@ -102,8 +105,9 @@ async def closed_loop(root: str, bodies: list[bytes], concurrency: int, headers:
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-    return {"requests_per_s": len(tokens) / elapsed, "seconds": elapsed, "completed": len(tokens),
-            "failed": len(failures), "failures": failures[:3], "prompt_tokens": sorted(set(tokens))}
+    return {"requests_per_s": len(tokens) / elapsed, "seconds": elapsed, "latencies": latencies,
+            "completed": len(tokens), "failed": len(failures), "failures": failures[:3],
+            "prompt_tokens": sorted(set(tokens))}
 
 
 def measure(servers: dict[str, str], model: str, cells: list[tuple[int, int]], rounds: int,
