@@ -115,11 +115,11 @@ def _tapped_attention(config, taps: dict[torch.nn.Module, _AttentionTap]):
         _TAPS.reset(token)
 
 
-def soft_token_grids(position_ids: Sequence[torch.Tensor], kernel: int) -> list[tuple[int, int]]:
-    """(rows, columns) of each image's soft tokens, from its patches' (x, y) positions (-1:
-    padding): one read of the device for all the images."""
+def patch_grids(position_ids: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
+    """(rows, columns) of each image's real patches, from their (x, y) positions (-1: the
+    padding that follows them): one read of the device for all the images."""
     corners = torch.stack([p.reshape(-1, 2).max(dim=0).values for p in position_ids]).tolist()
-    return [((y + 1) // kernel, (x + 1) // kernel) for x, y in corners]
+    return [(y + 1, x + 1) for x, y in corners]
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -147,9 +147,10 @@ class PrunedGemma4ForConditionalGeneration(NoEncoderCudaGraphsMixin, PruningMode
             hook.remove()
         return stock, list(seen[0].squeeze(0).split([len(e) for e in stock]))
 
-    def _probed_images(self, image_input, probes: set[methods.Probe]):
+    def _probed_images(self, image_input, probes: set[methods.Probe], patches: Sequence[tuple[int, int]]):
         """``_stock_images`` with each image's ``probes`` per soft token: the image alone,
-        without its padding patches, under ``TowerProbe`` (module docstring)."""
+        without its padding patches (it has ``patches``' real ones), under ``TowerProbe``
+        (module docstring)."""
         layers = self.vision_tower.encoder.layers
         middle = max(0, round(len(layers) * OBJECT_LAYER_SHARE) - 1)
         taps = {layers[-1].self_attn: _AttentionTap(layers[-1].self_attn),
@@ -157,13 +158,14 @@ class PrunedGemma4ForConditionalGeneration(NoEncoderCudaGraphsMixin, PruningMode
         ops = {methods.LATE: taps[layers[-1].self_attn], methods.MIDDLE: taps[layers[middle].self_attn]}
         kernel = self.config.vision_config.pooling_kernel_size
         stock, soft_tokens, stats = [], [], []
-        for pixels, positions in zip(image_input["pixel_values"], image_input["pixel_position_ids"]):
-            real = (positions != -1).any(dim=-1)
+        for pixels, positions, (patch_rows, patch_cols) in zip(
+                image_input["pixel_values"], image_input["pixel_position_ids"], patches):
+            real = slice(0, patch_rows * patch_cols)
             alone = {"pixel_values": [pixels[real]], "pixel_position_ids": [positions[real]]}
             probe = TowerProbe(ops, probes, has_cls=False, total_heads=self.config.vision_config.num_attention_heads)
             with probe, _tapped_attention(layers[-1].self_attn.config, taps):
                 (embeds,), (tokens,) = self._stock_images(alone)
-            ((rows, cols),) = soft_token_grids([positions[real]], kernel)
+            rows, cols = patch_rows // kernel, patch_cols // kernel
             # each patch's statistic to its soft token: block (y // k, x // k), row-major
             block = (positions[real, 1] // kernel) * cols + positions[real, 0] // kernel
             # (summed in a fixed order: index_add_'s atomics differ from run to run on CUDA)
@@ -180,7 +182,8 @@ class PrunedGemma4ForConditionalGeneration(NoEncoderCudaGraphsMixin, PruningMode
         (The processor caps an image's blocks at its budget, so its grid holds exactly its
         soft tokens.)"""
         kernel = self.config.vision_config.pooling_kernel_size
-        grids = soft_token_grids(image_input["pixel_position_ids"], kernel)
+        patches = patch_grids(image_input["pixel_position_ids"])
+        grids = [(rows // kernel, cols // kernel) for rows, cols in patches]
         counts = [rows * cols for rows, cols in grids]
         probed = [i for i, n in enumerate(counts)
                   if any(methods.get(name).needs for name in self._image_methods(fields, i, n))]
@@ -193,7 +196,8 @@ class PrunedGemma4ForConditionalGeneration(NoEncoderCudaGraphsMixin, PruningMode
         if rest:
             found.update(zip(rest, zip(*self._stock_images(images(rest)), [{}] * len(rest))))
         if probed:
-            found.update(zip(probed, zip(*self._probed_images(images(probed), self._requested_probes(fields, counts)))))
+            found.update(zip(probed, zip(*self._probed_images(images(probed), self._requested_probes(fields, counts),
+                                                              [patches[i] for i in probed]))))
         return [rows.values for rows in self._select([
             self._candidates(fields, i, found[i][1], grids=(grid,), values=found[i][0], embed=self._embed,
                              stats=found[i][2]) for i, grid in enumerate(grids)])]
