@@ -166,7 +166,8 @@ def table(report: dict) -> str:
                 continue
             peak = f"{row['peak_mib']:.0f}" if "peak_mib" in row else "-"
             lines.append(f"| {case} | {name} | {row['seconds'] * 1e3:.2f} | {peak} | {row['syncs']} |")
-    lines += ["", "Tower (CLIP-L/336, 23 layers):", "", "| call | images | ms | peak MiB |", "| --- | --- | --- | --- |"]
+    lines += ["", "Tower (CLIP-L/336, 23 layers):", "", "| call | images | ms | peak MiB |",
+              "| --- | --- | --- | --- |"]
     for label, row in report["tower"].items():
         peak = f"{row['peak_mib']:.0f}" if "peak_mib" in row else "-"
         lines.append(f"| {label} | {row['images']} | {row['seconds'] * 1e3:.1f} | {peak} |")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 from scripts import run_without_vllm
-
 from vllm_tokenprune.selection.methods import METHOD_NAMES
 
 

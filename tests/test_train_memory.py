@@ -29,7 +29,8 @@ def test_train_memory_reports_cold_and_warm_runs_of_every_folder(tiny_checkpoint
                                    "all_in_memory_mib": round(144 * 64 * 4 * int(images) / 2**20, 1)}
     # 3 and 6 training images, 1 and 2 held out; a window of 3 shards of 2, a sample of 5
     assert [r["held_by_settings"] for r in report["runs"].values()] == [
-        {"shuffle_window": 3, "budget_sample": 3, "held_out": 1}, {"shuffle_window": 6, "budget_sample": 5, "held_out": 2}]
+        {"shuffle_window": 3, "budget_sample": 3, "held_out": 1},
+        {"shuffle_window": 6, "budget_sample": 5, "held_out": 2}]
     small, large = report["runs"]["4"], report["runs"]["8"]
     assert report["ratio_to_first"]["4"] == {"cold": 1.0, "warm": 1.0}
     for phase, ratio in report["ratio_to_first"]["8"].items():

@@ -2,11 +2,12 @@
 
 The interface. A method gets a batch of images, each its ``Tokens`` and a keep count K
 (fixed earlier by ``serving.policy.keep_count`` in the processor, 1 <= K < N), and returns
-each image's ``Rows``: exactly K (position, value) rows, positions strictly ascending. A row is either a token kept as it
-is (its own stock position and value) or a merge of several tokens (their mean value, at
-the stock position of the token that stands for them). Model families place row j where
-stock position ``index[j]`` sits: the language model sees the rows in stock order, and
-Qwen's M-RoPE gives each row the (t, h, w) of that position.
+each image's ``Rows``: exactly K (position, value) rows, positions strictly ascending. A
+row is either a token kept as it is (its own stock position and value) or a merge of
+several tokens (their mean value, at the stock position of the token that stands for
+them). Model families place row j where stock position ``index[j]`` sits: the language
+model sees the rows in stock order, and Qwen's M-RoPE gives each row the (t, h, w) of that
+position.
 
 What a method may read (``Tokens``): the features it scores and compares, the values its
 rows carry (the same tensor, or wider: Qwen3-VL's DeepStack channels), the tokens' layout

@@ -9,7 +9,6 @@ pinned, non-blocking copy, as vLLM moves its own inputs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-
 from typing import TYPE_CHECKING
 
 import torch

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from vllm_tokenprune.selection.methods import GLOBAL_ATTENTION, LATE, MIDDLE, Method, Probe, Rows, Tokens, per_image
 from vllm_tokenprune.selection.methods.grid import with_neighbours
 from vllm_tokenprune.selection.methods.topk import topk_sorted

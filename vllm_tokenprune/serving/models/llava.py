@@ -101,7 +101,8 @@ class LlavaTowerMixin:
         image's rows in them (``PruningModelMixin._in_tower_chunks``): none, as pixel_values
         holds one crop (LLaVA-1.5) or one stack of crops (the anyres families) per image."""
         pixels = image_input["pixel_values"]
-        crops = [1] * len(pixels) if isinstance(pixels, torch.Tensor) and pixels.dim() == 4 else [len(p) for p in pixels]
+        one_each = isinstance(pixels, torch.Tensor) and pixels.dim() == 4
+        crops = [1] * len(pixels) if one_each else [len(p) for p in pixels]
         return [c * self._crop_tokens()[0] for c in crops], None
 
 
