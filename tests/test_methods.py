@@ -528,8 +528,10 @@ def hf_gemma4_statistics(path, pixels, positions, monkeypatch):
 # In the worker (sent by `LLM.apply_model`; results as lists, which survive the trip).
 
 def _gemma4_statistics(pixels, positions, model):
+    from vllm_tokenprune.serving.models.gemma4 import patch_grids
+
     image_input = {"pixel_values": pixels, "pixel_position_ids": positions}
-    _, _, stats = model._probed_images(image_input, set(ALL_PROBES))
+    _, _, stats = model._probed_images(image_input, set(ALL_PROBES), patch_grids(positions))
     return [{tuple(p): v.tolist() for p, v in image.items()} for image in stats]
 
 
