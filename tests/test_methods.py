@@ -364,13 +364,8 @@ def test_tower_probe_reduces_in_one_order_whatever_the_process():
 
 
 def test_attention_is_computed_only_for_pruned_images_of_methods_that_read_it():
-    from vllm_tokenprune.serving.models.common import (
-        KEEP_FIELD,
-        METHOD_FIELD,
-        PROBE_KEEP_FIELD,
-        PROBE_METHODS_FIELD,
-        PruningModelMixin,
-    )
+    from vllm_tokenprune.serving.models.common import KEEP_FIELD, METHOD_FIELD, PROBE_KEEP_FIELD, PROBE_METHODS_FIELD
+    from vllm_tokenprune.serving.models.model import PruningModelMixin
 
     def fields(*pairs, probe=()):
         return {METHOD_FIELD: [methods.method_id(m) for m, _ in pairs], KEEP_FIELD: [k for _, k in pairs],

@@ -22,7 +22,7 @@ def test_entry_point_is_installed():
 def test_register_is_reentrant_and_vllm_resolves_our_classes():
     from vllm import ModelRegistry
 
-    from vllm_tokenprune.serving.models.common import PruningProcessorMixin
+    from vllm_tokenprune.serving.models.processor import PruningProcessorMixin
 
     register()
     register()

@@ -87,7 +87,8 @@ def test_k_method_and_seed_stay_on_the_cpu_where_the_model_reads_them_without_a_
 def test_random_is_seeded_from_vllms_item_hash_on_cache_hits_and_misses(processor):
     from vllm.multimodal.cache import MultiModalProcessorOnlyCache
 
-    from vllm_tokenprune.serving.models.common import SEED_FIELD, item_seed
+    from vllm_tokenprune.serving.models.common import SEED_FIELD
+    from vllm_tokenprune.serving.models.processor import item_seed
 
     arch, make = processor
     proc = make()

@@ -126,8 +126,8 @@ def test_the_model_hands_a_question_reading_method_the_embedded_question():
         PROBE_METHODS_FIELD,
         QUERY_FIELD,
         SEED_FIELD,
-        PruningModelMixin,
     )
+    from vllm_tokenprune.serving.models.model import PruningModelMixin
 
     words = torch.nn.Embedding(8, 4)
     words.weight.data = torch.eye(4).repeat(2, 1)  # word w points along axis w % 4

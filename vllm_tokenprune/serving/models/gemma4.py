@@ -49,12 +49,9 @@ from vllm.multimodal.parse import ImageSize
 
 from vllm_tokenprune.selection import methods
 from vllm_tokenprune.selection.methods.attention import TowerProbe
-from vllm_tokenprune.serving.models.common import (
-    NoEncoderCudaGraphsMixin,
-    PruningModelMixin,
-    PruningProcessorMixin,
-)
 from vllm_tokenprune.serving.models.llava import OBJECT_LAYER_SHARE
+from vllm_tokenprune.serving.models.model import NoEncoderCudaGraphsMixin, PruningModelMixin
+from vllm_tokenprune.serving.models.processor import PruningProcessorMixin
 
 
 class PrunedGemma4MultiModalProcessor(PruningProcessorMixin, Gemma4MultiModalProcessor):

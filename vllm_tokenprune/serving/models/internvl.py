@@ -32,8 +32,9 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from vllm_tokenprune.selection import methods
 from vllm_tokenprune.selection.methods.attention import TowerProbe
-from vllm_tokenprune.serving.models.common import HFProcessorTokensMixin, PruningModelMixin
 from vllm_tokenprune.serving.models.llava import OBJECT_LAYER_SHARE
+from vllm_tokenprune.serving.models.model import PruningModelMixin
+from vllm_tokenprune.serving.models.processor import HFProcessorTokensMixin
 
 
 class PrunedInternVLMultiModalProcessor(HFProcessorTokensMixin, InternS1MultiModalProcessor):

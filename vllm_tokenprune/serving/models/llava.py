@@ -28,7 +28,8 @@ from vllm.multimodal.parse import ImageSize
 
 from vllm_tokenprune.selection import methods
 from vllm_tokenprune.selection.methods.attention import TowerProbe
-from vllm_tokenprune.serving.models.common import PruningModelMixin, PruningProcessorMixin
+from vllm_tokenprune.serving.models.model import PruningModelMixin
+from vllm_tokenprune.serving.models.processor import PruningProcessorMixin
 
 # HiPrune's object layer: the 9th of CLIP-L's 24 layers, the paper's default (arXiv 2508.00553).
 OBJECT_LAYER_SHARE = 9 / 24

@@ -35,8 +35,8 @@ from vllm.model_executor.models.llava_next import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from vllm_tokenprune.selection.methods.batch import to_device
-from vllm_tokenprune.serving.models.common import PruningModelMixin
 from vllm_tokenprune.serving.models.llava import LlavaPruningProcessorMixin, LlavaTowerMixin
+from vllm_tokenprune.serving.models.model import PruningModelMixin
 
 
 class PrunedLlavaNextMultiModalProcessor(LlavaPruningProcessorMixin, LlavaNextMultiModalProcessor):

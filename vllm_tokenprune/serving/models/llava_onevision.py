@@ -38,8 +38,9 @@ from vllm.model_executor.models.llava_onevision import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from vllm_tokenprune.selection.methods.batch import to_device
-from vllm_tokenprune.serving.models.common import KEEP_FIELD, PruningModelMixin
+from vllm_tokenprune.serving.models.common import KEEP_FIELD
 from vllm_tokenprune.serving.models.llava import LlavaPruningProcessorMixin, LlavaTowerMixin
+from vllm_tokenprune.serving.models.model import PruningModelMixin
 
 
 class PrunedLlavaOnevisionMultiModalProcessor(LlavaPruningProcessorMixin, LlavaOnevisionMultiModalProcessor):

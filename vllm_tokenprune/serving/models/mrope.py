@@ -58,11 +58,8 @@ from vllm.multimodal.parse import ImageSize
 from vllm_tokenprune.selection import methods
 from vllm_tokenprune.selection.methods.attention import TowerProbe
 from vllm_tokenprune.selection.methods.batch import to_device
-from vllm_tokenprune.serving.models.common import (
-    NoEncoderCudaGraphsMixin,
-    PruningModelMixin,
-    PruningProcessorMixin,
-)
+from vllm_tokenprune.serving.models.model import NoEncoderCudaGraphsMixin, PruningModelMixin
+from vllm_tokenprune.serving.models.processor import PruningProcessorMixin
 
 logger = init_logger(__name__)
 

@@ -1,0 +1,205 @@
+"""The model half of every pruned family, in vLLM's workers: the selector loaded and
+checked against the served model, the tower run in chunks of the encoder budget, each
+image's candidate tokens made a selection job, and all the jobs of a tower call selected
+at once from the fields the processor attached (``common``). Methods that read the
+tower's attention get it from ``methods.attention.TowerProbe``, used only for a tower call
+in which some image asked for such a method (or the profile's probe, ``common``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+from vllm.logger import init_logger
+
+from vllm_tokenprune.selection import methods
+from vllm_tokenprune.serving.models.common import (
+    KEEP_FIELD,
+    METHOD_FIELD,
+    PROBE_KEEP_FIELD,
+    PROBE_METHODS_FIELD,
+    PRUNE_FIELDS,
+    QUERY_FIELD,
+    SEED_FIELD,
+    PruningInputs,
+    selector_path,
+    served_budget_predictor,
+)
+from vllm_tokenprune.serving.policy import AutoBudget, PrunePolicy
+
+logger = init_logger(__name__)
+
+
+def _chunks(counts: Sequence[int], budget: int) -> list[slice]:
+    """Consecutive runs of ``counts`` adding up to at most ``budget``; a count past it alone."""
+    found, start, total = [], 0, 0
+    for i, n in enumerate(counts):
+        if i > start and total + n > budget:
+            found.append(slice(start, i))
+            start, total = i, 0
+        total += n
+    return found + [slice(start, len(counts))] if counts else found
+
+
+def check_budget_predictor(path: str | None, hf_config) -> None:
+    """At start-up, in the model: the selector checkpoint's budget predictor loads, and a
+    server whose default is ``auto`` has one."""
+    has_predictor = path is not None and served_budget_predictor(path) is not None
+    if isinstance(PrunePolicy.from_config(hf_config).default_keep_ratio, AutoBudget) and not has_predictor:
+        raise ValueError("the default keep ratio is auto, which needs a budget predictor, and "
+                         f"{'the selector ' + path if path else 'this server (no selector)'} has none")
+    if has_predictor:
+        logger.info("tokenprune: the selector's budget predictor serves keep ratio 'auto'")
+
+
+class NoEncoderCudaGraphsMixin:
+    """For stock models that capture their tower in encoder CUDA graphs (``cudagraph_mm_encoder``):
+    no graphs, because their replay bypasses ``embed_multimodal``, and so pruning."""
+
+    def get_encoder_cudagraph_config(self):
+        return dataclasses.replace(super().get_encoder_cudagraph_config(), modalities=[])
+
+
+class Job(NamedTuple):
+    """One image's (or crop's) selection: its method, candidate tokens and K, and the
+    profile's probe, (method, K) pairs whose rows are dropped."""
+
+    method: str
+    tokens: methods.Tokens
+    k: int
+    probe: tuple[tuple[str, int], ...] = ()
+
+
+class PruningModelMixin:
+    """Mix into a vLLM multimodal model class (before it in the MRO).
+
+    ``_init_pruning`` loads the selector named in the config (validated against the
+    served model); ``_candidates`` makes an image's selection job and ``_select`` runs all
+    the jobs of a tower call together.
+    """
+
+    token_selector: nn.Module | None
+    query_selector: nn.Module | None  # the checkpoint's question-reading section, if any
+
+    def _init_pruning(self, vllm_config, device: torch.device) -> None:
+        hf_config = vllm_config.model_config.hf_config
+        path = selector_path(hf_config)
+        self.token_selector = self.query_selector = None
+        scheduler = vllm_config.scheduler_config
+        # The encoder budget, in tokens as an unpruned image counts them: the most vLLM
+        # schedules, and profiles its tower with, in one step at keep 1.0. The scheduler
+        # charges a pruned image only K, so a step may hold N / K times as many tower tokens;
+        # the tower runs them in chunks of this size (``_in_tower_chunks``).
+        self.tower_budget = min(scheduler.max_num_encoder_input_tokens, scheduler.encoder_cache_size)
+        if path is None:
+            check_budget_predictor(None, hf_config)
+            return
+        from vllm_tokenprune.selection.selector import (
+            check_compatible,
+            check_question_width,
+            load_query_selector,
+            load_selector,
+        )
+
+        selector, metadata = load_selector(path)
+        check_compatible(metadata, hf_config)
+        self.token_selector = selector.to(device=device).eval()
+        logger.info("tokenprune: loaded selector %s (trained for %s)", path,
+                    metadata.get("source_model"))
+        check_budget_predictor(path, hf_config)
+        if (found := load_query_selector(path)) is not None:
+            check_question_width(found[0], hf_config)
+            self.query_selector = found[0].to(device=device).eval()
+            logger.info("tokenprune: the selector's question-reading section serves 'learned_query'")
+
+    def _in_tower_chunks(self, embed: Callable[[object, dict], list[torch.Tensor]], image_input,
+                         fields: dict[str, list], counts: Sequence[int],
+                         rows: Mapping[str, Sequence[int]] | None = None) -> list[torch.Tensor]:
+        """``embed(image_input, fields)`` over consecutive images whose ``counts`` (tokens as
+        unpruned, ``tower_budget``'s unit) add up to at most the tower budget, an image past it
+        alone: the tower never takes more at once than vLLM profiled, whatever K the scheduler
+        charged. ``rows`` names the inputs packed flat, with each image's rows in them (Qwen's
+        patches, Gemma 3's crops); every other tensor or list of one entry per image is cut
+        likewise."""
+        # A TypedDict, or a vLLM TensorSchema (its inputs as attributes)
+        schema = not isinstance(image_input, Mapping)
+        named = ({k: v for k, v in vars(image_input).items() if not k.startswith("_")} if schema
+                 else image_input)
+        out: list[torch.Tensor] = []
+        for images in _chunks(counts, self.tower_budget):
+            part = {}
+            for name, value in named.items():
+                if rows is not None and name in rows:
+                    first = sum(rows[name][:images.start])
+                    part[name] = value[first:first + sum(rows[name][images])]
+                elif isinstance(value, (torch.Tensor, list, tuple)) and len(value) == len(counts):
+                    part[name] = value[images]
+                else:
+                    part[name] = value
+            out += embed(type(image_input)(validate=False, **part) if schema else part,
+                         {name: value[images] for name, value in fields.items()})
+        return out
+
+    @staticmethod
+    def _pop_prune_fields(kwargs: dict) -> dict[str, list] | None:
+        """The batch's ``PruningInputs`` (validated), as lists per field, and under
+        ``QUERY_FIELD`` each image's question ids (a 1-D tensor); None without them."""
+        values = {name: kwargs.pop(name, None) for name in PRUNE_FIELDS}
+        questions = kwargs.pop(QUERY_FIELD, None)
+        if any(v is None for v in values.values()) or questions is None:
+            return None
+        inputs = PruningInputs(**{name: torch.as_tensor(v).flatten() for name, v in values.items()})
+        fields = {name: [int(x) for x in getattr(inputs, name).tolist()] for name in PRUNE_FIELDS}
+        fields[QUERY_FIELD] = [q.reshape(-1) for q in questions]  # a (B, L) tensor, or B tensors
+        if len(fields[QUERY_FIELD]) != len(fields[KEEP_FIELD]):
+            raise ValueError(f"{len(fields[QUERY_FIELD])} questions for {len(fields[KEEP_FIELD])} images")
+        return fields
+
+    @staticmethod
+    def _image_methods(fields: dict[str, list[int]], i: int, num_tokens: int) -> list[str]:
+        """The methods image i runs: its own, if it keeps fewer than its ``num_tokens``,
+        and those of the profile's probe."""
+        own = [methods.method_name(fields[METHOD_FIELD][i])] if fields[KEEP_FIELD][i] < num_tokens else []
+        return own + methods.mask_names(fields[PROBE_METHODS_FIELD][i])
+
+    @classmethod
+    def _requested_probes(cls, fields: dict[str, list[int]], counts: Sequence[int]) -> set[methods.Probe]:
+        """The tower statistics that the images of a batch (of ``counts`` tokens) need."""
+        names = {name for i, n in enumerate(counts) for name in cls._image_methods(fields, i, n)}
+        return set().union(*(methods.get(name).needs for name in names))
+
+    def _candidates(self, fields: dict[str, list[int]], i: int, features: torch.Tensor, *,
+                    grids: tuple[tuple[int, int], ...], k: int | None = None, probe_keep: int | None = None,
+                    **tokens: object) -> Job:
+        """Image i's candidate tokens (N, D) as a selection job; ``k`` and ``probe_keep``, a
+        part's share of the image's K and probe K where a family selects per crop;
+        ``tokens`` fills the rest of ``methods.Tokens`` (values, embed, stats)."""
+        name = methods.method_name(fields[METHOD_FIELD][i])
+        k = fields[KEEP_FIELD][i] if k is None else k
+        probe_keep = fields[PROBE_KEEP_FIELD][i] if probe_keep is None else probe_keep
+        probe = tuple((m, probe_keep) for m in methods.mask_names(fields[PROBE_METHODS_FIELD][i])) if probe_keep else ()
+        running = [m for m, _ in probe] + ([name] if k < len(features) else [])  # at K = N no method runs
+        if any(methods.get(m).reads_query for m in running):
+            tokens["query"] = self.get_language_model().embed_input_ids(fields[QUERY_FIELD][i].to(features.device))
+        return Job(name, methods.Tokens(features, grids, seed=fields[SEED_FIELD][i], selector=self.token_selector,
+                                        query_selector=self.query_selector, **tokens), k, probe)
+
+    @staticmethod
+    def _select(jobs: Sequence[Job]) -> list[methods.Rows]:
+        """The rows each job keeps, ascending stock positions: all the jobs of a tower call
+        at once, each method once (``methods.select_all``)."""
+        with torch.inference_mode():
+            probe = [(name, job.tokens, k) for job in jobs for name, k in job.probe]
+            if probe:  # the memory profile's (module docstring): run for the memory it takes
+                methods.select_all(probe)
+            return methods.select_all([(job.method, job.tokens, job.k) for job in jobs])
+
+    def _selector_weight_names(self) -> Iterable[str]:
+        """Names vLLM's loader must see as loaded (the selector loaded itself)."""
+        return {f"{name}.{n}" for name in ("token_selector", "query_selector")
+                if (module := getattr(self, name)) is not None for n, _ in module.named_parameters()}
+

@@ -1,0 +1,345 @@
+"""The processor half of every pruned family, in vLLM's API server (and wherever vLLM
+processes inputs): each request's pruning decided under the operator's policy, K sized
+into the prompt, the fields the model reads (``common``) attached to each image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import itertools
+from collections.abc import Mapping
+from contextvars import ContextVar
+
+import torch
+from vllm.exceptions import VLLMValidationError
+from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.parse import ImageProcessorItems, ImageSize
+from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
+
+from vllm_tokenprune.selection import methods
+from vllm_tokenprune.serving.models.common import (
+    KEEP_FIELD,
+    METHOD_FIELD,
+    PROBE_KEEP_FIELD,
+    PROBE_KEY,
+    PROBE_METHODS_FIELD,
+    PRUNE_FIELDS,
+    QUERY_FIELD,
+    SEED_FIELD,
+    selector_path,
+    served_budget_predictor,
+)
+from vllm_tokenprune.serving.policy import (
+    KEEP_RATIO_KEY,
+    METHOD_KEY,
+    OUR_KEYS,
+    AutoBudget,
+    PrunePolicy,
+    PruneRequestError,
+    keep_count,
+    markup_ids,
+    parse_budget,
+    question_tokens,
+    resolve,
+    split_keep,
+)
+
+
+def item_seed(item_hash: str) -> int:
+    """The ``random`` method's seed for an item: from the identity vLLM already computed
+    for it (content hash, or the client's uuid), so the same image draws the same tokens."""
+    digest = hashlib.blake2b(item_hash.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+@dataclasses.dataclass
+class _Call:
+    """One ``apply`` call's state, for the processor hooks vLLM calls inside it: the item
+    hashes, so that vLLM computes them once and the ``random`` seeds come from them. Held
+    in a context variable because one processor serves the renderer's thread pool."""
+
+    inputs: object
+    hashes: object = None  # vLLM's item hashes, computed once
+    image_hashes: list[str] | None = None  # those of the images the next HF call processes
+
+
+class PruningRequestError(VLLMValidationError):
+    """A refused pruning request: vLLM answers it with a 400 naming ``parameter``."""
+
+    def __str__(self) -> str:  # the message alone; the param travels in its own field
+        return Exception.__str__(self)
+
+
+_CALL: ContextVar[_Call | None] = ContextVar("tokenprune_processor_call", default=None)
+_DUMMY: ContextVar[bool] = ContextVar("tokenprune_dummy", default=False)
+
+
+class PruningProcessorMixin:
+    """Mix into a vLLM ``BaseMultiModalProcessor`` subclass (before it in the MRO).
+
+    ``apply`` is where every request's pruning is decided, whatever route or client it
+    came from: the kwargs are resolved under the operator's policy (``policy.resolve``)
+    and replaced by their canonical form, so that the item hashes, which key vLLM's
+    processor, encoder and prefix caches, are those of what the request gets.
+
+    A family implements ``_unpruned_tokens(image_size, hf_kwargs)``, its stock token count N
+    for an image under the HF processor kwargs the request passes on.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # With the processor, at start-up: the first auto request pays no load or compile.
+        path = selector_path(self.info.get_hf_config())
+        self._budget_predictor = None if path is None else served_budget_predictor(path)
+
+    def _unpruned_tokens(self, image_size: ImageSize, hf_kwargs: Mapping[str, object]) -> int:
+        raise NotImplementedError
+
+    def _tower_statistics_unavailable(self) -> str | None:
+        """Why the served model cannot compute tower attention statistics, or None."""
+        return None
+
+    @functools.cached_property
+    def _policy(self) -> PrunePolicy:
+        return PrunePolicy.from_config(self.info.get_hf_config())
+
+    @functools.cached_property
+    def _has_query_selector(self) -> bool:
+        path = selector_path(self.info.get_hf_config())
+        if path is None:
+            return False
+        from vllm_tokenprune.selection.selector import load_query_selector
+
+        return load_query_selector(path) is not None
+
+    # -- the request's choice ---------------------------------------------------------
+
+    def _method(self, requested: str | None) -> str:
+        """The method an image gets: the one asked for, if this server can run it; by
+        default 'learned' when a selector is loaded, else 'norm'."""
+        has_selector = selector_path(self.info.get_hf_config()) is not None
+        if requested is None:
+            return "learned" if has_selector else "norm"
+        param = "mm_processor_kwargs." + METHOD_KEY
+        if requested == "learned" and not has_selector:
+            raise PruneRequestError(
+                "prune_method 'learned' needs a selector, and this server has none "
+                "(start it with --selector PATH); use 'norm' or 'random'", param)
+        if requested == "learned_query" and not self._has_query_selector:
+            raise PruneRequestError(
+                "prune_method 'learned_query' needs a selector that reads the question, and this server's "
+                + ("selector has none (`vllm-tokenprune train-query` adds one)" if has_selector
+                   else "has no selector (start it with --selector PATH)"), param)
+        if methods.get(requested).needs and (reason := self._tower_statistics_unavailable()):
+            raise PruneRequestError(
+                f"prune_method {requested!r} reads the vision tower's attention, which {reason}", param)
+        return requested
+
+    @functools.cached_property
+    def _markup_ids(self) -> frozenset[int]:
+        return markup_ids(self.info.get_tokenizer())
+
+    def _servable(self, name: str, num_tokens: int) -> bool:
+        """Whether this server runs method ``name`` for an image of ``num_tokens`` tokens."""
+        try:
+            self._method(name)
+        except PruneRequestError:
+            return False
+        return not self._quadratic_refused(name, num_tokens)
+
+    def _quadratic_refused(self, method: str, num_tokens: int) -> bool:
+        bound = self._policy.max_quadratic_tokens
+        return bool(bound) and methods.get(method).quadratic_memory and num_tokens > bound
+
+    @staticmethod
+    def _without_prune_kwargs(mm_kwargs: Mapping[str, object]) -> dict[str, object]:
+        return {k: v for k, v in mm_kwargs.items() if k not in OUR_KEYS and k not in (QUERY_FIELD, PROBE_KEY)}
+
+    # -- vLLM processor hooks ---------------------------------------------------------
+
+    def apply(self, inputs, timing_ctx):
+        try:
+            request = resolve(inputs.hf_processor_mm_kwargs, self._policy)
+            method = self._method(request.method)
+            auto = isinstance(request.keep_ratio, AutoBudget)
+            if auto and self._budget_predictor is None:
+                raise PruneRequestError(
+                    f"keep_ratio {str(request.keep_ratio)!r} needs a budget predictor, and this server's "
+                    "selector has none (`vllm-tokenprune train` writes one into the selector checkpoint); "
+                    "send a number in (0, 1]", "mm_processor_kwargs." + KEEP_RATIO_KEY)
+            self._check_quadratic_memory(inputs, request, method)
+        except PruneRequestError as err:
+            raise PruningRequestError(str(err), parameter=err.param) from None
+        # auto travels as its canonical string: what the predictor decides follows from it and
+        # the image, both in vLLM's item hash, so a cache hit holds the K a miss would compute.
+        # The question too, for a method that reads one: another question is another item.
+        question = ({QUERY_FIELD: question_tokens(inputs.prompt, self._markup_ids)}
+                    if methods.get(method).reads_query else {})
+        inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={
+            **request.hf_kwargs, KEEP_RATIO_KEY: str(request.keep_ratio) if auto else request.keep_ratio,
+            METHOD_KEY: method, **question, **({PROBE_KEY: True} if _DUMMY.get() else {})})
+        call = _Call(inputs)
+        if method == "random" and inputs.mm_data_items.get_count("image", strict=False):
+            call.image_hashes = self._get_mm_hashes(inputs)["image"]  # the seeds' source
+        token = _CALL.set(call)
+        try:
+            result = super().apply(inputs, timing_ctx)
+        finally:
+            _CALL.reset(token)
+        if request.served and not _DUMMY.get():
+            self._record_metrics(inputs, result, None if auto else request.keep_ratio, method)
+        return result
+
+    def _check_quadratic_memory(self, inputs, request, method: str) -> None:
+        """Refuse a method that holds N x N values per image for images past the operator's
+        bound (at K = N no method runs, so keep 1.0 passes)."""
+        images = inputs.mm_data_items.get("image")
+        if (request.keep_ratio == 1.0 or not methods.get(method).quadratic_memory
+                or not isinstance(images, ImageProcessorItems) or not len(images)):
+            return
+        largest = max(self._unpruned_tokens(images.get_image_size(i), request.hf_kwargs) for i in range(len(images)))
+        if self._quadratic_refused(method, largest):
+            bound = self._policy.max_quadratic_tokens
+            raise PruneRequestError(
+                f"prune_method {method!r} holds N x N values per image, and this server takes it for images "
+                f"of up to {bound} tokens (this request has one of {largest}); use a smaller image or another "
+                "method", "mm_processor_kwargs." + METHOD_KEY)
+
+    def get_dummy_mm_inputs(self, *args, **kwargs):
+        token = _DUMMY.set(True)  # profiling and warm-up inputs: not requests, and probed
+        try:
+            return super().get_dummy_mm_inputs(*args, **kwargs)
+        finally:
+            _DUMMY.reset(token)
+
+    def _get_mm_hashes(self, inputs):
+        call = _CALL.get()
+        if call is None or call.inputs is not inputs:
+            return super()._get_mm_hashes(inputs)
+        if call.hashes is None:
+            call.hashes = super()._get_mm_hashes(inputs)
+        return call.hashes
+
+    def _get_cache_missing_items(self, cache, mm_data_items, mm_hashes):
+        is_cached, missing = super()._get_cache_missing_items(cache, mm_data_items, mm_hashes)
+        call = _CALL.get()
+        if call is not None and call.image_hashes is not None:  # only the missing ones are processed
+            call.image_hashes = [h for h, hit in zip(mm_hashes.get("image", []), is_cached.get("image", []))
+                                 if not hit]
+        return is_cached, missing
+
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs):
+        # The one entry every family's processor goes through (Qwen3-VL's calls the HF
+        # processor itself, never ``_call_hf_processor``). ``hf_kwargs`` are canonical.
+        processed = super()._apply_hf_processor_main(mm_items, self._without_prune_kwargs(hf_kwargs))
+        items = mm_items.get("image")
+        if not isinstance(items, ImageProcessorItems) or not len(items):
+            return processed  # no images, or precomputed embeddings (never pruned)
+        method = hf_kwargs[METHOD_KEY]
+        passed_on = self._without_prune_kwargs(hf_kwargs)
+        counts = [self._unpruned_tokens(items.get_image_size(i), passed_on) for i in range(len(items))]
+        keep = self._keep_counts(items, counts, hf_kwargs[KEEP_RATIO_KEY])
+        call = _CALL.get()
+        hashes = call.image_hashes if call is not None else None
+        if method == "random" and (hashes is None or len(hashes) != len(items)):
+            raise RuntimeError(f"tokenprune: no item hashes for {len(items)} images to seed 'random'")
+        # Always emitted (dummy profiling included), so every batch has the fields.
+        processed[KEEP_FIELD] = torch.tensor(keep, dtype=torch.int64)
+        processed[METHOD_FIELD] = torch.full((len(items),), methods.method_id(method))
+        processed[SEED_FIELD] = torch.tensor(
+            [item_seed(h) for h in hashes] if method == "random" else [0] * len(items), dtype=torch.int64)
+        question = hf_kwargs.get(QUERY_FIELD, [])
+        processed[QUERY_FIELD] = torch.tensor([question] * len(items), dtype=torch.int64).reshape(len(items), -1)
+        probe = hf_kwargs.get(PROBE_KEY, False)
+        processed[PROBE_METHODS_FIELD] = torch.tensor(
+            [methods.method_mask(m for m in methods.METHOD_NAMES if probe and self._servable(m, n)) for n in counts],
+            dtype=torch.int64)
+        processed[PROBE_KEEP_FIELD] = torch.tensor(
+            [keep_count(n, self._policy.lowest_ratio) if probe else 0 for n in counts], dtype=torch.int64)
+        return processed
+
+    def _keep_counts(self, items: ImageProcessorItems, counts: list[int], ratio: float | str) -> list[int]:
+        """Each image's K: ``keep_count`` of its N (``counts``) at the request's ratio or, under
+        ``auto`` (``ratio`` its canonical string), at its predicted fraction under the policy."""
+        if isinstance(ratio, str):
+            budget = parse_budget(ratio, param=KEEP_RATIO_KEY)
+            fractions = self._budget_predictor.fractions([items.get(i) for i in range(len(items))], counts)
+            return [keep_count(n, self._policy.image_ratio(budget, f)) for n, f in zip(counts, fractions)]
+        return [keep_count(n, ratio) for n in counts]
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        # K, method and seed stay on the CPU, where the model reads them without a device sync;
+        # the question's ids go to the device, to the embedding table.
+        for name in PRUNE_FIELDS:
+            fields[name] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        fields[QUERY_FIELD] = MultiModalFieldConfig.batched("image")
+        return fields
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(
+            mm_items, self._without_prune_kwargs(hf_processor_mm_kwargs), out_mm_kwargs
+        )
+        return [self._pruned_update(u, out_mm_kwargs) for u in updates]
+
+    def _pruned_update(self, update, out_mm_kwargs):
+        """Shorten an image's placeholder run from N to the K its item carries; a replacement
+        with text around its runs (``PromptUpdateDetails``) keeps the text (``_pruned_details``)."""
+        if update.modality != "image" or not isinstance(update, PromptReplacement):
+            return update
+        full_replacement = update.replacement
+
+        def replacement(item_idx: int):
+            full = full_replacement(item_idx) if callable(full_replacement) else full_replacement
+            item = out_mm_kwargs["image"][item_idx]
+            if KEEP_FIELD not in item:  # precomputed embeddings: not pruned
+                return full
+            k = int(item[KEEP_FIELD].data)
+            if isinstance(full, list) and len(set(full)) == 1:
+                return full[:k]
+            if isinstance(full, PromptUpdateDetails) and isinstance(full.full, list) and full.is_embed:
+                return self._pruned_details(full, k)
+            raise NotImplementedError(
+                f"{type(self).__name__}: image replacement is neither a placeholder run nor token ids "
+                "with their embedding positions")
+
+        return dataclasses.replace(update, replacement=replacement)
+
+    @staticmethod
+    def _pruned_details(full: PromptUpdateDetails, k: int) -> PromptUpdateDetails:
+        """A replacement whose embedding positions form runs between text (markers around an
+        image, separators between its crops): each run cut to its share of K
+        (``policy.split_keep``), every other token kept. The model fills run by run likewise."""
+        embed = full.is_embed(full.full).tolist()
+        runs = [list(run) for is_embed, run in itertools.groupby(range(len(embed)), key=embed.__getitem__)
+                if is_embed]
+        dropped = {j for run, share in zip(runs, split_keep(k, [len(r) for r in runs])) for j in run[share:]}
+        return dataclasses.replace(full, full=[t for j, t in enumerate(full.full) if j not in dropped])
+
+    def _record_metrics(self, inputs, result, ratio: float | None, method: str) -> None:
+        """``ratio`` None: the request's images were under ``auto``."""
+        from vllm_tokenprune.serving.metrics import record_request
+
+        placeholders = result["mm_placeholders"].get("image", [])
+        if not placeholders:
+            return
+        images = inputs.mm_data_items.get_items("image", ImageProcessorItems)
+        passed_on = self._without_prune_kwargs(inputs.hf_processor_mm_kwargs)
+        counts = [(self._unpruned_tokens(images.get_image_size(i), passed_on), p.get_num_embeds())
+                  for i, p in enumerate(placeholders)]
+        model_name = self.info.ctx.model_config.served_model_name
+        if isinstance(model_name, (list, tuple)):
+            model_name = model_name[0]
+        record_request(str(model_name), method, ratio, counts)
+
+
+class HFProcessorTokensMixin(PruningProcessorMixin):
+    """N of families whose count follows the HF processor's kwargs (Gemma 3's pan-and-scan
+    crops, InternVL's tiles): vLLM's own count for an image under them."""
+
+    def _unpruned_tokens(self, image_size: ImageSize, hf_kwargs: Mapping[str, object]) -> int:
+        return self.info.get_num_image_tokens(
+            image_width=image_size.width, image_height=image_size.height,
+            processor=self.info.get_hf_processor(**hf_kwargs), mm_kwargs=hf_kwargs)
