@@ -73,3 +73,25 @@ def test_serving_and_selection_never_import_training_testbed_or_tools():
 def test_the_vllm_free_parts_never_import_vllm():
     code = f"import sys; [__import__(m) for m in {VLLM_FREE!r}]; sys.exit('vllm' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_the_architecture_doc_names_every_module_and_only_real_files():
+    """docs/architecture.md's module map: every module of the package is named (a file of a
+    group may be named alone, after its directory's first path), and every path it names exists."""
+    import re
+
+    doc = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    named, folder = set(), None
+    for path in re.findall(r"`([\w/]+\.py)`", doc):
+        if "/" in path:
+            folder = path.rsplit("/", 1)[0]
+            named.add(path)
+        elif folder is not None and not (PACKAGE / path).exists():
+            named.add(f"{folder}/{path}")  # a sibling named after its directory's first path
+        else:
+            named.add(path)
+    package = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+               if p.name != "__init__.py" or p.parent.name == "methods"}
+    assert not package - named, f"modules missing from docs/architecture.md: {sorted(package - named)}"
+    assert all((PACKAGE / n).exists() or (PACKAGE.parent / n).exists() for n in named), [
+        n for n in named if not (PACKAGE / n).exists() and not (PACKAGE.parent / n).exists()]

@@ -1,4 +1,5 @@
-"""The ``vllm-tokenprune`` command: serve, train, make-tiny.
+"""The ``vllm-tokenprune`` command: ``SUBCOMMANDS`` (serve, train, train-query, bench,
+make-tiny, vllm, train-demo, make-eval-set, eval).
 
 Each subcommand lives in its own module, which exposes ``add_arguments(parser)`` and
 ``run(args) -> int``; modules are imported only when their subcommand runs, so

@@ -1,11 +1,13 @@
 """The HTTP layer: an ASGI middleware for ``vllm serve --middleware``.
 
-It only translates. The ``X-Keep-Ratio`` / ``X-Prune-Method`` headers become the
+It translates and reports. The ``X-Keep-Ratio`` / ``X-Prune-Method`` headers become the
 request body's ``mm_processor_kwargs.keep_ratio`` / ``.prune_method`` (a header wins over
 the body), on every POST route, where vLLM hands them to our multimodal processor. The
 processor decides and enforces everything else (operator policy, foreign kwargs, methods
 the server cannot run), for HTTP, batch and offline requests alike; this layer maps its
-errors on header values back to the header's name.
+errors on header values back to the header's name, refuses pruning choices on the routes
+that pass no processor kwargs, and reports the ratio the policy applies
+(``X-Keep-Ratio-Applied``, by the processor's own rule).
 
 Work happens when the route reads the body, i.e. after vLLM's own middlewares (API key
 check included) let the request through. A body is read up to ``MAX_BODY_BYTES``, parsed
