@@ -12,7 +12,6 @@ from vllm_tokenprune.serving.policy import (
     PruneRequestError,
     keep_count,
     parse_budget,
-    parse_keep_ratio,
     parse_method,
     resolve,
     split_keep,
@@ -61,16 +60,16 @@ def test_keep_count_rejects_empty_image():
 
 @pytest.mark.parametrize("raw,expected", [("0.25", 0.25), (" 1 ", 1.0), (0.5, 0.5), (1, 1.0),
                                           ("1e-3", 0.001), ("2.5E-1", 0.25), (".5", 0.5), ("+1.", 1.0)])
-def test_parse_keep_ratio_accepts(raw, expected):
-    assert parse_keep_ratio(raw, param="X-Keep-Ratio header") == expected
+def test_parse_budget_accepts_numbers(raw, expected):
+    assert parse_budget(raw, param="X-Keep-Ratio header") == expected
 
 
 @pytest.mark.parametrize("raw", ["nan", "NaN", "inf", "-inf", "0", "-0.5", "1.01", "abc", "",
                                  "0x1", "0x1p-2", "0.2_5", "\uff10.5", "1e", "9" * 100, 10**400,
                                  1e400, True, None, [0.5], {"a": 1}])
-def test_parse_keep_ratio_rejects_and_names_the_param(raw):
+def test_parse_budget_rejects_bad_numbers_and_names_the_param(raw):
     with pytest.raises(PruneRequestError) as err:
-        parse_keep_ratio(raw, param="X-Keep-Ratio header")
+        parse_budget(raw, param="X-Keep-Ratio header")
     assert err.value.param == "X-Keep-Ratio header"
     assert "X-Keep-Ratio header" in str(err.value)
 

@@ -31,17 +31,10 @@ from vllm_tokenprune.serving.policy import (
     parse_method,
 )
 
-
-def parse_ratio(raw: object, *, param: str) -> float | str:
-    """A keep ratio as the body carries it: a number, or ``auto``'s canonical string."""
-    value = parse_budget(raw, param=param)
-    return str(value) if isinstance(value, AutoBudget) else value
-
-
 KEEP_RATIO_HEADER = "X-Keep-Ratio"
 METHOD_HEADER = "X-Prune-Method"
 APPLIED_RATIO_HEADER = "X-Keep-Ratio-Applied"
-HEADERS = {KEEP_RATIO_HEADER: (KEEP_RATIO_KEY, parse_ratio), METHOD_HEADER: (METHOD_KEY, parse_method)}
+HEADERS = {KEEP_RATIO_HEADER: (KEEP_RATIO_KEY, parse_budget), METHOD_HEADER: (METHOD_KEY, parse_method)}
 MAX_BODY_BYTES = 256 * 2**20
 # Routes that render a prompt without serving it: processed, not counted in the metrics.
 NOT_SERVED_ROUTES = frozenset({"/tokenize"})
@@ -49,14 +42,6 @@ NOT_SERVED_ROUTES = frozenset({"/tokenize"})
 # choices sent there could not reach the processor, so they are refused, not ignored.
 NO_KWARGS_ROUTES = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 _KWARGS_MARK = b'"mm_processor_kwargs"'
-
-
-class RequestError(Exception):
-    """An OpenAI-style error answer: status, message, param."""
-
-    def __init__(self, message: str, param: str | None, status: int = 400):
-        super().__init__(message)
-        self.param, self.status = param, status
 
 
 def pruning_headers(raw_headers) -> dict[str, str]:
@@ -68,14 +53,14 @@ def pruning_headers(raw_headers) -> dict[str, str]:
         if canonical is None:
             continue
         if canonical in found:
-            raise RequestError(f"{canonical} header given more than once", canonical)
+            raise PruneRequestError(f"{canonical} header given more than once", canonical)
         found[canonical] = value.decode("latin-1")
     return found
 
 
 def translate(path: str, headers: dict[str, str], raw: bytes) -> tuple[bytes, dict | None]:
     """A body with the headers written into its ``mm_processor_kwargs``; and those kwargs
-    (None when the body carries none). Raises RequestError for what the client must fix.
+    (None when the body carries none). Raises PruneRequestError for what the client must fix.
 
     A body is parsed only when it carries ``mm_processor_kwargs``. The kwargs are written by
     appending the key to the object, not by serializing it again (the body may hold
@@ -90,20 +75,20 @@ def translate(path: str, headers: dict[str, str], raw: bytes) -> tuple[bytes, di
         try:
             body = json.loads(raw)
         except RecursionError:
-            raise RequestError("request body nests too deeply", None) from None
+            raise PruneRequestError("request body nests too deeply", None) from None
         except ValueError:
             body = None
         if not isinstance(body, dict):
             if headers:
-                raise RequestError("a request with pruning headers needs a JSON object body", None)
+                raise PruneRequestError("a request with pruning headers needs a JSON object body", None)
             return raw, None  # not ours to judge: vLLM answers it
         kwargs = body.get("mm_processor_kwargs")
         if kwargs is None:
             kwargs = {}
         elif not isinstance(kwargs, dict):
-            raise RequestError("mm_processor_kwargs must be an object", "mm_processor_kwargs")
+            raise PruneRequestError("mm_processor_kwargs must be an object", "mm_processor_kwargs")
         if path in NO_KWARGS_ROUTES:
-            raise RequestError(f"mm_processor_kwargs is not supported on {path}: vLLM passes no "
+            raise PruneRequestError(f"mm_processor_kwargs is not supported on {path}: vLLM passes no "
                                "processor kwargs there; images get the server's default keep ratio",
                                "mm_processor_kwargs")
         if not headers and served:
@@ -111,18 +96,16 @@ def translate(path: str, headers: dict[str, str], raw: bytes) -> tuple[bytes, di
     first, last = _outer_braces(raw)
     if last < 0:
         if headers:
-            raise RequestError("a request with pruning headers needs a JSON object body", None)
+            raise PruneRequestError("a request with pruning headers needs a JSON object body", None)
         return raw, None
     if path in NO_KWARGS_ROUTES:
         header = next(iter(headers))
-        raise RequestError(f"{header} header is not supported on {path}: vLLM passes no processor "
+        raise PruneRequestError(f"{header} header is not supported on {path}: vLLM passes no processor "
                            "kwargs there; images get the server's default keep ratio", f"{header} header")
     for header, value in headers.items():
         key, parse = HEADERS[header]
-        try:
-            kwargs[key] = parse(value, param=f"{header} header")
-        except PruneRequestError as err:
-            raise RequestError(str(err), err.param) from None
+        value = parse(value, param=f"{header} header")
+        kwargs[key] = str(value) if isinstance(value, AutoBudget) else value  # auto: its canonical string
     if not served:
         kwargs[NOT_SERVED_KEY] = True
     empty = _skip_space(raw, first + 1) == last
@@ -170,7 +153,7 @@ class _Exchange:
     """One request's translation state, shared by its receive and send wrappers."""
 
     headers: dict[str, str]
-    error: RequestError | None = None
+    error: PruneRequestError | None = None
     applied: str | None = None
     held: list = field(default_factory=list)  # a 400 being rewritten
     answered: bool = False  # our error answer is sent
@@ -195,7 +178,7 @@ class KeepRatioMiddleware:
         path = scope["path"].removeprefix(scope.get("root_path") or "")
         try:
             exchange = _Exchange(pruning_headers(scope["headers"]))
-        except RequestError as err:
+        except PruneRequestError as err:
             exchange = _Exchange({}, error=err)
         if exchange.headers or path in NOT_SERVED_ROUTES:
             # The body may change length after the scope is handed on: drop the stale count.
@@ -213,7 +196,7 @@ class KeepRatioMiddleware:
                 raw = await _read_body(receive)
                 raw, kwargs = translate(path, exchange.headers, raw)
                 exchange.applied = applied_ratio(self.policy(scope), kwargs)
-            except RequestError as err:
+            except PruneRequestError as err:
                 exchange.error = err
                 return {"type": "http.disconnect"}
             return {"type": "http.request", "body": raw, "more_body": False}
@@ -262,7 +245,7 @@ async def _read_body(receive) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise RequestError(f"request body larger than {MAX_BODY_BYTES} bytes", None, status=413)
+            raise PruneRequestError(f"request body larger than {MAX_BODY_BYTES} bytes", None, status=413)
         chunks.append(chunk)
         if not message.get("more_body", False):
             break
@@ -290,7 +273,7 @@ async def _send_renamed(send, held: list, headers: dict[str, str]) -> None:
     await send({"type": "http.response.body", "body": raw, "more_body": False})
 
 
-async def _send_error(send, err: RequestError) -> None:
+async def _send_error(send, err: PruneRequestError) -> None:
     """An OpenAI-style error, the same shape vLLM's own errors have."""
     kind = "BadRequestError" if err.status == 400 else "RequestEntityTooLarge"
     payload = json.dumps(

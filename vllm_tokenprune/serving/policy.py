@@ -82,15 +82,18 @@ _NUMBER = re.compile(r"[+]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
 
 
 class PruneRequestError(ValueError):
-    """A client asked for something the contract refuses; ``param`` names where."""
+    """A request the contract refuses, as the client gets it: an OpenAI-style error whose
+    ``param`` names the header or field to fix (None: the request as a whole), with HTTP
+    ``status`` 400 (413: a body too large). The HTTP layer answers it itself; the processor
+    hands it to vLLM, which answers alike (``processor.PruningRequestError``)."""
 
-    def __init__(self, message: str, param: str):
+    def __init__(self, message: str, param: str | None, status: int = 400):
         super().__init__(message)
-        self.param = param
+        self.param, self.status = param, status
 
 
-def parse_keep_ratio(raw: object, *, param: str, expected: str = "a number in (0, 1]") -> float:
-    """A keep ratio from a header string or a JSON number, validated to (0, 1]."""
+def _parse_fraction(raw: object, *, param: str, expected: str) -> float:
+    """A number in (0, 1] from a header string or a JSON number."""
     bad = PruneRequestError(f"{param} must be {expected}, got {_short(raw)}", param)
     if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
         raise bad
@@ -135,9 +138,11 @@ class AutoBudget:
 
 
 def parse_budget(raw: object, *, param: str) -> float | AutoBudget:
-    """A keep ratio (``parse_keep_ratio``) or ``auto`` with optional bounds (``AutoBudget``)."""
+    """A keep ratio, from a header string or a JSON number: a number in (0, 1], or ``auto``
+    with optional bounds (``AutoBudget``). The one parser of ratios: the HTTP layer, the
+    processor and the operator's default all go through it."""
     if not isinstance(raw, str) or raw.strip().split(";", 1)[0].strip().lower() != AUTO:
-        return parse_keep_ratio(raw, param=param, expected="a number in (0, 1] or auto")
+        return _parse_fraction(raw, param=param, expected="a number in (0, 1] or auto")
     if len(raw) > MAX_VALUE_LENGTH:
         raise PruneRequestError(f"{param} is too long ({len(raw)} characters; at most {MAX_VALUE_LENGTH})", param)
     bounds: dict[str, float] = {}
@@ -148,7 +153,8 @@ def parse_budget(raw: object, *, param: str) -> float | AutoBudget:
                 f"{param}: {part.strip()!r} is not a bound of auto (or one given twice); write auto, "
                 "auto;min=R, auto;max=R or auto;min=R;max=R with R in (0, 1]", param)
         try:
-            bounds[_BOUNDS[name.lower()]] = parse_keep_ratio(value, param=f"{param}: auto's {name.lower()}")
+            bounds[_BOUNDS[name.lower()]] = _parse_fraction(value, param=f"{param}: auto's {name.lower()}",
+                                                            expected="a number in (0, 1]")
         except PruneRequestError as err:  # named by the header or field, which a client can find
             raise PruneRequestError(str(err), param) from None
     try:

@@ -66,7 +66,8 @@ class _Call:
 
 
 class PruningRequestError(VLLMValidationError):
-    """A refused pruning request: vLLM answers it with a 400 naming ``parameter``."""
+    """``policy.PruneRequestError`` in the type vLLM answers with a 400 naming ``parameter``:
+    the form the processor raises it in."""
 
     def __str__(self) -> str:  # the message alone; the param travels in its own field
         return Exception.__str__(self)
