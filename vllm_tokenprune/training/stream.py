@@ -201,13 +201,14 @@ def chunks(features: FeatureSet, size: int, images: Iterable[int] | None = None)
     """Every image once (or only those at the stored positions ``images``), in stored order,
     in chunks of at most ``size`` images (evaluation). Shards holding none of ``images`` are
     not read."""
-    starts = [0, *accumulate(features.shard_sizes)]
-    picks = {}  # shard -> its picked images, shard-local
-    for i in range(starts[-1]) if images is None else sorted(set(images)):
-        shard = bisect_right(starts, i) - 1
-        picks.setdefault(shard, []).append(i - starts[shard])
+    picks: dict[int, list[int] | None] = dict.fromkeys(range(len(features.shard_sizes)))  # None: all
+    if images is not None:
+        starts, picks = [0, *accumulate(features.shard_sizes)], {}  # shard -> its picked images, shard-local
+        for i in sorted(set(images)):
+            shard = bisect_right(starts, i) - 1
+            picks.setdefault(shard, []).append(i - starts[shard])
     for shard, data in zip(picks, ahead(features.load, picks, workers=1)):
-        if len(picks[shard]) < len(data):
+        if picks[shard] is not None:
             data = data[picks[shard]]
         for start in range(0, len(data), size):
             yield data[start:start + size]
