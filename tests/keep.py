@@ -4,7 +4,7 @@ K = keep_count(N, ratio) best tokens by the selector's scores, in stock order.""
 import torch
 
 from vllm_tokenprune.selection.methods.topk import topk_sorted
-from vllm_tokenprune.serving.policy import keep_count
+from vllm_tokenprune.policy import keep_count
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import requests
 from density import density_image
 from server import Server
 
-from vllm_tokenprune.serving.policy import keep_count
+from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.testbed.tiny import count_image_tokens
 from vllm_tokenprune.tools.client import image_url
 

@@ -11,7 +11,7 @@ from PIL import Image
 from server import Server
 
 from vllm_tokenprune import cli
-from vllm_tokenprune.serving.policy import keep_count
+from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.testbed.tiny import count_image_tokens
 from vllm_tokenprune.tools.bench import run_vllm_bench
 

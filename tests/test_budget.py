@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from vllm_tokenprune.serving.policy import (
+from vllm_tokenprune.policy import (
     AutoBudget,
     PrunePolicy,
     PruneRequest,

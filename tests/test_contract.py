@@ -17,7 +17,7 @@ import requests
 from PIL import Image
 from server import Server
 
-from vllm_tokenprune.serving.policy import PrunePolicy, keep_count
+from vllm_tokenprune.policy import PrunePolicy, keep_count
 from vllm_tokenprune.testbed.synthetic import QUESTIONS, make_scene, scene_seed
 from vllm_tokenprune.tools.serve import DEFAULT_SERVED_NAME
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from keep import learned_keep
 
-from vllm_tokenprune.serving.policy import keep_count
+from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.testbed import tasks
 from vllm_tokenprune.testbed.demo_model import (
     DEMO_DIR,

@@ -27,7 +27,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from vllm_tokenprune import cli
-from vllm_tokenprune.serving.policy import PrunePolicy
+from vllm_tokenprune.policy import PrunePolicy
 from vllm_tokenprune.tools.serve import MIDDLEWARE, build_vllm_args
 
 ROOT = Path(__file__).resolve().parent.parent

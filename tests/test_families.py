@@ -1,4 +1,4 @@
-"""Every family in the one table (serving/families.py) builds, trains and serves, and its
+"""Every family in the one table (families.py) builds, trains and serves, and its
 engine keeps 1 and N - 1 tokens with every method.
 
 Serving is tested for every family by tests/test_server.py (its families come from the
@@ -18,8 +18,8 @@ from transformers import AutoConfig
 
 from vllm_tokenprune.selection.methods import METHOD_NAMES
 from vllm_tokenprune.selection.selector import check_compatible, load_selector
-from vllm_tokenprune.serving.families import FAMILIES, by_name, of_architectures, of_model_type
-from vllm_tokenprune.serving.policy import keep_count
+from vllm_tokenprune.families import FAMILIES, by_name, of_architectures, of_model_type
+from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.testbed import tiny
 from vllm_tokenprune.testbed.synthetic import write_image_folder
 from vllm_tokenprune.training.train import TrainConfig, train_on_folder
@@ -216,7 +216,7 @@ def test_gemma3_pan_and_scan_crops_share_k(tiny_checkpoint, random_selector):
     (``policy.split_keep``), keeps the text, and the model fills each run with that many tokens."""
     from vllm import LLM
 
-    from vllm_tokenprune.serving.policy import split_keep
+    from vllm_tokenprune.policy import split_keep
 
     path = tiny_checkpoint("gemma3")
     image = noise_image(500, 200, seed=4)

@@ -12,8 +12,8 @@ import vllm_tokenprune
 PACKAGE = Path(vllm_tokenprune.__file__).parent
 # Modules the vLLM-free parts of the project use: importing them must not import vLLM.
 VLLM_FREE = ["vllm_tokenprune", "vllm_tokenprune.cli", "vllm_tokenprune.serving.plugin",
-             "vllm_tokenprune.serving.policy", "vllm_tokenprune.serving.http", "vllm_tokenprune.serving.metrics",
-             "vllm_tokenprune.serving.families", "vllm_tokenprune.selection.methods",
+             "vllm_tokenprune.policy", "vllm_tokenprune.serving.http", "vllm_tokenprune.serving.metrics",
+             "vllm_tokenprune.families", "vllm_tokenprune.selection.methods",
              "vllm_tokenprune.selection.selector", "vllm_tokenprune.selection.budget", "vllm_tokenprune.training.train",
              "vllm_tokenprune.training.features", "vllm_tokenprune.testbed.synthetic", "vllm_tokenprune.tools.serve"]
 
@@ -59,9 +59,10 @@ def test_no_import_cycles():
         visit(name, [])
 
 
-def test_serving_and_selection_never_import_training_testbed_or_tools():
+def test_shared_core_serving_and_selection_never_import_training_testbed_or_tools():
     known = modules()
-    inside = [m for m in known if m.startswith(("vllm_tokenprune.serving", "vllm_tokenprune.selection"))
+    inside = [m for m in known if m.startswith(("vllm_tokenprune.serving", "vllm_tokenprune.selection",
+                                                "vllm_tokenprune.policy", "vllm_tokenprune.families"))
               and not m.endswith("runner_v2")]  # V2 internals import only with a GPU runner's Triton
     code = (f"import sys; [__import__(m) for m in {inside!r}]; "
             "bad = sorted(m for m in sys.modules if m.startswith(('vllm_tokenprune.training', "

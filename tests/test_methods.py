@@ -32,7 +32,7 @@ from vllm_tokenprune.selection.methods.grid import with_neighbours
 from vllm_tokenprune.selection.methods.pool import cells, shares
 from vllm_tokenprune.selection.methods.visionzip import split
 from vllm_tokenprune.selection.selector import SelectorConfig, TokenSelector
-from vllm_tokenprune.serving.families import FAMILIES, of_architectures
+from vllm_tokenprune.families import FAMILIES, of_architectures
 from vllm_tokenprune.testbed.tiny import cpu_dtype
 
 ALL_PROBES = [Probe(stat, layer) for stat in (ATTENTION, GLOBAL_ATTENTION, KEYS) for layer in (LATE, MIDDLE)]
@@ -61,7 +61,7 @@ def test_wire_ids_are_stable_and_every_name_resolves():
 
 
 def test_importing_the_method_names_imports_neither_torch_nor_vllm():
-    code = ("import sys, vllm_tokenprune.selection.methods, vllm_tokenprune.serving.policy; "
+    code = ("import sys, vllm_tokenprune.selection.methods, vllm_tokenprune.policy; "
             "sys.exit('torch' in sys.modules or 'vllm' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 

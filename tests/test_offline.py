@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from reference import NEW_TOKENS, chat, hf_greedy, noise_image
 
-from vllm_tokenprune.serving.families import of_architectures
-from vllm_tokenprune.serving.policy import PrunePolicy, keep_count
+from vllm_tokenprune.families import of_architectures
+from vllm_tokenprune.policy import PrunePolicy, keep_count
 from vllm_tokenprune.testbed.tiny import count_image_tokens
 
 pytestmark = pytest.mark.vllm

@@ -8,7 +8,7 @@ import inspect
 
 import pytest
 
-from vllm_tokenprune.serving.families import FAMILIES
+from vllm_tokenprune.families import FAMILIES
 from vllm_tokenprune.serving.plugin import register
 
 

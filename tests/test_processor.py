@@ -9,8 +9,8 @@ import pytest
 from density import density_image
 from reference import noise_image
 
-from vllm_tokenprune.serving.families import of_architectures
-from vllm_tokenprune.serving.policy import PrunePolicy, keep_count
+from vllm_tokenprune.families import of_architectures
+from vllm_tokenprune.policy import PrunePolicy, keep_count
 
 pytestmark = pytest.mark.vllm
 

@@ -159,7 +159,7 @@ def test_the_model_hands_a_question_reading_method_the_embedded_question():
 
 
 def test_the_question_is_the_prompts_words_last_ones_first_to_go():
-    from vllm_tokenprune.serving.policy import QUESTION_TOKENS, question_tokens
+    from vllm_tokenprune.policy import QUESTION_TOKENS, question_tokens
 
     markup = {0, 1}  # a placeholder and a template marker
     assert question_tokens([1, 0, 0, 5, 6, 1, 7], markup) == [5, 6, 7]

@@ -20,8 +20,8 @@ from reference import NEW_TOKENS, QUESTION, chat, hf_greedy, hf_model, noise_ima
 
 from vllm_tokenprune.selection.methods import METHOD_NAMES
 from vllm_tokenprune.serving import plugin
-from vllm_tokenprune.serving.families import FAMILIES, of_architectures
-from vllm_tokenprune.serving.policy import keep_count
+from vllm_tokenprune.families import FAMILIES, of_architectures
+from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.testbed.tiny import count_image_tokens, cpu_dtype, image_token_id
 
 STOCK_ARCH = {f.name: f.stock for f in FAMILIES if f.features == "qwen"}  # the M-RoPE families

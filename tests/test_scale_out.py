@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from reference import chat, noise_image
 from server import Server
 
-from vllm_tokenprune.serving.policy import keep_count
+from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.testbed.tiny import count_image_tokens
 from vllm_tokenprune.tools.client import image_url
 

@@ -20,7 +20,7 @@ from vllm_tokenprune.selection.selector import (
     load_selector,
     vision_signature,
 )
-from vllm_tokenprune.serving.policy import keep_count
+from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.training.reconstruction import (
     ReconstructorConfig,
     TokenReconstructor,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from reference import chat, noise_image
 
-from vllm_tokenprune.serving.families import by_name
+from vllm_tokenprune.families import by_name
 from vllm_tokenprune.serving.models.model import _chunks
 from vllm_tokenprune.testbed import tiny
 

@@ -18,7 +18,7 @@ from vllm_tokenprune.selection.selector import (
     load_selector,
     vision_signature,
 )
-from vllm_tokenprune.serving.policy import keep_count
+from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.testbed.synthetic import make_shapes_image, write_image_folder
 from vllm_tokenprune.training.evaluation import format_report
 from vllm_tokenprune.training.features import ImageFolderError, extract_features, find_images, load_images

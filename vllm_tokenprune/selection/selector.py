@@ -3,7 +3,7 @@
 Method: "When Less is Enough: Adaptive Token Reduction for Efficient Image Representation"
 (arXiv 2503.16660). A small Transformer scores every image token coming out of the vision
 tower (``TokenSelector.scores``); the ``learned`` method keeps the K best
-(``methods.scores``), K from ``serving.policy.keep_count``. Training (the Gumbel-Softmax
+(``methods.scores``), K from ``policy.keep_count``. Training (the Gumbel-Softmax
 keep mask, the reconstructor, the loss, checkpoint writing) is in ``training``.
 
 The selector has no position encoding of its own: the tower's features already carry

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from vllm_tokenprune.serving.policy import (
+from vllm_tokenprune.policy import (
     KEEP_RATIO_KEY,
     METHOD_KEY,
     NOT_SERVED_KEY,

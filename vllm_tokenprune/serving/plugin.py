@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 
-from vllm_tokenprune.serving.families import FAMILIES
+from vllm_tokenprune.families import FAMILIES
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from vllm_tokenprune.serving.families import FAMILIES, by_name
+from vllm_tokenprune.families import FAMILIES, by_name
 from vllm_tokenprune.testbed.tokenizers import chatml_template, gemma_template, make_tokenizer, vicuna_template
 
 ARCHES = tuple(f.name for f in FAMILIES)  # every family pruning serves, and only those

@@ -20,7 +20,7 @@ import logging
 import os
 from pathlib import Path
 
-from vllm_tokenprune.serving.policy import AutoBudget, PrunePolicy
+from vllm_tokenprune.policy import AutoBudget, PrunePolicy
 
 ACCEPTS_EXTRA_ARGS = True  # everything we don't know goes to `vllm serve`
 
@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def pruned_architecture(model: str) -> str:
-    from vllm_tokenprune.serving.families import FAMILIES, of_architectures
+    from vllm_tokenprune.families import FAMILIES, of_architectures
 
     archs = list(_load_config(model).architectures or [])
     family = of_architectures(archs)

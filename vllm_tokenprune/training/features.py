@@ -48,7 +48,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from vllm_tokenprune.selection.selector import vision_signature
-from vllm_tokenprune.serving.families import of_model_type
+from vllm_tokenprune.families import of_model_type
 from vllm_tokenprune.training.ragged import RaggedFeatures
 from vllm_tokenprune.training.stream import ahead
 
@@ -130,7 +130,7 @@ def _tower_key(key: str, tower_prefix: str) -> str | None:
 
 
 def _family(config) -> str:
-    """How the tower's features are read: "llava", "gemma3", "gemma4", "internvl" or "qwen" (``serving.families``)."""
+    """How the tower's features are read: "llava", "gemma3", "gemma4", "internvl" or "qwen" (``families``)."""
     return of_model_type(config.model_type).features
 
 

@@ -55,7 +55,7 @@ from vllm_tokenprune.selection.selector import (
     load_selector,
     query_section,
 )
-from vllm_tokenprune.serving.policy import QUESTION_TOKENS, keep_count, markup_ids, question_tokens
+from vllm_tokenprune.policy import QUESTION_TOKENS, keep_count, markup_ids, question_tokens
 from vllm_tokenprune.training.budget import above_even_share, format_budget_report, thumbnails, train_share_budget
 from vllm_tokenprune.training.options import add_options, from_args, opt, warmup_cosine
 from vllm_tokenprune.training.reconstruction import replace_section
@@ -120,7 +120,7 @@ def teach(model_dir: str, items: list[tuple[Path, str, str | None]], *, progress
     the question)."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    from vllm_tokenprune.serving.families import of_model_type
+    from vllm_tokenprune.families import of_model_type
     from vllm_tokenprune.training.features import load_tower
 
     config = AutoConfig.from_pretrained(model_dir)

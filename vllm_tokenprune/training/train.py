@@ -62,7 +62,7 @@ from vllm_tokenprune.selection.selector import (
     check_compatible,
     load_selector,
 )
-from vllm_tokenprune.serving.policy import keep_count
+from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.training.budget import format_budget_report, train_budget
 from vllm_tokenprune.training.curves import append_log, plot_curves, write_log
 from vllm_tokenprune.training.evaluation import autocast, evaluate, format_report, mask_from_indices

@@ -1,7 +1,7 @@
 """Token selection methods, chosen per request by name.
 
 The interface. A method gets a batch of images, each its ``Tokens`` and a keep count K
-(fixed earlier by ``serving.policy.keep_count`` in the processor, 1 <= K < N), and returns
+(fixed earlier by ``policy.keep_count`` in the processor, 1 <= K < N), and returns
 each image's ``Rows``: exactly K (position, value) rows, positions strictly ascending. A
 row is either a token kept as it is (its own stock position and value) or a merge of
 several tokens (their mean value, at the stock position of the token that stands for

@@ -39,7 +39,7 @@ from vllm_tokenprune.serving.models.common import KEEP_FIELD, PROBE_KEEP_FIELD
 from vllm_tokenprune.serving.models.llava import LlavaTowerMixin
 from vllm_tokenprune.serving.models.model import NoEncoderCudaGraphsMixin, PruningModelMixin
 from vllm_tokenprune.serving.models.processor import HFProcessorTokensMixin
-from vllm_tokenprune.serving.policy import split_keep
+from vllm_tokenprune.policy import split_keep
 
 
 class PrunedGemma3MultiModalProcessor(HFProcessorTokensMixin, Gemma3MultiModalProcessor):

@@ -29,7 +29,7 @@ from vllm_tokenprune.serving.models.common import (
     selector_path,
     served_budget_predictor,
 )
-from vllm_tokenprune.serving.policy import AutoBudget, PrunePolicy
+from vllm_tokenprune.policy import AutoBudget, PrunePolicy
 
 logger = init_logger(__name__)
 

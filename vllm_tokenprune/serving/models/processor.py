@@ -31,7 +31,7 @@ from vllm_tokenprune.serving.models.common import (
     selector_path,
     served_budget_predictor,
 )
-from vllm_tokenprune.serving.policy import (
+from vllm_tokenprune.policy import (
     KEEP_RATIO_KEY,
     METHOD_KEY,
     OUR_KEYS,
