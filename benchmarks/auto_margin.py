@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.selection.budget import load_budget_predictor, thumbnail
 from vllm_tokenprune.selection.selector import load_selector
-from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.testbed import tasks
 from vllm_tokenprune.testbed.demo_model import (
     DEMO_DIR,

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
+from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.selection import methods
 from vllm_tokenprune.selection.selector import SelectorConfig, TokenSelector
-from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.tools.timing import sync, vit_tower
 
 RATIO = 0.25

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vllm_tokenprune.policy import keep_count, markup_ids, question_tokens
 from vllm_tokenprune.selection import methods
 from vllm_tokenprune.selection.selector import load_query_selector, load_selector
-from vllm_tokenprune.policy import keep_count, markup_ids, question_tokens
 from vllm_tokenprune.testbed import clutter, tasks
 from vllm_tokenprune.testbed.demo_model import DEMO_DIR
 from vllm_tokenprune.testbed.synthetic import scene_seed

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_tokenprune.selection.selector import SelectorConfig, TokenSelector
 from vllm_tokenprune.policy import keep_count
+from vllm_tokenprune.selection.selector import SelectorConfig, TokenSelector
 from vllm_tokenprune.tools.timing import interleaved, vit_tower
 
 TOWERS = {"clip-l-336": "clip", "siglip-so400m-384": "siglip"}

@@ -3,8 +3,8 @@ K = keep_count(N, ratio) best tokens by the selector's scores, in stock order.""
 
 import torch
 
-from vllm_tokenprune.selection.methods.topk import topk_sorted
 from vllm_tokenprune.policy import keep_count
+from vllm_tokenprune.selection.methods.topk import topk_sorted
 
 
 @torch.no_grad()

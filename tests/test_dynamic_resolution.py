@@ -9,10 +9,10 @@ import pytest
 import torch
 from folders import SIZES, folder_of_sizes
 
+from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.selection import methods
 from vllm_tokenprune.selection.methods.topk import topk_sorted
 from vllm_tokenprune.selection.selector import SelectorMismatchError, check_compatible, load_selector
-from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.testbed.synthetic import make_shapes_image
 from vllm_tokenprune.training.evaluation import evaluate
 from vllm_tokenprune.training.features import FeatureSettingsError, extract_features

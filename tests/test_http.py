@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from vllm_tokenprune.policy import PrunePolicy
 from vllm_tokenprune.serving import http
 from vllm_tokenprune.serving.http import KeepRatioMiddleware
-from vllm_tokenprune.policy import PrunePolicy
 
 
 def fake_app(policy=None, status=200, reply=None):

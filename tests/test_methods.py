@@ -8,13 +8,16 @@ import functools
 import itertools
 import math
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from reference import noise_image
 
+from vllm_tokenprune.families import FAMILIES, of_architectures
 from vllm_tokenprune.selection import methods
 from vllm_tokenprune.selection.methods import (
     ATTENTION,
@@ -32,7 +35,6 @@ from vllm_tokenprune.selection.methods.grid import with_neighbours
 from vllm_tokenprune.selection.methods.pool import cells, shares
 from vllm_tokenprune.selection.methods.visionzip import split
 from vllm_tokenprune.selection.selector import SelectorConfig, TokenSelector
-from vllm_tokenprune.families import FAMILIES, of_architectures
 from vllm_tokenprune.testbed.tiny import cpu_dtype
 
 ALL_PROBES = [Probe(stat, layer) for stat in (ATTENTION, GLOBAL_ATTENTION, KEYS) for layer in (LATE, MIDDLE)]
@@ -58,6 +60,14 @@ def test_wire_ids_are_stable_and_every_name_resolves():
     assert len(set(METHOD_NAMES)) == len(METHOD_NAMES)
     for ident, name in enumerate(METHOD_NAMES):
         assert methods.method_id(name) == ident and methods.get(name).name == name
+
+
+def test_every_method_has_its_paragraph_in_the_methods_doc():
+    """docs/architecture.md, "Adding a method": each name leads a paragraph of "The methods"."""
+    doc = (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
+    section = doc.split("\n## The methods\n", 1)[1].split("\n## ", 1)[0]
+    leads = " ".join(re.findall(r"^\*\*(.+?)\*\*", section, flags=re.M))
+    assert [name for name in METHOD_NAMES if f"`{name}`" not in leads] == []
 
 
 def test_importing_the_method_names_imports_neither_torch_nor_vllm():

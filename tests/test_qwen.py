@@ -18,13 +18,13 @@ import pytest
 import torch
 from reference import NEW_TOKENS, QUESTION, chat, hf_greedy, hf_model, noise_image, stock_greedy
 
-from vllm_tokenprune.selection.methods import METHOD_NAMES
-from vllm_tokenprune.serving import plugin
 from vllm_tokenprune.families import FAMILIES, of_architectures
 from vllm_tokenprune.policy import keep_count
+from vllm_tokenprune.selection.methods import METHOD_NAMES
+from vllm_tokenprune.serving import plugin
 from vllm_tokenprune.testbed.tiny import count_image_tokens, cpu_dtype, image_token_id
 
-STOCK_ARCH = {f.name: f.stock for f in FAMILIES if f.features == "qwen"}  # the M-RoPE families
+STOCK_ARCH = {f.name: f.stock for f in FAMILIES if f.mrope}  # the M-RoPE families
 METHODS = ("learned", "random", "norm")
 
 
@@ -499,7 +499,7 @@ def test_a_hybrid_model_gets_the_hybrid_state_v2_would_give_it():
     assert "MambaHybridModelState" in inspect.getsource(resolve_model_state_cls)
     assert issubclass(PrunedMRopeHybridModelState, MambaHybridModelState)
     for family in FAMILIES:
-        if family.features == "qwen":
+        if family.mrope:
             model_class = plugin_class(family)
             want = PrunedMRopeHybridModelState if getattr(model_class, "is_hybrid", False) else PrunedMRopeModelState
             assert model_class.get_model_state_cls(model_class) is want, family.name

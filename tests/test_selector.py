@@ -10,6 +10,7 @@ from keep import learned_keep
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.selection.methods.topk import topk_sorted
 from vllm_tokenprune.selection.selector import (
     SelectorCheckpointError,
@@ -20,7 +21,6 @@ from vllm_tokenprune.selection.selector import (
     load_selector,
     vision_signature,
 )
-from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.training.reconstruction import (
     ReconstructorConfig,
     TokenReconstructor,

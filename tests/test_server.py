@@ -16,8 +16,8 @@ import requests
 from reference import NEW_TOKENS, QUESTION, chat, noise_image, stock_greedy
 from server import Server, serve_command
 
-from vllm_tokenprune.selection.methods import METHOD_NAMES
 from vllm_tokenprune.policy import keep_count
+from vllm_tokenprune.selection.methods import METHOD_NAMES
 from vllm_tokenprune.testbed.tiny import ARCHES, count_image_tokens, cpu_dtype
 from vllm_tokenprune.tools.client import image_url
 

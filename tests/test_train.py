@@ -12,13 +12,13 @@ import torch
 from folders import SIZES, folder_of_sizes
 from keep import learned_keep
 
+from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.selection.selector import (
     SelectorMismatchError,
     check_compatible,
     load_selector,
     vision_signature,
 )
-from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.testbed.synthetic import make_shapes_image, write_image_folder
 from vllm_tokenprune.training.evaluation import format_report
 from vllm_tokenprune.training.features import ImageFolderError, extract_features, find_images, load_images

@@ -1,13 +1,25 @@
-"""The model families pruning serves: the one table every other reads.
+"""The model families pruning serves: one row each, the one table every other part reads.
 
-The plugin registers each family's pruned class, ``vllm-tokenprune serve`` maps a
-checkpoint's architecture to it, training picks the tower and how to read its features,
-and ``make-tiny --arch NAME`` builds a small checkpoint of it (``testbed/tiny.py``).
+A row names, for its family:
+
+- serving: the stock architecture checkpoints name and the module of its pruned class
+  (``serving/models/<module>.py``), which the plugin registers and ``vllm-tokenprune serve``
+  selects;
+- training: how ``training/features.py`` reads the tower's features (``features``, a key of
+  its ``READERS``) and whether ``train-query`` can learn from the model's attention;
+- the testbed: the builder of its tiny checkpoint (``testbed/tiny/<module>.py``), which
+  ``make-tiny --arch NAME`` runs.
+
+Nothing here imports what it names: rows hold names, each part resolves its own, and
+``tests/test_families.py`` resolves every name of every row.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+_MODELS = "vllm_tokenprune.serving.models"
+_TINY = "vllm_tokenprune.testbed.tiny"
 
 
 @dataclass(frozen=True)
@@ -15,10 +27,16 @@ class Family:
     name: str  # make-tiny --arch
     model_type: str  # the checkpoint config's model_type
     stock: str  # the architecture checkpoints name
-    module: str  # the module holding the pruned class
-    # how training reads the tower: "llava" (a feature layer), "gemma3" (pooled), "gemma4" (the
-    # pooler's soft tokens), "internvl" (pixel-shuffled) or "qwen" (the merger)
+    module: str  # serving/models/<module>.py holds the pruned class
+    # how training reads the tower (a key of training.features.READERS): "llava" (a feature
+    # layer), "gemma3" (pooled), "gemma4" (the pooler's soft tokens), "internvl" (pixel-shuffled)
+    # or "qwen" (the merger)
     features: str
+    tiny: str  # "module:NAME" under testbed/tiny: the tiny checkpoint's builder
+    # train-query reads the teacher's attention at the image's placeholders, so they must hold
+    # the candidate tokens one to one (not so where newline markers or tiles sit among them)
+    query_teacher: bool = False
+    mrope: bool = False  # 3-D M-RoPE positions (serving/models/mrope.py)
 
     @property
     def pruned(self) -> str:
@@ -28,23 +46,35 @@ class Family:
     @property
     def target(self) -> str:
         """``"module:Class"``, so that vLLM imports the module only when it loads the model."""
-        return f"{self.module}:{self.pruned}"
+        return f"{_MODELS}.{self.module}:{self.pruned}"
+
+    @property
+    def tiny_builder(self) -> str:
+        """``"module:NAME"`` of the tiny checkpoint's builder (a ``testbed.tiny.parts.Arch``)."""
+        return f"{_TINY}.{self.tiny}"
 
 
-_MODELS = "vllm_tokenprune.serving.models"
 FAMILIES: tuple[Family, ...] = (
-    Family("llava", "llava", "LlavaForConditionalGeneration", f"{_MODELS}.llava", "llava"),
-    Family("llava-next", "llava_next", "LlavaNextForConditionalGeneration", f"{_MODELS}.llava_next", "llava"),
-    Family("llava-onevision", "llava_onevision", "LlavaOnevisionForConditionalGeneration",
-           f"{_MODELS}.llava_onevision", "llava"),
-    Family("qwen2-vl", "qwen2_vl", "Qwen2VLForConditionalGeneration", f"{_MODELS}.qwen2_vl", "qwen"),
-    Family("qwen2.5-vl", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", f"{_MODELS}.qwen2_5_vl", "qwen"),
-    Family("qwen3-vl", "qwen3_vl", "Qwen3VLForConditionalGeneration", f"{_MODELS}.qwen3_vl", "qwen"),
-    Family("qwen3.5", "qwen3_5", "Qwen3_5ForConditionalGeneration", f"{_MODELS}.qwen3_5", "qwen"),
-    Family("qwen3.5-moe", "qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", f"{_MODELS}.qwen3_5", "qwen"),
-    Family("gemma3", "gemma3", "Gemma3ForConditionalGeneration", f"{_MODELS}.gemma3", "gemma3"),
-    Family("internvl", "internvl", "InternVLForConditionalGeneration", f"{_MODELS}.internvl", "internvl"),
-    Family("gemma4", "gemma4", "Gemma4ForConditionalGeneration", f"{_MODELS}.gemma4", "gemma4"),
+    Family("llava", "llava", "LlavaForConditionalGeneration", "llava", "llava", "llava:LLAVA",
+           query_teacher=True),
+    Family("llava-next", "llava_next", "LlavaNextForConditionalGeneration", "llava_next", "llava",
+           "llava:LLAVA_NEXT"),
+    Family("llava-onevision", "llava_onevision", "LlavaOnevisionForConditionalGeneration", "llava_onevision",
+           "llava", "llava:LLAVA_ONEVISION"),
+    Family("qwen2-vl", "qwen2_vl", "Qwen2VLForConditionalGeneration", "qwen2_vl", "qwen", "qwen:QWEN2_VL",
+           query_teacher=True, mrope=True),
+    Family("qwen2.5-vl", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl", "qwen",
+           "qwen:QWEN2_5_VL", query_teacher=True, mrope=True),
+    Family("qwen3-vl", "qwen3_vl", "Qwen3VLForConditionalGeneration", "qwen3_vl", "qwen", "qwen:QWEN3_VL",
+           query_teacher=True, mrope=True),
+    Family("qwen3.5", "qwen3_5", "Qwen3_5ForConditionalGeneration", "qwen3_5", "qwen", "qwen:QWEN3_5",
+           query_teacher=True, mrope=True),
+    Family("qwen3.5-moe", "qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", "qwen3_5", "qwen",
+           "qwen:QWEN3_5_MOE", query_teacher=True, mrope=True),
+    Family("gemma3", "gemma3", "Gemma3ForConditionalGeneration", "gemma3", "gemma3", "gemma:GEMMA3"),
+    Family("internvl", "internvl", "InternVLForConditionalGeneration", "internvl", "internvl",
+           "internvl:INTERNVL"),
+    Family("gemma4", "gemma4", "Gemma4ForConditionalGeneration", "gemma4", "gemma4", "gemma:GEMMA4"),
 )
 
 

@@ -430,11 +430,12 @@ def save_checkpoint(model, processor, out_dir: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    from vllm_tokenprune.testbed.tiny import _LLAVA_HUB_PREFIXES, _to_hub_layout
+    from vllm_tokenprune.testbed.tiny.parts import LLAVA_HUB_PREFIXES
+    from vllm_tokenprune.testbed.tiny.weights import to_hub_layout
 
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(_to_hub_layout(state, _LLAVA_HUB_PREFIXES), out_dir / "model.safetensors",
+    save_file(to_hub_layout(state, LLAVA_HUB_PREFIXES), out_dir / "model.safetensors",
               metadata={"format": "pt"})
     model.config.save_pretrained(out_dir)
     text = model.config.text_config

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
+from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.selection import methods
 from vllm_tokenprune.selection.methods.attention import statistics
 from vllm_tokenprune.selection.selector import SelectorConfig, TokenSelector
-from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.tools.provenance import source_commit
 from vllm_tokenprune.tools.timing import interleaved, qwen_tower, vit_tower
 

@@ -43,10 +43,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.selection.budget import BudgetConfig, BudgetPredictor, cell_features, thumbnail
 from vllm_tokenprune.selection.methods.topk import topk_sorted
 from vllm_tokenprune.selection.selector import TokenSelector
-from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.training.evaluation import autocast, mask_from_indices
 from vllm_tokenprune.training.features import ImageFolderError
 from vllm_tokenprune.training.options import warmup_cosine

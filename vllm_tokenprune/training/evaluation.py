@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 import torch
 
+from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.selection.methods.topk import topk_sorted
 from vllm_tokenprune.selection.selector import TokenSelector
-from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.training.reconstruction import TokenReconstructor, image_dropped_mse
 from vllm_tokenprune.training.stream import FeatureSet, chunks, num_images
 

@@ -47,8 +47,8 @@ from PIL import Image, UnidentifiedImageError
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from vllm_tokenprune.selection.selector import vision_signature
 from vllm_tokenprune.families import of_model_type
+from vllm_tokenprune.selection.selector import vision_signature
 from vllm_tokenprune.training.ragged import RaggedFeatures
 from vllm_tokenprune.training.stream import ahead
 
@@ -129,14 +129,9 @@ def _tower_key(key: str, tower_prefix: str) -> str | None:
     return m.group(1) if m else None
 
 
-def _family(config) -> str:
-    """How the tower's features are read: "llava", "gemma3", "gemma4", "internvl" or "qwen" (``families``)."""
-    return of_model_type(config.model_type).features
-
-
-def _tower_prefix(config) -> str:
-    """The checkpoint's name for the tower module."""
-    return "visual" if _family(config) == "qwen" else "vision_tower"
+def _reader(config) -> Reader:
+    """How the tower of ``config``'s family is read (its row in ``families`` names it)."""
+    return READERS[of_model_type(config.model_type).features]
 
 
 def _tower_module(vision_config) -> torch.nn.Module:
@@ -154,7 +149,7 @@ def _tower_module(vision_config) -> torch.nn.Module:
 def _build_tower(model: str, config) -> tuple[torch.nn.Module, list[Path]]:
     """The vision tower with its checkpoint weights, and the files they came from."""
     tower = _tower_module(config.vision_config)
-    prefix = _tower_prefix(config)
+    prefix = _reader(config).tower
     wanted = set(tower.state_dict())
     state = {}
     files = _weight_files(model, prefix)
@@ -255,6 +250,28 @@ def _qwen_forward(tower, config, inputs: dict) -> RaggedFeatures:
     return RaggedFeatures(merged, torch.stack([t * h // merge, w // merge], dim=1))
 
 
+@dataclass(frozen=True)
+class Reader:
+    """How training reads one kind of tower: a row of ``families`` names it by its key in ``READERS``."""
+
+    inputs: Callable[[Any, list[Image.Image]], dict[str, torch.Tensor]]  # image processor -> tower inputs
+    forward: Callable[[torch.nn.Module, Any, dict[str, torch.Tensor]], RaggedFeatures]  # tower, config, inputs
+    layer: Callable[[Any], Any]  # what a selector checkpoint records as its feature layer, from the config
+    tower: str = "vision_tower"  # the checkpoint's name for the tower module
+    # images keep their own size, resized within a pixel range the server may override
+    # (QWEN_PROCESSOR_KWARGS); other towers take every image at one size
+    own_size: bool = False
+
+
+READERS: dict[str, Reader] = {
+    "llava": Reader(_llava_inputs, _llava_forward, lambda config: getattr(config, "vision_feature_layer", None)),
+    "gemma3": Reader(_llava_inputs, _gemma3_forward, lambda config: "pooled"),
+    "gemma4": Reader(_gemma4_inputs, _gemma4_forward, lambda config: "pooled"),
+    "internvl": Reader(_internvl_inputs, _internvl_forward, lambda config: "pixel_shuffle"),
+    "qwen": Reader(_qwen_inputs, _qwen_forward, lambda config: "merger", tower="visual", own_size=True),
+}
+
+
 @dataclass
 class Tower:
     """A checkpoint's vision tower up to the selector's input (LLaVA: the feature layer
@@ -279,7 +296,7 @@ def _processor(model: str, config, processor_kwargs: dict[str, int]):
     resizes Qwen images within (None for LLaVA, whose images all get one size)."""
     from transformers import AutoImageProcessor
 
-    if _family(config) != "qwen":
+    if not _reader(config).own_size:
         if processor_kwargs:
             raise FeatureSettingsError(f"{sorted(processor_kwargs)} apply to Qwen models only; "
                                        f"{model} resizes every image to one size")
@@ -303,18 +320,15 @@ def load_tower(model: str, *, device: str = "cpu", dtype: torch.dtype = torch.fl
     processor, image_pixels = _processor(model, config, processor_kwargs or {})
     module, _ = _build_tower(model, config)
     module.to(device=device, dtype=dtype)
-    read = {"llava": _llava_forward, "gemma3": _gemma3_forward, "gemma4": _gemma4_forward,
-            "internvl": _internvl_forward, "qwen": _qwen_forward}[_family(config)]
-    inputs_of = {"gemma4": _gemma4_inputs, "internvl": _internvl_inputs,
-                 "qwen": _qwen_inputs}.get(_family(config), _llava_inputs)
+    reader = _reader(config)
 
     def preprocess(images: list[Image.Image]) -> dict[str, torch.Tensor]:
         images = [im.convert("RGB") for im in images]
-        inputs = inputs_of(processor, images)
+        inputs = reader.inputs(processor, images)
         return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
 
     def forward(inputs: dict[str, torch.Tensor]) -> RaggedFeatures:
-        return read(module, config, inputs)
+        return reader.forward(module, config, inputs)
 
     return Tower(config, preprocess, forward, image_pixels)
 
@@ -334,8 +348,7 @@ def feature_info(model: str, tower: Tower, grids: torch.Tensor, feature_dim: int
     lengths = grids.prod(dim=1)
     return {
         "source_model": model,
-        "feature_layer": {"llava": getattr(config, "vision_feature_layer", None), "gemma3": "pooled",
-                          "gemma4": "pooled", "internvl": "pixel_shuffle", "qwen": "merger"}[_family(config)],
+        "feature_layer": _reader(config).layer(config),
         "vision_signature": vision_signature(config),
         "num_tokens": [int(lengths.min()), int(lengths.max())],
         "feature_dim": feature_dim,
@@ -407,7 +420,7 @@ def features_key(model: str, image_paths: list[Path], *, dtype: torch.dtype,
     }
     processor_config = _model_file(model, "preprocessor_config.json")
     parts["processor"] = processor_config.read_text() if processor_config else None
-    prefix = _tower_prefix(config)
+    prefix = _reader(config).tower
     parts["weights"] = [_file_stamp(p) for p in _weight_files(model, prefix)]
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:32]

@@ -41,6 +41,7 @@ from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
+from vllm_tokenprune.policy import QUESTION_TOKENS, keep_count, markup_ids, question_tokens
 from vllm_tokenprune.selection.budget import PREFIX as BUDGET_PREFIX
 from vllm_tokenprune.selection.budget import SECTION as BUDGET_SECTION
 from vllm_tokenprune.selection.budget import section as budget_section
@@ -55,7 +56,6 @@ from vllm_tokenprune.selection.selector import (
     load_selector,
     query_section,
 )
-from vllm_tokenprune.policy import QUESTION_TOKENS, keep_count, markup_ids, question_tokens
 from vllm_tokenprune.training.budget import above_even_share, format_budget_report, thumbnails, train_share_budget
 from vllm_tokenprune.training.options import add_options, from_args, opt, warmup_cosine
 from vllm_tokenprune.training.reconstruction import replace_section
@@ -120,16 +120,15 @@ def teach(model_dir: str, items: list[tuple[Path, str, str | None]], *, progress
     the question)."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    from vllm_tokenprune.families import of_model_type
+    from vllm_tokenprune.families import FAMILIES, of_model_type
     from vllm_tokenprune.training.features import load_tower
 
     config = AutoConfig.from_pretrained(model_dir)
     family = of_model_type(config.model_type)
-    # The teacher's attention is read at the placeholders, which must be the candidates one to
-    # one: LLaVA-NeXT and OneVision also place newline markers there.
-    if family.name != "llava" and family.features != "qwen":
-        raise ValueError(f"train-query trains on LLaVA-1.5 and Qwen checkpoints, whose placeholders hold an "
-                         f"image's candidate tokens one to one; {model_dir} is {config.model_type!r}")
+    if not family.query_teacher:
+        teachers = ", ".join(f.name for f in FAMILIES if f.query_teacher)
+        raise ValueError(f"train-query trains on {teachers}, whose placeholders hold an image's candidate "
+                         f"tokens one to one; {model_dir} is {config.model_type!r}")
     placeholder = getattr(config, "image_token_index", None)
     placeholder = config.image_token_id if placeholder is None else placeholder
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32,

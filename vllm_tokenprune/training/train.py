@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.selection.budget import PREFIX as BUDGET_PREFIX
 from vllm_tokenprune.selection.budget import SECTION as BUDGET_SECTION
 from vllm_tokenprune.selection.budget import section as budget_section
@@ -62,7 +63,6 @@ from vllm_tokenprune.selection.selector import (
     check_compatible,
     load_selector,
 )
-from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.training.budget import format_budget_report, train_budget
 from vllm_tokenprune.training.curves import append_log, plot_curves, write_log
 from vllm_tokenprune.training.evaluation import autocast, evaluate, format_report, mask_from_indices

@@ -42,17 +42,14 @@ if TYPE_CHECKING:
 
     from vllm_tokenprune.selection.selector import TokenSelector
 
-METHOD_NAMES: tuple[str, ...] = (
-    "learned", "random", "norm", "visionzip", "hiprune", "divprune", "cls_attention", "pool",
-    "cdpruner", "mmtok", "learned_query",
-)
-
-# Method name -> the module of this package that defines it (as an attribute of that name).
+# Every method: its name -> the module of this package that defines it (as an attribute of
+# that name). A name's position is its wire id: append, never reorder.
 _MODULES = {
     "learned": "scores", "random": "scores", "norm": "scores", "visionzip": "visionzip",
     "hiprune": "hiprune", "divprune": "divprune", "cls_attention": "cls_attention", "pool": "pool",
     "cdpruner": "cdpruner", "mmtok": "mmtok", "learned_query": "scores",
 }
+METHOD_NAMES: tuple[str, ...] = tuple(_MODULES)
 
 
 def method_id(name: str) -> int:

@@ -35,11 +35,11 @@ from vllm.model_executor.models.gemma3_mm import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from vllm_tokenprune.policy import split_keep
 from vllm_tokenprune.serving.models.common import KEEP_FIELD, PROBE_KEEP_FIELD
 from vllm_tokenprune.serving.models.llava import LlavaTowerMixin
 from vllm_tokenprune.serving.models.model import NoEncoderCudaGraphsMixin, PruningModelMixin
 from vllm_tokenprune.serving.models.processor import HFProcessorTokensMixin
-from vllm_tokenprune.policy import split_keep
 
 
 class PrunedGemma3MultiModalProcessor(HFProcessorTokensMixin, Gemma3MultiModalProcessor):

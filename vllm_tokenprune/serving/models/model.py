@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from vllm.logger import init_logger
 
+from vllm_tokenprune.policy import AutoBudget, PrunePolicy
 from vllm_tokenprune.selection import methods
 from vllm_tokenprune.serving.models.common import (
     KEEP_FIELD,
@@ -29,7 +30,6 @@ from vllm_tokenprune.serving.models.common import (
     selector_path,
     served_budget_predictor,
 )
-from vllm_tokenprune.policy import AutoBudget, PrunePolicy
 
 logger = init_logger(__name__)
 

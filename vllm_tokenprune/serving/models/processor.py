@@ -18,19 +18,6 @@ from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import ImageProcessorItems, ImageSize
 from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 
-from vllm_tokenprune.selection import methods
-from vllm_tokenprune.serving.models.common import (
-    KEEP_FIELD,
-    METHOD_FIELD,
-    PROBE_KEEP_FIELD,
-    PROBE_KEY,
-    PROBE_METHODS_FIELD,
-    PRUNE_FIELDS,
-    QUERY_FIELD,
-    SEED_FIELD,
-    selector_path,
-    served_budget_predictor,
-)
 from vllm_tokenprune.policy import (
     KEEP_RATIO_KEY,
     METHOD_KEY,
@@ -44,6 +31,19 @@ from vllm_tokenprune.policy import (
     question_tokens,
     resolve,
     split_keep,
+)
+from vllm_tokenprune.selection import methods
+from vllm_tokenprune.serving.models.common import (
+    KEEP_FIELD,
+    METHOD_FIELD,
+    PROBE_KEEP_FIELD,
+    PROBE_KEY,
+    PROBE_METHODS_FIELD,
+    PRUNE_FIELDS,
+    QUERY_FIELD,
+    SEED_FIELD,
+    selector_path,
+    served_budget_predictor,
 )
 
 
