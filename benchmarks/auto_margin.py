@@ -44,7 +44,7 @@ from vllm_tokenprune.testbed.demo_model import (
 )
 from vllm_tokenprune.testbed.synthetic import scene_seed
 from vllm_tokenprune.tools.eval import ALL_SETS
-from vllm_tokenprune.tools.provenance import source_commit
+from vllm_tokenprune.tools.provenance import add_allow_dirty, stamp
 from vllm_tokenprune.training.budget import above_even_share, fit_predictor, predict, share_targets
 
 RATIOS = (1.0, 0.5, 0.25, 0.1, 0.05)
@@ -103,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extras", default="0,2,4", help="extra tokens of the exact-count rows")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
+    add_allow_dirty(parser)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    record = stamp(Path(__file__), argv, args.allow_dirty)
     torch.set_num_threads(args.threads)
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -147,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         [keep_count(n, f) for f in fractions])
 
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"command": " ".join(["python", "benchmarks/auto_margin.py", *sys.argv[1:]]), "commit": source_commit(),
-              "test_scenes_per_variant": args.n, "train_scenes_per_variant": args.train_n, "image_tokens": n,
+    report = {**record, "test_scenes_per_variant": args.n, "train_scenes_per_variant": args.train_n, "image_tokens": n,
               "count_vs_content": follows, "rows": rows}
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     sets = [*tasks.VARIANTS, ALL_SETS]

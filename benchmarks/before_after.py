@@ -20,11 +20,12 @@ import argparse
 import asyncio
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from vllm_tokenprune.tools.provenance import add_allow_dirty, stamp
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,10 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=ROOT / ".cache" / "before-after", help="worktrees and logs")
     parser.add_argument("--out", type=Path, required=True)
+    add_allow_dirty(parser)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
 
     from vllm_tokenprune.tools.launcher import Server
-    from vllm_tokenprune.tools.provenance import source_commit
+
+    record = stamp(Path(__file__), argv, args.allow_dirty)
 
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -149,9 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                          concurrency=args.concurrency, rounds=args.rounds, per_slot=args.requests,
                          size=args.image_size, seed=args.seed)
     report = {"model": args.model or "the embedded demo", "keep": args.keep, "concurrency": args.concurrency,
-              "rounds": args.rounds, "image_size": args.image_size, "commit": source_commit(),
-              "cpus": len(os.sched_getaffinity(0)),
-              "command": shlex.join(["python", "benchmarks/before_after.py", *(argv or sys.argv[1:])]), **result}
+              "rounds": args.rounds, "image_size": args.image_size, **record,
+              "cpus": len(os.sched_getaffinity(0)), **result}
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "results.md").write_text(markdown(report))
     plot(report, args.out / "before_after.png")

@@ -38,6 +38,7 @@ import json
 import math
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,6 +48,7 @@ import torch
 from PIL import Image
 
 from vllm_tokenprune.selection.budget import BudgetConfig, BudgetPredictor, section
+from vllm_tokenprune.tools.provenance import add_allow_dirty, stamp
 
 SIZES = ((336, 336), (1024, 768), (4000, 3000))
 
@@ -166,11 +168,14 @@ def fixed_predictor(fraction: float) -> BudgetPredictor:
     return predictor.eval()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--out", type=Path, help="folder for results.json and results.md")
-    args = parser.parse_args()
+    add_allow_dirty(parser)
+    args = parser.parse_args(argv)
+    record = stamp(Path(__file__), argv, args.allow_dirty) if args.out else {}
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
 
@@ -189,7 +194,7 @@ def main() -> None:
                       budget=section(fixed_predictor(0.25), {}),
                       metadata={"source_model": str(model), "feature_layer": signature["vision_feature_layer"],
                                 "vision_signature": signature})
-        results = {"predictor_ms_per_image": predictor_cost(args.rounds, rng),
+        results = {**record, "predictor_ms_per_image": predictor_cost(args.rounds, rng),
                    "processor_per_request": processor_cost(model, selector, args.rounds, rng),
                    "api_server_per_request": api_server_cost(model, selector, args.rounds, rng,
                                                              Path(tmp) / "server.log"),

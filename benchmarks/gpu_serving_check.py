@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch
 from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.selection import methods
 from vllm_tokenprune.selection.selector import SelectorConfig, TokenSelector
+from vllm_tokenprune.tools.provenance import add_allow_dirty, stamp
 from vllm_tokenprune.tools.timing import sync, vit_tower
 
 RATIO = 0.25
@@ -183,9 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU test of the script)")
     parser.add_argument("--out", type=Path, default=None, help="folder for results.json and results.md")
+    add_allow_dirty(parser)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    record = stamp(Path(__file__), argv, args.allow_dirty) if args.out else {}
     dtype = getattr(torch, args.dtype)
-    report = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
+    report = {**record, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
               "dtype": args.dtype, "torch": torch.__version__, "small": args.small, "ratio": RATIO, "selection": {},
               "bf16_agreement": {}}
     for case in cases(args.small):

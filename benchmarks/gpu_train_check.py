@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from vllm_tokenprune.tools.provenance import add_allow_dirty, stamp
 from vllm_tokenprune.tools.timing import interleaved, qwen_tower, sync, vit_tower
 from vllm_tokenprune.training.evaluation import evaluate
 from vllm_tokenprune.training.features import tower_dtype
@@ -139,12 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10, help="timed tower forwards")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps")
     parser.add_argument("--out", type=Path, default=None, help="folder for results.json")
+    add_allow_dirty(parser)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    record = stamp(Path(__file__), argv, args.allow_dirty) if args.out else {}
     if args.small:
         args.extract_batch, args.batch, args.rounds, args.steps = 2, 4, 2, 2
     torch.manual_seed(0)
-    report = {"device": args.device, "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda")
-              else "cpu", "torch": torch.__version__, "small": args.small, "towers": {}}
+    report = {**record, "device": args.device,
+              "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+              "torch": torch.__version__, "small": args.small, "towers": {}}
     for name in towers(args.small):
         report["towers"][name] = measure(name, args)
         if args.device.startswith("cuda"):

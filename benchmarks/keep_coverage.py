@@ -28,7 +28,7 @@ from vllm_tokenprune.selection.selector import load_query_selector, load_selecto
 from vllm_tokenprune.testbed import clutter, tasks
 from vllm_tokenprune.testbed.demo_model import DEMO_DIR
 from vllm_tokenprune.testbed.synthetic import scene_seed
-from vllm_tokenprune.tools.provenance import source_commit
+from vllm_tokenprune.tools.provenance import add_allow_dirty, stamp
 from vllm_tokenprune.training.features import extract_features
 
 METHODS = ("learned", "divprune", "norm", "random", "cdpruner", "mmtok", "learned_query")
@@ -145,17 +145,19 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=DEMO_DIR / "model")
     parser.add_argument("--selector", type=Path, default=DEMO_DIR / "selector.safetensors")
     parser.add_argument("--variant", choices=clutter.VARIANTS, default="clutter")
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/coverage"))
-    args = parser.parse_args()
+    add_allow_dirty(parser)
+    args = parser.parse_args(argv)
+    record = stamp(Path(__file__), argv, args.allow_dirty)
     torch.set_num_threads(1)
-    report = {"variant": args.variant, "n": args.n, "commit": source_commit(),
-              "command": " ".join(["python", *sys.argv]),
+    report = {"variant": args.variant, "n": args.n, **record,
               "methods": measure(args.model, args.selector, args.variant, args.n)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.selection.selector import SelectorConfig, TokenSelector
+from vllm_tokenprune.tools.provenance import add_allow_dirty, stamp
 from vllm_tokenprune.tools.timing import interleaved, vit_tower
 
 TOWERS = {"clip-l-336": "clip", "siglip-so400m-384": "siglip"}
@@ -86,7 +88,8 @@ def ideal_speedups(towers: dict, prefill: dict) -> list[dict]:
     return rows
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16")
@@ -95,9 +98,11 @@ def main() -> int:
     parser.add_argument("--lm-layers", type=int, default=LLAMA_7B["num_hidden_layers"])
     parser.add_argument("--tokens", default="64,128,256,512,640,1024,2048,2944")
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    add_allow_dirty(parser)
+    args = parser.parse_args(argv)
+    record = stamp(Path(__file__), argv, args.allow_dirty) if args.out else {}
     dtype = getattr(torch, args.dtype)
-    report = {"device": args.device, "dtype": args.dtype,
+    report = {**record, "device": args.device, "dtype": args.dtype,
               "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda")
               else "cpu", "torch": torch.__version__, "repeats": args.repeats}
     report["towers"] = {name: measure_tower(name, args.device, dtype, args.repeats) for name in TOWERS}

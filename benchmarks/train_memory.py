@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from vllm_tokenprune.tools.provenance import add_allow_dirty, environment, stamp
+
 # train's defaults (shards of 256 images, rounds of 8 shards, the predictor's sample of
 # 4,096, at most 1,000 held out), but a short run: a round is read whole whatever the steps.
 TRAIN_ARGS = ("--steps", "20", "--batch-size", "8", "--threads", "1", "--feature-workers", "1", "--no-progress")
@@ -108,8 +110,8 @@ def measure(model: Path, work: Path, n: int, *, scales=SCALES, train_args=TRAIN_
                              "held_by_settings": held_by_settings(len(train), len(held), list(train_args))}
     first = runs[str(scales[0] * n)]
     return {
-        "command": shlex.join(["vllm-tokenprune", "train", "--model", "MODEL", "--images", "FOLDER",
-                               "--out", "OUT", "--cache-dir", "CACHE", *train_args]),
+        "train_command": shlex.join(["vllm-tokenprune", "train", "--model", "MODEL", "--images", "FOLDER",
+                                     "--out", "OUT", "--cache-dir", "CACHE", *train_args]),
         "n": n, "scales": list(scales), "runs": runs,
         "ratio_to_first": {images: {phase: round(r[phase]["peak_rss_mib"] / first[phase]["peak_rss_mib"], 3)
                                     for phase in ("cold", "warm")} for images, r in runs.items()},
@@ -159,16 +161,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path(".cache/train-memory"),
                         help="model, image folders and feature caches (reused: images and model)")
     parser.add_argument("--out", type=Path, default=None, help="folder for results.json and memory.png")
+    add_allow_dirty(parser)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    record = stamp(Path(__file__), argv, args.allow_dirty) if args.out else {}
 
     from vllm_tokenprune.testbed.tiny import build_tiny
-    from vllm_tokenprune.tools.provenance import environment
 
     model = args.work / "model"
     if not (model / "config.json").is_file():
         build_tiny("llava", model, seed=0)
-    report = measure(model.resolve(), args.work.resolve(), args.n, scales=args.scales)
-    report["environment"] = {**environment(str(model)), "command": shlex.join(["python", *sys.argv])}
+    report = {**record, **measure(model.resolve(), args.work.resolve(), args.n, scales=args.scales),
+              "environment": environment(str(model))}
     print(table(report))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

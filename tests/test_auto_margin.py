@@ -6,14 +6,17 @@ from __future__ import annotations
 import json
 
 import benchmark_script
+from stamps import assert_stamped
 
 
 def test_rows_and_files(tmp_path):
     module = benchmark_script.load("auto_margin")
     out = tmp_path / "out"
-    assert module.main(["--n", "4", "--train-n", "4", "--margins", "0", "--extras", "0,4", "--threads", "1",
-                        "--out", str(out)]) == 0
+    argv = ["--n", "4", "--train-n", "4", "--margins", "0", "--extras", "0,4", "--threads", "1",
+            "--out", str(out), "--allow-dirty"]
+    assert module.main(argv) == 0
     report = json.loads((out / "results.json").read_text())
+    assert_stamped(report, "python", "benchmarks/auto_margin.py", *argv)
     rows = {r["row"]: r for r in report["rows"]}
     assert [r["row"] for r in report["rows"]][:5] == [f"keep {r}" for r in module.RATIOS]
     assert rows["keep 1.0"]["image_tokens"]["all sets"] == 144 and rows["keep 0.05"]["image_tokens"]["plain"] == 7

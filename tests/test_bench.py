@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from server import Server
+from stamps import assert_stamped
 
 from vllm_tokenprune import cli
 from vllm_tokenprune.policy import keep_count
@@ -48,10 +49,11 @@ def test_vllm_bench_serve_with_a_keep_ratio_header(served):
 def test_bench_command_writes_results_and_soaks_cleanly(served, tmp_path):
     model, server = served
     out = tmp_path / "results"
-    code = cli.main(["bench", "--model", str(model), "--url", server.root, "--out", str(out),
-                     "--ratios", "1.0,0.25", "--methods", "norm", "--concurrency", "1,4",
-                     "--prompts-per-cell", "8", "--paired-rounds", "3", "--prefill-rounds", "2", "--parts-rounds", "2",
-                     "--image-size", str(SIZE), "--output-tokens", "2", "--soak-seconds", "10"])
+    argv = ["bench", "--model", str(model), "--url", server.root, "--out", str(out),
+            "--ratios", "1.0,0.25", "--methods", "norm", "--concurrency", "1,4",
+            "--prompts-per-cell", "8", "--paired-rounds", "3", "--prefill-rounds", "2", "--parts-rounds", "2",
+            "--image-size", str(SIZE), "--output-tokens", "2", "--soak-seconds", "10", "--allow-dirty"]
+    code = cli.main(argv)
     assert code == 0
     report = json.loads((out / "results.json").read_text())
     n = count_image_tokens(model, (SIZE, SIZE))
@@ -69,7 +71,8 @@ def test_bench_command_writes_results_and_soaks_cleanly(served, tmp_path):
     assert all(c["completed"] == 8 and c["failed"] == 0 for c in report["sweep"])
     soak = report["soak"]
     assert soak["good"] > 0 and soak["good_failed"] == 0 and soak["bad_other"] == 0
-    assert report["environment"]["commit"]
+    assert_stamped(report, "vllm-tokenprune", *argv)
+    assert report["environment"]["model"]["path"] == str(model)
     assert (out / "results.md").read_text().startswith("# Benchmark")
     assert "% of the tower" in (out / "results.md").read_text()
     assert (out / "ttft_throughput.png").stat().st_size > 10_000
@@ -88,12 +91,13 @@ def test_unique_images_differ_in_bytes_not_pixels():
 def test_against_stock_compares_interleaved_rounds(tiny_checkpoint, tmp_path):
     model = tiny_checkpoint("llava")
     out = tmp_path / "against-stock"
-    code = cli.main(["bench", "--against-stock", "--model", str(model), "--out", str(out),
-                     "--stock-rounds", "2", "--stock-images", "1,2", "--stock-concurrency", "2",
-                     "--stock-image-size", "256", "--stock-requests", "2", "--dtype", "float32",
-                     "--max-model-len", "1024"])
-    assert code == 0
+    argv = ["bench", "--against-stock", "--model", str(model), "--out", str(out),
+            "--stock-rounds", "2", "--stock-images", "1,2", "--stock-concurrency", "2",
+            "--stock-image-size", "256", "--stock-requests", "2", "--allow-dirty", "--dtype", "float32",
+            "--max-model-len", "1024"]
+    assert cli.main(argv) == 0
     report = json.loads((out / "results.json").read_text())
+    assert_stamped(report, "vllm-tokenprune", *argv)
     n = count_image_tokens(model, (256, 256))
     assert [(c["concurrency"], c["images"]) for c in report["cells"]] == [(2, 1), (2, 2)]
     for cell in report["cells"]:
@@ -113,12 +117,13 @@ def test_workload_compares_budgets_on_an_eval_files_images(served, tmp_path):
     model, server = served
     assert cli.main(["make-eval-set", "--variant", "textured", "--n", "6", "--out", str(tmp_path / "set")]) == 0
     out = tmp_path / "workload"
-    code = cli.main(["bench", "--model", str(model), "--url", server.root, "--out", str(out),
-                     "--workload", str(tmp_path / "set" / "items.jsonl"), "--workload-ratios", "1.0,0.25",
-                     "--workload-requests", "4", "--workload-rounds", "2", "--workload-concurrency", "2",
-                     "--output-tokens", "2"])
-    assert code == 0
+    argv = ["bench", "--model", str(model), "--url", server.root, "--out", str(out),
+            "--workload", str(tmp_path / "set" / "items.jsonl"), "--workload-ratios", "1.0,0.25",
+            "--workload-requests", "4", "--workload-rounds", "2", "--workload-concurrency", "2",
+            "--output-tokens", "2", "--allow-dirty"]
+    assert cli.main(argv) == 0
     report = json.loads((out / "results.json").read_text())
+    assert_stamped(report, "vllm-tokenprune", *argv)
     n = count_image_tokens(model, (SIZE, SIZE))
     cells = {c["budget"]: c for c in report["cells"]}
     assert cells["1.0"]["mean_image_tokens"] == n and cells["0.25"]["mean_image_tokens"] == keep_count(n, 0.25)

@@ -161,7 +161,8 @@ def test_missing_data_file_or_server_is_a_clear_error(tmp_path, capsys):
     assert "none.jsonl" in capsys.readouterr().err
     data = tmp_path / "items.jsonl"
     data.write_text(json.dumps({"image": "data:image/png;base64,AAAA", "question": "q", "answer": "a"}))
-    assert main(["eval", "--url", "http://127.0.0.1:9", "--data", str(data), "--out", str(tmp_path / "out")]) == 2
+    assert main(["eval", "--url", "http://127.0.0.1:9", "--data", str(data), "--out", str(tmp_path / "out"),
+                 "--allow-dirty"]) == 2
     assert "no OpenAI-compatible server answers at http://127.0.0.1:9/v1" in capsys.readouterr().err
 
 
@@ -175,6 +176,7 @@ def test_accuracy_against_a_real_server(tmp_path):
     learned and random: every cell's count equals the one found by asking request by
     request, the image tokens are the server's, and the CLI writes its three files."""
     from server import Server
+    from stamps import assert_stamped
 
     from vllm_tokenprune.selection.methods import METHOD_NAMES
     from vllm_tokenprune.testbed.demo_model import DEMO_DIR
@@ -204,8 +206,9 @@ def test_accuracy_against_a_real_server(tmp_path):
                         {"type": "text", "text": item.question}]}])
                 right += out.choices[0].message.content.strip().lower() == item.answer
             assert c["correct"] == right and c["n"] == 7 and c["errors"] == 0, c
-        assert main(["eval", "--url", server.root, "--data", str(data), "--ratios", "1.0,0.25,auto",
-                     "--methods", "learned,random", "--out", str(tmp_path / "out")]) == 0
+        argv = ["eval", "--url", server.root, "--data", str(data), "--ratios", "1.0,0.25,auto",
+                "--methods", "learned,random", "--out", str(tmp_path / "out"), "--allow-dirty"]
+        assert main(argv) == 0
     full = next(c for c in report["datasets"]["set"]["cells"] if c["keep_ratio"] == 1.0)
     assert full["correct"] <= 6 and full["mean_prompt_tokens"] - 108 == pytest.approx(
         next(c for c in report["datasets"]["set"]["cells"] if c["keep_ratio"] == 0.25)["mean_prompt_tokens"])
@@ -214,5 +217,6 @@ def test_accuracy_against_a_real_server(tmp_path):
     assert 1 <= images[("learned", "auto")] < 144 and images[("learned", "auto")] == images[("random", "auto")]
     written = json.loads((tmp_path / "out" / "results.json").read_text())
     assert written["datasets"]["set"]["cells"] == report["datasets"]["set"]["cells"]
+    assert_stamped(written, "vllm-tokenprune", *argv)
     assert (tmp_path / "out" / "accuracy.png").exists()
     assert "| learned |" in (tmp_path / "out" / "results.md").read_text()

@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 
 from scripts import run_without_vllm
+from stamps import assert_stamped
 from vllm_tokenprune.selection.methods import METHOD_NAMES
 
 
 def test_gpu_serving_check_runs_small_on_cpu_without_vllm(tmp_path):
-    result = run_without_vllm("gpu_serving_check.py",
-                              ["--small", "--device", "cpu", "--rounds", "2", "--out", str(tmp_path)])
+    argv = ["--small", "--device", "cpu", "--rounds", "2", "--out", str(tmp_path), "--allow-dirty"]
+    result = run_without_vllm("gpu_serving_check.py", argv)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     report = json.loads((tmp_path / "results.json").read_text())
+    assert_stamped(report, "python", "benchmarks/gpu_serving_check.py", *argv)
     assert report["small"] and report["ratio"] == 0.25
     for rows in report["selection"].values():
         assert list(rows) == list(METHOD_NAMES)

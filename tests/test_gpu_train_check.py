@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 
 from scripts import run_without_vllm
+from stamps import assert_stamped
 
 
 def test_gpu_train_check_runs_small_on_cpu_without_vllm(tmp_path):
-    result = run_without_vllm("gpu_train_check.py", ["--small", "--device", "cpu", "--out", str(tmp_path)])
+    argv = ["--small", "--device", "cpu", "--out", str(tmp_path), "--allow-dirty"]
+    result = run_without_vllm("gpu_train_check.py", argv)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     report = json.loads((tmp_path / "results.json").read_text())
+    assert_stamped(report, "python", "benchmarks/gpu_train_check.py", *argv)
     assert list(report["towers"]) == ["clip-l-336", "siglip-so400m-384", "qwen2.5-vl-7b"]
     clip = report["towers"]["clip-l-336"]
     # 4 x 4 patches (CLIP's CLS token dropped, as LLaVA does); Qwen merges them 2 x 2

@@ -17,7 +17,7 @@ def test_train_memory_reports_cold_and_warm_runs_of_every_folder(tiny_checkpoint
     report = bench["measure"](tiny_checkpoint("llava"), tmp_path, 4, scales=(1, 2), train_args=args)
 
     assert (report["n"], report["scales"], list(report["runs"])) == (4, [1, 2], ["4", "8"])
-    assert report["command"].endswith("--cache-dir CACHE " + " ".join(args))
+    assert report["train_command"].endswith("--cache-dir CACHE " + " ".join(args))
     for images, run in report["runs"].items():
         assert run["images"] == int(images)
         for phase in ("cold", "warm"):

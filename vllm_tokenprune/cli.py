@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(module, "ACCEPTS_EXTRA_ARGS", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra_args = extra
+    args.argv = argv  # as given, for the command results record (provenance.stamp)
     try:
         return module.run(args) or 0
     except ServerUnreachableError as err:  # bench or eval pointed at nothing

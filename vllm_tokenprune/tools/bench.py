@@ -23,7 +23,7 @@ One run, against one server, measures:
 ``--against-stock`` (``overhead``) and ``--workload`` (``workload``: budgets such as ``auto``
 against fixed ratios on an eval file's images) run instead of all of this.
 
-Results go to ``--out``: ``results.json`` (everything, with machine, model and commit),
+Results go to ``--out``: ``results.json`` (everything, with commit, command, machine and model),
 ``results.md`` (tables) and ``ttft_throughput.png``.
 """
 
@@ -46,7 +46,7 @@ from PIL import Image
 from vllm_tokenprune.tools import overhead, workload
 from vllm_tokenprune.tools.bench_report import markdown, plot
 from vllm_tokenprune.tools.client import image_question, image_url, prune_headers
-from vllm_tokenprune.tools.provenance import environment
+from vllm_tokenprune.tools.provenance import add_allow_dirty, environment, stamp
 
 ACCEPTS_EXTRA_ARGS = True  # extra arguments go to the server it starts
 
@@ -79,6 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-tokens", type=int, default=16, help="output per sweep request")
     parser.add_argument("--soak-seconds", type=float, default=0, help="also run a soak this long")
     parser.add_argument("--seed", type=int, default=None, help="default: from the clock")
+    add_allow_dirty(parser)
     overhead.add_arguments(parser)
     workload.add_arguments(parser)
 
@@ -343,6 +344,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.model:
         raise SystemExit("vllm-tokenprune bench: error: --model is required")
+    record = stamp("vllm-tokenprune", args.argv, args.allow_dirty)
     import openai
 
     from vllm_tokenprune.tools.launcher import target
@@ -358,14 +360,14 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path("benchmarks/results") / f"{Path(args.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     if args.against_stock:
-        return overhead.run(args, out, seed)
+        return overhead.run(args, out, seed, record)
     if args.workload:
-        return workload.run(args, out)
+        return workload.run(args, out, record)
 
     serve_args = [*args.extra_args] + (["--selector", args.selector] if args.selector else [])
     with target(args.url, args.model, serve_args, out / "server.log") as (root, model_name, server):
         client = openai.OpenAI(base_url=root + "/v1", api_key="unused", max_retries=0, timeout=600)
-        report = {"environment": environment(args.model), "seed": seed,
+        report = {**record, "environment": environment(args.model), "seed": seed,
                   "startup_s": server.startup_s if server else None}
         print("prefill line ...", flush=True)
         report["prefill"] = measure_prefill_line(client, model_name, args.prefill_rounds)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 def markdown(report: dict) -> str:
     lines = [f"# Benchmark: {Path(report['environment']['model']['path']).name}", "",
-             f"`{report['environment']['command']}` at commit "
-             f"`{report['environment']['commit']}`, {report['environment']['machine']['cpus']} "
+             f"`{report['command']}` at commit "
+             f"`{report['commit']}`, {report['environment']['machine']['cpus']} "
              f"CPUs, {report['environment']['machine']['processor'] or 'unknown CPU'}.", ""]
     pf = report["prefill"]
     lines += ["## Prefill line (text only, 1 output token)", "",

@@ -28,7 +28,7 @@ from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.selection import methods
 from vllm_tokenprune.selection.methods.attention import statistics
 from vllm_tokenprune.selection.selector import SelectorConfig, TokenSelector
-from vllm_tokenprune.tools.provenance import source_commit
+from vllm_tokenprune.tools.provenance import add_allow_dirty, stamp
 from vllm_tokenprune.tools.timing import interleaved, qwen_tower, vit_tower
 
 
@@ -105,7 +105,8 @@ def measure(shape: Shape, tower, device: str, dtype, rounds: int, tower_every: i
     return report
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16")
@@ -117,13 +118,14 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=1,
                         help="images per selection call; above 1, each method also one image a call")
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    add_allow_dirty(parser)
+    args = parser.parse_args(argv)
+    record = stamp("python -m vllm_tokenprune.tools.costs", argv, args.allow_dirty)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     report = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "commit": source_commit(),
-              "command": " ".join(["python -m vllm_tokenprune.tools.costs", *sys.argv[1:]]),
+              "torch": torch.__version__, **record,
               # LLaVA-1.5's CLIP as vLLM builds it: up to its vision_feature_layer, 23 of 24 layers
               "results": [measure(LLAVA, vit_tower("clip", args.device, dtype, num_hidden_layers=23)[0],
                                   args.device, dtype, args.rounds, args.tower_every, args.methods, args.images),

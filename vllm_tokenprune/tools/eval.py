@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_tokenprune.tools.client import METHOD_HEADER, image_question, image_tokens, prune_headers, served_model
+from vllm_tokenprune.tools.provenance import add_allow_dirty, stamp
 
 ACCEPTS_EXTRA_ARGS = True  # extra arguments go to the server it starts
 MATCHES = ("exact", "first-word", "contains")
@@ -73,6 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("eval-results"))
     parser.add_argument("--render", type=Path, metavar="DIR",
                         help="only rebuild DIR's table and plot from its results.json")
+    add_allow_dirty(parser)
 
 
 # ---------------------------------------------------------------------------------------
@@ -498,7 +500,6 @@ def _datasets(specs: list[str], limit: int) -> dict[str, list[Item]]:
 
 def run(args: argparse.Namespace) -> int:
     from vllm_tokenprune.tools.launcher import target
-    from vllm_tokenprune.tools.provenance import source_commit
 
     if args.render:
         write_report(json.loads((args.render / "results.json").read_text()), args.render)
@@ -513,6 +514,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     ratios = parse_ratios(args.ratios)
     matcher = Matcher(args.match, args.case_sensitive, args.keep_punctuation)
+    record = stamp("vllm-tokenprune", args.argv, args.allow_dirty)
     args.out.mkdir(parents=True, exist_ok=True)
     serve_args = [*args.extra_args, *(["--selector", args.selector] if args.selector else [])]
     with target(args.url, args.model, serve_args, args.out / "server.log") as server:
@@ -521,8 +523,7 @@ def run(args: argparse.Namespace) -> int:
         start = time.time()
         report = evaluate(url, datasets, ratios, methods, matcher, args.concurrency, args.max_tokens,
                           model=server.model)
-    report.update(seconds=round(time.time() - start, 1), commit=source_commit(),
-                  command=" ".join(["vllm-tokenprune", "eval", *sys.argv[2:]]))
+    report.update(seconds=round(time.time() - start, 1), **record)
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     write_report(report, args.out)
     return 0

