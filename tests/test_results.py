@@ -1,10 +1,13 @@
 """The committed results: every results file under benchmarks/results records the commit and
-the command that produced it (tools/provenance.stamp)."""
+the command that produced it (tools/provenance.stamp), and the README's figures are the ones
+benchmarks/readme_figures.py renders from those files now."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import benchmark_script
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -57,3 +60,10 @@ def test_the_legacy_list_holds_only_results_still_awaiting_a_rerun():
         assert files[name]["commit"].endswith("-dirty") and "allow_dirty" not in files[name], (
             f"{name} was rerun: drop it from LEGACY_DIRTY")
 
+
+def test_the_readme_figures_are_the_results_files_figures():
+    figures = benchmark_script.load("readme_figures")
+    readme = (ROOT / "README.md").read_text()
+    assert readme.count(figures.BEGIN) == 1 and readme.count(figures.END) == 1
+    assert figures.current(readme) == figures.render(), (
+        "README.md's figures block is not what the results files say: run python benchmarks/readme_figures.py")
