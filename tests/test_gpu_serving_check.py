@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 
-from scripts import run_without_vllm
 from stamps import assert_stamped
+
+from scripts import run_without_vllm
 from vllm_tokenprune.selection.methods import METHOD_NAMES
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 
-from scripts import run_without_vllm
 from stamps import assert_stamped
+
+from scripts import run_without_vllm
 
 
 def test_gpu_train_check_runs_small_on_cpu_without_vllm(tmp_path):
