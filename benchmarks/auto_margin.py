@@ -33,10 +33,10 @@ from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.selection.budget import load_budget_predictor, thumbnail
 from vllm_tokenprune.selection.selector import load_selector
 from vllm_tokenprune.testbed import tasks
+from vllm_tokenprune.testbed.demo_build import Prompts
 from vllm_tokenprune.testbed.demo_model import (
     DEMO_DIR,
     Batch,
-    Prompts,
     answer_logits,
     greedy_right,
     image_tokens,

@@ -11,11 +11,11 @@ from keep import learned_keep
 
 from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.testbed import tasks
+from vllm_tokenprune.testbed.demo_build import Prompts
 from vllm_tokenprune.testbed.demo_model import (
     DEMO_DIR,
     Batch,
     DemoConfig,
-    Prompts,
     answer_logits,
     greedy_right,
     patch_labels,

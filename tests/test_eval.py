@@ -17,13 +17,12 @@ from vllm_tokenprune.tools.eval import (
     density_bucket,
     evaluate,
     load_items,
-    markdown,
     parse_ratios,
-    plot,
     pooled,
     score,
     server_methods,
 )
+from vllm_tokenprune.tools.eval_report import markdown, plot
 
 # ---------------------------------------------------------------------------------------
 # Offline
