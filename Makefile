@@ -1,4 +1,5 @@
 # The two commands a new user needs:  make serve   and   make test
+# Benchmarks refuse a checkout with uncommitted changes; ARGS=--allow-dirty runs (and records) one anyway.
 .PHONY: install serve test test-fast bench bench-stock bench-train-memory quality
 
 install:
@@ -14,13 +15,13 @@ test-fast: install
 	.venv/bin/python -m pytest -ra -m "not server and not vllm" $(PYTEST_ARGS)
 
 bench: install
-	bash benchmarks/run_cpu.sh
+	bash benchmarks/run_cpu.sh $(ARGS)
 
 bench-stock: install
-	bash benchmarks/against_stock.sh
+	bash benchmarks/against_stock.sh $(ARGS)
 
 bench-train-memory: install
-	PYTHONPATH=. .venv/bin/python benchmarks/train_memory.py --out benchmarks/results/train-memory
+	PYTHONPATH=. .venv/bin/python benchmarks/train_memory.py --out benchmarks/results/train-memory $(ARGS)
 
 quality: install
-	bash benchmarks/quality.sh
+	bash benchmarks/quality.sh $(ARGS)
