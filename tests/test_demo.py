@@ -11,7 +11,7 @@ from keep import learned_keep
 
 from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.testbed import tasks
-from vllm_tokenprune.testbed.demo_build import Prompts
+from vllm_tokenprune.testbed.demo_build import Prompts, build_config, grow
 from vllm_tokenprune.testbed.demo_model import (
     DEMO_DIR,
     Batch,
@@ -183,9 +183,32 @@ def test_continue_from_trains_the_saved_model_on_later_scenes(tmp_path):
     assert report["continued"]["config"]["steps"] == 2
     before = (first / "model" / "model.safetensors").read_bytes()
     assert (second / "model" / "model.safetensors").read_bytes() != before
-    with pytest.raises(SystemExit, match="not the model these options describe"):
+    with pytest.raises(SystemExit, match="not the model these options describe, nor grows into it"):
         main(["train-demo", "--out", str(tmp_path / "third"), "--continue-from", str(first),
-              "--steps", "1", *args, "--text-layers", "2"])
+              "--steps", "1", *args, "--vision-layers", "2"])
+    deeper = tmp_path / "deeper"  # a deeper language model: grown from the saved one, then trained
+    assert main(["train-demo", "--out", str(deeper), "--continue-from", str(first), "--steps", "1",
+                 *args, "--text-layers", "2"]) == 0
+    assert json.loads((deeper / "training.json").read_text())["config"]["text_layers"] == 2
+
+
+def test_a_grown_model_answers_exactly_as_the_shipped_one(demo):
+    """demo_build.grow: a wider, deeper language model with a wider MLP that computes what the
+    shipped one does until training moves it; a smaller one, or other heads, is refused."""
+    model, processor = demo
+    cfg = DemoConfig(text_hidden=256, text_layers=3, text_intermediate=512, text_heads=8)
+    grown = grow(model, build_config(cfg, processor.tokenizer))
+    assert grown.config.text_config.num_hidden_layers == 3 and grown.config.text_config.hidden_size == 256
+    assert sum(p.numel() for p in grown.parameters()) > 2 * sum(p.numel() for p in model.parameters())
+    batch = Batch.of(_test_items("clutter", 4), [torch.arange(144)] * 4, processor)
+    prompts = Prompts(processor.tokenizer)
+    with torch.no_grad():
+        (got, _), (want, _) = answer_logits(grown, batch, prompts), answer_logits(model, batch, prompts)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    for smaller in (DemoConfig(text_hidden=64, text_heads=2), DemoConfig(text_heads=8)):
+        with pytest.raises(ValueError, match="grows only"):
+            grow(model, build_config(smaller, processor.tokenizer))
 
 
 @pytest.mark.parametrize("variant", ["clutter", "textured"])

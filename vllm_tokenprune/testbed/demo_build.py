@@ -113,3 +113,42 @@ class Prompts:
     def target(self, answer: str) -> list[int]:
         """What greedy decoding must produce: the answer's words, then </s>."""
         return [*self.encode(answer), self.tokenizer.eos_token_id]
+
+
+def grow(model, config):
+    """``model`` (a ``LlavaForConditionalGeneration``) grown into ``config``'s language model
+    (wider, deeper, a wider MLP; the tower unchanged), computing exactly what ``model`` does:
+    Net2Net's function-preserving growth (Chen et al., ICLR 2016) by zero extension. The added
+    residual channels start at zero and nothing writes into them (the embeddings, the
+    projector's last layer and every output and down projection are zero there); the added heads,
+    MLP units and layers write nothing (their output projections start at zero, their inputs
+    random, so that training moves them); the norms, whose mean now runs over more channels,
+    are rescaled (weights by sqrt(old / new), eps by old / new) so that the old channels get
+    exactly their old values. Training on then puts the added capacity to use."""
+    import copy
+
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    old_text, new_text = model.config.text_config, config.text_config
+    config = copy.deepcopy(config)
+    ratio = old_text.hidden_size / new_text.hidden_size
+    config.text_config.rms_norm_eps = old_text.rms_norm_eps * ratio
+    grown = LlavaForConditionalGeneration(config).float()
+    old, new = model.state_dict(), grown.state_dict()
+    tower = {name for name in old if "vision_tower" in name}
+    fits = tower == {name for name in new if "vision_tower" in name} and all(
+        name in new and all(a <= b for a, b in zip(value.shape, new[name].shape))
+        and (name not in tower or value.shape == new[name].shape) for name, value in old.items())
+    if not fits or new_text.head_dim != old_text.head_dim:
+        raise ValueError("a model grows only a wider, deeper language model with a wider MLP and heads as wide")
+    with torch.no_grad():
+        for name, value in new.items():
+            if name.endswith(("o_proj.weight", "down_proj.weight", "embed_tokens.weight")) or \
+                    "multi_modal_projector.linear_2" in name:
+                value.zero_()
+            if name in old:
+                kept = tuple(slice(0, n) for n in old[name].shape)
+                norm = "language_model" in name and "norm" in name
+                value[kept] = old[name] * ratio ** 0.5 if norm else old[name]
+    return grown.eval()

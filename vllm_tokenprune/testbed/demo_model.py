@@ -50,7 +50,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from vllm_tokenprune.testbed import synthetic, tasks
-from vllm_tokenprune.testbed.demo_build import Prompts, build_config, build_processor
+from vllm_tokenprune.testbed.demo_build import Prompts, build_config, build_processor, grow
 from vllm_tokenprune.testbed.synthetic import TASK_PATCH, scene_seed
 from vllm_tokenprune.training.options import add_options, from_args, opt, warmup_cosine
 
@@ -257,7 +257,8 @@ def validation_accuracy(model, processor, prompts: Prompts, cfg: DemoConfig, kee
 def train_vlm(cfg: DemoConfig, progress: bool = True, log=tqdm.write, init: Path | None = None):
     """Train from scratch, or (``init``, a train-demo output folder) continue its model for
     cfg.steps more: a fresh optimizer with its own warmup and cosine schedule, on the scenes
-    after the ones it was trained on. Returns (model, processor, report)."""
+    after the ones it was trained on; options describing a wider or deeper language model grow
+    it first (``demo_build.grow``). Returns (model, processor, report)."""
     from transformers import LlavaForConditionalGeneration
 
     torch.set_num_threads(cfg.threads)
@@ -270,12 +271,17 @@ def train_vlm(cfg: DemoConfig, progress: bool = True, log=tqdm.write, init: Path
         earlier = json.loads((init / "training.json").read_text())
         first = earlier.get("first_step", 0) + earlier["config"]["steps"]  # scenes and curriculum go on
         model = LlavaForConditionalGeneration.from_pretrained(init / "model").float()
+        described = build_config(cfg, processor.tokenizer)
         with torch.device("meta"):  # shapes only: no memory, no draw from the seed
-            described = LlavaForConditionalGeneration(build_config(cfg, processor.tokenizer))
-        shapes = [{k: v.shape for k, v in m.state_dict().items()} for m in (model, described)]
+            shapes = [{k: v.shape for k, v in m.state_dict().items()}
+                      for m in (model, LlavaForConditionalGeneration(described))]
         if shapes[0] != shapes[1]:
-            raise SystemExit(f"{init / 'model'} is not the model these options describe; "
-                             "continue with the options it was trained with (its training.json)")
+            try:  # a larger language model: grown from this one, answering as it does
+                model = grow(model, described)
+            except ValueError as err:
+                raise SystemExit(f"{init / 'model'} is not the model these options describe, nor grows into it "
+                                 f"({err}); continue with the options it was trained with (its training.json), "
+                                 "or a wider, deeper language model") from None
     rng = np.random.default_rng([cfg.seed, 1, first])
     model.train()
     prompts = Prompts(processor.tokenizer)
@@ -377,7 +383,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep OUT/model and retrain only its selector (minutes, not a quarter hour)")
     parser.add_argument("--continue-from", type=Path, metavar="DIR",
                         help="train DIR's model (a train-demo --out folder) for --steps more, on the scenes "
-                             "after those it saw, with a fresh optimizer and schedule; OUT gets the result")
+                             "after those it saw, with a fresh optimizer and schedule; OUT gets the result. "
+                             "--text-* options of a wider or deeper language model grow DIR's first, "
+                             "answering as it did (function-preserving)")
     add_options(parser, DemoConfig)
 
 
