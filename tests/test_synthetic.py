@@ -94,3 +94,25 @@ def test_make_eval_set_writes_images_and_items(tmp_path):
         scene = make_scene("plain", scene_seed("test", i))
         assert item["question"] == QUESTIONS[item["kind"]] and item["answer"] == scene.answer(item["kind"])
         assert Image.open(tmp_path / item["image"]).tobytes() == scene.image.tobytes()
+
+
+def test_make_eval_set_shows_each_scene_at_its_own_size(tmp_path):
+    """--shown-scale: each image a square of the task's side times its own factor in the range,
+    the scene resampled into it, the question and answer those of the scene as made."""
+    from vllm_tokenprune.testbed.synthetic import TASK_IMAGE_SIZE
+
+    assert main(["make-eval-set", "--variant", "plain", "--n", "12", "--shown-scale", "0.5,4",
+                 "--out", str(tmp_path)]) == 0
+    items = [json.loads(line) for line in (tmp_path / "items.jsonl").read_text().splitlines()]
+    sizes = [it["shown_size"] for it in items]
+    assert all(TASK_IMAGE_SIZE // 2 <= s <= 4 * TASK_IMAGE_SIZE for s in sizes) and len(set(sizes)) > 6
+    for i, item in enumerate(items):
+        scene = make_scene("plain", scene_seed("test", i))
+        assert item["answer"] == scene.answer(item["kind"])
+        image = Image.open(tmp_path / item["image"])
+        assert image.size == (item["shown_size"], item["shown_size"])
+        back = np.asarray(image.resize(scene.image.size, Image.Resampling.BICUBIC), dtype=float)
+        assert np.abs(back - np.asarray(scene.image, dtype=float)).mean() < 5  # another scene: about 13
+    for bad in ("4,0.5", "0,1", "x"):
+        with pytest.raises(SystemExit):
+            main(["make-eval-set", "--shown-scale", bad, "--out", str(tmp_path / "bad")])
