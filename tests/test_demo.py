@@ -22,6 +22,7 @@ from vllm_tokenprune.testbed.demo_model import (
     pixel_values,
     save_checkpoint,
     train_vlm,
+    training_batch,
 )
 
 MODEL = DEMO_DIR / "model"
@@ -209,6 +210,21 @@ def test_a_grown_model_answers_exactly_as_the_shipped_one(demo):
     for smaller in (DemoConfig(text_hidden=64, text_heads=2), DemoConfig(text_heads=8)):
         with pytest.raises(ValueError, match="grows only"):
             grow(model, build_config(smaller, processor.tokenizer))
+
+
+def test_scenes_shown_at_other_sizes_reach_the_tower_resized_as_the_server_resizes_them(demo):
+    """--shown-frac 1: every scene of a batch shown at another size, then resized by the
+    checkpoint's own image processor: the same scenes and questions, near the task-sized
+    pixels but not equal to them (and scenes of another step are far)."""
+    _, processor = demo
+    rng = np.random.default_rng
+    shown = training_batch(0, DemoConfig(batch_size=4, shown_frac=1.0, aux_weight=0), processor, rng(0))
+    plain = training_batch(0, DemoConfig(batch_size=4, aux_weight=0), processor, rng(0))
+    other = training_batch(1, DemoConfig(batch_size=4, aux_weight=0), processor, rng(0))
+    assert shown.questions == plain.questions and shown.answers == plain.answers
+    assert shown.pixels.shape == plain.pixels.shape and not torch.equal(shown.pixels, plain.pixels)
+    near, far = (shown.pixels - plain.pixels).abs().mean(), (other.pixels - plain.pixels).abs().mean()
+    assert near < far / 4, (near, far)
 
 
 @pytest.mark.parametrize("variant", ["clutter", "textured"])

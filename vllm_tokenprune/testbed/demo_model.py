@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from vllm_tokenprune.testbed import synthetic, tasks
 from vllm_tokenprune.testbed.demo_build import Prompts, build_config, build_processor, grow
-from vllm_tokenprune.testbed.synthetic import TASK_PATCH, scene_seed
+from vllm_tokenprune.testbed.synthetic import TASK_IMAGE_SIZE, TASK_PATCH, scene_seed
 from vllm_tokenprune.training.options import add_options, from_args, opt, warmup_cosine
 
 DEMO_DIR = Path(__file__).parent / "demo"  # the shipped result: model/ and selector.safetensors
@@ -76,6 +76,10 @@ class DemoConfig:
     weight_decay: float = opt(0.01, "AdamW weight decay")
     dropout_frac: float = opt(0.75, "share of samples that keep content + a random part of the rest")
     curriculum_steps: int = opt(1000, "steps over which the other tokens fade in (0: none)")
+    shown_frac: float = opt(0.0, "share of scenes shown at another size first, as real images arrive, and "
+                                 "resized back by the processor (tasks.shown; make-eval-set --shown-scale)")
+    shown_low: float = opt(0.5, "smallest factor of that size")
+    shown_high: float = opt(4.0, "largest factor of that size")
     aux_weight: float = opt(0.5, "weight of the patch-label loss on the image tokens (0: answers only)")
     eval_every: int = opt(500, "steps between validation accuracy reports (0: only at the end)")
     eval_scenes: int = opt(96, "validation scenes per variant (questions in turn)")
@@ -95,9 +99,12 @@ VAL_VARIANTS = ("textured", "plain", "clutter", "clutter-plain")
 
 
 def pixel_values(images, processor) -> torch.Tensor:
-    """CLIP normalization of task-sized images (the processor's resize and crop are no-ops
-    at this size; tests check the result equals the processor's)."""
+    """The tower's input: CLIP normalization of task-sized images (the processor's resize and
+    crop are no-ops at this size; tests check the result equals the processor's), and the
+    processor's own resize first when an image has another size."""
     ip = processor.image_processor
+    if any(im.size != (TASK_IMAGE_SIZE, TASK_IMAGE_SIZE) for im in images):
+        return ip(images=images, return_tensors="pt")["pixel_values"]
     x = torch.from_numpy(np.stack([np.asarray(im, np.float32) for im in images])).permute(0, 3, 1, 2)
     mean = torch.tensor(ip.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(ip.image_std).view(1, 3, 1, 1)
@@ -153,7 +160,8 @@ def aux_loss(head: torch.nn.Linear, features: torch.Tensor, labels: torch.Tensor
 
 def training_batch(step: int, cfg: DemoConfig, processor, rng: np.random.Generator) -> Batch:
     """Scenes step*B .. step*B+B-1 of the train split (variants in turn), each asked every
-    question of its task (the tower runs once per scene), with dropout.
+    question of its task (the tower runs once per scene), with dropout; a ``shown_frac`` share
+    of them shown at another size, as the server would get them.
 
     Curriculum: over the first curriculum_steps the other tokens fade in (at most a
     growing fraction of them is kept, and full-token samples start at zero), so the
@@ -177,7 +185,9 @@ def training_batch(step: int, cfg: DemoConfig, processor, rng: np.random.Generat
             keep.append(torch.from_numpy(kept))
             questions.append(scene.question(kind))
             answers.append(scene.answer(kind))
-        images.append(scene.image)
+        shown = cfg.shown_frac and rng.random() < cfg.shown_frac
+        images.append(tasks.shown(scene.image, int(rng.integers(2**31)), (cfg.shown_low, cfg.shown_high))
+                      if shown else scene.image)
         if cfg.aux_weight:  # drawn per shape: not worth it when the loss is off
             labels.append(patch_labels(scene))
     return Batch(pixel_values(images, processor), image_of, keep, questions, answers,
