@@ -11,10 +11,12 @@ from reference import noise_image
 
 from vllm_tokenprune.families import of_architectures
 from vllm_tokenprune.policy import PrunePolicy, keep_count
+from vllm_tokenprune.selection import methods
 
 pytestmark = pytest.mark.vllm
 
 POLICY = PrunePolicy(min_keep_ratio=0.1, keep_ratio_step=0.05)
+QUADRATIC = [m for m in methods.METHOD_NAMES if methods.get(m).quadratic_memory]
 IMAGES = [noise_image(64, 48, seed=1), noise_image(48, 64, seed=2)]
 IMAGE_TEXT = {"llava": "<image>\n", "qwen2.5-vl": "<|vision_start|><|image_pad|><|vision_end|>"}
 
@@ -128,7 +130,7 @@ def test_methods_that_hold_n_squared_values_are_refused_past_the_operators_bound
     arch, make = processor
     largest = max(unpruned(make()))
     tight = make(tokenprune_max_quadratic_tokens=largest - 1)
-    for method in ("mmtok", "cdpruner"):
+    for method in QUADRATIC:
         with pytest.raises(VLLMValidationError, match=f"up to {largest - 1} tokens") as err:
             process(tight, arch, keep_ratio=0.5, prune_method=method)
         assert err.value.parameter == "mm_processor_kwargs.prune_method"
@@ -147,7 +149,6 @@ def test_the_profiles_dummy_items_probe_every_method_the_server_runs_and_request
     from vllm.multimodal.parse import ImageProcessorItems
     from vllm.multimodal.processing import TimingContext
 
-    from vllm_tokenprune.selection import methods
     from vllm_tokenprune.serving.models.common import PROBE_KEEP_FIELD, PROBE_METHODS_FIELD
 
     arch, make = processor
@@ -165,9 +166,9 @@ def test_the_profiles_dummy_items_probe_every_method_the_server_runs_and_request
     # a method this server refuses for such an image is not probed
     tight = make(tokenprune_selector=str(random_selector(arch)), tokenprune_max_quadratic_tokens=n - 1)
     probed = methods.mask_names(field(tight.get_dummy_mm_inputs({"image": 1}), PROBE_METHODS_FIELD)[0])
-    assert probed == [m for m in methods.METHOD_NAMES if m not in ("cdpruner", "mmtok")]
+    assert probed == [m for m in methods.METHOD_NAMES if m not in QUADRATIC]
     bare = methods.mask_names(field(make().get_dummy_mm_inputs({"image": 1}), PROBE_METHODS_FIELD)[0])
-    assert "learned" not in bare and "learned_query" not in bare and "norm" in bare  # no selector
+    assert bare == [m for m in methods.METHOD_NAMES if methods.get(m).uses_selector is None]  # no selector
 
 
 def test_an_allowed_hf_kwarg_reaches_the_hf_processor_and_k_follows_it(processor):

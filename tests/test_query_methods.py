@@ -20,7 +20,7 @@ QUERY_METHODS = [name for name in METHOD_NAMES if methods.get(name).reads_query]
 
 
 def test_the_question_reading_methods_declare_it():
-    assert QUERY_METHODS == ["cdpruner", "mmtok", "learned_query"]
+    assert {"cdpruner", "mmtok", "learned_query"} <= set(QUERY_METHODS)
 
 
 def _kernel(features: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:

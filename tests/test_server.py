@@ -1,5 +1,5 @@
-"""The serving spine end to end: a real `vllm-tokenprune serve` on tiny LLaVA-1.5 and
-LLaVA-NeXT checkpoints, driven by the `openai` client. One server per family (start-up
+"""The serving spine end to end: a real `vllm-tokenprune serve` on every family's tiny
+checkpoint, driven by the `openai` client. One server per family (start-up
 costs ~25-50 s), started with a selector and an operator policy (floor 0.05, step 0.05)
 that the ratios below respect.
 """

@@ -167,6 +167,9 @@ class Method:
     # Holds O(N^2) values per image (N x N similarities, an N x K factor): the operator bounds
     # the images it takes (``PrunePolicy.max_quadratic_tokens``).
     quadratic_memory: bool = False
+    # Scores with the server's learned selector: "selector" (``Tokens.selector``) or "query"
+    # (its question-reading section, ``Tokens.query_selector``); a server without it refuses.
+    uses_selector: str | None = None
 
 
 def get(name: str) -> Method:

@@ -79,7 +79,7 @@ def _norm(batch: Sequence[Tokens], mask: torch.Tensor) -> torch.Tensor:
     return padded([t.features for t in batch]).float().norm(dim=-1)
 
 
-learned = Method("learned", top_k(_learned))
-learned_query = Method("learned_query", top_k(_learned_query), reads_query=True)
+learned = Method("learned", top_k(_learned), uses_selector="selector")
+learned_query = Method("learned_query", top_k(_learned_query), reads_query=True, uses_selector="query")
 random = Method("random", top_k(_random))
 norm = Method("norm", top_k(_norm))

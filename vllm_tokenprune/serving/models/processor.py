@@ -124,13 +124,14 @@ class PruningProcessorMixin:
         if requested is None:
             return "learned" if has_selector else "norm"
         param = "mm_processor_kwargs." + METHOD_KEY
-        if requested == "learned" and not has_selector:
+        uses = methods.get(requested).uses_selector
+        if uses == "selector" and not has_selector:
             raise PruneRequestError(
-                "prune_method 'learned' needs a selector, and this server has none "
+                f"prune_method {requested!r} needs a selector, and this server has none "
                 "(start it with --selector PATH); use 'norm' or 'random'", param)
-        if requested == "learned_query" and not self._has_query_selector:
+        if uses == "query" and not self._has_query_selector:
             raise PruneRequestError(
-                "prune_method 'learned_query' needs a selector that reads the question, and this server's "
+                f"prune_method {requested!r} needs a selector that reads the question, and this server's "
                 + ("selector has none (`vllm-tokenprune train-query` adds one)" if has_selector
                    else "has no selector (start it with --selector PATH)"), param)
         if methods.get(requested).needs and (reason := self._tower_statistics_unavailable()):
