@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from vllm_tokenprune.tools.provenance import add_allow_dirty, stamp
+from vllm_tokenprune.tools.provenance import add_allow_dirty, stamp, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,10 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"model": args.model or "the embedded demo", "keep": args.keep, "concurrency": args.concurrency,
               "rounds": args.rounds, "image_size": args.image_size, **record,
               "cpus": len(os.sched_getaffinity(0)), **result}
-    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "results.md").write_text(markdown(report))
+    write_results(args.out, report, markdown(report))
     plot(report, args.out / "before_after.png")
-    print(markdown(report))
     return 1 if any(s["failed"] for s in report["summary"].values()) else 0
 
 

@@ -21,7 +21,6 @@ selector's share of keep 1.0's tower and prefill.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from vllm_tokenprune.policy import keep_count
 from vllm_tokenprune.selection.selector import SelectorConfig, TokenSelector
 from vllm_tokenprune.testbed.demo_model import DEMO_DIR
 from vllm_tokenprune.testbed.synthetic import TASK_IMAGE_SIZE
-from vllm_tokenprune.tools.provenance import add_allow_dirty, stamp
+from vllm_tokenprune.tools.provenance import add_allow_dirty, stamp, write_results
 from vllm_tokenprune.tools.timing import interleaved
 
 RATIOS = (1.0, 0.5, 0.25, 0.1)
@@ -158,11 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {**record, "threads": args.threads, "rounds": args.rounds, "torch": torch.__version__,
               **measure(args.rounds)}
     report["models"] = models(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "results.md").write_text(markdown(report))
+    write_results(args.out, report, markdown(report))
     plot(report, args.out / "proportions.png")
-    print(markdown(report))
     return 0
 
 

@@ -15,7 +15,6 @@ token by token. Writes results.json, results.md and coverage.png.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from vllm_tokenprune.selection.selector import load_query_selector, load_selecto
 from vllm_tokenprune.testbed import clutter, tasks
 from vllm_tokenprune.testbed.demo_model import DEMO_DIR
 from vllm_tokenprune.testbed.synthetic import scene_seed
-from vllm_tokenprune.tools.provenance import add_allow_dirty, stamp
+from vllm_tokenprune.tools.provenance import add_allow_dirty, stamp, write_results
 from vllm_tokenprune.training.features import extract_features
 
 METHODS = ("learned", "divprune", "norm", "random", "cdpruner", "mmtok", "learned_query")
@@ -159,11 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     report = {"variant": args.variant, "n": args.n, **record,
               "methods": measure(args.model, args.selector, args.variant, args.n)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "results.md").write_text(markdown(report))
+    write_results(args.out, report, markdown(report))
     plot(report, args.out / "coverage.png")
-    print(markdown(report))
     return 0
 
 

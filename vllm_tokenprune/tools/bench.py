@@ -46,7 +46,7 @@ from PIL import Image
 from vllm_tokenprune.tools import overhead, workload
 from vllm_tokenprune.tools.bench_report import markdown, plot
 from vllm_tokenprune.tools.client import image_question, image_url, prune_headers
-from vllm_tokenprune.tools.provenance import add_allow_dirty, environment, stamp
+from vllm_tokenprune.tools.provenance import add_allow_dirty, environment, stamp, write_results
 
 ACCEPTS_EXTRA_ARGS = True  # extra arguments go to the server it starts
 
@@ -330,11 +330,9 @@ def run_soak(url, model, seconds, ratios, methods, size, seed, server=None) -> d
 
 def write_report(report: dict, out: Path) -> None:
     add_limits(report)
-    (out / "results.json").write_text(json.dumps(report, indent=2))
-    (out / "results.md").write_text(markdown(report))
+    write_results(out, report, markdown(report))
     if report.get("sweep"):
         plot(report, out / "ttft_throughput.png")
-    print(markdown(report))
     print(f"results in {out}")
 
 

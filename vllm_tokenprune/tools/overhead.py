@@ -211,7 +211,7 @@ def plot(report: dict, path: Path) -> None:
 def run(args: argparse.Namespace, out: Path, seed: int, record: dict) -> int:
     """``record``: the run's ``provenance.stamp``, taken before it starts."""
     from vllm_tokenprune.tools.launcher import Server
-    from vllm_tokenprune.tools.provenance import environment
+    from vllm_tokenprune.tools.provenance import environment, write_results
 
     images = [int(i) for i in args.stock_images.split(",")]
     concurrencies = [int(c) for c in args.stock_concurrency.split(",")]
@@ -228,10 +228,8 @@ def run(args: argparse.Namespace, out: Path, seed: int, record: dict) -> int:
                             args.stock_rounds, args.stock_image_size, seed, args.stock_requests)
     report = {**record, "environment": environment(args.model), "seed": seed, "image_size": args.stock_image_size,
               "target_ratio": TARGET_RATIO, "translation": translation, "cells": cells_out}
-    (out / "results.json").write_text(json.dumps(report, indent=2))
-    (out / "results.md").write_text(markdown(report))
+    write_results(out, report, markdown(report))
     plot(report, out / "against_stock.png")
-    print(markdown(report))
     print(f"results in {out}")
     return 1 if any(c["failed"] or c["prompt_tokens"]["stock"] != c["prompt_tokens"]["plugin"]
                     for c in cells_out) else 0

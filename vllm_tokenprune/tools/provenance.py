@@ -1,9 +1,11 @@
 """Where results come from: the commit and the command line every results file records
-(``stamp``), and the machine, versions and model of a benchmark (``environment``)."""
+(``stamp``), the machine, versions and model of a benchmark (``environment``), and the
+results folder they go into (``write_results``)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import shlex
@@ -55,6 +57,15 @@ def stamp(program: str | Path, args: Sequence[str], allow_dirty: bool) -> dict:
     if commit and commit.endswith("-dirty"):
         record["allow_dirty"] = True
     return record
+
+
+def write_results(out: Path, report: dict, text: str) -> None:
+    """The results folder every writer fills: ``results.json`` (``report``, with its ``stamp``)
+    and ``results.md`` (``text``), which is also printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "results.md").write_text(text)
+    print(text)
 
 
 def add_allow_dirty(parser) -> None:

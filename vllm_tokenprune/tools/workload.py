@@ -20,7 +20,6 @@ import asyncio
 import base64
 import io
 import itertools
-import json
 import statistics
 import time
 from pathlib import Path
@@ -169,7 +168,7 @@ def plot(report: dict, path: Path) -> None:
 def run(args: argparse.Namespace, out: Path, record: dict) -> int:
     """``record``: the run's ``provenance.stamp``, taken before it starts."""
     from vllm_tokenprune.tools.launcher import target
-    from vllm_tokenprune.tools.provenance import environment
+    from vllm_tokenprune.tools.provenance import environment, write_results
 
     images = jpeg_images(args.workload, args.workload_requests)
     budgets = [b.strip() for b in args.workload_ratios.split(",") if b.strip()]
@@ -180,9 +179,7 @@ def run(args: argparse.Namespace, out: Path, record: dict) -> int:
     report = {**record, "environment": environment(args.model), "workload": str(args.workload),
               "requests": len(images),
               "concurrency": args.workload_concurrency, "output_tokens": args.output_tokens, "cells": cells}
-    (out / "results.json").write_text(json.dumps(report, indent=2))
-    (out / "results.md").write_text(markdown(report))
+    write_results(out, report, markdown(report))
     plot(report, out / "workload.png")
-    print(markdown(report))
     print(f"results in {out}")
     return 1 if any(c["failed"] for c in cells) else 0
