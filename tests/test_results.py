@@ -20,8 +20,6 @@ LEGACY_DIRTY = {
     # model is retrained
     "quality/results.json",
     "workload-auto/results.json",
-    # CPU time per request of the API server, a timing benchmark (needs a quiet machine)
-    "budget-cost/results.json",
     # server evaluations and offline coverage of demo models of earlier recipes that are not
     # kept (`train-demo --out DIR` at those commits, 30-50 min each, then the run)
     "quality-clutter/results.json",
