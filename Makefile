@@ -1,6 +1,6 @@
 # The two commands a new user needs:  make serve   and   make test
 # Benchmarks refuse a checkout with uncommitted changes; ARGS=--allow-dirty runs (and records) one anyway.
-.PHONY: install serve test test-fast bench bench-stock bench-train-memory quality
+.PHONY: install serve test test-fast bench bench-demo bench-stock bench-train-memory quality
 
 install:
 	bash scripts/install.sh
@@ -16,6 +16,12 @@ test-fast: install
 
 bench: install
 	bash benchmarks/run_cpu.sh $(ARGS)
+
+# What `make serve` gives one client: TTFT per keep ratio, learned and learned_query, auto included.
+bench-demo: install
+	.venv/bin/vllm-tokenprune bench --paired-methods learned,learned_query --ratios 1.0,0.5,0.25,0.1,auto \
+		--paired-images clutter --paired-rounds 60 --methods learned --concurrency 1,4 \
+		--out benchmarks/results/demo-ttft $(ARGS)
 
 bench-stock: install
 	bash benchmarks/against_stock.sh $(ARGS)

@@ -70,7 +70,7 @@ def quality() -> list[str]:
 def speed() -> list[str]:
     report = load(SPEED)
     paired, parts = report["paired"], report["parts"]
-    method = paired["method"]
+    method = paired["cells"][-1]["method"]
     top = sorted({c["concurrency"] for c in report["sweep"]})[-2:]
     sweep = {(c["concurrency"], c["keep_ratio"]): c for c in report["sweep"] if c["method"] == method}
     lines = [f"**Speed**: a prefill-bound LLaVA (`make bench`, {parts['tokens']} image tokens, "

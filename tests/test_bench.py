@@ -50,18 +50,22 @@ def test_bench_command_writes_results_and_soaks_cleanly(served, tmp_path):
     model, server = served
     out = tmp_path / "results"
     argv = ["bench", "--model", str(model), "--url", server.root, "--out", str(out),
-            "--ratios", "1.0,0.25", "--methods", "norm", "--concurrency", "1,4",
+            "--ratios", "1.0,0.25", "--methods", "norm", "--paired-methods", "norm,random",
+            "--paired-images", "clutter", "--concurrency", "1,4",
             "--prompts-per-cell", "8", "--paired-rounds", "3", "--prefill-rounds", "2", "--parts-rounds", "2",
             "--image-size", str(SIZE), "--output-tokens", "2", "--soak-seconds", "10", "--allow-dirty"]
     code = cli.main(argv)
     assert code == 0
     report = json.loads((out / "results.json").read_text())
     n = count_image_tokens(model, (SIZE, SIZE))
-    paired = {c["keep_ratio"]: c for c in report["paired"]["cells"]}
-    assert paired[1.0]["prompt_tokens"] - paired[0.25]["prompt_tokens"] == n - keep_count(n, 0.25)
-    assert paired[1.0]["ideal_speedup"] == pytest.approx(1.0)
-    assert paired[0.25]["fraction_of_ideal"] == pytest.approx(
-        paired[0.25]["speedup_median_paired"] / paired[0.25]["ideal_speedup"])
+    paired = {(c["method"], c["keep_ratio"]): c for c in report["paired"]["cells"]}
+    assert list(paired) == [(None, 1.0), ("norm", 0.25), ("random", 0.25)]
+    assert report["paired"]["images"] == "clutter"
+    for method in ("norm", "random"):
+        assert paired[None, 1.0]["prompt_tokens"] - paired[method, 0.25]["prompt_tokens"] == n - keep_count(n, 0.25)
+        assert paired[method, 0.25]["fraction_of_ideal"] == pytest.approx(
+            paired[method, 0.25]["speedup_median_paired"] / paired[method, 0.25]["ideal_speedup"])
+    assert paired[None, 1.0]["ideal_speedup"] == pytest.approx(1.0)
     assert len(report["prefill"]["points"]) == 5
     parts = report["parts"]
     assert parts["tokens"] == n and parts["tower_s"] > 0 and not parts["trained_selector"]
@@ -76,6 +80,31 @@ def test_bench_command_writes_results_and_soaks_cleanly(served, tmp_path):
     assert (out / "results.md").read_text().startswith("# Benchmark")
     assert "% of the tower" in (out / "results.md").read_text()
     assert (out / "ttft_throughput.png").stat().st_size > 10_000
+
+
+def test_paired_arms_share_keep_one_and_rotate_fresh_images():
+    """Keep 1.0 is one arm for every method; the one-client comparison rotates its arms every
+    round and sends each request a scene no other request had."""
+    from vllm_tokenprune.tools.bench import measure_paired, paired_arms, paired_messages
+
+    arms = paired_arms([1.0, 0.5, "auto"], ["learned", "learned_query"])
+    assert arms == [(1.0, None), (0.5, "learned"), ("auto", "learned"), (0.5, "learned_query"),
+                    ("auto", "learned_query")]
+    sent = []
+
+    class Completions:
+        def create(self, *, messages, extra_headers, **_):
+            sent.append((extra_headers.get("X-Keep-Ratio"), extra_headers.get("X-Prune-Method"),
+                         messages[0]["content"][0]["image_url"]["url"]))
+            usage = type("Usage", (), {"prompt_tokens": 10})
+            return type("Response", (), {"usage": usage})
+
+    client = type("Client", (), {"chat": type("Chat", (), {"completions": Completions()})})
+    result = measure_paired(client, "m", arms, 2, paired_messages("clutter", 0, np.random.default_rng(0)))
+    assert len({url for *_, url in sent}) == len(sent) == 3 * len(arms)
+    firsts = [sent[r * len(arms)][:2] for r in range(3)]
+    assert firsts == [("1.0", None), ("0.5", "learned"), ("auto", "learned")]
+    assert [(c["keep_ratio"], c["method"]) for c in result["cells"]] == arms
 
 
 def test_unique_images_differ_in_bytes_not_pixels():

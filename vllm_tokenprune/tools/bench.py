@@ -5,9 +5,11 @@ One run, against one server, measures:
 1. **prefill line**: text-only requests of several lengths (1 output token), interleaved;
    a least-squares fit latency = fixed + per_token * prompt_tokens (for reading only: it
    is measured in rounds of its own, not interleaved with the image requests).
-2. **paired single-client latency**: per round one request per keep ratio, each with a
-   fresh image (no encoder or prefix cache hits), interleaved so the host's slow
-   stretches hit every ratio alike; medians and median paired ratios to keep 1.0.
+2. **paired single-client latency**: per round one request per arm (keep 1.0, then every
+   ``--paired-methods`` method at every other ratio, ``auto`` included), each with a fresh
+   image (no encoder or prefix cache hits: random noise, or ``--paired-images`` testbed
+   scenes as a user sends them), the order rotated every round so the host's slow stretches
+   hit every arm alike; medians and median paired ratios to keep 1.0.
 3. **the limit**: the checkpoint's vision tower and the selector per image, timed in this
    process (the server idle meanwhile) as the server runs them. Pruning cannot shorten the
    tower and adds the selector; at best the rest of the keep-1.0 latency shrinks with the
@@ -38,6 +40,7 @@ import random
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +57,8 @@ ACCEPTS_EXTRA_ARGS = True  # extra arguments go to the server it starts
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.usage = "%(prog)s --model DIR [--url URL] [options] [serve args...]"
     parser.add_argument("--model",
-                        help="checkpoint directory (its tokenizer is used; served unless --url)")
+                        help="checkpoint directory (its tokenizer is used; served unless --url; "
+                             "default: the embedded demo, with its selector)")
     parser.add_argument("--render", type=Path, metavar="DIR",
                         help="only rebuild DIR's tables and plot from its results.json")
     parser.add_argument("--url", help="target a running server (http://host:port) instead of "
@@ -62,10 +66,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--selector", help="selector for the server it starts")
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder (default: benchmarks/results/<model>-<time>)")
-    parser.add_argument("--ratios", default="1.0,0.5,0.25,0.1")
+    parser.add_argument("--ratios", default="1.0,0.5,0.25,0.1",
+                        help="keep ratios; a budget such as auto joins the one-client comparison "
+                             "only (its K differs per image)")
     parser.add_argument("--methods", default=None,
                         help="comma-separated (default: learned,random,norm with a selector, "
                              "else random,norm)")
+    parser.add_argument("--paired-methods", default=None,
+                        help="methods of the one-client comparison (default: the first of --methods)")
+    parser.add_argument("--paired-images", default=None, metavar="VARIANT",
+                        help="its images: fresh held-out scenes of this testbed variant (e.g. clutter) "
+                             "with their questions (default: random noise at --image-size)")
     parser.add_argument("--concurrency", default="1,4,16,32")
     parser.add_argument("--prompts-per-cell", type=int, default=0,
                         help="requests per sweep cell (default: max(16, 2 x concurrency))")
@@ -124,25 +135,48 @@ def measure_prefill_line(client, model: str, rounds: int) -> dict:
             "fixed_s": float(fixed), "per_token_s": float(per_token), "rounds": rounds}
 
 
-def measure_paired(client, model: str, ratios, method: str | None, rounds: int, size: int,
-                   rng: np.random.Generator) -> dict:
-    seconds: dict[float, list[float]] = {r: [] for r in ratios}
-    tokens: dict[float, int] = {}
-    for r in range(rounds + 1):
-        for ratio in ratios:
-            messages = image_messages(random_image(rng, size))
-            s, tokens[ratio] = timed_request(client, model, messages, prune_headers(ratio, method))
+def paired_arms(ratios, methods) -> list[tuple]:
+    """(ratio, method) per arm: keep 1.0 once (nothing is pruned, whatever the method), then
+    every method at every other ratio."""
+    return [(1.0, None)] + [(ratio, method) for method in methods for ratio in ratios if ratio != 1.0]
+
+
+def paired_messages(variant: str | None, size: int, rng: np.random.Generator) -> Iterator[list[dict]]:
+    """Fresh images, one per request: held-out testbed scenes of ``variant`` (indices drawn
+    from ``rng``, so two runs against one server share no image but by a rare chance), each
+    asked the variant's first question, so that prompts differ only in their image tokens; or
+    random noise."""
+    from vllm_tokenprune.testbed import tasks
+    from vllm_tokenprune.testbed.synthetic import SPLITS
+
+    start, stop = SPLITS["test"]
+    while True:
+        if variant is None:
+            yield image_messages(random_image(rng, size))
+        else:
+            item = tasks.item(variant, "test", int(rng.integers(stop - start)), tasks.kinds(variant)[0])
+            yield image_question(image_url(item.scene.image), item.question)
+
+
+def measure_paired(client, model: str, arms: list[tuple], rounds: int, messages: Iterator[list[dict]]) -> dict:
+    seconds: dict[tuple, list[float]] = {arm: [] for arm in arms}
+    tokens: dict[tuple, list[int]] = {arm: [] for arm in arms}
+    for r in range(rounds + 1):  # round 0 warms up
+        shift = r % len(arms)
+        for arm in arms[shift:] + arms[:shift]:
+            s, t = timed_request(client, model, next(messages), prune_headers(*arm))
             if r:
-                seconds[ratio].append(s)
-    base = ratios[0]
+                seconds[arm].append(s)
+                tokens[arm].append(t)
+    base = seconds[arms[0]]
     cells = []
-    for ratio in ratios:
-        paired = [b / s for b, s in zip(seconds[base], seconds[ratio])]
-        cells.append({"keep_ratio": ratio, "prompt_tokens": tokens[ratio],
-                      "median_s": statistics.median(seconds[ratio]),
-                      "p90_s": float(np.percentile(seconds[ratio], 90)),
+    for arm in arms:
+        paired = [b / s for b, s in zip(base, seconds[arm])]
+        cells.append({"keep_ratio": arm[0], "method": arm[1], "prompt_tokens": statistics.median(tokens[arm]),
+                      "median_s": statistics.median(seconds[arm]),
+                      "p90_s": float(np.percentile(seconds[arm], 90)),
                       "speedup_median_paired": statistics.median(paired)})
-    return {"method": method, "rounds": rounds, "cells": cells}
+    return {"rounds": rounds, "cells": cells}
 
 
 def measure_parts(model: str, selector: str | None, dtype: str, rounds: int, size: int,
@@ -199,18 +233,21 @@ def ideal_speedup(full_s: float, full_tokens: float, tokens: float, *, tower_s: 
 
 
 def add_limits(report: dict) -> None:
-    """Ideal speedup and the fraction achieved, for the paired cells and every sweep cell."""
+    """Ideal speedup and the fraction achieved, for the paired cells and every sweep cell
+    (the selector's time counted for the methods that score with one)."""
+    from vllm_tokenprune.selection import methods
+
     parts = report.get("parts") or {}
 
     def ideal(full_s, full_tokens, tokens, method):
-        selector_s = parts.get("selector_s", 0.0) if method == "learned" and tokens < full_tokens else 0.0
-        return ideal_speedup(full_s, full_tokens, tokens, tower_s=parts.get("tower_s", 0.0), selector_s=selector_s)
+        scored = method is not None and methods.get(method).uses_selector and tokens < full_tokens
+        return ideal_speedup(full_s, full_tokens, tokens, tower_s=parts.get("tower_s", 0.0),
+                             selector_s=parts.get("selector_s", 0.0) if scored else 0.0)
 
-    paired = report["paired"]
-    full = paired["cells"][0]
-    for cell in paired["cells"]:
-        cell["ideal_speedup"] = ideal(full["median_s"], full["prompt_tokens"], cell["prompt_tokens"],
-                                      paired["method"])
+    cells = report["paired"]["cells"]
+    for cell in cells:
+        cell["ideal_speedup"] = ideal(cells[0]["median_s"], cells[0]["prompt_tokens"], cell["prompt_tokens"],
+                                      cell["method"])
         cell["fraction_of_ideal"] = cell["speedup_median_paired"] / cell["ideal_speedup"]
     sweep = report.get("sweep") or []
     by_key = {(x["concurrency"], x["method"], x["keep_ratio"]): x for x in sweep}
@@ -341,17 +378,22 @@ def run(args: argparse.Namespace) -> int:
         write_report(json.loads((args.render / "results.json").read_text()), args.render)
         return 0
     if not args.model:
-        raise SystemExit("vllm-tokenprune bench: error: --model is required")
+        from vllm_tokenprune.tools.serve import default_model
+
+        args.model, selector = map(str, default_model())
+        args.selector = args.selector or selector
     record = stamp("vllm-tokenprune", args.argv, args.allow_dirty)
     import openai
 
     from vllm_tokenprune.tools.launcher import target
 
-    ratios = [float(r) for r in args.ratios.split(",")]
+    ratios = [r if r.startswith("auto") else float(r) for r in args.ratios.split(",")]
     if ratios[0] != 1.0:
         ratios.insert(0, 1.0)  # everything is compared with keep 1.0
+    numbers = [r for r in ratios if isinstance(r, float)]
     methods = (args.methods.split(",") if args.methods
                else ["learned", "random", "norm"] if args.selector else ["random", "norm"])
+    paired_methods = args.paired_methods.split(",") if args.paired_methods else methods[:1]
     concurrencies = [int(c) for c in args.concurrency.split(",") if c]
     seed = args.seed if args.seed is not None else int(time.time())
     rng = np.random.default_rng(seed)
@@ -373,10 +415,11 @@ def run(args: argparse.Namespace) -> int:
         report["parts"] = measure_parts(args.model, args.selector, serving_dtype(args.model, args.extra_args),
                                         args.parts_rounds, args.image_size, rng)
         print("paired single-client latency ...", flush=True)
-        report["paired"] = measure_paired(client, model_name, ratios, methods[0],
-                                          args.paired_rounds, args.image_size, rng)
+        report["paired"] = measure_paired(client, model_name, paired_arms(ratios, paired_methods),
+                                          args.paired_rounds, paired_messages(args.paired_images, args.image_size, rng))
+        report["paired"]["images"] = args.paired_images or f"random noise, {args.image_size} px"
         if concurrencies:
-            report["sweep"] = run_sweep(root, model_name, args.model, ratios, methods,
+            report["sweep"] = run_sweep(root, model_name, args.model, numbers, methods,
                                         concurrencies, args, seed)
         if args.soak_seconds:
             print(f"soak for {args.soak_seconds:.0f} s ...", flush=True)

@@ -23,12 +23,12 @@ def markdown(report: dict) -> str:
                   f"**{100 * pa['selector_of_tower']:.2f}% of the tower** (medians of {pa['rounds']} "
                   f"interleaved rounds{'' if pa['trained_selector'] else ', untrained selector'})", ""]
     pr = report["paired"]
-    lines += [f"## One client, interleaved ({pr['rounds']} rounds, method {pr['method']})", "",
-              "| keep | prompt tokens | median ms | p90 ms | speedup (paired median) | ideal | "
-              "of ideal |", "|---|---|---|---|---|---|---|"]
+    lines += [f"## One client, interleaved ({pr['rounds']} rounds, {pr['images']})", "",
+              "| method | keep | prompt tokens | median ms | p90 ms | speedup (paired median) | ideal | "
+              "of ideal |", "|---|---|---|---|---|---|---|---|"]
     for c in pr["cells"]:
-        lines.append(f"| {c['keep_ratio']} | {c['prompt_tokens']} | {c['median_s'] * 1e3:.1f} | "
-                     f"{c['p90_s'] * 1e3:.1f} | {c['speedup_median_paired']:.2f}x | "
+        lines.append(f"| {c['method'] or '-'} | {c['keep_ratio']} | {c['prompt_tokens']:g} | "
+                     f"{c['median_s'] * 1e3:.1f} | {c['p90_s'] * 1e3:.1f} | {c['speedup_median_paired']:.2f}x | "
                      f"{c['ideal_speedup']:.2f}x | {c['fraction_of_ideal']:.2f} |")
     if report.get("sweep"):
         lines += ["", "## Sweep (`vllm bench serve`, random-mm images)", "",
@@ -56,13 +56,47 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
+    """One client's median TTFT against prompt tokens per method (every budget, ``auto``
+    included), and with a sweep its TTFT and throughput against the keep ratio."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_q) = plt.subplots(1, 2, figsize=(11, 4.2))
     sweep = report.get("sweep") or []
+    fig, axes = plt.subplots(1, 3 if sweep else 1, figsize=(16, 4.4) if sweep else (6, 4.4), squeeze=False)
+    plot_paired(axes[0][0], report["paired"])
+    if sweep:
+        plot_sweep(axes[0][1], axes[0][2], sweep)
+    fig.suptitle(Path(report["environment"]["model"]["path"]).name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_paired(ax, paired: dict) -> None:
+    full, *pruned = paired["cells"]
+    for i, method in enumerate(dict.fromkeys(c["method"] for c in pruned)):
+        cells = [c for c in pruned if c["method"] == method]
+        numbers = sorted((c for c in cells if not isinstance(c["keep_ratio"], str)),
+                         key=lambda c: -c["keep_ratio"])
+        line = [full, *numbers]
+        ax.plot([c["prompt_tokens"] for c in line], [c["median_s"] * 1e3 for c in line], "o-",
+                color=f"C{i}", label=method)
+        for c in cells:
+            ax.annotate(str(c["keep_ratio"]), (c["prompt_tokens"], c["median_s"] * 1e3), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))
+            if isinstance(c["keep_ratio"], str):
+                ax.plot(c["prompt_tokens"], c["median_s"] * 1e3, "*", color=f"C{i}", markersize=11)
+    ax.annotate("1.0", (full["prompt_tokens"], full["median_s"] * 1e3), fontsize=7,
+                textcoords="offset points", xytext=(4, 4))
+    ax.set(xlabel="prompt tokens (median)", ylabel="median TTFT (ms)",
+           title=f"One client, {paired['rounds']} interleaved rounds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot_sweep(ax_t, ax_q, sweep: list[dict]) -> None:
     methods = sorted({c["method"] for c in sweep})
     styles = dict(zip(methods, ["-", "--", ":", "-."]))
     colors = {conc: f"C{i}" for i, conc in enumerate(sorted({c["concurrency"] for c in sweep}))}
@@ -75,12 +109,8 @@ def plot(report: dict, path: Path) -> None:
             ax_t.plot(ratios, [c["median_ttft_ms"] for c in cells], styles[method], **kw)
             ax_q.plot(ratios, [c["request_throughput"] for c in cells], styles[method], **kw)
     ax_t.set(xlabel="keep ratio", ylabel="median TTFT (ms)", yscale="log",
-             title="Time to first token")
+             title="Time to first token (vllm bench serve)")
     ax_q.set(xlabel="keep ratio", ylabel="requests / s", title="Throughput")
     for ax in (ax_t, ax_q):
         ax.grid(alpha=0.3)
     ax_q.legend(fontsize=7, ncol=2)
-    fig.suptitle(Path(report["environment"]["model"]["path"]).name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
