@@ -161,6 +161,17 @@ def test_bodies_without_our_kwargs_are_not_parsed_but_spliced():
     assert out["raw"].startswith(json.dumps(CHAT)[:-1])  # the original bytes, the key appended
 
 
+@pytest.mark.parametrize("quotes", [0, 3, 63, 64, 65, 500])
+def test_the_fast_body_scan_finds_what_in_finds(quotes):
+    """``mentions`` jumps from quote to quote, then hands over to the general search: the same
+    answer as ``in`` wherever the name sits, before, at or past the hand-over."""
+    mark = b'"mm_processor_kwargs"'
+    filler = b'x"' * quotes + b"x" * 1000  # one quote each
+    for body in (filler, filler + mark, mark + filler, filler[:len(filler) // 2] + mark + filler,
+                 filler + b'"mm_processor_kwarg"', b"", b'"'):
+        assert http.mentions(body, mark) == (mark in body), body[:40]
+
+
 def test_anthropic_route_refuses_what_it_cannot_carry():
     for headers, body in [([("X-Keep-Ratio", "0.5")], CHAT), ([], dict(CHAT, mm_processor_kwargs={}))]:
         status, _, out = call(body, headers, path="/v1/messages")

@@ -44,6 +44,21 @@ NO_KWARGS_ROUTES = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 _KWARGS_MARK = b'"mm_processor_kwargs"'
 
 
+def mentions(raw: bytes, name: bytes) -> bool:
+    """``name in raw`` for a ``name`` that starts with a quote, fast on bodies of base64 images:
+    ``in`` runs the general search over every byte (0.5 ms on a 3.7 MB body of four images), while
+    ``find(b'"')`` jumps by memchr to the few quotes such a body has (0.04 ms). Past 64 quotes the
+    body is mostly JSON structure, and the general search takes over from there."""
+    i = raw.find(b'"')
+    for _ in range(64):
+        if i == -1:
+            return False
+        if raw.startswith(name, i):
+            return True
+        i = raw.find(b'"', i + 1)
+    return i != -1 and raw.find(name, i) != -1
+
+
 def pruning_headers(raw_headers) -> dict[str, str]:
     """Our headers' values by canonical name (any case); a header given twice is an error."""
     wanted = {name.lower().encode("latin-1"): name for name in HEADERS}
@@ -67,7 +82,7 @@ def translate(path: str, headers: dict[str, str], raw: bytes) -> tuple[bytes, di
     megabytes of images): JSON parsers, Python's and so vLLM's included, keep the last of
     repeated names."""
     served = path not in NOT_SERVED_ROUTES
-    carries_kwargs = _KWARGS_MARK in raw  # one scan of the body
+    carries_kwargs = mentions(raw, _KWARGS_MARK)  # one scan of the body
     if not headers and not carries_kwargs and served:
         return raw, None
     kwargs: dict = {}
