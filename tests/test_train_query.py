@@ -156,6 +156,26 @@ def test_the_teacher_map_is_a_distribution_over_the_image_tokens(arch, tiny_chec
     assert 0 < query.evaluate(selector, taught, 0.25) <= 1
 
 
+@pytest.mark.parametrize("arch", ["llava", "qwen2.5-vl"])
+def test_a_head_that_writes_nothing_teaches_nothing(arch, tiny_checkpoint):
+    """The teacher weights each head's attention by ||W_O^h W_V^h x_j||: zero for a head whose
+    output projection is zero, what the projections give by hand for the others."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint(arch), dtype=torch.float32)
+    layer = model.model.language_model.layers[0]
+    attn, d = layer.self_attn, layer.self_attn.head_dim
+    heads = attn.o_proj.weight.shape[1] // d
+    with torch.no_grad():
+        attn.o_proj.weight[:, :d] = 0  # head 0 writes nothing
+        hidden = torch.randn(5, attn.o_proj.weight.shape[0])
+        norms = query.moved(layer, hidden)
+        assert norms.shape == (heads, 5)
+        assert (norms[0] == 0).all() and (norms[1:] > 0).all()
+        value = attn.v_proj(layer.input_layernorm(hidden))[2].view(-1, d)[1 // attn.num_key_value_groups]
+        torch.testing.assert_close(norms[1, 2], (attn.o_proj.weight[:, d:2 * d] @ value).norm())
+
+
 def test_families_whose_placeholders_are_not_the_candidates_are_refused(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="one to one"):
         query.teach(str(tiny_checkpoint("llava-next")), [(tmp_path / "x.png", "q", None)], progress=False)

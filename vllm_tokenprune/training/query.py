@@ -5,9 +5,13 @@ model itself looks when asked.
 
 The image-only selector (``train``) learns what can be rebuilt from what; it cannot know
 what a question needs. The model does: at keep 1.0, the attention its language model pays
-to each image token while it reads the question and writes the answer (mean over layers,
-heads and the positions after the image; the answer teacher-forced when the items have
-one) is a question-conditioned relevance map. The selector, given the image's features
+to each image token while it reads the question and writes the answer (the positions after
+the image, the answer teacher-forced when the items have one) is a question-conditioned
+relevance map. Each head's attention to a token is weighted by how much that token's value
+moves the head's output, ||W_O^h W_V^h x_j|| (Kobayashi et al., "Attention is Not Only a
+Weight", EMNLP 2020), and summed over heads and layers: a head that attends but writes
+little into the residual stream (an attention sink, or capacity a model has yet to use)
+teaches nothing. The selector, given the image's features
 and the question's word embeddings (the same ones the server hands it,
 ``policy.question_tokens``), learns to predict that map: its softmax over the image's
 tokens is fitted to the attention by cross-entropy. It needs images and questions,
@@ -110,6 +114,17 @@ def read_items(path: Path) -> list[tuple[Path, str, str | None]]:
     return items
 
 
+def moved(layer, hidden: torch.Tensor) -> torch.Tensor:
+    """(heads, T): the norm of what each head would write from each of the T tokens whose
+    layer inputs are ``hidden`` (T, D), W_O^h W_V^h of the normed input (a Llama or Qwen2
+    decoder layer; the value projection's bias included)."""
+    attn = layer.self_attn
+    values = attn.v_proj(layer.input_layernorm(hidden)).unflatten(-1, (-1, attn.head_dim))  # (T, kv, d)
+    values = values.repeat_interleave(attn.num_key_value_groups, dim=1)  # (T, heads, d)
+    out_proj = attn.o_proj.weight.unflatten(1, (-1, attn.head_dim))  # (D, heads, d)
+    return torch.einsum("thd,ehd->the", values, out_proj).norm(dim=-1).T
+
+
 @torch.inference_mode()
 def teach(model_dir: str, items: list[tuple[Path, str, str | None]], *, progress: bool = True) -> Questions:
     """Run the model on every (image, question, answer): the tower features the selector
@@ -137,6 +152,7 @@ def teach(model_dir: str, items: list[tuple[Path, str, str | None]], *, progress
     tower = load_tower(model_dir)
     markup = markup_ids(processor.tokenizer)
     table = model.get_input_embeddings()
+    decoder = model.model.language_model
     taught = Questions([], [], [], [])
     for image_path, question, answer in tqdm(items, desc="teacher", unit="q", disable=not progress):
         image = Image.open(image_path).convert("RGB")
@@ -149,9 +165,10 @@ def teach(model_dir: str, items: list[tuple[Path, str, str | None]], *, progress
         placeholders = (ids == placeholder).nonzero().flatten()
         # Rows that predict a token: through the prompt's last, or the answer's last but one.
         reading = torch.arange(int(placeholders[-1]) + 1, len(ids) - (answer is not None))
-        layers = model(**inputs, output_attentions=True).attentions
-        # per layer (1, heads, queries, keys) -> the reading rows' attention to the image
-        looked = torch.stack([a[0][:, reading][:, :, placeholders] for a in layers]).mean(dim=(0, 1, 2))
+        out = model(**inputs, output_attentions=True, output_hidden_states=True)
+        # per layer (1, heads, queries, keys) -> the reading rows' attention to the image, per head
+        looked = sum((a[0][:, reading][:, :, placeholders].mean(dim=1) * moved(layer, hidden[0, placeholders])).sum(0)
+                     for a, layer, hidden in zip(out.attentions, decoder.layers, out.hidden_states))
         features = tower([image]).tokens
         if len(features) != len(looked):
             raise RuntimeError(f"{image_path}: {len(looked)} placeholders for {len(features)} tower tokens")
