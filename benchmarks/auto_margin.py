@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from vllm_tokenprune.training.features import load_tower
 
-    model = LlavaForConditionalGeneration.from_pretrained(DEMO_DIR / "model").eval()
+    model = LlavaForConditionalGeneration.from_pretrained(DEMO_DIR / "model", dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(DEMO_DIR / "model")
     prompts, tower = Prompts(processor.tokenizer), load_tower(str(DEMO_DIR / "model"))
     selector = load_selector(DEMO_DIR / "selector.safetensors")[0].eval()

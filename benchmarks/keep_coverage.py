@@ -48,7 +48,7 @@ def questions(model_dir: Path):
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    table = LlavaForConditionalGeneration.from_pretrained(model_dir).eval().get_input_embeddings()
+    table = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval().get_input_embeddings()
     markup = markup_ids(tokenizer)
 
     def embed(scene, kind: str) -> torch.Tensor:
@@ -68,7 +68,7 @@ def measure(model_dir: Path, selector_path: Path, variant: str, n: int) -> dict:
     reader = load_query_selector(selector_path)
     reader = None if reader is None else reader[0]
     names = [m for m in METHODS if m != "learned_query" or reader is not None]
-    projector = LlavaForConditionalGeneration.from_pretrained(model_dir).eval().model.multi_modal_projector
+    projector = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval().model.multi_modal_projector
     embed_question = questions(model_dir)
     scenes = [tasks.make_scene(variant, scene_seed("test", i)) for i in range(n)]
     features, info = extract_features(model_dir, [s.image for s in scenes], progress=True)

@@ -4,6 +4,8 @@ and training is deterministic (a few steps, twice)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -33,7 +35,8 @@ SELECTOR = DEMO_DIR / "selector.safetensors"
 def demo():
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    return LlavaForConditionalGeneration.from_pretrained(MODEL).eval(), AutoProcessor.from_pretrained(MODEL)
+    model = LlavaForConditionalGeneration.from_pretrained(MODEL, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(MODEL)
 
 
 def _test_items(variant: str, n: int) -> list[tasks.Item]:
@@ -44,7 +47,7 @@ def test_shipped_files_are_small_and_complete():
     names = {p.name for p in MODEL.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja",
             "processor_config.json"} <= names
-    assert (MODEL / "model.safetensors").stat().st_size < 8 * 2**20
+    assert (MODEL / "model.safetensors").stat().st_size < 32 * 2**20  # bfloat16, 15M parameters
     assert SELECTOR.stat().st_size < 8 * 2**20
     assert not list(MODEL.glob("*selector*"))  # vLLM loads every safetensors file in the folder
 
@@ -142,6 +145,26 @@ def test_training_is_deterministic_and_saves_the_hub_layout(tmp_path):
         torch.testing.assert_close(a, b)
 
 
+def test_bfloat16_weights_halve_the_file_and_say_so(tmp_path):
+    """`--weights-dtype bfloat16`: every tensor stored in bfloat16 (half the bytes), the config
+    says so, and the weights read back are the trained ones rounded."""
+    import json
+
+    from safetensors.torch import load_file
+
+    cfg = DemoConfig(vision_layers=1, text_layers=1, steps=1, batch_size=2, eval_every=0, eval_scenes=2)
+    model, processor, _ = train_vlm(cfg, progress=False)
+    full = save_checkpoint(model, processor, tmp_path / "f32") / "model.safetensors"
+    half = save_checkpoint(model, processor, tmp_path / "bf16", "bfloat16") / "model.safetensors"
+    assert 0.49 < half.stat().st_size / full.stat().st_size < 0.51
+    saved, trained = load_file(half), load_file(full)
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    for name, value in trained.items():
+        assert torch.equal(saved[name], value.to(torch.bfloat16)), name
+    config = json.loads((half.parent / "config.json").read_text())
+    assert config["dtype"] == config["text_config"]["dtype"] == config["vision_config"]["dtype"] == "bfloat16"
+
+
 def test_selector_only_retrains_the_selector_of_a_saved_model(tmp_path):
     """`train-demo --selector-only`: the model stays byte for byte, a selector that fits it
     is written, and training.json records the selector settings used."""
@@ -197,17 +220,23 @@ def test_a_grown_model_answers_exactly_as_the_shipped_one(demo):
     """demo_build.grow: a wider, deeper language model with a wider MLP that computes what the
     shipped one does until training moves it; a smaller one, or other heads, is refused."""
     model, processor = demo
-    cfg = DemoConfig(text_hidden=256, text_layers=3, text_intermediate=512, text_heads=8)
+    text = model.config.text_config
+    shipped = DemoConfig(text_hidden=text.hidden_size, text_layers=text.num_hidden_layers,
+                         text_intermediate=text.intermediate_size, text_heads=text.num_attention_heads)
+    cfg = replace(shipped, text_hidden=text.hidden_size + 64, text_layers=text.num_hidden_layers + 1,
+                  text_intermediate=text.intermediate_size + 256, text_heads=text.num_attention_heads + 2)
     grown = grow(model, build_config(cfg, processor.tokenizer))
-    assert grown.config.text_config.num_hidden_layers == 3 and grown.config.text_config.hidden_size == 256
-    assert sum(p.numel() for p in grown.parameters()) > 2 * sum(p.numel() for p in model.parameters())
+    assert grown.config.text_config.num_hidden_layers == cfg.text_layers
+    assert grown.config.text_config.hidden_size == cfg.text_hidden
+    assert sum(p.numel() for p in grown.parameters()) > sum(p.numel() for p in model.parameters())
     batch = Batch.of(_test_items("clutter", 4), [torch.arange(144)] * 4, processor)
     prompts = Prompts(processor.tokenizer)
     with torch.no_grad():
         (got, _), (want, _) = answer_logits(grown, batch, prompts), answer_logits(model, batch, prompts)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    for smaller in (DemoConfig(text_hidden=64, text_heads=2), DemoConfig(text_heads=8)):
+    narrower = replace(shipped, text_hidden=text.hidden_size - 64, text_heads=text.num_attention_heads - 2)
+    for smaller in (narrower, replace(shipped, text_heads=text.num_attention_heads * 2)):
         with pytest.raises(ValueError, match="grows only"):
             grow(model, build_config(smaller, processor.tokenizer))
 

@@ -85,6 +85,8 @@ class DemoConfig:
     eval_scenes: int = opt(96, "validation scenes per variant (questions in turn)")
     seed: int = opt(0, "seed of initialization, data order and dropout")
     threads: int = opt(1, "CPU threads (the bytes depend on it; 1 is kind to a shared machine)")
+    weights_dtype: str = opt("float32", "dtype of the saved weights: bfloat16 halves the file, and vLLM "
+                                        "serves float32 checkpoints in bfloat16 on CPU anyway")
     # selector, trained afterwards with `vllm-tokenprune train`
     selector_images: int = opt(2000, "textured training scenes for the selector (1200 kept 76% of the shapes at 0.25)")
     selector_steps: int = opt(600, "selector optimizer steps")
@@ -334,8 +336,9 @@ def train_vlm(cfg: DemoConfig, progress: bool = True, log=tqdm.write, init: Path
     return model, processor, report
 
 
-def save_checkpoint(model, processor, out_dir: Path) -> Path:
-    """The hub layout both transformers and vLLM load (fp32 safetensors, LLaVA key names)."""
+def save_checkpoint(model, processor, out_dir: Path, dtype: str = "float32") -> Path:
+    """The hub layout both transformers and vLLM load (safetensors in ``dtype``, which the
+    config records, LLaVA key names). Training reads it back in float32."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
@@ -343,9 +346,11 @@ def save_checkpoint(model, processor, out_dir: Path) -> Path:
     from vllm_tokenprune.testbed.tiny.weights import to_hub_layout
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to(getattr(torch, dtype)).contiguous() for k, v in model.state_dict().items()}
     save_file(to_hub_layout(state, LLAVA_HUB_PREFIXES), out_dir / "model.safetensors",
               metadata={"format": "pt"})
+    for config in (model.config, model.config.text_config, model.config.vision_config):
+        config.dtype = dtype
     model.config.save_pretrained(out_dir)
     text = model.config.text_config
     GenerationConfig(bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
@@ -413,7 +418,7 @@ def run(args: argparse.Namespace) -> int:
                                              init=args.continue_from)
         if model_dir.exists():
             shutil.rmtree(model_dir)  # replace, never merge with an older checkpoint
-        save_checkpoint(model, processor, model_dir)
+        save_checkpoint(model, processor, model_dir, cfg.weights_dtype)
         print(f"wrote {model_dir} ({report['parameters']} parameters, {report['train_seconds']:.0f} s, "
               f"{report['train_cpu_seconds']:.0f} s CPU)")
     code = train_demo_selector(model_dir, out / "selector.safetensors", cfg, progress)
