@@ -116,8 +116,11 @@ def timed_request(client, model: str, messages, headers=None) -> tuple[float, in
 
 
 def measure_prefill_line(client, model: str, rounds: int) -> dict:
-    """Text-only prompts of several lengths; fit seconds = fixed + per_token * tokens."""
-    words = [40, 150, 300, 450, 600]
+    """Text-only prompts of several lengths, up to 600 words or 80% of the model's context
+    (a word about a token); fit seconds = fixed + per_token * tokens."""
+    card = next((c for c in client.models.list().data if c.id == model), None)
+    longest = min(600, int(0.8 * (getattr(card, "max_model_len", None) or 750)))
+    words = [round(longest * f) for f in (0.07, 0.25, 0.5, 0.75, 1.0)]
     samples: dict[int, list[float]] = {w: [] for w in words}
     tokens: dict[int, int] = {}
     nonce = random.Random()
