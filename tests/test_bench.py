@@ -107,6 +107,28 @@ def test_paired_arms_share_keep_one_and_rotate_fresh_images():
     assert [(c["keep_ratio"], c["method"]) for c in result["cells"]] == arms
 
 
+def test_the_prefill_line_fits_the_context_and_salts_every_request():
+    """Prompts up to 80% of the served context, the same words every round (a word-level
+    tokenizer reads any fresh word as its unknown token), each request its own cache salt."""
+    from vllm_tokenprune.tools.bench import measure_prefill_line
+
+    sent = []
+
+    class Completions:
+        def create(self, *, messages, extra_body, **_):
+            text = messages[0]["content"]
+            sent.append((text, extra_body["cache_salt"]))
+            return type("Response", (), {"usage": type("Usage", (), {"prompt_tokens": len(text.split())})})
+
+    card = type("Card", (), {"id": "m", "max_model_len": 512})
+    models = type("Models", (), {"list": lambda self: type("Page", (), {"data": [card]})})()
+    client = type("Client", (), {"chat": type("Chat", (), {"completions": Completions()}), "models": models})
+    line = measure_prefill_line(client, "m", 2)
+    assert max(p["prompt_tokens"] for p in line["points"]) <= 0.8 * 512
+    assert len({salt for _, salt in sent}) == len(sent) == 3 * 5
+    assert len({text for text, _ in sent}) == 5
+
+
 def test_unique_images_differ_in_bytes_not_pixels():
     from vllm_tokenprune.tools.overhead import base_images, unique
 

@@ -107,11 +107,13 @@ def image_messages(image: Image.Image, text: str = "Describe the image.") -> lis
     return image_question(image_url(image), text)
 
 
-def timed_request(client, model: str, messages, headers=None) -> tuple[float, int]:
-    """(seconds to a 1-token answer, prompt tokens): time-to-first-token for one client."""
+def timed_request(client, model: str, messages, headers=None, cache_salt: str | None = None) -> tuple[float, int]:
+    """(seconds to a 1-token answer, prompt tokens): time-to-first-token for one client;
+    a ``cache_salt`` keeps the prompt from matching any other's cached prefix."""
     start = time.perf_counter()
-    out = client.chat.completions.create(model=model, messages=messages, max_tokens=1,
-                                         temperature=0, extra_headers=headers or {})
+    out = client.chat.completions.create(model=model, messages=messages, max_tokens=1, temperature=0,
+                                         extra_headers=headers or {},
+                                         extra_body={"cache_salt": cache_salt} if cache_salt else None)
     return time.perf_counter() - start, out.usage.prompt_tokens
 
 
@@ -126,9 +128,11 @@ def measure_prefill_line(client, model: str, rounds: int) -> dict:
     nonce = random.Random()
     for r in range(rounds + 1):
         for w in words:
-            # A fresh first word defeats prefix caching across rounds.
-            text = f"{nonce.random():.12f} " + "the picture shows a shape " * (w // 5)
-            seconds, tokens[w] = timed_request(client, model, [{"role": "user", "content": text}])
+            # The same words every round (a word-level tokenizer would read any fresh word as
+            # its one unknown token): a fresh salt defeats prefix caching instead.
+            text = "the picture shows a shape " * (w // 5)
+            seconds, tokens[w] = timed_request(client, model, [{"role": "user", "content": text}],
+                                               cache_salt=f"{nonce.random():.12f}")
             if r:  # round 0 warms up
                 samples[w].append(seconds)
     xs = np.array([tokens[w] for w in words], dtype=float)
