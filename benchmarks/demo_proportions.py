@@ -7,7 +7,7 @@ A pruned request's time to first token is a fixed part (the server's step, the t
 the selector, plus the language model's prefill of the text and K image tokens. Pruning pays
 when the prefill it saves exceeds the selector it costs. On a real deployment the selector
 is about 1% of the tower's time and the tower a few percent of the prefill; the demo's
-selector was trained at 128 wide and 3 layers, against a 2-layer, 128-wide language model.
+selector is 128 wide with 3 layers, and its language model grew from 2 layers, 128 wide, to 6, 384 wide.
 
 Timed here in interleaved rounds (``tools/timing.py``), medians, with ``--threads`` threads:
 the shipped tower and projector on one scene; selectors of several sizes scoring its 144
@@ -35,7 +35,7 @@ from vllm_tokenprune.tools.timing import interleaved
 
 RATIOS = (1.0, 0.5, 0.25, 0.1)
 SELECTORS = ((128, 3), (64, 2), (64, 1), (32, 2), (32, 1), (16, 1))  # (width, layers); the first is shipped
-# (hidden, layers, MLP width); the first is the shipped language model's shape
+# (hidden, layers, MLP width): the demo's language model before it grew, and the shipped one (384 x 6)
 LANGUAGE_MODELS = ((128, 2, 256), (256, 4, 1024), (384, 6, 1536), (512, 6, 2048))
 
 
