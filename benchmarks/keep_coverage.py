@@ -68,7 +68,8 @@ def measure(model_dir: Path, selector_path: Path, variant: str, n: int) -> dict:
     reader = load_query_selector(selector_path)
     reader = None if reader is None else reader[0]
     names = [m for m in METHODS if m != "learned_query" or reader is not None]
-    projector = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval().model.multi_modal_projector
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    projector = model.model.multi_modal_projector
     embed_question = questions(model_dir)
     scenes = [tasks.make_scene(variant, scene_seed("test", i)) for i in range(n)]
     features, info = extract_features(model_dir, [s.image for s in scenes], progress=True)

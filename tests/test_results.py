@@ -15,9 +15,6 @@ RESULTS = ROOT / "benchmarks" / "results"
 # Results recorded from a checkout with uncommitted changes before stamp refused one, so
 # without allow_dirty. Each awaits a rerun from a commit; none is cheap to rerun offline:
 LEGACY_DIRTY = {
-    # the server evaluation of the shipped demo, `make quality` (17 min of requests); redone
-    # when the demo model is retrained
-    "quality/results.json",
     # server evaluations and offline coverage of demo models of earlier recipes that are not
     # kept (`train-demo --out DIR` at those commits, 30-50 min each, then the run)
     "quality-clutter/results.json",
