@@ -75,8 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paired-methods", default=None,
                         help="methods of the one-client comparison (default: the first of --methods)")
     parser.add_argument("--paired-images", default=None, metavar="VARIANT",
-                        help="its images: fresh held-out scenes of this testbed variant (e.g. clutter) "
-                             "with their questions (default: random noise at --image-size)")
+                        help="its images: fresh held-out scenes of this testbed variant (e.g. clutter), "
+                             "each asked the variant's first question (default: random noise at --image-size)")
     parser.add_argument("--concurrency", default="1,4,16,32")
     parser.add_argument("--prompts-per-cell", type=int, default=0,
                         help="requests per sweep cell (default: max(16, 2 x concurrency))")
