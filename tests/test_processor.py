@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import torch
 from density import density_image
 from reference import noise_image
 
@@ -52,7 +53,10 @@ def kept(out) -> list[int]:
 
 
 def field(out, name: str) -> list[int]:
-    return [int(item[name].data) for item in out["mm_kwargs"]["image"]]
+    """Column ``name`` of each image's plan."""
+    from vllm_tokenprune.serving.models.common import PLAN_FIELD, plan_value
+
+    return [plan_value(item[PLAN_FIELD].data, name) for item in out["mm_kwargs"]["image"]]
 
 
 def unpruned(proc) -> list[int]:
@@ -72,18 +76,22 @@ def test_the_processor_applies_the_policy_and_hashes_what_the_request_gets(proce
     assert hashes[0.25] == hashes[0.26] != hashes[0.5]
 
 
-def test_k_method_and_seed_stay_on_the_cpu_where_the_model_reads_them_without_a_sync(processor):
+def test_the_plan_stays_on_the_cpu_where_the_model_reads_it_without_a_sync(processor):
     """vLLM moves batched fields to the device unless they are kept on the CPU; the model reads
-    these three on the host, so on the device each read would wait for the GPU."""
+    the plan (N, K, method, seed, probe) on the host, so on the device each read would wait
+    for the GPU. One row per image, one field: vLLM pays per field of every item."""
     from vllm.multimodal.inputs import MultiModalKwargsItems
 
-    from vllm_tokenprune.serving.models.common import PRUNE_FIELDS, QUERY_FIELD
+    from vllm_tokenprune.serving.models.common import PLAN_FIELD, PRUNE_FIELDS, QUERY_FIELD
 
     arch, make = processor
-    items = process(make(), arch, keep_ratio=0.5)["mm_kwargs"]["image"]
-    batch = MultiModalKwargsItems({"image": items}).get_data(device="meta")
-    assert all(batch[name].device.type == "cpu" for name in PRUNE_FIELDS)
+    proc = make()
+    out = process(proc, arch, keep_ratio=0.5)
+    batch = MultiModalKwargsItems({"image": out["mm_kwargs"]["image"]}).get_data(device="meta")
+    assert batch[PLAN_FIELD].device.type == "cpu" and batch[PLAN_FIELD].dtype == torch.int64
+    assert batch[PLAN_FIELD].shape == (len(IMAGES), len(PRUNE_FIELDS))
     assert batch[QUERY_FIELD].device.type == "meta" and batch["pixel_values"].device.type == "meta"
+    assert field(out, "unpruned") == unpruned(proc) and field(out, "keep") == kept(out)
 
 
 def test_random_is_seeded_from_vllms_item_hash_on_cache_hits_and_misses(processor):

@@ -223,6 +223,24 @@ def test_metrics_move_by_the_right_amounts(client, server, model):
     assert delta(f'tokenprune_keep_ratio_bucket{{le="0.25",{labels}}}') == 1
 
 
+def test_an_image_sent_again_as_its_uuid_alone_is_served_and_counted(client, server, model):
+    """vLLM lets a client send an image its cache holds as the uuid alone, without pixels:
+    served as when the pixels came, and counted with the N the image had when processed."""
+    n = count_image_tokens(model, IMAGE.size)
+    sent = {"type": "image_url", "image_url": {"url": image_url(IMAGE)}, "uuid": "tokenprune-uuid-test"}
+    labels = 'model_name="tiny"'
+    before = server.metrics()
+    usage = [client.chat.completions.create(
+        model="tiny", messages=chat([IMAGE], lambda _: part, QUESTION), max_tokens=1,
+        extra_headers={"X-Keep-Ratio": "0.5"}).usage.prompt_tokens
+        for part in (sent, {**sent, "image_url": None})]
+    time.sleep(0.5)
+    after = server.metrics()
+    assert usage[0] == usage[1]
+    assert after[f"tokenprune_image_tokens_in_total{{{labels}}}"] - before.get(
+        f"tokenprune_image_tokens_in_total{{{labels}}}", 0.0) == 2 * n
+
+
 def test_mismatched_selector_stops_startup(model, arch, random_selector):
     other = random_selector("llava" if arch.startswith("qwen") else "qwen2.5-vl")
     proc = subprocess.run(serve_command(model, "--selector", str(other), port=1),

@@ -46,18 +46,20 @@ AUTO_KEEP_FRACTION = Histogram(
 
 
 def record_request(
-    model_name: str, method: str, keep_ratio: float | None, counts: list[tuple[int, int]]
+    model_name: str, method: str, keep_ratio: float | None, counts: list[tuple[int | None, int]]
 ) -> None:
-    """One request's images: ``counts`` holds (tokens before, tokens kept) per image;
+    """One request's images: ``counts`` holds (tokens before, tokens kept) per image, tokens
+    before None where unknown (the image is then left out of the token counts);
     ``keep_ratio`` is None under auto, where each image's own fraction is observed."""
     if not counts:
         return
     REQUESTS.labels(model_name, method).inc()
     IMAGES.labels(model_name, method).inc(len(counts))
+    known = [(n, k) for n, k in counts if n is not None]
     if keep_ratio is None:
-        for n, k in counts:
+        for n, k in known:
             AUTO_KEEP_FRACTION.labels(model_name).observe(k / n)
     else:
         KEEP_RATIO.labels(model_name).observe(keep_ratio)
-    IMAGE_TOKENS_IN.labels(model_name).inc(sum(n for n, _ in counts))
-    IMAGE_TOKENS_KEPT.labels(model_name).inc(sum(k for _, k in counts))
+    IMAGE_TOKENS_IN.labels(model_name).inc(sum(n for n, _ in known))
+    IMAGE_TOKENS_KEPT.labels(model_name).inc(sum(k for _, k in known))

@@ -5,9 +5,9 @@ carry each image's pruning from one to the other, and the selector checkpoint th
 A request's keep ratio and method reach vLLM's multimodal processor as
 ``mm_processor_kwargs``. The processor sizes each image's placeholder run to
 K = ``keep_count(N, ratio)`` (under ``auto``, the ratio is the image's own, predicted from
-its pixels by the selector checkpoint's budget predictor) and hands K, the method id and
-a per-image seed to the model as integer batched fields, and, for a method that reads the
-question, the question's token ids. The model, after the vision tower, hands each image's
+its pixels by the selector checkpoint's budget predictor) and hands N, K, the method id
+and a per-image seed to the model as one integer row per image (its plan), and, for a
+method that reads the question, the question's token ids. The model, after the vision tower, hands each image's
 tokens to its method and places the K rows it returns (``methods.Rows``) at their stock
 positions, in stock order. vLLM fixes the placeholder count before the model runs, so K
 is decided once, in the processor, and never recomputed from a float.
@@ -31,14 +31,18 @@ from vllm.utils.tensor_schema import TensorSchema, TensorShape
 # hf_config attribute (set with --hf-overrides) naming the selector checkpoint to load.
 SELECTOR_CONFIG_KEY = "tokenprune_selector"
 
-KEEP_FIELD = "tokenprune_keep"
-METHOD_FIELD = "tokenprune_method"
-SEED_FIELD = "tokenprune_seed"
+# Each image's plan, one int64 row: the columns below, in this order. One field, not one
+# per column: vLLM pays per field of every item, in its caches, serialisation and batching.
+PLAN_FIELD = "tokenprune_plan"
+UNPRUNED_FIELD = "unpruned"  # N, the stock token count
+KEEP_FIELD = "keep"  # K
+METHOD_FIELD = "method"  # ``methods.method_id``
+SEED_FIELD = "seed"  # the ``random`` method's (0 for other methods)
 # The profile's probe (module docstring): the methods as ``methods.method_mask``, and their
 # K; 0 and 0 on every request.
-PROBE_METHODS_FIELD = "tokenprune_probe_methods"
-PROBE_KEEP_FIELD = "tokenprune_probe_keep"
-PRUNE_FIELDS = (KEEP_FIELD, METHOD_FIELD, SEED_FIELD, PROBE_METHODS_FIELD, PROBE_KEEP_FIELD)
+PROBE_METHODS_FIELD = "probe_methods"
+PROBE_KEEP_FIELD = "probe_keep"
+PRUNE_FIELDS = (UNPRUNED_FIELD, KEEP_FIELD, METHOD_FIELD, SEED_FIELD, PROBE_METHODS_FIELD, PROBE_KEEP_FIELD)
 # Each image's question (``policy.question_tokens``; none unless its method reads one).
 # Also the processor kwarg that carries it into vLLM's item hashes: set by the processor,
 # never by a client (``policy.resolve`` refuses keys it does not know).
@@ -49,23 +53,22 @@ PROBE_KEY = "tokenprune_probe"
 
 
 class PruningInputs(TensorSchema):
-    """What the processor decided for each image, as batched fields reach the model.
+    """What the processor decided for each image, as the batched field reaches the model.
 
     Dimensions:
         - bn: Batch size * number of images
+        - c: The plan's columns (``PRUNE_FIELDS``)
 
-    ``tokenprune_keep`` is K, the image's placeholder count; ``tokenprune_method`` the index
-    of its method in ``methods.METHOD_NAMES``; ``tokenprune_seed`` the ``random`` method's
-    seed (0 for other methods); ``tokenprune_probe_methods`` and ``tokenprune_probe_keep``
-    the profile's probe (0 on requests). All int64: a float field would be cast to the model
-    dtype. (``QUERY_FIELD``, each image's question of its own length, travels beside them.)
+    int64: a float field would be cast to the model dtype. (``QUERY_FIELD``, each image's
+    question of its own length, travels beside it.)
     """
 
-    tokenprune_keep: Annotated[torch.Tensor, TensorShape("bn")]
-    tokenprune_method: Annotated[torch.Tensor, TensorShape("bn")]
-    tokenprune_seed: Annotated[torch.Tensor, TensorShape("bn")]
-    tokenprune_probe_methods: Annotated[torch.Tensor, TensorShape("bn")]
-    tokenprune_probe_keep: Annotated[torch.Tensor, TensorShape("bn")]
+    tokenprune_plan: Annotated[torch.Tensor, TensorShape("bn", len(PRUNE_FIELDS))]
+
+
+def plan_value(row: torch.Tensor, name: str) -> int:
+    """Column ``name`` of one image's plan row."""
+    return int(row[PRUNE_FIELDS.index(name)])
 
 
 def selector_path(hf_config) -> str | None:

@@ -35,6 +35,7 @@ from vllm.model_executor.models.llava_next import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from vllm_tokenprune.selection.methods.batch import to_device
+from vllm_tokenprune.serving.models.common import KEEP_FIELD
 from vllm_tokenprune.serving.models.llava import LlavaPruningProcessorMixin, LlavaTowerMixin
 from vllm_tokenprune.serving.models.model import PruningModelMixin
 
@@ -81,7 +82,7 @@ class PrunedLlavaNextForConditionalGeneration(
         device = features.device
         rows, placements, jobs = [], [], []
         for i, (feats, order) in enumerate(zip(features.split(crops_per_image), orders)):
-            k = fields["tokenprune_keep"][i]
+            k = fields[KEEP_FIELD][i]
             rows.append(feats.flatten(0, 1))
             if k >= len(order):
                 placements.append(None)

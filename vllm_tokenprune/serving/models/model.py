@@ -21,11 +21,13 @@ from vllm_tokenprune.selection import methods
 from vllm_tokenprune.serving.models.common import (
     KEEP_FIELD,
     METHOD_FIELD,
+    PLAN_FIELD,
     PROBE_KEEP_FIELD,
     PROBE_METHODS_FIELD,
     PRUNE_FIELDS,
     QUERY_FIELD,
     SEED_FIELD,
+    UNPRUNED_FIELD,
     PruningInputs,
     selector_path,
     served_budget_predictor,
@@ -146,14 +148,19 @@ class PruningModelMixin:
 
     @staticmethod
     def _pop_prune_fields(kwargs: dict) -> dict[str, list] | None:
-        """The batch's ``PruningInputs`` (validated), as lists per field, and under
-        ``QUERY_FIELD`` each image's question ids (a 1-D tensor); None without them."""
-        values = {name: kwargs.pop(name, None) for name in PRUNE_FIELDS}
-        questions = kwargs.pop(QUERY_FIELD, None)
-        if any(v is None for v in values.values()) or questions is None:
+        """The batch's plans (``PruningInputs``, validated), as lists per column, and under
+        ``QUERY_FIELD`` each image's question ids (a 1-D tensor). None without them, or when
+        every image keeps all its tokens and none carries a probe: the stock path then gives
+        the same embeddings with no per-image work."""
+        plan, questions = kwargs.pop(PLAN_FIELD, None), kwargs.pop(QUERY_FIELD, None)
+        if plan is None or questions is None:
             return None
-        inputs = PruningInputs(**{name: torch.as_tensor(v).flatten() for name, v in values.items()})
-        fields = {name: [int(x) for x in getattr(inputs, name).tolist()] for name in PRUNE_FIELDS}
+        if not isinstance(plan, torch.Tensor):  # rows vLLM could not stack
+            plan = torch.stack(list(plan))
+        plan = PruningInputs(tokenprune_plan=plan).tokenprune_plan
+        fields = dict(zip(PRUNE_FIELDS, plan.T.tolist()))
+        if fields[KEEP_FIELD] == fields[UNPRUNED_FIELD] and not any(fields[PROBE_KEEP_FIELD]):
+            return None
         fields[QUERY_FIELD] = [q.reshape(-1) for q in questions]  # a (B, L) tensor, or B tensors
         if len(fields[QUERY_FIELD]) != len(fields[KEEP_FIELD]):
             raise ValueError(f"{len(fields[QUERY_FIELD])} questions for {len(fields[KEEP_FIELD])} images")

@@ -35,16 +35,17 @@ from vllm_tokenprune.policy import (
 from vllm_tokenprune.selection import methods
 from vllm_tokenprune.serving.models.common import (
     KEEP_FIELD,
-    METHOD_FIELD,
-    PROBE_KEEP_FIELD,
+    PLAN_FIELD,
     PROBE_KEY,
-    PROBE_METHODS_FIELD,
-    PRUNE_FIELDS,
     QUERY_FIELD,
-    SEED_FIELD,
+    plan_value,
     selector_path,
     served_budget_predictor,
 )
+
+# How many images' N a processor remembers by item hash, for the metrics of images that
+# vLLM's processor cache serves (a client may send those as a uuid alone, without pixels).
+_REMEMBERED_IMAGES = 1 << 17
 
 
 def item_seed(item_hash: str) -> int:
@@ -57,8 +58,9 @@ def item_seed(item_hash: str) -> int:
 @dataclasses.dataclass
 class _Call:
     """One ``apply`` call's state, for the processor hooks vLLM calls inside it: the item
-    hashes, so that vLLM computes them once and the ``random`` seeds come from them. Held
-    in a context variable because one processor serves the renderer's thread pool."""
+    hashes, so that vLLM computes them once, and the ``random`` seeds and each processed
+    image's remembered N come from them. Held in a context variable because one processor
+    serves the renderer's thread pool."""
 
     inputs: object
     hashes: object = None  # vLLM's item hashes, computed once
@@ -94,6 +96,7 @@ class PruningProcessorMixin:
         # With the processor, at start-up: the first auto request pays no load or compile.
         path = selector_path(self.info.get_hf_config())
         self._budget_predictor = None if path is None else served_budget_predictor(path)
+        self._unpruned_seen: dict[str, int] = {}  # item hash -> N, least recently used first
 
     def _unpruned_tokens(self, image_size: ImageSize, hf_kwargs: Mapping[str, object]) -> int:
         raise NotImplementedError
@@ -183,15 +186,15 @@ class PruningProcessorMixin:
             **request.hf_kwargs, KEEP_RATIO_KEY: str(request.keep_ratio) if auto else request.keep_ratio,
             METHOD_KEY: method, **question, **({PROBE_KEY: True} if _DUMMY.get() else {})})
         call = _Call(inputs)
-        if method == "random" and inputs.mm_data_items.get_count("image", strict=False):
-            call.image_hashes = self._get_mm_hashes(inputs)["image"]  # the seeds' source
         token = _CALL.set(call)
         try:
+            if inputs.mm_data_items.get_count("image", strict=False):
+                call.image_hashes = self._get_mm_hashes(inputs)["image"]  # vLLM's own, computed once
             result = super().apply(inputs, timing_ctx)
         finally:
             _CALL.reset(token)
         if request.served and not _DUMMY.get():
-            self._record_metrics(inputs, result, None if auto else request.keep_ratio, method)
+            self._record_metrics(inputs, result, call.hashes, None if auto else request.keep_ratio, method)
         return result
 
     def _check_quadratic_memory(self, inputs, request, method: str) -> None:
@@ -201,7 +204,9 @@ class PruningProcessorMixin:
         if (request.keep_ratio == 1.0 or not methods.get(method).quadratic_memory
                 or not isinstance(images, ImageProcessorItems) or not len(images)):
             return
-        largest = max(self._unpruned_tokens(images.get_image_size(i), request.hf_kwargs) for i in range(len(images)))
+        # An image sent as a uuid alone is one vLLM's cache holds: checked when it was processed.
+        largest = max((self._unpruned_tokens(images.get_image_size(i), request.hf_kwargs)
+                       for i in range(len(images)) if images.get(i) is not None), default=0)
         if self._quadratic_refused(method, largest):
             bound = self._policy.max_quadratic_tokens
             raise PruneRequestError(
@@ -245,22 +250,30 @@ class PruningProcessorMixin:
         keep = self._keep_counts(items, counts, hf_kwargs[KEEP_RATIO_KEY])
         call = _CALL.get()
         hashes = call.image_hashes if call is not None else None
-        if method == "random" and (hashes is None or len(hashes) != len(items)):
+        if hashes is not None and len(hashes) == len(items):
+            self._remember_unpruned(zip(hashes, counts))
+        elif method == "random":
             raise RuntimeError(f"tokenprune: no item hashes for {len(items)} images to seed 'random'")
-        # Always emitted (dummy profiling included), so every batch has the fields.
-        processed[KEEP_FIELD] = torch.tensor(keep, dtype=torch.int64)
-        processed[METHOD_FIELD] = torch.full((len(items),), methods.method_id(method))
-        processed[SEED_FIELD] = torch.tensor(
-            [item_seed(h) for h in hashes] if method == "random" else [0] * len(items), dtype=torch.int64)
+        method_id = methods.method_id(method)
+        probe = hf_kwargs.get(PROBE_KEY, False)
+        # Always emitted (dummy profiling included), so every batch has the field; rows as
+        # ``PRUNE_FIELDS`` orders the columns.
+        processed[PLAN_FIELD] = torch.tensor([
+            (n, k, method_id, item_seed(hashes[i]) if method == "random" else 0,
+             methods.method_mask(m for m in methods.METHOD_NAMES if self._servable(m, n)) if probe else 0,
+             keep_count(n, self._policy.lowest_ratio) if probe else 0)
+            for i, (n, k) in enumerate(zip(counts, keep))], dtype=torch.int64)
         question = hf_kwargs.get(QUERY_FIELD, [])
         processed[QUERY_FIELD] = torch.tensor([question] * len(items), dtype=torch.int64).reshape(len(items), -1)
-        probe = hf_kwargs.get(PROBE_KEY, False)
-        processed[PROBE_METHODS_FIELD] = torch.tensor(
-            [methods.method_mask(m for m in methods.METHOD_NAMES if probe and self._servable(m, n)) for n in counts],
-            dtype=torch.int64)
-        processed[PROBE_KEEP_FIELD] = torch.tensor(
-            [keep_count(n, self._policy.lowest_ratio) if probe else 0 for n in counts], dtype=torch.int64)
         return processed
+
+    def _remember_unpruned(self, pairs) -> None:
+        seen = self._unpruned_seen
+        for item_hash, n in pairs:
+            seen.pop(item_hash, None)
+            seen[item_hash] = n
+        while len(seen) > _REMEMBERED_IMAGES:
+            del seen[next(iter(seen))]
 
     def _keep_counts(self, items: ImageProcessorItems, counts: list[int], ratio: float | str) -> list[int]:
         """Each image's K: ``keep_count`` of its N (``counts``) at the request's ratio or, under
@@ -273,10 +286,9 @@ class PruningProcessorMixin:
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        # K, method and seed stay on the CPU, where the model reads them without a device sync;
-        # the question's ids go to the device, to the embedding table.
-        for name in PRUNE_FIELDS:
-            fields[name] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        # The plan stays on the CPU, where the model reads it without a device sync; the
+        # question's ids go to the device, to the embedding table.
+        fields[PLAN_FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
         fields[QUERY_FIELD] = MultiModalFieldConfig.batched("image")
         return fields
 
@@ -296,9 +308,9 @@ class PruningProcessorMixin:
         def replacement(item_idx: int):
             full = full_replacement(item_idx) if callable(full_replacement) else full_replacement
             item = out_mm_kwargs["image"][item_idx]
-            if KEEP_FIELD not in item:  # precomputed embeddings: not pruned
+            if PLAN_FIELD not in item:  # precomputed embeddings: not pruned
                 return full
-            k = int(item[KEEP_FIELD].data)
+            k = plan_value(item[PLAN_FIELD].data, KEEP_FIELD)
             if isinstance(full, list) and len(set(full)) == 1:
                 return full[:k]
             if isinstance(full, PromptUpdateDetails) and isinstance(full.full, list) and full.is_embed:
@@ -320,8 +332,10 @@ class PruningProcessorMixin:
         dropped = {j for run, share in zip(runs, split_keep(k, [len(r) for r in runs])) for j in run[share:]}
         return dataclasses.replace(full, full=[t for j, t in enumerate(full.full) if j not in dropped])
 
-    def _record_metrics(self, inputs, result, ratio: float | None, method: str) -> None:
-        """``ratio`` None: the request's images were under ``auto``."""
+    def _record_metrics(self, inputs, result, hashes, ratio: float | None, method: str) -> None:
+        """``ratio`` None: the request's images were under ``auto``. N is the one remembered
+        when the image was processed, or, past what the processor remembers, counted again
+        (an image sent without pixels is then left out of the token counts)."""
         from vllm_tokenprune.serving.metrics import record_request
 
         placeholders = result["mm_placeholders"].get("image", [])
@@ -329,12 +343,19 @@ class PruningProcessorMixin:
             return
         images = inputs.mm_data_items.get_items("image", ImageProcessorItems)
         passed_on = self._without_prune_kwargs(inputs.hf_processor_mm_kwargs)
-        counts = [(self._unpruned_tokens(images.get_image_size(i), passed_on), p.get_num_embeds())
-                  for i, p in enumerate(placeholders)]
-        model_name = self.info.ctx.model_config.served_model_name
-        if isinstance(model_name, (list, tuple)):
-            model_name = model_name[0]
-        record_request(str(model_name), method, ratio, counts)
+        seen = self._unpruned_seen
+        counts = []
+        for i, (item_hash, p) in enumerate(zip(hashes["image"], placeholders)):
+            if (n := seen.get(item_hash)) is None and images.get(i) is not None:
+                n = self._unpruned_tokens(images.get_image_size(i), passed_on)
+            counts.append((n, p.get_num_embeds()))
+        self._remember_unpruned((h, n) for h, (n, _) in zip(hashes["image"], counts) if n is not None)
+        record_request(self._served_name, method, ratio, counts)
+
+    @functools.cached_property
+    def _served_name(self) -> str:
+        name = self.info.ctx.model_config.served_model_name
+        return str(name[0] if isinstance(name, (list, tuple)) else name)
 
 
 class HFProcessorTokensMixin(PruningProcessorMixin):
