@@ -74,3 +74,13 @@ def test_every_command_that_writes_results_takes_allow_dirty_and_stamps_them():
     for path in [*(ROOT / "benchmarks").glob("*.py"), *(ROOT / "vllm_tokenprune").rglob("*.py")]:
         if path.name != "provenance.py":
             assert "source_commit" not in path.read_text() and "sys.argv[2:]" not in path.read_text(), path
+
+
+def test_reports_name_the_checkpoint_not_its_folder(tmp_path):
+    from vllm_tokenprune.tools.serve import default_model
+
+    assert provenance.checkpoint_name(str(default_model()[0])) == "vllm-tokenprune demo"
+    assert provenance.checkpoint_name("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"  # a hub id
+    (tmp_path / "llava-7b-tuned" / "model").mkdir(parents=True)
+    assert provenance.checkpoint_name(str(tmp_path / "llava-7b-tuned" / "model")) == "llava-7b-tuned/model"
+    assert provenance.checkpoint_name(str(tmp_path / "llava-7b-tuned")) == "llava-7b-tuned"

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vllm_tokenprune.tools.provenance import checkpoint_name
+
 
 def markdown(report: dict) -> str:
-    lines = [f"# Benchmark: {Path(report['environment']['model']['path']).name}", "",
+    lines = [f"# Benchmark: {checkpoint_name(report['environment']['model']['path'])}", "",
              f"`{report['command']}` at commit "
              f"`{report['commit']}`, {report['environment']['machine']['cpus']} "
              f"CPUs, {report['environment']['machine']['processor'] or 'unknown CPU'}.", ""]
@@ -68,7 +70,7 @@ def plot(report: dict, path: Path) -> None:
     plot_paired(axes[0][0], report["paired"])
     if sweep:
         plot_sweep(axes[0][1], axes[0][2], sweep)
-    fig.suptitle(Path(report["environment"]["model"]["path"]).name)
+    fig.suptitle(checkpoint_name(report["environment"]["model"]["path"]))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vllm_tokenprune.tools.provenance import checkpoint_name
+
 # What a user would do instead of pruning: as many tokens, by pooling neighbours.
 POOLING_METHOD = "pool"
 
@@ -16,7 +18,7 @@ def _cell(result: dict, method: str, ratio: float) -> dict | None:
 
 def markdown(report: dict) -> str:
     ratios = report["ratios"]
-    lines = [f"# Accuracy vs kept visual tokens: `{report['model']}`", "",
+    lines = [f"# Accuracy vs kept visual tokens: {checkpoint_name(report['model'])}", "",
              f"`{report['command']}` at commit `{report['commit']}`; {report['match']['mode']} match "
              "after normalization; greedy answers through the server's OpenAI API.", ""]
     for name, result in report["datasets"].items():
@@ -176,7 +178,7 @@ def plot(report: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8, frameon=False)
-    fig.suptitle(report["model"])
+    fig.suptitle(checkpoint_name(report["model"]))
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)

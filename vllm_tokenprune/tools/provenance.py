@@ -1,6 +1,7 @@
 """Where results come from: the commit and the command line every results file records
-(``stamp``), the machine, versions and model of a benchmark (``environment``), and the
-results folder they go into (``write_results``)."""
+(``stamp``), the machine, versions and model of a benchmark (``environment``), the name
+reports give a checkpoint (``checkpoint_name``), and the results folder they go into
+(``write_results``)."""
 
 from __future__ import annotations
 
@@ -73,6 +74,23 @@ def add_allow_dirty(parser) -> None:
     parser.add_argument("--allow-dirty", action="store_true",
                         help="run from a checkout with uncommitted changes, recording the commit as <sha>-dirty "
                              "(refused otherwise: results should come from a commit)")
+
+
+# Folder names that say nothing of the checkpoint in them: reports add the parent's name.
+_GENERIC_FOLDERS = {"model", "checkpoint", "hf", "weights"}
+
+
+def checkpoint_name(model: str) -> str:
+    """How reports and plots name a checkpoint: a hub id as given, the embedded demo as
+    such, a local folder by its name (with its parent's, where the name is generic)."""
+    from vllm_tokenprune.tools.serve import default_model
+
+    path = Path(model)
+    if not (path.exists() or model.startswith((".", "/", "~"))):
+        return model  # a hub id
+    if path.exists() and path.resolve() == default_model()[0].resolve():
+        return "vllm-tokenprune demo"
+    return f"{path.parent.name}/{path.name}" if path.name in _GENERIC_FOLDERS else path.name
 
 
 def environment(model: str) -> dict:

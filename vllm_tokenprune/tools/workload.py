@@ -29,6 +29,7 @@ from PIL import Image
 
 from vllm_tokenprune.tools.client import image_question, image_tokens, prune_headers
 from vllm_tokenprune.tools.overhead import unique
+from vllm_tokenprune.tools.provenance import checkpoint_name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,7 +131,7 @@ def measure(url: str, model: str, images, budgets: list[str], concurrency: int, 
 
 def markdown(report: dict) -> str:
     env = report["environment"]
-    lines = [f"# Budgets on a workload: {Path(env['model']['path']).name}", "",
+    lines = [f"# Budgets on a workload: {checkpoint_name(env['model']['path'])}", "",
              f"`{report['command']}` at commit {report['commit']}, {env['machine']['cpus']} CPUs. "
              f"{report['requests']} requests of `{report['workload']}` per round, concurrency "
              f"{report['concurrency']}, {report['output_tokens']} output tokens, every image new; "
