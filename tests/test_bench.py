@@ -158,7 +158,15 @@ def test_against_stock_compares_interleaved_rounds(tiny_checkpoint, tmp_path):
         assert cell["prompt_tokens"]["plugin"][0] > cell["images"] * n
         assert cell["ratio_median_paired"] == pytest.approx(sum(cell["ratios"]) / 2)
     assert set(report["translation"]) == {"1", "2"} and all(t["ms"] > 0 for t in report["translation"].values())
-    assert (out / "results.md").read_text().startswith("# The plugin at keep 1.0 against stock vLLM")
+    # the per-request breakdown: every stage timed on both processors, the HTTP layer the plugin's alone
+    for count, cell in report["breakdown"].items():
+        stages = cell["stages_ms"]
+        assert set(stages) == {"http", "processor", "encode", "batch"}
+        assert all(v["stock"] > 0 and v["plugin"] > 0 for k, v in stages.items() if k != "http")
+        assert stages["http"] == {"stock": 0.0, "plugin": report["translation"][count]["ms"]}
+        assert cell["extra_ms"] == pytest.approx(sum(v["plugin"] - v["stock"] for v in stages.values()))
+    text = (out / "results.md").read_text()
+    assert text.startswith("# The plugin at keep 1.0 against stock vLLM") and "extra per request" in text
     assert (out / "against_stock.png").stat().st_size > 10_000
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from vllm_tokenprune.tools.client import prune_headers
+from vllm_tokenprune.tools.provenance import checkpoint_name
 
 TARGET_RATIO = 0.97  # the plugin's requests/s at keep 1.0, as a share of stock's
 
@@ -164,9 +165,68 @@ def translation_cost(images: list[bytes], per_request: list[int], repeats: int =
     return out
 
 
+def breakdown(model: str, images: list[bytes], per_request: list[int], translation: dict[str, dict],
+              repeats: int = 30) -> dict[str, dict]:
+    """Where the plugin's extra work per request goes, timed in this process on the stock and
+    the pruned processor of ``model`` for the same requests, interleaved (medians, ms): the
+    HTTP layer (``translation``, from ``translation_cost``), the processor's ``apply`` (no cache, so every image
+    is processed and hashed, as for a new image), msgpack encoding of the items it hands the
+    engine, and the worker's batching of them into the model's inputs, with the plan read."""
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.inputs import MultiModalKwargsItems
+    from vllm.v1.serial_utils import MsgpackEncoder
+
+    from vllm_tokenprune.policy import PrunePolicy
+    from vllm_tokenprune.serving import plugin
+    from vllm_tokenprune.serving.models.model import PruningModelMixin
+    from vllm_tokenprune.tools.serve import pruned_architecture
+
+    plugin.register()
+    most = max(per_request)
+    processors = {
+        "stock": MULTIMODAL_REGISTRY.create_processor(ModelConfig(model=model, limit_mm_per_prompt={"image": most})),
+        "plugin": MULTIMODAL_REGISTRY.create_processor(ModelConfig(
+            model=model, limit_mm_per_prompt={"image": most},
+            hf_overrides={"architectures": [pruned_architecture(model)], **PrunePolicy().to_overrides()}))}
+    kwargs = {"stock": {}, "plugin": {"keep_ratio": 1.0}}  # what the HTTP layer writes in
+    encoder = MsgpackEncoder()
+    pictures = [Image.open(io.BytesIO(jpeg)).convert("RGB") for jpeg in images]
+
+    def stages(name: str, count: int) -> dict[str, float]:
+        proc = processors[name]
+        text = proc.dummy_inputs.get_dummy_text({"image": count})
+        start = time.perf_counter()
+        out = proc(text, proc.info.parse_mm_data({"image": pictures[:count]}), hf_processor_mm_kwargs=kwargs[name],
+                   cache=None)
+        processed = time.perf_counter()
+        items = list(out["mm_kwargs"]["image"])
+        encoder.encode(items)
+        encoded = time.perf_counter()
+        batch = dict(MultiModalKwargsItems({"image": items}).get_data(device="cpu"))
+        PruningModelMixin._pop_prune_fields(batch)
+        batched = time.perf_counter()
+        return {"processor": processed - start, "encode": encoded - processed, "batch": batched - encoded}
+
+    out = {}
+    for count in per_request:
+        times = {name: [] for name in processors}
+        for r in range(repeats + 1):  # the first, a warm-up, is not kept
+            for name in (list(processors) if r % 2 else reversed(list(processors))):
+                if r:
+                    times[name].append(stages(name, count))
+                else:
+                    stages(name, count)
+        cell = {stage: {name: 1000 * statistics.median(t[stage] for t in times[name]) for name in times}
+                for stage in ("processor", "encode", "batch")}
+        cell["http"] = {"stock": 0.0, "plugin": translation[str(count)]["ms"]}
+        out[str(count)] = {"stages_ms": cell, "extra_ms": sum(v["plugin"] - v["stock"] for v in cell.values())}
+    return out
+
+
 def markdown(report: dict) -> str:
     env = report["environment"]
-    lines = [f"# The plugin at keep 1.0 against stock vLLM: {Path(env['model']['path']).name}", "",
+    lines = [f"# The plugin at keep 1.0 against stock vLLM: {checkpoint_name(env['model']['path'])}", "",
              f"`{report['command']}` at commit {report['commit']}, {env['machine']['cpus']} CPUs. "
              f"{report['image_size']} px JPEGs, 1 output token, every image new; rounds interleaved.", "",
              "| concurrency | images / request | stock req/s | plugin req/s | plugin / stock (median of paired rounds) "
@@ -180,7 +240,33 @@ def markdown(report: dict) -> str:
     lines += ["", "The HTTP layer's own work per request, timed in process (median of 50): " + "; ".join(
         f"{v['ms']:.2f} ms for {n} image{'s' * (n != '1')} ({v['body_bytes'] / 2**20:.1f} MiB body)"
         for n, v in report["translation"].items()) + "."]
+    if "breakdown" in report:
+        lines += breakdown_markdown(report)
     return "\n".join(lines) + "\n"
+
+
+STAGES = {"http": "HTTP layer (body scan, header written in)", "processor": "processor `apply`",
+          "encode": "items encoded for the engine (msgpack)", "batch": "items batched in the worker, plan read"}
+
+
+def breakdown_markdown(report: dict) -> list[str]:
+    """The per-request table of ``breakdown``, next to the gap the servers showed."""
+    counts = list(report["breakdown"])
+    lines = ["", "Where the plugin's extra API-server and engine work per request goes, timed in process on the "
+             "stock and the pruned processor of the same checkpoint, interleaved (median ms, stock / plugin):", "",
+             "| stage | " + " | ".join(f"{n} image{'s' * (n != '1')}" for n in counts) + " |",
+             "| --- |" + " --- |" * len(counts)]
+    for stage, label in STAGES.items():
+        lines.append(f"| {label} | " + " | ".join(
+            "{stock:.2f} / {plugin:.2f}".format(**report["breakdown"][n]["stages_ms"][stage]) for n in counts) + " |")
+    lines.append("| **extra per request** | " + " | ".join(
+        f"**{report['breakdown'][n]['extra_ms']:+.2f}**" for n in counts) + " |")
+    gaps = [f"{1000 / c['plugin_requests_per_s'] - 1000 / c['stock_requests_per_s']:+.2f} ms at "
+            f"{c['concurrency']} clients with {c['images']}" for c in report["cells"]]
+    lines += ["", "The servers' gap per request (1 / requests/s, plugin minus stock, medians): "
+              + "; ".join(gaps) + " (image count per request). What the stages above do not account for is "
+              "work this breakdown does not time (scheduling, the tower call, the response) or the host's noise."]
+    return lines
 
 
 def plot(report: dict, path: Path) -> None:
@@ -219,7 +305,9 @@ def run(args: argparse.Namespace, out: Path, seed: int, record: dict) -> int:
     serve_args = ["--served-model-name", "bench", "--limit-mm-per-prompt", json.dumps({"image": max(images)}),
                   *args.extra_args]
     cpu_env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1"}
-    translation = translation_cost(base_images(args.stock_image_size, 8, seed), images)
+    jpegs = base_images(args.stock_image_size, 8, seed)
+    translation = translation_cost(jpegs, images)
+    stages = breakdown(args.model, jpegs, images, translation)
     print("starting stock `vllm serve` and `vllm-tokenprune serve` ...", flush=True)
     with (Server(args.model, *serve_args, "--enforce-eager", log_path=out / "stock.log", env=cpu_env,
                  stock=True) as stock,
@@ -227,7 +315,7 @@ def run(args: argparse.Namespace, out: Path, seed: int, record: dict) -> int:
         cells_out = measure({"stock": stock.root, "plugin": plugin.root}, "bench", cells,
                             args.stock_rounds, args.stock_image_size, seed, args.stock_requests)
     report = {**record, "environment": environment(args.model), "seed": seed, "image_size": args.stock_image_size,
-              "target_ratio": TARGET_RATIO, "translation": translation, "cells": cells_out}
+              "target_ratio": TARGET_RATIO, "translation": translation, "breakdown": stages, "cells": cells_out}
     write_results(out, report, markdown(report))
     plot(report, out / "against_stock.png")
     print(f"results in {out}")
