@@ -119,7 +119,7 @@ def check_selector(path: str | None, model: str, policy: PrunePolicy) -> None:
                             if path else "no --selector is given"))
 
 
-def _pop_option(extra: list[str], name: str) -> str | None:
+def pop_option(extra: list[str], name: str) -> str | None:
     """Remove ``name VALUE`` or ``name=VALUE`` from ``extra``; return VALUE."""
     for i, arg in enumerate(extra):
         if arg == name and i + 1 < len(extra):
@@ -136,10 +136,10 @@ def _pop_model(extra: list[str]) -> str | None:
     """MODEL as the first positional argument or as vLLM's older ``--model X`` form."""
     if extra and not extra[0].startswith("-"):
         return extra.pop(0)
-    return _pop_option(extra, "--model")
+    return pop_option(extra, "--model")
 
 
-def _has_option(extra: list[str], *names: str) -> bool:
+def has_option(extra: list[str], *names: str) -> bool:
     return any(a == n or a.startswith(n + "=") for a in extra for n in names)
 
 
@@ -147,7 +147,7 @@ def build_vllm_args(model: str, selector: str | None, extra: list[str],
                     policy: PrunePolicy | None = None) -> list[str]:
     """The `vllm serve` argument list (without the leading 'serve')."""
     extra = list(extra)
-    overrides = json.loads(_pop_option(extra, "--hf-overrides") or "{}")
+    overrides = json.loads(pop_option(extra, "--hf-overrides") or "{}")
     overrides["architectures"] = [pruned_architecture(model)]
     if selector:
         overrides["tokenprune_selector"] = str(Path(selector).resolve())
@@ -156,7 +156,7 @@ def build_vllm_args(model: str, selector: str | None, extra: list[str],
             "--trust-request-mm-kwargs", "--enable-prompt-tokens-details"]
     from vllm.platforms import current_platform
 
-    if current_platform.is_cpu() and not _has_option(
+    if current_platform.is_cpu() and not has_option(
         extra, "--enforce-eager", "--no-enforce-eager", "--compilation-config", "-O"
     ):
         args.append("--enforce-eager")  # start-up in ~25 s instead of ~50 s on CPU
@@ -170,7 +170,7 @@ def _cpu_environment(extra: list[str]) -> None:
         return
     # vLLM on CPU refuses to start without a KV-cache size, and binds a non-loopback
     # address for its engine unless told otherwise.
-    if not _has_option(extra, "--kv-cache-memory-bytes"):
+    if not has_option(extra, "--kv-cache-memory-bytes"):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
 
@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     if model is None:
         model, selector = map(str, default_model())
         args.selector = args.selector or selector
-        if not _has_option(extra, "--served-model-name"):
+        if not has_option(extra, "--served-model-name"):
             extra += ["--served-model-name", DEFAULT_SERVED_NAME]
     try:
         policy = PrunePolicy(args.default_keep_ratio, args.min_keep_ratio, args.keep_ratio_step,
