@@ -13,6 +13,7 @@ import importlib
 import sys
 
 from vllm_tokenprune.tools.client import ServerUnreachableError
+from vllm_tokenprune.tools.launcher import LaunchError
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # as given, for the command results record (provenance.stamp)
     try:
         return module.run(args) or 0
-    except ServerUnreachableError as err:  # bench or eval pointed at nothing
+    except (ServerUnreachableError, LaunchError) as err:  # bench or eval pointed at nothing, or unservable
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -389,10 +389,13 @@ def run(args: argparse.Namespace) -> int:
 
         args.model, selector = map(str, default_model())
         args.selector = args.selector or selector
+    from vllm_tokenprune.tools.launcher import LaunchError, target
+    from vllm_tokenprune.tools.serve import has_option
+
+    if args.against_stock and has_option(args.extra_args, "--port"):
+        raise LaunchError("--port: --against-stock starts two servers, each on a free port")
     record = stamp("vllm-tokenprune", args.argv, args.allow_dirty)
     import openai
-
-    from vllm_tokenprune.tools.launcher import target
 
     ratios = [r if r.startswith("auto") else float(r) for r in args.ratios.split(",")]
     if ratios[0] != 1.0:

