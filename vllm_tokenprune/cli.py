@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ServerUnreachableError, LaunchError) as err:  # bench or eval pointed at nothing, or unservable
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM while a started server runs (launcher.sigterm_interrupts)
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -389,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
 
         args.model, selector = map(str, default_model())
         args.selector = args.selector or selector
-    from vllm_tokenprune.tools.launcher import LaunchError, target
+    from vllm_tokenprune.tools.launcher import LaunchError, sigterm_interrupts, target
     from vllm_tokenprune.tools.serve import has_option
 
     if args.against_stock and has_option(args.extra_args, "--port"):
@@ -410,7 +410,8 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path("benchmarks/results") / f"{Path(args.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     if args.against_stock:
-        return overhead.run(args, out, seed, record)
+        with sigterm_interrupts():  # its servers stop on SIGTERM too
+            return overhead.run(args, out, seed, record)
     if args.workload:
         return workload.run(args, out, record)
 

@@ -75,9 +75,24 @@ def reachable(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does. Servers run in sessions of their own
+    (a terminal's Ctrl-C reaches only the command that started them), so only the command's
+    unwinding stops them, and SIGTERM's default action ends a process without unwinding."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class Server:
     """A server process, at the ``--host`` and ``--port`` in ``args`` if given; ``url`` is its
-    OpenAI base URL. Use as a context manager."""
+    OpenAI base URL. Use as a context manager; it stops the server's whole process group."""
 
     def __init__(self, model: str | Path | None, *args: str, log_path: Path, env: dict | None = None,
                  stock: bool = False):
@@ -92,13 +107,16 @@ class Server:
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, **(env or {})},
         )
-        self.startup_s = self._wait_healthy()
+        try:
+            self.startup_s = self._wait_healthy()
+        except BaseException:  # Ctrl-C too: no `with` holds the server yet
+            self.stop()
+            raise
 
     def _wait_healthy(self) -> float:
         start = time.monotonic()
         while time.monotonic() - start < STARTUP_TIMEOUT_S:
             if self.proc.poll() is not None:
-                self.stop()
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.root + "/health", timeout=2) as response:
@@ -107,7 +125,6 @@ class Server:
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(1)
-        self.stop()
         raise TimeoutError(f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 60) -> str:
@@ -163,8 +180,8 @@ class Target(NamedTuple):
 @contextlib.contextmanager
 def target(url: str | None, model: str | Path | None, serve_args: list[str], log_path: Path) -> Iterator[Target]:
     """The server a command talks to: the one at ``url``, or one started for ``model`` (None:
-    the embedded demo) and stopped on exit. Raises client.ServerUnreachableError if none answers,
-    LaunchError for serve arguments it cannot honour."""
+    the embedded demo) and stopped on exit, Ctrl-C and SIGTERM. Raises client.ServerUnreachableError
+    if none answers, LaunchError for serve arguments it cannot honour."""
     from vllm_tokenprune.tools.serve import has_option
 
     with contextlib.ExitStack() as stack:
@@ -176,6 +193,7 @@ def target(url: str | None, model: str | Path | None, serve_args: list[str], log
             root = url.rstrip("/").removesuffix("/v1")
         else:
             print(f"starting a server for {model or 'the demo model'} ...", flush=True)
+            stack.enter_context(sigterm_interrupts())
             server = stack.enter_context(Server(model, *serve_args, log_path=log_path))
             root = server.root
             print(f"server healthy after {server.startup_s:.0f} s", flush=True)
