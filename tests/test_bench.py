@@ -157,6 +157,9 @@ def test_against_stock_compares_interleaved_rounds(tiny_checkpoint, tmp_path):
         assert cell["prompt_tokens"]["stock"] == cell["prompt_tokens"]["plugin"]
         assert cell["prompt_tokens"]["plugin"][0] > cell["images"] * n
         assert cell["ratio_median_paired"] == pytest.approx(sum(cell["ratios"]) / 2)
+        # CPU per request, read from each server's processes: the engine's work shows in it
+        assert 0 < cell["stock_cpu_ms_per_request"] and 0 < cell["plugin_cpu_ms_per_request"]
+        assert cell["cpu_ratio_median_paired"] == pytest.approx(sum(cell["cpu_ratios"]) / 2)
     assert set(report["translation"]) == {"1", "2"} and all(t["ms"] > 0 for t in report["translation"].values())
     # the per-request breakdown: every stage timed on both processors, the HTTP layer the plugin's alone
     for count, cell in report["breakdown"].items():

@@ -7,7 +7,9 @@ request. Each cell (concurrency x images per request) is a closed loop of reques
 large JPEGs and one output token, where the API server's work (bodies, image decoding,
 processing) weighs most. Rounds interleave the two servers cell by cell, in alternating
 order, so the host's slow stretches hit both alike; a cell's figure is the median of its
-per-round ratios of requests/s, plugin over stock.
+per-round ratios of requests/s, plugin over stock. Each run also reads the CPU time the
+server's processes (API server, engine core, worker) used: CPU per request, which the host's
+noise moves far less than wall-clock throughput, is the cost a saturated server pays.
 
 Every image is distinct (a comment segment in the JPEG makes its bytes, and so vLLM's
 item hash, unique), so no cache serves either server; the pixels, and so the decoding
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import itertools
 import json
@@ -111,9 +114,23 @@ async def closed_loop(root: str, bodies: list[bytes], concurrency: int, headers:
             "prompt_tokens": sorted(set(tokens))}
 
 
-def measure(servers: dict[str, str], model: str, cells: list[tuple[int, int]], rounds: int,
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) a process and all its descendants have used so far."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def measure(servers: dict[str, tuple[str, int]], model: str, cells: list[tuple[int, int]], rounds: int,
             size: int, seed: int, per_slot: int) -> list[dict]:
-    """Interleaved rounds over ``cells`` (concurrency, images per request) for each server."""
+    """Interleaved rounds over ``cells`` (concurrency, images per request) for each server,
+    given as (root URL, pid)."""
     from tqdm import tqdm
 
     bodies = Bodies(model, base_images(size, 8, seed))
@@ -125,8 +142,11 @@ def measure(servers: dict[str, str], model: str, cells: list[tuple[int, int]], r
                 concurrency, images = cell
                 order = list(servers) if (round_ + i) % 2 == 0 else list(reversed(servers))
                 for name in order:
+                    root, pid = servers[name]
                     batch = [bodies.make(images) for _ in range(per_slot * concurrency)]
-                    result = asyncio.run(closed_loop(servers[name], batch, concurrency, headers[name]))
+                    cpu = cpu_seconds(pid)
+                    result = asyncio.run(closed_loop(root, batch, concurrency, headers[name]))
+                    result["cpu_ms_per_request"] = 1000 * (cpu_seconds(pid) - cpu) / max(1, result["completed"])
                     if round_:
                         runs[cell][name].append(result)
                     bar.update()
@@ -134,11 +154,15 @@ def measure(servers: dict[str, str], model: str, cells: list[tuple[int, int]], r
     for (concurrency, images), by_server in runs.items():
         stock, plugin = by_server["stock"], by_server["plugin"]
         ratios = [p["requests_per_s"] / s["requests_per_s"] for p, s in zip(plugin, stock)]
+        cpu_ratios = [p["cpu_ms_per_request"] / s["cpu_ms_per_request"] for p, s in zip(plugin, stock)]
         out.append({
             "concurrency": concurrency, "images": images, "rounds": rounds,
             "stock_requests_per_s": statistics.median(r["requests_per_s"] for r in stock),
             "plugin_requests_per_s": statistics.median(r["requests_per_s"] for r in plugin),
             "ratio_median_paired": statistics.median(ratios), "ratios": ratios,
+            "stock_cpu_ms_per_request": statistics.median(r["cpu_ms_per_request"] for r in stock),
+            "plugin_cpu_ms_per_request": statistics.median(r["cpu_ms_per_request"] for r in plugin),
+            "cpu_ratio_median_paired": statistics.median(cpu_ratios), "cpu_ratios": cpu_ratios,
             "failed": sum(r["failed"] for r in stock + plugin),
             "failures": [f for r in stock + plugin for f in r["failures"]][:3],
             "prompt_tokens": {"stock": sorted({t for r in stock for t in r["prompt_tokens"]}),
@@ -230,13 +254,16 @@ def markdown(report: dict) -> str:
              f"`{report['command']}` at commit {report['commit']}, {env['machine']['cpus']} CPUs. "
              f"{report['image_size']} px JPEGs, 1 output token, every image new; rounds interleaved.", "",
              "| concurrency | images / request | stock req/s | plugin req/s | plugin / stock (median of paired rounds) "
-             f"| within {100 * (1 - TARGET_RATIO):.0f}% |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             f"| within {100 * (1 - TARGET_RATIO):.0f}% | CPU ms / request, stock / plugin | plugin / stock CPU |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in report["cells"]:
+        cpu = (f"{c['stock_cpu_ms_per_request']:.1f} / {c['plugin_cpu_ms_per_request']:.1f} | "
+               f"{c['cpu_ratio_median_paired']:.3f} (rounds: {min(c['cpu_ratios']):.3f}-{max(c['cpu_ratios']):.3f})"
+               if "cpu_ratios" in c else "- | -")
         lines.append(f"| {c['concurrency']} | {c['images']} | {c['stock_requests_per_s']:.2f} | "
                      f"{c['plugin_requests_per_s']:.2f} | {c['ratio_median_paired']:.3f} "
                      f"(rounds: {min(c['ratios']):.3f}-{max(c['ratios']):.3f}) | "
-                     f"{'yes' if c['ratio_median_paired'] >= TARGET_RATIO else 'no'} |")
+                     f"{'yes' if c['ratio_median_paired'] >= TARGET_RATIO else 'no'} | {cpu} |")
     lines += ["", "The HTTP layer's own work per request, timed in process (median of 50): " + "; ".join(
         f"{v['ms']:.2f} ms for {n} image{'s' * (n != '1')} ({v['body_bytes'] / 2**20:.1f} MiB body)"
         for n, v in report["translation"].items()) + "."]
@@ -261,11 +288,14 @@ def breakdown_markdown(report: dict) -> list[str]:
             "{stock:.2f} / {plugin:.2f}".format(**report["breakdown"][n]["stages_ms"][stage]) for n in counts) + " |")
     lines.append("| **extra per request** | " + " | ".join(
         f"**{report['breakdown'][n]['extra_ms']:+.2f}**" for n in counts) + " |")
-    gaps = [f"{1000 / c['plugin_requests_per_s'] - 1000 / c['stock_requests_per_s']:+.2f} ms at "
-            f"{c['concurrency']} clients with {c['images']}" for c in report["cells"]]
-    lines += ["", "The servers' gap per request (1 / requests/s, plugin minus stock, medians): "
-              + "; ".join(gaps) + " (image count per request). What the stages above do not account for is "
-              "work this breakdown does not time (scheduling, the tower call, the response) or the host's noise."]
+    gaps = [f"{1000 / c['plugin_requests_per_s'] - 1000 / c['stock_requests_per_s']:+.2f} ms"
+            + (f" ({c['plugin_cpu_ms_per_request'] - c['stock_cpu_ms_per_request']:+.2f} ms of CPU)"
+               if "cpu_ratios" in c else "")
+            + f" at {c['concurrency']} clients with {c['images']}" for c in report["cells"]]
+    lines += ["", "The servers' gap per request (1 / requests/s, and CPU time per request, plugin minus stock, "
+              "medians): " + "; ".join(gaps) + " (image count per request). What the stages above do not account "
+              "for is work this breakdown does not time (scheduling, the tower call, the response) or the host's "
+              "noise."]
     return lines
 
 
@@ -312,7 +342,8 @@ def run(args: argparse.Namespace, out: Path, seed: int, record: dict) -> int:
     with (Server(args.model, *serve_args, "--enforce-eager", log_path=out / "stock.log", env=cpu_env,
                  stock=True) as stock,
           Server(args.model, *serve_args, log_path=out / "plugin.log") as plugin):
-        cells_out = measure({"stock": stock.root, "plugin": plugin.root}, "bench", cells,
+        cells_out = measure({"stock": (stock.root, stock.proc.pid), "plugin": (plugin.root, plugin.proc.pid)},
+                            "bench", cells,
                             args.stock_rounds, args.stock_image_size, seed, args.stock_requests)
     report = {**record, "environment": environment(args.model), "seed": seed, "image_size": args.stock_image_size,
               "target_ratio": TARGET_RATIO, "translation": translation, "breakdown": stages, "cells": cells_out}
