@@ -8,8 +8,9 @@ large JPEGs and one output token, where the API server's work (bodies, image dec
 processing) weighs most. Rounds interleave the two servers cell by cell, in alternating
 order, so the host's slow stretches hit both alike; a cell's figure is the median of its
 per-round ratios of requests/s, plugin over stock. Each run also reads the CPU time the
-server's processes (API server, engine core, worker) used: CPU per request, which the host's
-noise moves far less than wall-clock throughput, is the cost a saturated server pays.
+server's processes (API server, engine core, worker) used per request; on a 2-core host
+shared by both servers it includes their waiting on each other, and its rounds spread about
+as widely as requests/s.
 
 Every image is distinct (a comment segment in the JPEG makes its bytes, and so vLLM's
 item hash, unique), so no cache serves either server; the pixels, and so the decoding
