@@ -177,6 +177,42 @@ def parse_method(raw: object, *, param: str) -> str:
     return name
 
 
+# --- Model aliases ----------------------------------------------------------------------
+
+ALIAS_SEPARATOR = ":"  # OpenRouter's model:variant, Ollama's name:tag
+METHOD_AT = "@"
+
+
+def parse_alias_tag(tag: str, *, param: str) -> dict[str, object]:
+    """The kwargs an alias's tag carries: ``RATIO`` (anything X-Keep-Ratio takes, ``auto``
+    included), ``METHOD``, or ``METHOD@RATIO``; a ratio in its canonical form."""
+    method, at, ratio = tag.rpartition(METHOD_AT)
+    if not at:  # one part: a ratio, or a method
+        is_ratio = tag[:1].isdigit() or tag[:1] in ".+" or tag.lower().startswith(AUTO)
+        method, ratio = ("", tag) if is_ratio else (tag, "")
+    kwargs: dict[str, object] = {}
+    if method or at:
+        kwargs[METHOD_KEY] = parse_method(method, param=param)
+    if ratio or at:
+        value = parse_budget(ratio, param=param)
+        kwargs[KEEP_RATIO_KEY] = str(value) if isinstance(value, AutoBudget) else value
+    return kwargs
+
+
+def model_aliases(served_names: Iterable[str]) -> dict[str, dict[str, object]]:
+    """The aliases among a server's model names, with the kwargs each carries: the names
+    after the first that read ``FIRST:TAG`` with a valid tag (``parse_alias_tag``)."""
+    first, *others = served_names
+    out = {}
+    for name in others:
+        if name.startswith(first + ALIAS_SEPARATOR):
+            try:
+                out[name] = parse_alias_tag(name[len(first) + 1:], param="model")
+            except PruneRequestError:
+                continue  # a plain other name
+    return out
+
+
 def _short(raw: object) -> str:
     text = repr(raw)
     return text if len(text) <= MAX_VALUE_LENGTH else text[:MAX_VALUE_LENGTH] + "..."
