@@ -179,6 +179,20 @@ HOSTILE = [
 ]
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32", "utf-8-sig", "chunked"])
+def test_the_applied_ratio_is_the_truth_for_every_body_vllm_accepts(server, encoding):
+    """X-Keep-Ratio-Applied against the prompt tokens, for JSON in the encodings vLLM
+    parses and for a body sent in chunks, with the ratio in the body and in the header."""
+    for headers, extra, applied in [({}, {"mm_processor_kwargs": {"keep_ratio": 0.25}}, 0.25),
+                                    ({"X-Keep-Ratio": "0.5"}, {"mm_processor_kwargs": {"keep_ratio": 0.25}}, 0.5)]:
+        raw = json.dumps(chat_body(**extra)).encode("utf-8" if encoding == "chunked" else encoding)
+        data = (raw[i:i + 4096] for i in range(0, len(raw), 4096)) if encoding == "chunked" else raw
+        response = post(server, "/v1/chat/completions", headers=headers, data=data)
+        assert response.status_code == 200, (encoding, headers, response.text)
+        assert response.json()["usage"]["prompt_tokens"] == tokens_at(applied), (encoding, headers)
+        assert float(response.headers["X-Keep-Ratio-Applied"]) == applied, (encoding, headers)
+
+
 @pytest.mark.parametrize("route", ["chat", "chat-stream", "responses", "invocations", "tokenize", "root-path"])
 @pytest.mark.parametrize("name,headers,extra,param", HOSTILE, ids=[c[0] for c in HOSTILE])
 def test_bad_pruning_input_is_a_400_naming_the_param_on_every_route(server, route, name, headers, extra, param):
@@ -287,6 +301,41 @@ def test_metrics_count_served_requests_not_tokenized_ones(server):
     assert post(server, "/v1/chat/completions", chat_body(), {"X-Keep-Ratio": "0.25"}).status_code == 200
     assert post(server, "/v1/responses", responses_body()).status_code == 200
     assert server.metrics()[key] == before + 2
+
+
+def test_model_aliases_choose_for_clients_that_can_only_pick_a_name(server):
+    """`make serve`'s aliases: listed, chosen by name through the openai SDK and on the
+    raw routes, under the body and the header, counted; unknown ones are vLLM's 404."""
+    import openai
+
+    from vllm_tokenprune.tools.serve import DEMO_ALIASES
+
+    published = [f"{DEFAULT_SERVED_NAME}:{tag}" for tag in DEMO_ALIASES.split(",")]
+    listed = requests.get(server.root + "/proxy/v1/models", headers=AUTH, timeout=30).json()["data"]
+    assert [m["id"] for m in listed] == [DEFAULT_SERVED_NAME, *published]
+    client = openai.OpenAI(base_url=server.root + "/proxy/v1", api_key=KEY, max_retries=0)
+    alias = f"{DEFAULT_SERVED_NAME}:0.25"
+    raw = client.chat.completions.with_raw_response.create(**dict(chat_body(), model=alias))
+    assert raw.parse().usage.prompt_tokens == tokens_at(0.25) and raw.headers["X-Keep-Ratio-Applied"] == "0.25"
+    key = f'tokenprune_alias_requests_total{{alias="{alias}",model_name="{DEFAULT_SERVED_NAME}"}}'
+    before = server.metrics().get(key, 0.0)
+    for headers, extra, applied in [({}, {}, 0.25),
+                                    ({}, {"mm_processor_kwargs": {"keep_ratio": 0.5}}, 0.5),  # the body wins
+                                    ({"X-Keep-Ratio": "0.1"}, {"mm_processor_kwargs": {"keep_ratio": 0.5}}, 0.1)]:
+        for path, body in (IMAGE_ROUTES["chat-stream"], IMAGE_ROUTES["responses"]):
+            response = post(server, path, body(**extra, model=alias), headers)
+            assert response.status_code == 200, response.text[:300]
+            assert prompt_tokens(path, response) == tokens_at(applied), (path, headers, extra)
+            assert float(response.headers["X-Keep-Ratio-Applied"]) == applied
+    assert server.metrics()[key] == before + 6
+    auto = post(server, "/v1/chat/completions", chat_body(model=f"{DEFAULT_SERVED_NAME}:auto"))
+    assert auto.status_code == 200 and auto.headers["X-Keep-Ratio-Applied"] == "auto"
+    assert auto.json()["usage"]["prompt_tokens"] < tokens_at(1.0)
+    unknown = post(server, "/v1/chat/completions", chat_body(model=f"{DEFAULT_SERVED_NAME}:0.3"))
+    assert unknown.status_code == 404
+    refused = post(server, "/v1/messages", messages_body(model=alias))
+    assert refused.status_code == 400 and error_of(refused)["param"] == "model"
+    still_serving(server)
 
 
 def test_the_batch_runner_follows_the_same_contract(tmp_path):

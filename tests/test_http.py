@@ -11,7 +11,7 @@ from vllm_tokenprune.serving import http
 from vllm_tokenprune.serving.http import KeepRatioMiddleware
 
 
-def fake_app(policy=None, status=200, reply=None):
+def fake_app(policy=None, status=200, reply=None, served=("m",)):
     """Downstream app: reads the body like a route, answers with it (or with ``reply``);
     carries the model config the middleware reads its policy from."""
 
@@ -33,7 +33,9 @@ def fake_app(policy=None, status=200, reply=None):
         await send({"type": "http.response.body", "body": payload})
 
     hf_config = SimpleNamespace(**(policy or PrunePolicy()).to_overrides())
-    app.state = SimpleNamespace(vllm_config=SimpleNamespace(model_config=SimpleNamespace(hf_config=hf_config)))
+    app.state = SimpleNamespace(
+        vllm_config=SimpleNamespace(model_config=SimpleNamespace(hf_config=hf_config, served_model_name=served[0])),
+        openai_serving_models=SimpleNamespace(base_model_paths=[SimpleNamespace(name=n) for n in served]))
     return app
 
 
@@ -159,6 +161,73 @@ def test_bodies_without_our_kwargs_are_not_parsed_but_spliced():
     assert out["body"] == {"mm_processor_kwargs": {"keep_ratio": 0.5}}
     status, _, out = call(CHAT, [("X-Keep-Ratio", "0.5")])
     assert out["raw"].startswith(json.dumps(CHAT)[:-1])  # the original bytes, the key appended
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32-be", "utf-8-sig"])
+def test_a_body_in_any_encoding_vllm_reads_is_read_alike(encoding):
+    """JSON in UTF-16 or 32 or after a byte-order mark, which vLLM parses: its kwargs are
+    found (so the applied ratio tells the truth), it passes on as sent when nothing is
+    written, and in UTF-8 with the header's kwargs when they are."""
+    raw = json.dumps(dict(CHAT, mm_processor_kwargs={"keep_ratio": 0.25})).encode(encoding)
+    assert http.translate("/v1/chat/completions", {}, raw)[:2] == (raw, {"keep_ratio": 0.25})
+    body, kwargs, *_ = http.translate("/v1/chat/completions", {"X-Keep-Ratio": "0.5"}, raw)
+    assert kwargs == {"keep_ratio": 0.5} and json.loads(body.decode("utf-8"))["mm_processor_kwargs"] == kwargs
+    bare = json.dumps(CHAT).encode(encoding)
+    body, kwargs, *_ = http.translate("/v1/chat/completions", {"X-Keep-Ratio": "0.5"}, bare)
+    assert json.loads(body.decode("utf-8")) == dict(CHAT, mm_processor_kwargs={"keep_ratio": 0.5})
+    assert http.translate("/v1/chat/completions", {}, bare)[:2] == (bare, None)
+
+
+ALIASED = ("m", "m:0.25", "m:divprune@0.5", "m:learned_query", "m:fast", "other:0.1")
+
+
+def test_model_aliases_are_the_served_names_that_read_first_colon_tag():
+    from vllm_tokenprune.policy import PruneRequestError, model_aliases, parse_alias_tag
+
+    assert model_aliases(ALIASED) == {"m:0.25": {"keep_ratio": 0.25},
+                                      "m:divprune@0.5": {"prune_method": "divprune", "keep_ratio": 0.5},
+                                      "m:learned_query": {"prune_method": "learned_query"}}
+    assert parse_alias_tag("Random@2.5e-1", param="model") == {"prune_method": "random", "keep_ratio": 0.25}
+    assert parse_alias_tag("auto; max=.5", param="model") == {"keep_ratio": "auto;max=0.5"}
+    for bad in ("fast", "0", "1.5", "@0.5", "divprune@", "x@0.5"):
+        with pytest.raises(PruneRequestError):
+            parse_alias_tag(bad, param="model")
+
+
+def test_an_alias_chooses_under_the_body_and_the_header():
+    app = fake_app(served=ALIASED)
+    _, headers, out = call(dict(CHAT, model="m:divprune@0.5"), app=app)
+    assert out["body"]["mm_processor_kwargs"] == {"prune_method": "divprune", "keep_ratio": 0.5}
+    assert out["body"]["model"] == "m:divprune@0.5" and headers[b"x-keep-ratio-applied"] == b"0.5"
+    body = dict(CHAT, model="m:divprune@0.5", mm_processor_kwargs={"keep_ratio": 0.1})
+    _, headers, out = call(body, app=app)  # the body wins over the alias
+    assert out["body"]["mm_processor_kwargs"] == {"keep_ratio": 0.1, "prune_method": "divprune"}
+    chosen = http.translate("/v1/chat/completions", {}, json.dumps(body).encode(), http.Aliases.of(ALIASED))
+    assert chosen.alias == "m:divprune@0.5" and chosen.sources == {"prune_method": "model"}
+    raw = json.dumps(dict(CHAT, model="m:0.25", mm_processor_kwargs={"keep_ratio": 0.5})).encode()
+    overridden = http.translate("/v1/chat/completions", {}, raw, http.Aliases.of(ALIASED))
+    assert overridden == (raw, {"keep_ratio": 0.5}, "m:0.25", {})  # passed on as sent, the alias still counted
+    _, headers, out = call(body, [("X-Keep-Ratio", "0.75")], app=app)  # the header over both
+    assert out["body"]["mm_processor_kwargs"] == {"keep_ratio": 0.75, "prune_method": "divprune"}
+    for name in ("m", "m:fast", "other:0.1"):  # plain names: untouched, byte for byte
+        raw = json.dumps(dict(CHAT, model=name)).encode()
+        _, headers, out = call(raw, app=app)
+        assert out["raw"].encode() == raw and headers[b"x-keep-ratio-applied"] == b"1.0"
+    # a message that quotes an alias is not a request for it
+    quoted = dict(CHAT, messages=[{"role": "user", "content": 'say "m:0.25"'}])
+    assert "mm_processor_kwargs" not in call(quoted, app=app)[2]["body"]
+
+
+def test_an_alias_is_refused_where_its_choices_cannot_go_and_its_errors_name_model():
+    app = fake_app(served=ALIASED)
+    status, _, out = call(dict(CHAT, model="m:0.25"), path="/v1/messages", app=app)
+    assert status == 400 and out["error"]["param"] == "model"
+    refusal = {"error": {"message": "mm_processor_kwargs.prune_method 'learned_query' needs a selector",
+                         "type": "BadRequestError", "param": "mm_processor_kwargs.prune_method", "code": 400}}
+    status, _, out = call(dict(CHAT, model="m:learned_query"), app=fake_app(served=ALIASED, status=400,
+                                                                           reply=refusal))
+    assert status == 400 and out["error"]["param"] == "model"
+    assert out["error"]["message"] == "model 'learned_query' needs a selector"
 
 
 @pytest.mark.parametrize("quotes", [0, 3, 63, 64, 65, 500])

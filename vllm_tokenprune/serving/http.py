@@ -18,18 +18,23 @@ appended to it, never serialised again (``translate``).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from vllm_tokenprune.policy import (
+    ALIAS_SEPARATOR,
     KEEP_RATIO_KEY,
     METHOD_KEY,
     NOT_SERVED_KEY,
     AutoBudget,
     PrunePolicy,
     PruneRequestError,
+    model_aliases,
     parse_budget,
     parse_method,
 )
+from vllm_tokenprune.serving.metrics import record_alias
 
 KEEP_RATIO_HEADER = "X-Keep-Ratio"
 METHOD_HEADER = "X-Prune-Method"
@@ -73,20 +78,48 @@ def pruning_headers(raw_headers) -> dict[str, str]:
     return found
 
 
-def translate(path: str, headers: dict[str, str], raw: bytes) -> tuple[bytes, dict | None]:
-    """A body with the headers written into its ``mm_processor_kwargs``; and those kwargs
-    (None when the body carries none). Raises PruneRequestError for what the client must fix.
+@dataclass(frozen=True)
+class Aliases:
+    """A server's model aliases with the kwargs each carries (``policy.model_aliases``), and
+    the bytes every one of them starts with in a body."""
 
-    A body is parsed only when it carries ``mm_processor_kwargs``. The kwargs are written by
-    appending the key to the object, not by serializing it again (the body may hold
-    megabytes of images): JSON parsers, Python's and so vLLM's included, keep the last of
-    repeated names."""
+    kwargs: Mapping[str, dict]
+    mark: bytes
+
+    @classmethod
+    def of(cls, served_names) -> Aliases | None:
+        names = [served_names] if isinstance(served_names, str) else list(served_names or ())
+        found = model_aliases(names) if names else {}
+        return cls(found, b'"' + names[0].encode() + ALIAS_SEPARATOR.encode()) if found else None
+
+
+class Translated(NamedTuple):
+    body: bytes
+    kwargs: dict | None  # the body's mm_processor_kwargs once translated; None: it has none
+    alias: str | None = None  # the model alias that chose some of them
+    sources: Mapping[str, str] = {}  # kwarg -> the header (or "model") that set it, for errors
+
+
+def translate(path: str, headers: dict[str, str], raw: bytes, aliases: Aliases | None = None) -> Translated:
+    """A body with the headers', and the model alias's, choices written into its
+    ``mm_processor_kwargs``: a header wins over the body, the body over the alias. Raises
+    PruneRequestError for what the client must fix.
+
+    A body is parsed only when it carries ``mm_processor_kwargs`` or names an alias. The kwargs
+    are written by appending the key to the object, not by serializing it again (the body may
+    hold megabytes of images): JSON parsers, Python's and so vLLM's included, keep the last of
+    repeated names. A body in UTF-16 or 32 is read as vLLM reads it, and passed on as it
+    came unless kwargs are written into it (then in UTF-8)."""
     served = path not in NOT_SERVED_ROUTES
+    sent, raw = raw, utf8(raw)
     carries_kwargs = mentions(raw, _KWARGS_MARK)  # one scan of the body
-    if not headers and not carries_kwargs and served:
-        return raw, None
+    names_alias = aliases is not None and mentions(raw, aliases.mark)
+    if not headers and not carries_kwargs and not names_alias and served:
+        return Translated(sent, None)
     kwargs: dict = {}
-    if carries_kwargs:
+    sources: dict[str, str] = {}
+    alias = None
+    if carries_kwargs or names_alias:
         try:
             body = json.loads(raw)
         except RecursionError:
@@ -96,23 +129,31 @@ def translate(path: str, headers: dict[str, str], raw: bytes) -> tuple[bytes, di
         if not isinstance(body, dict):
             if headers:
                 raise PruneRequestError("a request with pruning headers needs a JSON object body", None)
-            return raw, None  # not ours to judge: vLLM answers it
+            return Translated(sent, None)  # not ours to judge: vLLM answers it
         kwargs = body.get("mm_processor_kwargs")
         if kwargs is None:
             kwargs = {}
         elif not isinstance(kwargs, dict):
             raise PruneRequestError("mm_processor_kwargs must be an object", "mm_processor_kwargs")
-        if path in NO_KWARGS_ROUTES:
+        if carries_kwargs and path in NO_KWARGS_ROUTES:
             raise PruneRequestError(f"mm_processor_kwargs is not supported on {path}: vLLM passes no "
                                "processor kwargs there; images get the server's default keep ratio",
                                "mm_processor_kwargs")
-        if not headers and served:
-            return raw, kwargs
+        if names_alias and isinstance(body.get("model"), str) and body["model"] in aliases.kwargs:
+            alias = body["model"]
+            if path in NO_KWARGS_ROUTES:
+                raise PruneRequestError(f"model {alias!r} carries pruning choices, and {path} cannot pass them on: "
+                                        "vLLM passes no processor kwargs there", "model")
+            for key, value in aliases.kwargs[alias].items():
+                if kwargs.get(key) is None:
+                    kwargs[key], sources[key] = value, "model"
+        if not headers and not sources and served:
+            return Translated(sent, kwargs, alias)
     first, last = _outer_braces(raw)
     if last < 0:
         if headers:
             raise PruneRequestError("a request with pruning headers needs a JSON object body", None)
-        return raw, None
+        return Translated(sent, None)
     if path in NO_KWARGS_ROUTES:
         header = next(iter(headers))
         raise PruneRequestError(f"{header} header is not supported on {path}: vLLM passes no processor "
@@ -121,15 +162,29 @@ def translate(path: str, headers: dict[str, str], raw: bytes) -> tuple[bytes, di
         key, parse = HEADERS[header]
         value = parse(value, param=f"{header} header")
         kwargs[key] = str(value) if isinstance(value, AutoBudget) else value  # auto: its canonical string
+        sources[key] = f"{header} header"
     if not served:
         kwargs[NOT_SERVED_KEY] = True
     empty = _skip_space(raw, first + 1) == last
     # One copy of the body: the object up to its closing brace, then the key.
-    return b"".join([memoryview(raw)[:last], b"" if empty else b",", b'"mm_processor_kwargs":',
-                     json.dumps(kwargs).encode(), b"}"]), kwargs
+    return Translated(b"".join([memoryview(raw)[:last], b"" if empty else b",", b'"mm_processor_kwargs":',
+                                json.dumps(kwargs).encode(), b"}"]), kwargs, alias, sources)
 
 
 _SPACE = b" \t\r\n"
+
+
+def utf8(raw: bytes) -> bytes:
+    """A JSON body in UTF-8. JSON may come in UTF-16 or 32, or after a byte-order mark, which
+    Python's parser (and so vLLM) accepts; the scans here read UTF-8. A body that does not
+    decode is left as it is, for vLLM to answer."""
+    encoding = json.detect_encoding(raw)
+    if encoding == "utf-8":
+        return raw
+    try:
+        return raw.decode(encoding, "surrogatepass").encode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return raw
 
 
 def _skip_space(raw: bytes, i: int) -> int:
@@ -170,22 +225,30 @@ class _Exchange:
     headers: dict[str, str]
     error: PruneRequestError | None = None
     applied: str | None = None
+    sources: Mapping[str, str] = field(default_factory=dict)  # Translated.sources
     held: list = field(default_factory=list)  # a 400 being rewritten
     answered: bool = False  # our error answer is sent
 
 
 class KeepRatioMiddleware:
     """Pure ASGI middleware; responses stream through untouched except for one header
-    (and the param of a 400 that names a key we wrote from a header)."""
+    (and the param of a 400 that names a key we wrote from a header or a model alias)."""
 
     def __init__(self, app):
         self.app = app
-        self._policy: PrunePolicy | None = None
+        self._config = None  # the policy, the aliases and the model's name, read once
 
-    def policy(self, scope) -> PrunePolicy:
-        if self._policy is None:
-            self._policy = PrunePolicy.from_config(scope["app"].state.vllm_config.model_config.hf_config)
-        return self._policy
+    def config(self, scope) -> tuple[PrunePolicy, Aliases | None, str]:
+        if self._config is None:
+            state = scope["app"].state
+            model_config = state.vllm_config.model_config
+            # Every served name, as vLLM checks a request's model against them (the model
+            # config keeps only the first).
+            models = getattr(state, "openai_serving_models", None)
+            names = ([path.name for path in models.base_model_paths] if models is not None
+                     else [model_config.served_model_name])
+            self._config = (PrunePolicy.from_config(model_config.hf_config), Aliases.of(names), names[0])
+        return self._config
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -195,7 +258,8 @@ class KeepRatioMiddleware:
             exchange = _Exchange(pruning_headers(scope["headers"]))
         except PruneRequestError as err:
             exchange = _Exchange({}, error=err)
-        if exchange.headers or path in NOT_SERVED_ROUTES:
+        policy, aliases, model_name = self.config(scope)
+        if exchange.headers or path in NOT_SERVED_ROUTES or aliases is not None:
             # The body may change length after the scope is handed on: drop the stale count.
             scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"])
         body_read = False
@@ -208,13 +272,15 @@ class KeepRatioMiddleware:
                 return {"type": "http.disconnect"} if exchange.error else await receive()
             body_read = True
             try:
-                raw = await _read_body(receive)
-                raw, kwargs = translate(path, exchange.headers, raw)
-                exchange.applied = applied_ratio(self.policy(scope), kwargs)
+                translated = translate(path, exchange.headers, await _read_body(receive), aliases)
+                exchange.applied = applied_ratio(policy, translated.kwargs)
+                exchange.sources = translated.sources
             except PruneRequestError as err:
                 exchange.error = err
                 return {"type": "http.disconnect"}
-            return {"type": "http.request", "body": raw, "more_body": False}
+            if translated.alias is not None and path not in NOT_SERVED_ROUTES:
+                record_alias(model_name, translated.alias)
+            return {"type": "http.request", "body": translated.body, "more_body": False}
 
         async def send_translated(message):
             if exchange.error is not None:
@@ -226,13 +292,13 @@ class KeepRatioMiddleware:
                 if exchange.applied is not None:
                     headers.append((APPLIED_RATIO_HEADER.lower().encode(), exchange.applied.encode()))
                 message = dict(message, headers=headers)
-                if message["status"] == 400 and exchange.headers:
+                if message["status"] == 400 and exchange.sources:
                     exchange.held.append(message)
                     return
             elif exchange.held:
                 exchange.held.append(message)
                 if not message.get("more_body", False):
-                    await _send_renamed(send, exchange.held, exchange.headers)
+                    await _send_renamed(send, exchange.held, exchange.sources)
                 return
             await send(message)
 
@@ -267,18 +333,19 @@ async def _read_body(receive) -> bytes:
     return b"".join(chunks)
 
 
-async def _send_renamed(send, held: list, headers: dict[str, str]) -> None:
-    """Send a held 400 whose param names a kwarg we wrote from a header under that header."""
+async def _send_renamed(send, held: list, sources: Mapping[str, str]) -> None:
+    """Send a held 400 whose param names a kwarg we wrote from a header (or a model alias)
+    under that header (or ``model``)."""
     start, *parts = held
     raw = b"".join(p.get("body", b"") for p in parts)
     try:
         payload = json.loads(raw)
         error = payload["error"]
-        for header in headers:
-            key = "mm_processor_kwargs." + HEADERS[header][0]
+        for kwarg, source in sources.items():
+            key = "mm_processor_kwargs." + kwarg
             if error.get("param") == key:
-                error["param"] = f"{header} header"
-                error["message"] = str(error.get("message", "")).replace(key, f"{header} header")
+                error["param"] = source
+                error["message"] = str(error.get("message", "")).replace(key, source)
         raw = json.dumps(payload).encode()
     except (ValueError, KeyError, TypeError, AttributeError):
         pass  # not an error body we know: send it as it was

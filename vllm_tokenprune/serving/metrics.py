@@ -29,6 +29,11 @@ REQUESTS = Counter(
     "Requests carrying at least one image, by selection method.",
     ["model_name", "method"],
 )
+ALIAS_REQUESTS = Counter(
+    "tokenprune_alias_requests",
+    "Requests whose model was an alias (one of the served model's NAME:TAG names).",
+    ["model_name", "alias"],
+)
 _RATIO_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0)
 KEEP_RATIO = Histogram(
     "tokenprune_keep_ratio",
@@ -63,3 +68,7 @@ def record_request(
         KEEP_RATIO.labels(model_name).observe(keep_ratio)
     IMAGE_TOKENS_IN.labels(model_name).inc(sum(n for n, _ in known))
     IMAGE_TOKENS_KEPT.labels(model_name).inc(sum(k for _, k in known))
+
+
+def record_alias(model_name: str, alias: str) -> None:
+    ALIAS_REQUESTS.labels(model_name, alias).inc()
