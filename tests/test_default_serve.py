@@ -13,7 +13,7 @@ from server import Server
 from vllm_tokenprune.testbed import tasks
 from vllm_tokenprune.tools.client import image_question, prune_headers
 from vllm_tokenprune.tools.eval import ALL_SETS, Matcher, evaluate, load_items
-from vllm_tokenprune.tools.serve import DEFAULT_SERVED_NAME
+from vllm_tokenprune.tools.serve import DEFAULT_SERVED_NAME, DEMO_ALIASES
 
 pytestmark = pytest.mark.server
 
@@ -26,7 +26,8 @@ def test_serve_without_a_model(tmp_path):
     sets = {v: load_items(tasks.write_eval_set(tmp_path / v, v, "test", N)) for v in tasks.VARIANTS}
     with Server(None, log_path=tmp_path / "server.log") as server:
         client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
-        assert [m.id for m in client.models.list().data] == [DEFAULT_SERVED_NAME]
+        assert [m.id for m in client.models.list().data] == [DEFAULT_SERVED_NAME, *(
+            f"{DEFAULT_SERVED_NAME}:{tag}" for tag in DEMO_ALIASES.split(","))]  # and its aliases
         report = evaluate(server.url, sets, [1.0, 0.25, "auto"], ["learned"], Matcher(), concurrency=4,
                           progress=False)
         # no method named: 'learned', the default when a selector is loaded; the answer as

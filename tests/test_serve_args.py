@@ -6,7 +6,15 @@ import json
 
 import pytest
 
-from vllm_tokenprune.tools.serve import MIDDLEWARE, ServeError, _pop_model, build_vllm_args
+from vllm_tokenprune.policy import PrunePolicy
+from vllm_tokenprune.tools.serve import (
+    MIDDLEWARE,
+    ServeError,
+    _pop_model,
+    build_vllm_args,
+    check_selector,
+    with_aliases,
+)
 
 
 def test_model_positional_or_flag():
@@ -53,3 +61,27 @@ def test_bench_times_the_tower_in_the_serving_dtype(tmp_path):
     assert serving_dtype(str(tmp_path), ["--dtype=half"]) == "float16"
     (tmp_path / "config.json").write_text(json.dumps({"dtype": "float32"}))
     assert serving_dtype(str(tmp_path), []) == "bfloat16"  # vLLM's "auto" downcasts float32
+
+
+def test_aliases_are_served_names_after_the_first():
+    extra, aliases = with_aliases("/m", ["--port", "1", "--served-model-name", "demo", "other"], "0.25, divprune@auto")
+    assert extra == ["--port", "1", "--served-model-name", "demo", "other", "demo:0.25", "demo:divprune@auto"]
+    assert aliases == {"demo:0.25": {"keep_ratio": 0.25},
+                       "demo:divprune@auto": {"prune_method": "divprune", "keep_ratio": "auto"}}
+    assert with_aliases("/m", ["--served-model-name=demo"], "0.5")[0] == ["--served-model-name", "demo", "demo:0.5"]
+    assert with_aliases("/m", [], "0.5")[0] == ["--served-model-name", "/m", "/m:0.5"]  # vLLM's default name
+    assert with_aliases("/m", ["--port", "1"], "") == (["--port", "1"], {})
+    with pytest.raises(ServeError, match="--aliases 'fast': unknown prune method"):
+        with_aliases("/m", [], "0.5,fast")
+
+
+def test_an_alias_the_selector_cannot_serve_stops_startup(tiny_checkpoint, random_selector):
+    model, selector = str(tiny_checkpoint("llava")), str(random_selector("llava"))  # a reader, no predictor
+    for tags, selector_given, message in [
+            ("0.5,learned@0.5", None, "m:learned@0.5 chooses learned, which needs a selector, and no --selector"),
+            ("learned_query", None, "chooses learned_query, which needs a selector that reads the question"),
+            ("auto", selector, "m:auto chooses auto, which needs a budget predictor, and the selector")]:
+        _, aliases = with_aliases(model, ["--served-model-name", "m"], tags)
+        with pytest.raises(ServeError, match=message):
+            check_selector(selector_given, model, PrunePolicy(), aliases)
+    check_selector(selector, model, PrunePolicy(), with_aliases(model, [], "learned@0.5,learned_query,0.1")[1])

@@ -20,12 +20,21 @@ import logging
 import os
 from pathlib import Path
 
-from vllm_tokenprune.policy import AutoBudget, PrunePolicy
+from vllm_tokenprune.policy import (
+    ALIAS_SEPARATOR,
+    KEEP_RATIO_KEY,
+    METHOD_KEY,
+    AutoBudget,
+    PrunePolicy,
+    PruneRequestError,
+    parse_alias_tag,
+)
 
 ACCEPTS_EXTRA_ARGS = True  # everything we don't know goes to `vllm serve`
 
 MIDDLEWARE = "vllm_tokenprune.serving.http.KeepRatioMiddleware"
 DEFAULT_SERVED_NAME = "tokenprune-default"
+DEMO_ALIASES = "0.5,0.25,0.1,auto,learned_query@0.25"  # what the demo is published under besides its name
 log = logging.getLogger("vllm_tokenprune.tools.serve")
 
 
@@ -65,6 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-mm-kwargs", metavar="KEY[,KEY]", default="",
                         help="HF processor kwargs clients may send in mm_processor_kwargs besides "
                              "keep_ratio and prune_method (default: none; others get a 400)")
+    parser.add_argument("--aliases", metavar="TAG[,TAG]",
+                        help="publish the model under NAME:TAG too (NAME: the first --served-model-name), "
+                             "for clients that can only pick a model name: TAG is a keep ratio (0.25, auto), "
+                             "a method (divprune) or METHOD@RATIO; a header or the body still wins over it "
+                             f"(default: none; for the demo {DEMO_ALIASES})")
     parser.epilog = ("MODEL is a local checkpoint directory or hub id; without it the embedded "
                      "demo LLaVA is served with its selector. All other arguments go to `vllm serve`.")
 
@@ -91,9 +105,12 @@ def _load_config(model: str):
         raise ServeError(f"cannot read the config of {model!r}: {err}") from None
 
 
-def check_selector(path: str | None, model: str, policy: PrunePolicy) -> None:
+def check_selector(path: str | None, model: str, policy: PrunePolicy,
+                   aliases: dict[str, dict] | None = None) -> None:
     """The selector fits the model, its budget predictor and question reader (if any) load
-    and fit, and a default of ``auto`` has a predictor."""
+    and fit, and a default of ``auto`` has a predictor; so do the methods and budgets of the
+    model ``aliases`` (name -> kwargs)."""
+    from vllm_tokenprune.selection import methods
     from vllm_tokenprune.selection.budget import load_budget_predictor
     from vllm_tokenprune.selection.selector import (
         check_compatible,
@@ -103,7 +120,7 @@ def check_selector(path: str | None, model: str, policy: PrunePolicy) -> None:
     )
 
     try:
-        has_predictor = False
+        has_predictor = has_reader = False
         if path:
             _, metadata = load_selector(path)
             config = _load_config(model)
@@ -111,12 +128,21 @@ def check_selector(path: str | None, model: str, policy: PrunePolicy) -> None:
             has_predictor = load_budget_predictor(path) is not None
             if (reader := load_query_selector(path)) is not None:
                 check_question_width(reader[0], config)
+                has_reader = True
     except (OSError, ValueError) as err:
         raise ServeError(f"selector {path}: {err}") from None
+    missing = (f"the selector {path} has none (retrain it with `vllm-tokenprune train`)" if path
+               else "no --selector is given")
     if isinstance(policy.default_keep_ratio, AutoBudget) and not has_predictor:
-        raise ServeError(f"--default-keep-ratio {policy.default_keep_ratio} needs a budget predictor, and "
-                         + (f"the selector {path} has none (retrain it with `vllm-tokenprune train`)"
-                            if path else "no --selector is given"))
+        raise ServeError(f"--default-keep-ratio {policy.default_keep_ratio} needs a budget predictor, and {missing}")
+    for name, kwargs in (aliases or {}).items():
+        uses = methods.get(kwargs[METHOD_KEY]).uses_selector if METHOD_KEY in kwargs else None
+        if str(kwargs.get(KEEP_RATIO_KEY)).startswith("auto") and not has_predictor:
+            raise ServeError(f"--aliases: {name} chooses auto, which needs a budget predictor, and {missing}")
+        if (uses == "selector" and not path) or (uses == "query" and not has_reader):
+            raise ServeError(f"--aliases: {name} chooses {kwargs[METHOD_KEY]}, which needs a selector"
+                             + (" that reads the question (`vllm-tokenprune train-query` adds one)" if uses == "query"
+                                else "") + f", and {'the selector ' + path + ' has none' if path else missing}")
 
 
 def pop_option(extra: list[str], name: str) -> str | None:
@@ -130,6 +156,36 @@ def pop_option(extra: list[str], name: str) -> str | None:
             del extra[i]
             return arg.split("=", 1)[1]
     return None
+
+
+def _pop_served_names(extra: list[str]) -> list[str]:
+    """Remove ``--served-model-name NAME [NAME ...]`` (or ``=NAME``) from ``extra``; the names."""
+    for i, arg in enumerate(extra):
+        if arg.startswith("--served-model-name="):
+            del extra[i]
+            return [arg.split("=", 1)[1]]
+        if arg == "--served-model-name":
+            end = next((j for j in range(i + 1, len(extra)) if extra[j].startswith("-")), len(extra))
+            names = extra[i + 1:end]
+            del extra[i:end]
+            return names
+    return []
+
+
+def with_aliases(model: str, extra: list[str], tags: str) -> tuple[list[str], dict[str, dict]]:
+    """``extra`` with ``NAME:TAG`` added to its served names for each of ``tags`` (NAME the first
+    served name, else MODEL, vLLM's default), and the aliases with the kwargs each carries."""
+    if not tags.strip():
+        return extra, {}
+    extra = list(extra)
+    names = _pop_served_names(extra) or [model]
+    aliases = {}
+    for tag in (t.strip() for t in tags.split(",") if t.strip()):
+        try:
+            aliases[names[0] + ALIAS_SEPARATOR + tag] = parse_alias_tag(tag, param=f"--aliases {tag!r}")
+        except PruneRequestError as err:
+            raise ServeError(str(err)) from None
+    return [*extra, "--served-model-name", *names, *(a for a in aliases if a not in names)], aliases
 
 
 def _pop_model(extra: list[str]) -> str | None:
@@ -181,17 +237,20 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     extra = list(args.extra_args)
     model = _pop_model(extra)
+    aliases_given = args.aliases
     if model is None:
         model, selector = map(str, default_model())
         args.selector = args.selector or selector
         if not has_option(extra, "--served-model-name"):
             extra += ["--served-model-name", DEFAULT_SERVED_NAME]
+        aliases_given = DEMO_ALIASES if aliases_given is None else aliases_given
+    extra, aliases = with_aliases(model, extra, aliases_given or "")
     try:
         policy = PrunePolicy(args.default_keep_ratio, args.min_keep_ratio, args.keep_ratio_step,
                              tuple(k for k in args.allow_mm_kwargs.split(",") if k), args.max_quadratic_tokens)
     except ValueError as err:
         raise ServeError(str(err)) from None
-    check_selector(args.selector, model, policy)
+    check_selector(args.selector, model, policy, aliases)
     vllm_args = build_vllm_args(model, args.selector, extra, policy)
     _cpu_environment(extra)
     log.info("vllm serve %s", " ".join(vllm_args))
