@@ -542,8 +542,7 @@ def test_resume_continues_exactly_where_training_stopped(tiny_checkpoint, arch, 
         return step(*args, **kwargs)
 
     monkeypatch.setattr(train, "training_step", stop_at_step_8)
-    with pytest.raises(KeyboardInterrupt):
-        main(["train", *common, "--out", str(resumed)])
+    assert main(["train", *common, "--out", str(resumed)]) == 130  # interrupted, as Ctrl-C reports it
     assert [json.loads(line)["step"] for line in resumed.with_suffix(".log.jsonl").read_text().splitlines()] == [
         2, 4, 6]
     monkeypatch.setattr(train, "training_step", step)
