@@ -143,11 +143,10 @@ def against_stock() -> list[str]:
                      for n, t in report["translation"].items())
     lines += ["", f"Single rounds range {min(ratios):.2f}-{max(ratios):.2f}. The HTTP layer's own work per "
                   f"request: {http}."]
-    if "breakdown" in report:
-        extra = "; ".join(f"{b['extra_ms']:+.2f} ms with {n} image{'s' if int(n) > 1 else ''}"
-                          for n, b in report["breakdown"].items())
-        lines[-1] += (f" All the plugin's extra work per request, timed in process (HTTP layer, processor, "
-                      f"encoding, batching): {extra}.")
+    extra = "; ".join(f"{b['extra_ms']:+.2f} ms with {n} image{'s' if int(n) > 1 else ''}"
+                      for n, b in report["breakdown"].items())
+    lines[-1] += (f" All the plugin's extra work per request, timed in process (HTTP layer, processor, "
+                  f"encoding, batching): {extra}.")
     return lines
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from vllm_tokenprune.policy import (
     ALIAS_SEPARATOR,
+    AUTO,
     KEEP_RATIO_KEY,
     METHOD_KEY,
     AutoBudget,
@@ -137,7 +138,7 @@ def check_selector(path: str | None, model: str, policy: PrunePolicy,
         raise ServeError(f"--default-keep-ratio {policy.default_keep_ratio} needs a budget predictor, and {missing}")
     for name, kwargs in (aliases or {}).items():
         uses = methods.get(kwargs[METHOD_KEY]).uses_selector if METHOD_KEY in kwargs else None
-        if str(kwargs.get(KEEP_RATIO_KEY)).startswith("auto") and not has_predictor:
+        if str(kwargs.get(KEEP_RATIO_KEY)).startswith(AUTO) and not has_predictor:
             raise ServeError(f"--aliases: {name} chooses auto, which needs a budget predictor, and {missing}")
         if (uses == "selector" and not path) or (uses == "query" and not has_reader):
             raise ServeError(f"--aliases: {name} chooses {kwargs[METHOD_KEY]}, which needs a selector"

@@ -155,8 +155,6 @@ class PruningModelMixin:
         plan, questions = kwargs.pop(PLAN_FIELD, None), kwargs.pop(QUERY_FIELD, None)
         if plan is None or questions is None:
             return None
-        if not isinstance(plan, torch.Tensor):  # rows vLLM could not stack
-            plan = torch.stack(list(plan))
         plan = PruningInputs(tokenprune_plan=plan).tokenprune_plan
         fields = dict(zip(PRUNE_FIELDS, plan.T.tolist()))
         if fields[KEEP_FIELD] == fields[UNPRUNED_FIELD] and not any(fields[PROBE_KEEP_FIELD]):
