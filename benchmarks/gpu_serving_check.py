@@ -119,7 +119,7 @@ def measured(run, device: str, rounds: int) -> dict:
 def selection(case: Case, device: str, dtype, rounds: int) -> dict:
     selectors = selectors_for(case, device, dtype)
     report = {}
-    for name in methods.METHOD_NAMES:
+    for name in methods.IMAGE_METHOD_NAMES:
         jobs = make_jobs(case, name, device, dtype, selectors)
         try:
             report[name] = measured(lambda jobs=jobs: methods.select_all(jobs), device, rounds)

@@ -13,8 +13,10 @@ from vllm_tokenprune.selection.methods import METHOD_NAMES
 from vllm_tokenprune.selection.selector import SelectorConfig, TokenSelector
 
 # Images of several sizes, some of several grids (a [CLS]-like 1 x 1 grid, a base crop and
-# an anyres grid), as the families hand them over.
+# an anyres grid), as the families hand them over; for a method that takes whole videos,
+# clips of several frame sizes and lengths.
 GRIDS = [[(4, 4)], [(1, 1), (3, 4)], [(5, 6)], [(2, 2), (3, 5)], [(1, 7)], [(6, 6)]]
+CLIPS = [[(3, 3)] * 4, [(2, 5)] * 2, [(4, 4)] * 3, [(1, 6)] * 5, [(2, 2)] * 7]
 
 
 def _selectors() -> dict[str, TokenSelector]:
@@ -24,9 +26,10 @@ def _selectors() -> dict[str, TokenSelector]:
             "query_selector": TokenSelector(SelectorConfig(feature_dim=8, query_dim=8)).eval()}
 
 
-def _batch(count: int, seed: int = 0) -> list[methods.Tokens]:
+def _batch(name: str, count: int, seed: int = 0) -> list[methods.Tokens]:
     selectors = _selectors()
-    batch = [random_tokens(GRIDS[i % len(GRIDS)], seed=seed + i, **selectors) for i in range(count)]
+    grids = CLIPS if methods.get(name).video_only else GRIDS
+    batch = [random_tokens(grids[i % len(grids)], seed=seed + i, **selectors) for i in range(count)]
     for i, tokens in enumerate(batch):  # questions of several lengths, one image with none
         tokens.query = None if i % 4 == 3 else tokens.query[: 1 + i % 3]
     return batch
@@ -40,7 +43,7 @@ def _run(name: str, batch: list[methods.Tokens], ks: list[int]) -> list[methods.
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_no_method_makes_the_device_wait_whatever_the_batch_and_k(name):
     for count in (1, 16):
-        batch = _batch(count)
+        batch = _batch(name, count)
         for ks in ([1] * count, [len(t) - 1 for t in batch], [1 + i % (len(t) - 1) for i, t in enumerate(batch)]):
             with HostSyncs() as syncs:
                 rows = _run(name, batch, ks)
@@ -50,7 +53,7 @@ def test_no_method_makes_the_device_wait_whatever_the_batch_and_k(name):
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_a_batch_keeps_what_each_image_keeps_alone_and_the_same_twice(name):
-    batch = _batch(12, seed=5)
+    batch = _batch(name, 12, seed=5)
     ks = [max(1, len(t) * (1 + i % 3) // 4) for i, t in enumerate(batch)]
     together, again = _run(name, batch, ks), _run(name, batch, ks)
     for tokens, k, rows, repeat in zip(batch, ks, together, again):

@@ -177,7 +177,7 @@ def test_accuracy_against_a_real_server(tmp_path):
     from server import Server
     from stamps import assert_stamped
 
-    from vllm_tokenprune.selection.methods import METHOD_NAMES
+    from vllm_tokenprune.selection.methods import IMAGE_METHOD_NAMES
     from vllm_tokenprune.testbed.demo_model import DEMO_DIR
 
     assert main(["make-eval-set", "--variant", "textured", "--n", "6", "--out", str(tmp_path / "set")]) == 0
@@ -190,7 +190,7 @@ def test_accuracy_against_a_real_server(tmp_path):
 
     with Server(DEMO_DIR / "model", "--selector", str(DEMO_DIR / "selector.safetensors"),
                 "--served-model-name", "demo", log_path=tmp_path / "server.log") as server:
-        assert server_methods(server.url, "demo") == list(METHOD_NAMES)
+        assert server_methods(server.url, "demo") == list(IMAGE_METHOD_NAMES)
         report = evaluate(server.url, {"set": items}, [1.0, 0.25, "auto"], ["learned", "random"], Matcher(),
                           concurrency=4, progress=False)
         client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)

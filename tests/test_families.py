@@ -20,7 +20,7 @@ from transformers import AutoConfig
 
 from vllm_tokenprune.families import FAMILIES, by_name, of_architectures, of_model_type
 from vllm_tokenprune.policy import keep_count
-from vllm_tokenprune.selection.methods import METHOD_NAMES
+from vllm_tokenprune.selection.methods import IMAGE_METHOD_NAMES
 from vllm_tokenprune.selection.selector import check_compatible, load_selector
 from vllm_tokenprune.testbed import tiny
 from vllm_tokenprune.testbed.synthetic import write_image_folder
@@ -151,7 +151,7 @@ def test_every_method_keeps_one_and_all_but_one_token(family, tiny_checkpoint, r
         full = prompt_tokens(keep_ratio=1.0)
         llm.apply_model(_taken_syncs)
         for k in (1, n - 1):
-            for method in METHOD_NAMES:
+            for method in IMAGE_METHOD_NAMES:
                 assert full - prompt_tokens(keep_ratio=k / n, prune_method=method) == n - k, (method, k)
                 (calls,) = llm.apply_model(_taken_syncs)
                 assert len(calls) == 1 and sum(calls[0].values()) <= ALLOWED_SYNCS.get(family.name, 0), (

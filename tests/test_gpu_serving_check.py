@@ -8,7 +8,7 @@ import json
 from stamps import assert_stamped
 
 from scripts import run_without_vllm
-from vllm_tokenprune.selection.methods import METHOD_NAMES
+from vllm_tokenprune.selection.methods import IMAGE_METHOD_NAMES
 
 
 def test_gpu_serving_check_runs_small_on_cpu_without_vllm(tmp_path):
@@ -19,7 +19,7 @@ def test_gpu_serving_check_runs_small_on_cpu_without_vllm(tmp_path):
     assert_stamped(report, "python", "benchmarks/gpu_serving_check.py", *argv)
     assert report["small"] and report["ratio"] == 0.25
     for rows in report["selection"].values():
-        assert list(rows) == list(METHOD_NAMES)
+        assert list(rows) == list(IMAGE_METHOD_NAMES)
         assert all(row["seconds"] > 0 and row["syncs"] == "not checked (cpu)" for row in rows.values())
     assert all(0 <= share <= 1 for share in report["bf16_agreement"].values())
     chunk, unchunked = report["tower"]["chunk"], report["tower"]["unchunked at keep 0.25"]

@@ -94,6 +94,28 @@ def test_applied_ratio_follows_the_policy_from_the_model_config():
     assert out["body"]["mm_processor_kwargs"] == {"keep_ratio": 0.33}  # the processor applies it
 
 
+@pytest.mark.parametrize("ratio,method,kwargs", [
+    ("video=0.25", None, {"video_keep_ratio": 0.25}),
+    ("0.5, video=0.25", "divprune, video=evs",
+     {"keep_ratio": 0.5, "video_keep_ratio": 0.25, "prune_method": "divprune", "video_prune_method": "evs"}),
+    (" Video = .1 ,image=auto;max=0.5", "VIDEO=norm",
+     {"keep_ratio": "auto;max=0.5", "video_keep_ratio": 0.1, "video_prune_method": "norm"}),
+])
+def test_a_header_gives_images_and_videos_their_own_choices(ratio, method, kwargs):
+    """A bare value is the images'; ``video=`` the videos'; each lands in its own kwarg."""
+    headers = [("X-Keep-Ratio", ratio)] + ([("X-Prune-Method", method)] if method else [])
+    _, _, out = call(CHAT, headers)
+    assert out["body"]["mm_processor_kwargs"] == kwargs
+
+
+def test_the_applied_ratio_names_the_videos_where_they_have_one():
+    app = fake_app(PrunePolicy(keep_ratio_step=0.1))
+    assert call(CHAT, [("X-Keep-Ratio", "0.5")], app=app)[1][b"x-keep-ratio-applied"] == b"0.5"
+    assert call(CHAT, [("X-Keep-Ratio", "video=0.33")], app=app)[1][b"x-keep-ratio-applied"] == b"1.0, video=0.3"
+    app = fake_app(PrunePolicy(default_video_keep_ratio=0.25))  # the operator's default
+    assert call(CHAT, [("X-Keep-Ratio", "0.5")], app=app)[1][b"x-keep-ratio-applied"] == b"0.5, video=0.25"
+
+
 def test_auto_is_written_in_its_canonical_form_and_reported_as_the_budget():
     _, headers, out = call(CHAT, [("X-Keep-Ratio", " Auto; max=.5 ")])
     assert out["body"]["mm_processor_kwargs"] == {"keep_ratio": "auto;max=0.5"}
@@ -139,6 +161,13 @@ def test_tokenize_is_marked_as_not_served():
     ([("X-Keep-Ratio", "0." + "1" * 5000)], CHAT, "X-Keep-Ratio header"),
     ([("X-Keep-Ratio", "0.5"), ("x-keep-ratio", "0.25")], CHAT, "X-Keep-Ratio"),
     ([("X-Prune-Method", "magic")], CHAT, "X-Prune-Method header"),
+    ([("X-Prune-Method", "evs")], CHAT, "X-Prune-Method header"),  # a video method, for images
+    ([("X-Keep-Ratio", "0.5, video=auto")], CHAT, "X-Keep-Ratio header"),
+    ([("X-Keep-Ratio", "video=0.5, video=0.25")], CHAT, "X-Keep-Ratio header"),
+    ([("X-Keep-Ratio", "0.5, 0.25")], CHAT, "X-Keep-Ratio header"),
+    ([("X-Keep-Ratio", "audio=0.5")], CHAT, "X-Keep-Ratio header"),
+    ([("X-Keep-Ratio", "video=")], CHAT, "X-Keep-Ratio header"),
+    ([("X-Prune-Method", "norm, video=magic")], CHAT, "X-Prune-Method header"),
     ([("X-Keep-Ratio", "0.5")], dict(CHAT, mm_processor_kwargs=[1]), "mm_processor_kwargs"),
     ([("X-Keep-Ratio", "0.5")], b"[1, 2]", None),
     ([], b'{"mm_processor_kwargs": ' * 5000 + b"1" + b"}" * 5000, None),

@@ -18,6 +18,7 @@ import torch
 from reference import noise_image
 
 from vllm_tokenprune.families import FAMILIES, of_architectures
+from vllm_tokenprune.policy import video_keep_count
 from vllm_tokenprune.selection import methods
 from vllm_tokenprune.selection.methods import (
     ATTENTION,
@@ -78,7 +79,8 @@ def test_importing_the_method_names_imports_neither_torch_nor_vllm():
 
 @pytest.mark.parametrize("name", METHOD_NAMES[1:])
 def test_every_k_gives_k_rows_at_ascending_stock_positions(name):
-    tokens = random_tokens([(1, 1), (3, 4)])  # a [CLS]-like 1 x 1 grid, then a patch grid
+    # a [CLS]-like 1 x 1 grid, then a patch grid; for a method of whole videos, three frames
+    tokens = random_tokens([(3, 4)] * 3 if methods.get(name).video_only else [(1, 1), (3, 4)])
     for k in range(1, len(tokens)):
         rows = methods.select(name, tokens, k)
         assert len(rows.index) == k == len(rows.values), (name, k)
@@ -594,3 +596,36 @@ def test_tower_statistics_in_vllm_equal_transformers_attention(arch, tiny_checkp
             # a bf16 tower (Qwen3.5 on CPU) against transformers' fp32: within 2% of the statistic's range
             atol = 1e-5 if dtype == "float32" else 0.02 * float(expected.abs().max())
             assert torch.allclose(torch.tensor(image_got[tuple(probe)]), expected, atol=atol), probe
+
+
+# --- EVS -----------------------------------------------------------------------------------
+
+def _clip(frames: int, rows: int, cols: int, dtype=torch.float32, seed: int = 0) -> Tokens:
+    gen = torch.Generator().manual_seed(seed)
+    return Tokens(torch.randn(frames * rows * cols, 16, generator=gen).to(dtype), ((rows, cols),) * frames, seed=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_evs_keeps_the_tokens_vllms_own_evs_keeps(dtype):
+    """The peer check: vLLM's EVS (--video-pruning-rate q) and ours at ratio 1 - q keep the same
+    tokens, and K, wherever N (1 - q) is whole (vLLM floors it, keep_count rounds it)."""
+    from vllm.multimodal.video_prune.evs import compute_retained_tokens_count, compute_retention_mask
+
+    for frames, rows, cols, q in [(4, 3, 4, 0.75), (8, 2, 3, 0.5), (5, 4, 4, 0.9), (6, 2, 2, 0.25), (3, 5, 2, 0.8)]:
+        clip = _clip(frames, rows, cols, dtype, seed=frames)
+        n, frame = len(clip), rows * cols
+        k = video_keep_count(n, frame, 1 - q, first_frame_whole=True)
+        assert k == compute_retained_tokens_count(frame, frames, q), (frames, rows, cols, q)
+        # vLLM's takes the unmerged grid (its spatial merge size 2)
+        mask = compute_retention_mask(clip.features, (frames, 2 * rows, 2 * cols), 2, q)
+        assert torch.equal(methods.select("evs", clip, k).index, mask.nonzero().squeeze(1)), (frames, q)
+
+
+def test_evs_keeps_the_first_frame_and_then_what_moves():
+    """A still clip in which two places change: after the first frame, those are kept."""
+    still = torch.randn(1, 12, 16).expand(5, 12, 16).clone()
+    still[2:, 7] += 3.0  # from frame 2 on: frame 2 differs from frame 1 there
+    still[4, 1] = -still[4, 1]  # in the last frame only
+    clip = Tokens(still.reshape(60, 16), ((3, 4),) * 5, seed=0)
+    rows = methods.select("evs", clip, 12 + 2)
+    assert rows.index.tolist() == list(range(12)) + [2 * 12 + 7, 4 * 12 + 1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from density import density_image
@@ -166,7 +167,7 @@ def test_the_profiles_dummy_items_probe_every_method_the_server_runs_and_request
     n = proc._unpruned_tokens(inputs.mm_data_items.get_items("image", ImageProcessorItems).get_image_size(0), {})
     assert kept(dummy) == [n]  # kept whole: the counts vLLM derives from it stay stock
     assert field(dummy, PROBE_KEEP_FIELD) == [keep_count(n, 0.1)]  # POLICY's floor
-    assert methods.mask_names(field(dummy, PROBE_METHODS_FIELD)[0]) == list(methods.METHOD_NAMES)
+    assert methods.mask_names(field(dummy, PROBE_METHODS_FIELD)[0]) == list(methods.IMAGE_METHOD_NAMES)
     # no probe on a request, even of the dummy's own image; another item for vLLM's caches
     request = proc.apply(inputs, timing_ctx=TimingContext(enabled=False))
     assert field(request, PROBE_METHODS_FIELD) == field(request, PROBE_KEEP_FIELD) == [0]
@@ -174,9 +175,9 @@ def test_the_profiles_dummy_items_probe_every_method_the_server_runs_and_request
     # a method this server refuses for such an image is not probed
     tight = make(tokenprune_selector=str(random_selector(arch)), tokenprune_max_quadratic_tokens=n - 1)
     probed = methods.mask_names(field(tight.get_dummy_mm_inputs({"image": 1}), PROBE_METHODS_FIELD)[0])
-    assert probed == [m for m in methods.METHOD_NAMES if m not in QUADRATIC]
+    assert probed == [m for m in methods.IMAGE_METHOD_NAMES if m not in QUADRATIC]
     bare = methods.mask_names(field(make().get_dummy_mm_inputs({"image": 1}), PROBE_METHODS_FIELD)[0])
-    assert bare == [m for m in methods.METHOD_NAMES if methods.get(m).uses_selector is None]  # no selector
+    assert bare == [m for m in methods.IMAGE_METHOD_NAMES if methods.get(m).uses_selector is None]  # no selector
 
 
 def test_an_allowed_hf_kwarg_reaches_the_hf_processor_and_k_follows_it(processor):
@@ -303,3 +304,125 @@ def test_auto_sizes_each_image_from_its_pixels_and_caches_what_decides_k(process
     assert kept(first) == [k_dense] and kept(both) == [k_dense, k_blank]
     fixed = process(proc, arch, images=[dense], cache=cache, keep_ratio=0.5)
     assert fixed["mm_hashes"] != first["mm_hashes"] and kept(fixed) == [keep_count(n[1], 0.5)]
+
+
+# --- videos (Qwen2.5-VL) ----------------------------------------------------------------
+
+VIDEO_TEXT = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def clip(frames: int = 8, side: int = 56):
+    pixels = np.random.default_rng(3).integers(0, 256, (frames, side, side, 3), dtype=np.uint8)
+    return pixels, {"fps": 2.0, "duration": frames / 2.0, "total_num_frames": frames,
+                    "frames_indices": list(range(frames)), "video_backend": "opencv", "do_sample_frames": False}
+
+
+@pytest.fixture(scope="module")
+def video_processor(tiny_checkpoint):
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    from vllm_tokenprune.serving import plugin
+
+    plugin.register()
+    path = tiny_checkpoint("qwen2.5-vl")
+
+    def make(**overrides):
+        config = ModelConfig(model=str(path), limit_mm_per_prompt={"image": 2, "video": 1}, hf_overrides={
+            "architectures": ["PrunedQwen2_5_VLForConditionalGeneration"], **POLICY.to_overrides(), **overrides})
+        return MULTIMODAL_REGISTRY.create_processor(config)
+
+    return make
+
+
+def process_video(proc, images=(), **kwargs):
+    data = {"video": [clip()], **({"image": list(images)} if images else {})}
+    return proc(IMAGE_TEXT["qwen2.5-vl"] * len(images) + VIDEO_TEXT + "hi", proc.info.parse_mm_data(data),
+                hf_processor_mm_kwargs=kwargs, cache=None)
+
+
+def video_plan(out, name: str) -> list[int]:
+    from vllm_tokenprune.serving.models.common import VIDEO_PLAN_FIELD, plan_value
+
+    return [plan_value(item[VIDEO_PLAN_FIELD].data, name) for item in out["mm_kwargs"]["video"]]
+
+
+def test_a_video_keeps_k_of_its_n_under_the_policy_with_its_own_ratio_and_method(video_processor):
+    """8 frames of 56 x 56: 4 temporal patches of 2 x 2 merged tokens, N = 16, 4 a frame."""
+    from vllm_tokenprune.policy import video_keep_count
+
+    proc = video_processor()
+    n, frame = 16, 4
+    for kwargs, ratio, method in (({}, 1.0, "evs"), ({"video_keep_ratio": 0.5}, 0.5, "evs"),
+                                  ({"video_keep_ratio": 0.02}, 0.1, "evs"),  # the floor applies
+                                  ({"video_keep_ratio": 0.26, "video_prune_method": "norm"}, 0.25, "norm")):
+        out = process_video(proc, images=IMAGES[:1], keep_ratio=0.5, **kwargs)
+        k = video_keep_count(n, frame, ratio, method == "evs")
+        assert [p.length for p in out["mm_placeholders"]["video"]] == [k], kwargs
+        assert video_plan(out, "unpruned") == [n] and video_plan(out, "keep") == [k]
+        assert video_plan(out, "method") == [methods.method_id(method)]
+        assert kept(out) == [keep_count(unpruned(proc)[0], 0.5)]  # the image's own ratio
+    # evs keeps the first frame whole: at 0.1 (K = 2 by the ratio) still 4
+    assert video_plan(process_video(proc, video_keep_ratio=0.1), "keep") == [frame]
+    # the operator's default for videos
+    assert video_plan(process_video(video_processor(tokenprune_default_video_keep_ratio=0.5)), "keep") == [8]
+
+
+@pytest.mark.parametrize("kwargs,param,match", [
+    ({"video_keep_ratio": "auto"}, "video_keep_ratio", "auto is for images"),
+    ({"video_keep_ratio": 0}, "video_keep_ratio", "in \\(0, 1\\]"),
+    ({"video_prune_method": "magic"}, "video_prune_method", "unknown prune method"),
+    ({"video_prune_method": "hiprune"}, "video_prune_method", "not computed for video frames"),
+    ({"video_prune_method": "learned"}, "video_prune_method", "needs a selector"),
+    ({"prune_method": "evs"}, "prune_method", "is for videos"),
+])
+def test_video_refusals_name_the_key(video_processor, kwargs, param, match):
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match=match) as err:
+        process_video(video_processor(), **kwargs)
+    assert err.value.parameter == "mm_processor_kwargs." + param
+
+
+def test_a_family_that_serves_videos_whole_refuses_a_video_ratio(tiny_checkpoint):
+    from vllm.config import ModelConfig
+    from vllm.exceptions import VLLMValidationError
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    config = ModelConfig(model=str(tiny_checkpoint("qwen3-vl")), limit_mm_per_prompt={"video": 1},
+                         hf_overrides={"architectures": ["PrunedQwen3VLForConditionalGeneration"]})
+    proc = MULTIMODAL_REGISTRY.create_processor(config)
+    text = "<|vision_start|><|video_pad|><|vision_end|>hi"
+    with pytest.raises(VLLMValidationError, match="served whole") as err:
+        proc(text, proc.info.parse_mm_data({"video": [clip()]}), hf_processor_mm_kwargs={"video_keep_ratio": 0.5})
+    assert err.value.parameter == "mm_processor_kwargs.video_keep_ratio"
+    out = proc(text, proc.info.parse_mm_data({"video": [clip()]}), hf_processor_mm_kwargs={})
+    assert "tokenprune_video_plan" not in out["mm_kwargs"]["video"][0]  # served whole, no plan
+
+
+def test_the_dummy_video_probes_the_video_methods_and_the_plan_stays_on_the_cpu(video_processor):
+    from vllm.multimodal.inputs import MultiModalKwargsItems
+
+    from vllm_tokenprune.serving.models.common import PROBE_KEEP_FIELD, PROBE_METHODS_FIELD, VIDEO_PLAN_FIELD
+
+    proc = video_processor()
+    dummy = proc.get_dummy_mm_inputs({"video": 1})
+    probed = methods.mask_names(video_plan(dummy, PROBE_METHODS_FIELD)[0])
+    assert "evs" in probed and "norm" in probed and not any(methods.get(m).needs for m in probed)
+    (n,) = video_plan(dummy, "unpruned")
+    assert video_plan(dummy, PROBE_KEEP_FIELD) == [keep_count(n, 0.1)] and video_plan(dummy, "keep") == [n]
+    batch = MultiModalKwargsItems({"video": dummy["mm_kwargs"]["video"]}).get_data(device="meta")
+    assert batch[VIDEO_PLAN_FIELD].device.type == "cpu" and batch[VIDEO_PLAN_FIELD].dtype == torch.int64
+
+
+def test_video_metrics_count_what_was_kept(video_processor):
+    from vllm_tokenprune.serving.metrics import VIDEO_TOKENS_IN, VIDEO_TOKENS_KEPT, VIDEOS
+
+    proc = video_processor()
+    name = str(proc.info.ctx.model_config.served_model_name)
+    before = [VIDEOS.labels(name, "norm")._value.get(), VIDEO_TOKENS_IN.labels(name)._value.get(),
+              VIDEO_TOKENS_KEPT.labels(name)._value.get()]
+    process_video(proc, video_keep_ratio=0.25, video_prune_method="norm")
+    after = [VIDEOS.labels(name, "norm")._value.get(), VIDEO_TOKENS_IN.labels(name)._value.get(),
+             VIDEO_TOKENS_KEPT.labels(name)._value.get()]
+    assert [a - b for a, b in zip(after, before)] == [1, 16, 4]

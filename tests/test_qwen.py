@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 
 import numpy as np
 import pytest
 import torch
 from reference import NEW_TOKENS, QUESTION, chat, hf_greedy, hf_model, noise_image, stock_greedy
 
-from vllm_tokenprune.families import FAMILIES, of_architectures
-from vllm_tokenprune.policy import keep_count
-from vllm_tokenprune.selection.methods import METHOD_NAMES
+from vllm_tokenprune.families import FAMILIES, by_name, of_architectures
+from vllm_tokenprune.policy import keep_count, split_keep, video_keep_count
+from vllm_tokenprune.selection.methods import IMAGE_METHOD_NAMES
 from vllm_tokenprune.serving import plugin
+from vllm_tokenprune.serving.models.mrope import POSITION_COLUMNS
 from vllm_tokenprune.testbed.tiny import count_image_tokens, cpu_dtype, image_token_id
 
 STOCK_ARCH = {f.name: f.stock for f in FAMILIES if f.mrope}  # the M-RoPE families
@@ -99,7 +101,7 @@ def _replay_on_runner_v2(model, windows):
     rope.prefill_delta.np[0] = delta
     cache = EncoderCache()
     cache.mm_features["r"] = features
-    width = embeds[0].shape[1] - 3
+    width = embeds[0].shape[1] - POSITION_COLUMNS
     pruner = MultiModalPruner(model, rope, cache, width)
     states = SimpleNamespace(all_token_ids=SimpleNamespace(gpu=torch.tensor([tokens], dtype=torch.int32)))
     for start, end in windows:
@@ -254,26 +256,28 @@ def run(llm, imgs, video=None, **mm_kwargs):
     return (out, *probes(llm))
 
 
-def stock_columns(stock_ids: list[int], image_token: int, kept: list[torch.Tensor]) -> list[int]:
+def stock_columns(stock_ids: list[int], media: int | set[int], kept: list[torch.Tensor]) -> list[int]:
     """For each token of the pruned prompt, the index of the stock token whose position it
-    must have: text maps to the same text, image i's j-th token to kept[i][j]."""
+    must have: text maps to the same text, media item i's j-th token to kept[i][j] (``media``:
+    the image token, or the image and video tokens)."""
+    media = {media} if isinstance(media, int) else media
     columns, i, runs = [], 0, iter(kept)
     while i < len(stock_ids):
-        if stock_ids[i] != image_token:
+        if stock_ids[i] not in media:
             columns.append(i)
             i += 1
             continue
         start = i
-        while i < len(stock_ids) and stock_ids[i] == image_token:
+        while i < len(stock_ids) and stock_ids[i] == stock_ids[start]:
             i += 1
         columns += (start + next(runs)).tolist()
     return columns
 
 
-def assert_stock_positions(out, steps, kept, stock_ids, stock_positions, image_token):
+def assert_stock_positions(out, steps, kept, stock_ids, stock_positions, media):
     """The recorded positions (uncached prompt tokens, then decode) are the stock ones."""
     positions = torch.cat(steps, dim=1)
-    columns = stock_columns(stock_ids, image_token, kept)
+    columns = stock_columns(stock_ids, media, kept)
     assert [stock_ids[c] for c in columns] == out.prompt_token_ids
     cached = out.num_cached_tokens or 0
     decode = stock_positions[:, len(stock_ids):]
@@ -357,7 +361,7 @@ def test_every_method_keeps_one_and_all_but_one_token_at_stock_positions(llm, pa
     positions = hf_positions(path, img)
     n = count_image_tokens(path, img[0].size)
     for k in (1, n - 1):
-        for method in METHOD_NAMES:
+        for method in IMAGE_METHOD_NAMES:
             out, seen, kept = run(llm, img, keep_ratio=k / n, prune_method=method)
             assert [len(rows) for rows in kept] == [k], (method, k)
             assert len(prompt) - len(out.prompt_token_ids) == n - k, (method, k)
@@ -418,6 +422,46 @@ def test_pruned_images_around_an_unpruned_video(llm, path):
         n - keep_count(n, 0.25) for n in sizes)
     assert_stock_positions(pruned, seen, kept, full.prompt_token_ids, torch.cat(full_seen, dim=1),
                            image_token_id(path))
+
+
+def video_token_id(path) -> int:
+    return json.loads((path / "config.json").read_text())["video_token_id"]
+
+
+def video_shape(path, frames: int, side: int) -> tuple[int, int]:
+    """A video's N and tokens per frame on the checkpoint (its temporal and spatial patches)."""
+    config = json.loads((path / "config.json").read_text())["vision_config"]
+    side = side // config["patch_size"] // config["spatial_merge_size"]
+    return frames // config["temporal_patch_size"] * side * side, side * side
+
+
+@pytest.mark.vllm
+def test_a_pruned_video_keeps_k_tokens_at_their_stock_positions(llm, path, arch):
+    """image, video, image: the video keeps exactly K tokens (the method's own, a clip at once
+    for evs, frame by frame for the others), each at its stock (t, h, w), and the text and
+    images after it keep theirs; a family whose videos are served whole refuses a ratio."""
+    from vllm.exceptions import VLLMValidationError
+
+    imgs, clip = images(13), video(frames=8)
+    if not by_name(arch).videos:
+        with pytest.raises(VLLMValidationError, match="video_keep_ratio"):
+            run(llm, imgs, clip, video_keep_ratio=0.5)
+        return
+    full, full_seen, _ = run(llm, imgs, clip)
+    n, frame = video_shape(path, 8, 112)
+    whole = [torch.arange(count_image_tokens(path, im.size)) for im in imgs]
+    for method, ratio in (("evs", 0.5), ("evs", 0.1), ("norm", 0.25), ("random", 0.5), ("learned", 0.25)):
+        pruned, seen, kept = run(llm, imgs, clip, video_keep_ratio=ratio, video_prune_method=method)
+        k = video_keep_count(n, frame, ratio, method == "evs")
+        assert len(full.prompt_token_ids) - len(pruned.prompt_token_ids) == n - k, method
+        # the video's rows: one job, or one per frame (each its share of K, in frame order)
+        shares = [k] if method == "evs" else split_keep(k, [frame] * (n // frame))
+        assert [len(rows) for rows in kept] == shares, method
+        index = torch.cat([rows + (0 if method == "evs" else f * frame) for f, rows in enumerate(kept)])
+        if method == "evs":
+            assert torch.equal(index[:frame], torch.arange(frame))  # the first frame whole
+        assert_stock_positions(pruned, seen, [whole[0], index, whole[1]], full.prompt_token_ids,
+                               torch.cat(full_seen, dim=1), {image_token_id(path), video_token_id(path)})
 
 
 @pytest.mark.vllm

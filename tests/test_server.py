@@ -17,7 +17,7 @@ from reference import NEW_TOKENS, QUESTION, chat, noise_image, stock_greedy
 from server import Server, serve_command
 
 from vllm_tokenprune.policy import keep_count
-from vllm_tokenprune.selection.methods import METHOD_NAMES
+from vllm_tokenprune.selection.methods import IMAGE_METHOD_NAMES
 from vllm_tokenprune.testbed.tiny import ARCHES, count_image_tokens, cpu_dtype
 from vllm_tokenprune.tools.client import image_url
 
@@ -77,7 +77,7 @@ def test_prompt_tokens_fall_by_exactly_n_minus_k_in_any_order(client, model):
 
 def test_keep_one_reproduces_the_stock_model(client, model, arch):
     prompt, tokens = stock_greedy(model, [IMAGE], cpu_dtype(arch))
-    for method in METHOD_NAMES:
+    for method in IMAGE_METHOD_NAMES:
         out = ask(client, headers={"X-Keep-Ratio": "1", "X-Prune-Method": method})
         assert out.choices[0].token_ids == tokens, method
         assert out.prompt_token_ids == prompt
@@ -101,7 +101,7 @@ def test_two_images_of_different_sizes(client, model):
 
 def test_every_method_gives_the_same_count_and_is_deterministic(client):
     counts = set()
-    for method in METHOD_NAMES:
+    for method in IMAGE_METHOD_NAMES:
         first = ask(client, headers={"X-Keep-Ratio": "0.25", "X-Prune-Method": method})
         again = ask(client, headers={"X-Keep-Ratio": "0.25", "X-Prune-Method": method})
         assert first.choices[0].token_ids == again.choices[0].token_ids, method

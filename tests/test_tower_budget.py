@@ -98,16 +98,16 @@ def test_many_images_at_a_low_ratio_stay_within_the_budget_and_the_profile_runs_
 
         # The profile's dummy images (the largest, kept whole at the default keep 1.0) also run
         # every method at K = 1, the least this policy lets a request keep, in the budget's chunks.
-        from vllm_tokenprune.selection.methods import METHOD_NAMES
+        from vllm_tokenprune.selection.methods import IMAGE_METHOD_NAMES
 
         ((jobs),) = llm.collective_rpc(_profile_selections)
         largest = max(n for _, _, n in jobs)
         probed = {name for name, k, n in jobs if k == 1}
-        assert probed == set(METHOD_NAMES), probed
+        assert probed == set(IMAGE_METHOD_NAMES), probed
         kept_whole = [(name, n) for name, k, n in jobs if k == n]
         assert kept_whole and {name for name, _ in kept_whole} == {"learned"}  # the default method, at K = N
         assert all(n == largest for _, _, n in jobs)
-        assert len(jobs) == len(kept_whole) * (1 + len(METHOD_NAMES)) and len(kept_whole) * largest <= max(
+        assert len(jobs) == len(kept_whole) * (1 + len(IMAGE_METHOD_NAMES)) and len(kept_whole) * largest <= max(
             budget, largest)
         assert llm.apply_model(_taken_calls)[0][1] == [len(kept_whole)]  # one encoder call: the profile's
     finally:
@@ -123,7 +123,7 @@ def test_extreme_images_and_ratios_never_raise_in_the_model(arch, tiny_checkpoin
     end the engine; every request answering shows none did.)"""
     from vllm import LLM, SamplingParams
 
-    from vllm_tokenprune.selection.methods import METHOD_NAMES
+    from vllm_tokenprune.selection.methods import IMAGE_METHOD_NAMES
 
     path = tiny_checkpoint(arch)
     llm = LLM(model=str(path), dtype=tiny.cpu_dtype(arch), enforce_eager=True, max_model_len=4096, seed=0,
@@ -137,7 +137,7 @@ def test_extreme_images_and_ratios_never_raise_in_the_model(arch, tiny_checkpoin
         requests.append(chat([noise_image(40 + 9 * i, 30, seed=10 + i) for i in range(6)],
                              lambda im: {"type": "image_pil", "image_pil": im}))
         greedy = SamplingParams(temperature=0, max_tokens=2, min_tokens=2)
-        for method in METHOD_NAMES:
+        for method in IMAGE_METHOD_NAMES:
             for ratio in (1e-6, 1.0):
                 outs = llm.chat(requests, greedy, use_tqdm=False,
                                 mm_processor_kwargs={"keep_ratio": ratio, "prune_method": method})

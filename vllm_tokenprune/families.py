@@ -37,6 +37,7 @@ class Family:
     # the candidate tokens one to one (not so where newline markers or tiles sit among them)
     query_teacher: bool = False
     mrope: bool = False  # 3-D M-RoPE positions (serving/models/mrope.py)
+    videos: bool = False  # its videos are pruned too (video_keep_ratio); else served whole
 
     @property
     def pruned(self) -> str:
@@ -62,9 +63,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("llava-onevision", "llava_onevision", "LlavaOnevisionForConditionalGeneration", "llava_onevision",
            "llava", "llava:LLAVA_ONEVISION"),
     Family("qwen2-vl", "qwen2_vl", "Qwen2VLForConditionalGeneration", "qwen2_vl", "qwen", "qwen:QWEN2_VL",
-           query_teacher=True, mrope=True),
+           query_teacher=True, mrope=True, videos=True),
     Family("qwen2.5-vl", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl", "qwen",
-           "qwen:QWEN2_5_VL", query_teacher=True, mrope=True),
+           "qwen:QWEN2_5_VL", query_teacher=True, mrope=True, videos=True),
     Family("qwen3-vl", "qwen3_vl", "Qwen3VLForConditionalGeneration", "qwen3_vl", "qwen", "qwen:QWEN3_VL",
            query_teacher=True, mrope=True),
     Family("qwen3.5", "qwen3_5", "Qwen3_5ForConditionalGeneration", "qwen3_5", "qwen", "qwen:QWEN3_5",

@@ -9,13 +9,17 @@ the integer to the model, which selects exactly that many embeddings.
 A ratio is a number in (0, 1], or ``auto`` (``AutoBudget``): each image's ratio is then
 its budget predictor's fraction (``selection.budget``), kept within the request's bounds,
 and the operator's step and floor apply to it as to a number (``PrunePolicy.image_ratio``).
+
+Videos have a ratio and method of their own (``video_keep_ratio``, ``video_prune_method``;
+in a header, ``X-Keep-Ratio: 0.5, video=0.25``): a bare ratio or method is the images'.
+A video's K is ``video_keep_count`` of its N, and its frames share K by ``split_keep``.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 
 
@@ -28,6 +32,13 @@ def keep_count(num_tokens: int, keep_ratio: float) -> int:
     # Round half up; the small epsilon absorbs float error such as 0.35 * 20 = 6.999...
     k = math.floor(num_tokens * keep_ratio + 0.5 + 1e-9)
     return max(1, min(num_tokens, k))
+
+
+def video_keep_count(num_tokens: int, frame_tokens: int, keep_ratio: float, first_frame_whole: bool) -> int:
+    """A video's K: ``keep_count`` of its N, raised to one whole frame for a method that
+    always keeps the first frame (EVS)."""
+    k = keep_count(num_tokens, keep_ratio)
+    return max(k, min(frame_tokens, num_tokens)) if first_frame_whole else k
 
 
 # --- The question, for methods that read it -------------------------------------------
@@ -70,10 +81,17 @@ def split_keep(k: int, sizes: list[int]) -> list[int]:
 
 KEEP_RATIO_KEY = "keep_ratio"
 METHOD_KEY = "prune_method"
+VIDEO_KEEP_RATIO_KEY = "video_keep_ratio"
+VIDEO_METHOD_KEY = "video_prune_method"
 # Set by the HTTP layer on routes that only render a prompt (/tokenize): such requests
 # are processed like any other but not counted in the served-request metrics.
 NOT_SERVED_KEY = "tokenprune_not_served"
-OUR_KEYS = (KEEP_RATIO_KEY, METHOD_KEY, NOT_SERVED_KEY)
+CLIENT_KEYS = (KEEP_RATIO_KEY, METHOD_KEY, VIDEO_KEEP_RATIO_KEY, VIDEO_METHOD_KEY)
+OUR_KEYS = (*CLIENT_KEYS, NOT_SERVED_KEY)
+# A header's value may give each modality its own: ``0.5, video=0.25``; a bare value is
+# the images'. The modality's kwarg, by the image kwarg it stands beside.
+IMAGE, VIDEO = "image", "video"
+VIDEO_KEYS = {KEEP_RATIO_KEY: VIDEO_KEEP_RATIO_KEY, METHOD_KEY: VIDEO_METHOD_KEY}
 # Refuse absurd values before parsing them (a header is client-controlled).
 MAX_VALUE_LENGTH = 64
 # Plain decimal or exponent notation only: float() would also take "nan", "inf", "1_0"
@@ -163,18 +181,54 @@ def parse_budget(raw: object, *, param: str) -> float | AutoBudget:
         raise PruneRequestError(f"{param}: {err}", param) from None
 
 
-def parse_method(raw: object, *, param: str) -> str:
-    from vllm_tokenprune.selection.methods import METHOD_NAMES
+def parse_video_ratio(raw: object, *, param: str) -> float:
+    """A video's keep ratio: a number in (0, 1] (``auto`` predicts from an image's pixels,
+    so it is the images')."""
+    if isinstance(raw, str) and raw.strip().lower().startswith(AUTO):
+        raise PruneRequestError(f"{param}: auto is for images; a video's ratio is a number in (0, 1]", param)
+    return _parse_fraction(raw, param=param, expected="a number in (0, 1]")
+
+
+def parse_method(raw: object, *, param: str, video: bool = False) -> str:
+    """A method name for images, or with ``video`` for videos (which also take the methods
+    that read a whole clip, ``methods.VIDEO_ONLY``)."""
+    from vllm_tokenprune.selection.methods import IMAGE_METHOD_NAMES, METHOD_NAMES, VIDEO_ONLY
 
     if not isinstance(raw, str) or len(raw) > MAX_VALUE_LENGTH:
         raise PruneRequestError(f"{param} must be a method name, got {_short(raw)}", param)
     name = raw.strip().lower()
+    if name in VIDEO_ONLY and not video:
+        raise PruneRequestError(f"{param}: prune method {name!r} is for videos; send it as "
+                                f"{VIDEO_METHOD_KEY} (X-Prune-Method: video={name})", param)
     if name not in METHOD_NAMES:
         raise PruneRequestError(
-            f"{param}: unknown prune method {raw!r}; choose one of {', '.join(METHOD_NAMES)}",
-            param,
-        )
+            f"{param}: unknown prune method {raw!r}; choose one of "
+            f"{', '.join(METHOD_NAMES if video else IMAGE_METHOD_NAMES)}", param)
     return name
+
+
+def parse_video_method(raw: object, *, param: str) -> str:
+    return parse_method(raw, param=param, video=True)
+
+
+def parse_by_modality(raw: str, parsers: Mapping[str, Callable[..., object]], *, param: str) -> dict[str, object]:
+    """A header's value per modality: ``VALUE``, ``image=VALUE``, ``video=VALUE``, or both
+    comma-separated (``0.5, video=0.25``), each read by its modality's parser; at least one,
+    each modality at most once."""
+    if len(raw) > 2 * MAX_VALUE_LENGTH:
+        raise PruneRequestError(f"{param} is too long ({len(raw)} characters; at most "
+                                f"{2 * MAX_VALUE_LENGTH})", param)
+    found: dict[str, object] = {}
+    for part in raw.split(","):
+        name, sep, value = part.partition("=")
+        modality = name.strip().lower()
+        if not sep or modality not in parsers:  # a bare value (auto's bounds hold '=' too)
+            modality, value = IMAGE, part
+        if modality in found:
+            raise PruneRequestError(f"{param} gives the {modality} value twice; write VALUE, or "
+                                    "image=VALUE, video=VALUE", param)
+        found[modality] = parsers[modality](value.strip(), param=param)
+    return found
 
 
 # --- Model aliases ----------------------------------------------------------------------
@@ -228,6 +282,7 @@ class PrunePolicy:
     ``min_keep_ratio`` is a floor clients cannot go under (lower requests are raised to
     it); ``keep_ratio_step`` rounds ratios to a grid, so that near-identical ratios
     share one processor/encoder/prefix cache entry instead of fragmenting the caches;
+    ``default_video_keep_ratio`` is the videos' default, a number;
     ``allowed_mm_kwargs`` names the HF processor kwargs clients may still send (none by
     default: on Qwen, ``max_pixels`` decides how many tokens and how much memory an
     image costs). ``max_quadratic_tokens`` is the largest image, in tokens, that a method
@@ -246,6 +301,9 @@ class PrunePolicy:
     allowed_mm_kwargs: tuple[str, ...] = field(default=())
     # 4096 tokens: N x N float32 similarities of 64 MiB an image (MMTok holds about three).
     max_quadratic_tokens: int = 4096
+    # Videos' ratio when a request gives none (a number: ``auto`` is the images'); the
+    # floor and step apply to videos too.
+    default_video_keep_ratio: float = 1.0
 
     CONFIG_PREFIX = "tokenprune_"
 
@@ -256,6 +314,11 @@ class PrunePolicy:
             except PruneRequestError as err:
                 raise ValueError(str(err)) from None
             object.__setattr__(self, "default_keep_ratio", default)
+        try:
+            video = parse_video_ratio(self.default_video_keep_ratio, param="default_video_keep_ratio")
+        except PruneRequestError as err:
+            raise ValueError(str(err)) from None
+        object.__setattr__(self, "default_video_keep_ratio", video)
         for name in ("min_keep_ratio", "keep_ratio_step"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
@@ -321,16 +384,24 @@ class PrunePolicy:
         return self.apply(ratio.clamp(predicted))
 
 
+    def video_ratio(self, ratio: float | None) -> float:
+        """A request's video ratio under the policy: the default when it sent none; then
+        the step and floor, as for images."""
+        return self.apply(self.default_video_keep_ratio if ratio is None else ratio)
+
+
 @dataclass(frozen=True)
 class PruneRequest:
     """What a request gets: its ratio (policy applied; ``auto`` is resolved per image), its
-    method (None: the server's default), the HF processor kwargs the operator lets
-    through, and whether it counts as a served request."""
+    method (None: the server's default), the same two for its videos, the HF processor
+    kwargs the operator lets through, and whether it counts as a served request."""
 
     keep_ratio: float | AutoBudget
     method: str | None
     hf_kwargs: Mapping[str, object]
     served: bool = True
+    video_keep_ratio: float = 1.0
+    video_method: str | None = None
 
 
 def resolve(mm_kwargs: Mapping[str, object] | None, policy: PrunePolicy,
@@ -342,7 +413,7 @@ def resolve(mm_kwargs: Mapping[str, object] | None, policy: PrunePolicy,
         if key not in OUR_KEYS and key not in policy.allowed_mm_kwargs:
             raise PruneRequestError(
                 f"{param_prefix}{key} is not accepted by this server: clients may set "
-                f"{KEEP_RATIO_KEY} and {METHOD_KEY}" + (
+                f"{', '.join(CLIENT_KEYS[:-1])} and {CLIENT_KEYS[-1]}" + (
                     f", and {', '.join(policy.allowed_mm_kwargs)}" if policy.allowed_mm_kwargs else ""),
                 f"{param_prefix}{key}")
 
@@ -351,11 +422,15 @@ def resolve(mm_kwargs: Mapping[str, object] | None, policy: PrunePolicy,
 
     ratio = (parse_budget(mm_kwargs[KEEP_RATIO_KEY], param=param_prefix + KEEP_RATIO_KEY)
              if given(KEEP_RATIO_KEY) else None)
-    method = (parse_method(mm_kwargs[METHOD_KEY], param=param_prefix + METHOD_KEY)
-              if given(METHOD_KEY) else None)
+    method, video_method = (parse(mm_kwargs[key], param=param_prefix + key) if given(key) else None
+                            for key, parse in ((METHOD_KEY, parse_method), (VIDEO_METHOD_KEY, parse_video_method)))
+    video_ratio = (parse_video_ratio(mm_kwargs[VIDEO_KEEP_RATIO_KEY], param=param_prefix + VIDEO_KEEP_RATIO_KEY)
+                   if given(VIDEO_KEEP_RATIO_KEY) else None)
     return PruneRequest(
         keep_ratio=policy.apply(ratio),
         method=method,
         hf_kwargs={k: v for k, v in mm_kwargs.items() if k in policy.allowed_mm_kwargs},
         served=not mm_kwargs.get(NOT_SERVED_KEY),
+        video_keep_ratio=policy.video_ratio(video_ratio),
+        video_method=video_method,
     )

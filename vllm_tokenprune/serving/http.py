@@ -1,13 +1,14 @@
 """The HTTP layer: an ASGI middleware for ``vllm serve --middleware``.
 
 It translates and reports. The ``X-Keep-Ratio`` / ``X-Prune-Method`` headers become the
-request body's ``mm_processor_kwargs.keep_ratio`` / ``.prune_method`` (a header wins over
-the body), on every POST route, where vLLM hands them to our multimodal processor. The
-processor decides and enforces everything else (operator policy, foreign kwargs, methods
-the server cannot run), for HTTP, batch and offline requests alike; this layer maps its
-errors on header values back to the header's name, refuses pruning choices on the routes
-that pass no processor kwargs, and reports the ratio the policy applies
-(``X-Keep-Ratio-Applied``, by the processor's own rule).
+request body's ``mm_processor_kwargs.keep_ratio`` / ``.prune_method``, and their ``video=``
+parts ``.video_keep_ratio`` / ``.video_prune_method`` (a header wins over the body), on
+every POST route, where vLLM hands them to our multimodal processor. The processor decides
+and enforces everything else (operator policy, foreign kwargs, methods the server cannot
+run), for HTTP, batch and offline requests alike; this layer maps its errors on header
+values back to the header's name, refuses pruning choices on the routes that pass no
+processor kwargs, and reports the ratio the policy applies (``X-Keep-Ratio-Applied``, by
+the processor's own rule).
 
 Work happens when the route reads the body, i.e. after vLLM's own middlewares (API key
 check included) let the request through. A body is read up to ``MAX_BODY_BYTES``, parsed
@@ -24,22 +25,33 @@ from typing import NamedTuple
 
 from vllm_tokenprune.policy import (
     ALIAS_SEPARATOR,
+    IMAGE,
     KEEP_RATIO_KEY,
     METHOD_KEY,
     NOT_SERVED_KEY,
+    VIDEO,
+    VIDEO_KEEP_RATIO_KEY,
+    VIDEO_METHOD_KEY,
     AutoBudget,
     PrunePolicy,
     PruneRequestError,
     model_aliases,
     parse_budget,
+    parse_by_modality,
     parse_method,
+    parse_video_method,
+    parse_video_ratio,
 )
 from vllm_tokenprune.serving.metrics import record_alias
 
 KEEP_RATIO_HEADER = "X-Keep-Ratio"
 METHOD_HEADER = "X-Prune-Method"
 APPLIED_RATIO_HEADER = "X-Keep-Ratio-Applied"
-HEADERS = {KEEP_RATIO_HEADER: (KEEP_RATIO_KEY, parse_budget), METHOD_HEADER: (METHOD_KEY, parse_method)}
+# Each header's kwarg and parser per modality (``policy.parse_by_modality``: ``0.5, video=0.25``).
+HEADERS = {
+    KEEP_RATIO_HEADER: {IMAGE: (KEEP_RATIO_KEY, parse_budget), VIDEO: (VIDEO_KEEP_RATIO_KEY, parse_video_ratio)},
+    METHOD_HEADER: {IMAGE: (METHOD_KEY, parse_method), VIDEO: (VIDEO_METHOD_KEY, parse_video_method)},
+}
 MAX_BODY_BYTES = 256 * 2**20
 # Routes that render a prompt without serving it: processed, not counted in the metrics.
 NOT_SERVED_ROUTES = frozenset({"/tokenize"})
@@ -159,10 +171,12 @@ def translate(path: str, headers: dict[str, str], raw: bytes, aliases: Aliases |
         raise PruneRequestError(f"{header} header is not supported on {path}: vLLM passes no processor "
                            "kwargs there; images get the server's default keep ratio", f"{header} header")
     for header, value in headers.items():
-        key, parse = HEADERS[header]
-        value = parse(value, param=f"{header} header")
-        kwargs[key] = str(value) if isinstance(value, AutoBudget) else value  # auto: its canonical string
-        sources[key] = f"{header} header"
+        keys = HEADERS[header]
+        parsed = parse_by_modality(value, {m: parse for m, (_, parse) in keys.items()}, param=f"{header} header")
+        for modality, value in parsed.items():
+            key = keys[modality][0]
+            kwargs[key] = str(value) if isinstance(value, AutoBudget) else value  # auto: its canonical string
+            sources[key] = f"{header} header"
     if not served:
         kwargs[NOT_SERVED_KEY] = True
     empty = _skip_space(raw, first + 1) == last
@@ -207,15 +221,21 @@ def _outer_braces(raw: bytes) -> tuple[int, int]:
 def applied_ratio(policy: PrunePolicy, kwargs: dict | None) -> str | None:
     """What ``X-Keep-Ratio-Applied`` reports: the ratio the processor will give the images,
     or under ``auto`` the budget it resolves the images' own ratios within, e.g.
-    ``auto;max=0.5`` (None when the body's value is invalid: the processor answers that
-    request)."""
+    ``auto;max=0.5``; then, where a request gives videos a ratio or the server a default
+    one, the videos' as ``X-Keep-Ratio`` writes it (``0.5, video=0.25``). None when the
+    body's value is invalid: the processor answers that request."""
+    kwargs = kwargs or {}
     try:
-        requested = (kwargs or {}).get(KEEP_RATIO_KEY)
+        requested, video = kwargs.get(KEEP_RATIO_KEY), kwargs.get(VIDEO_KEEP_RATIO_KEY)
         ratio = None if requested is None else parse_budget(requested, param=KEEP_RATIO_KEY)
+        video = None if video is None else parse_video_ratio(video, param=VIDEO_KEEP_RATIO_KEY)
     except PruneRequestError:
         return None
     applied = policy.apply(ratio)
-    return str(applied) if isinstance(applied, AutoBudget) else repr(applied)
+    text = str(applied) if isinstance(applied, AutoBudget) else repr(applied)
+    if video is None and policy.default_video_keep_ratio == 1.0:
+        return text
+    return f"{text}, {VIDEO}={policy.video_ratio(video)!r}"
 
 
 @dataclass

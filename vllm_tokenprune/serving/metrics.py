@@ -29,6 +29,21 @@ REQUESTS = Counter(
     "Requests carrying at least one image, by selection method.",
     ["model_name", "method"],
 )
+VIDEO_TOKENS_IN = Counter(
+    "tokenprune_video_tokens_in",
+    "Video tokens the vision tower produced for requests, before pruning.",
+    ["model_name"],
+)
+VIDEO_TOKENS_KEPT = Counter(
+    "tokenprune_video_tokens_kept",
+    "Video tokens kept after pruning (what the language model prefilled).",
+    ["model_name"],
+)
+VIDEOS = Counter(
+    "tokenprune_videos",
+    "Videos processed where videos are pruned, by selection method.",
+    ["model_name", "method"],
+)
 ALIAS_REQUESTS = Counter(
     "tokenprune_alias_requests",
     "Requests whose model was an alias (one of the served model's NAME:TAG names).",
@@ -68,6 +83,14 @@ def record_request(
         KEEP_RATIO.labels(model_name).observe(keep_ratio)
     IMAGE_TOKENS_IN.labels(model_name).inc(sum(n for n, _ in known))
     IMAGE_TOKENS_KEPT.labels(model_name).inc(sum(k for _, k in known))
+
+
+def record_videos(model_name: str, method: str, counts: list[tuple[int | None, int]]) -> None:
+    """One request's videos, (tokens before, tokens kept) each, as ``record_request``'s images."""
+    known = [(n, k) for n, k in counts if n is not None]
+    VIDEOS.labels(model_name, method).inc(len(counts))
+    VIDEO_TOKENS_IN.labels(model_name).inc(sum(n for n, _ in known))
+    VIDEO_TOKENS_KEPT.labels(model_name).inc(sum(k for _, k in known))
 
 
 def record_alias(model_name: str, alias: str) -> None:

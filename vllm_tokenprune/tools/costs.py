@@ -50,7 +50,7 @@ LLAVA = Shape("LLaVA-1.5-7B, CLIP-L/336", 576, (24, 24), 1024, 577, 16, 64, True
 QWEN = Shape("Qwen2.5-VL-7B, 448 x 448", 256, (16, 16), 3584, 1024, 16, 80, False, 4)
 
 
-def method_runs(shape: Shape, device, dtype, names=methods.METHOD_NAMES, images: int = 1) -> dict[str, callable]:
+def method_runs(shape: Shape, device, dtype, names=methods.IMAGE_METHOD_NAMES, images: int = 1) -> dict[str, callable]:
     """Per method, the statistics + selection of ``images`` images at keep 0.25, as serving runs
     them: all in one ``methods.select_all`` call, the selectors in float32. With more than one
     image, also ``NAME one by one``: the same images selected one call each."""
@@ -90,7 +90,7 @@ def method_runs(shape: Shape, device, dtype, names=methods.METHOD_NAMES, images:
 
 
 def measure(shape: Shape, tower, device: str, dtype, rounds: int, tower_every: int,
-            names=methods.METHOD_NAMES, images: int = 1) -> dict:
+            names=methods.IMAGE_METHOD_NAMES, images: int = 1) -> dict:
     medians = interleaved({"tower": tower, **method_runs(shape, device, dtype, names, images)}, rounds,
                           device=device, every={"tower": tower_every})
     tower_s = medians.pop("tower")
@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
     parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds of every method")
     parser.add_argument("--tower-every", type=int, default=3, help="time the tower every N rounds")
-    parser.add_argument("--methods", nargs="+", default=list(methods.METHOD_NAMES), choices=methods.METHOD_NAMES,
-                        help="the methods to time (default: all)")
+    parser.add_argument("--methods", nargs="+", default=list(methods.IMAGE_METHOD_NAMES),
+                        choices=methods.IMAGE_METHOD_NAMES, help="the methods to time (default: all image methods)")
     parser.add_argument("--images", type=int, default=1,
                         help="images per selection call; above 1, each method also one image a call")
     parser.add_argument("--out", type=Path, default=None)

@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep ratio for requests that send none: a number in (0, 1], or auto "
                              "(auto;min=R;max=R, bounds optional; needs a selector with a budget "
                              "predictor) (default: %(default)s)")
+    parser.add_argument("--default-video-keep-ratio", type=float, default=policy.default_video_keep_ratio,
+                        metavar="R", help="keep ratio for videos of requests that send none, a number in (0, 1], "
+                        "on the families that prune videos (default: %(default)s, videos whole)")
     parser.add_argument("--min-keep-ratio", type=float, default=policy.min_keep_ratio,
                         help="floor: lower requested ratios are raised to it (default: none)")
     parser.add_argument("--keep-ratio-step", type=float, default=policy.keep_ratio_step,
@@ -248,7 +251,8 @@ def run(args: argparse.Namespace) -> int:
     extra, aliases = with_aliases(model, extra, aliases_given or "")
     try:
         policy = PrunePolicy(args.default_keep_ratio, args.min_keep_ratio, args.keep_ratio_step,
-                             tuple(k for k in args.allow_mm_kwargs.split(",") if k), args.max_quadratic_tokens)
+                             tuple(k for k in args.allow_mm_kwargs.split(",") if k), args.max_quadratic_tokens,
+                             args.default_video_keep_ratio)
     except ValueError as err:
         raise ServeError(str(err)) from None
     check_selector(args.selector, model, policy, aliases)

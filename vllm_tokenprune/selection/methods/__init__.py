@@ -47,9 +47,13 @@ if TYPE_CHECKING:
 _MODULES = {
     "learned": "scores", "random": "scores", "norm": "scores", "visionzip": "visionzip",
     "hiprune": "hiprune", "divprune": "divprune", "cls_attention": "cls_attention", "pool": "pool",
-    "cdpruner": "cdpruner", "mmtok": "mmtok", "learned_query": "scores",
+    "cdpruner": "cdpruner", "mmtok": "mmtok", "learned_query": "scores", "evs": "evs",
 }
 METHOD_NAMES: tuple[str, ...] = tuple(_MODULES)
+# Methods that take a whole video at once (``Tokens.grids``: one grid per frame), never an
+# image; every other method takes an image, or one video frame with its share of K.
+VIDEO_ONLY = frozenset({"evs"})
+IMAGE_METHOD_NAMES: tuple[str, ...] = tuple(name for name in METHOD_NAMES if name not in VIDEO_ONLY)
 
 
 def method_id(name: str) -> int:
@@ -170,6 +174,12 @@ class Method:
     # Scores with the server's learned selector: "selector" (``Tokens.selector``) or "query"
     # (its question-reading section, ``Tokens.query_selector``); a server without it refuses.
     uses_selector: str | None = None
+    # Keeps a video's first frame whole: its K is at least one frame (``policy.video_keep_count``).
+    first_frame_whole: bool = False
+
+    @property
+    def video_only(self) -> bool:
+        return self.name in VIDEO_ONLY
 
 
 def get(name: str) -> Method:

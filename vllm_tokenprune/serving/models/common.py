@@ -47,6 +47,11 @@ PRUNE_FIELDS = (UNPRUNED_FIELD, KEEP_FIELD, METHOD_FIELD, SEED_FIELD, PROBE_METH
 # Also the processor kwarg that carries it into vLLM's item hashes: set by the processor,
 # never by a client (``policy.resolve`` refuses keys it does not know).
 QUERY_FIELD = "tokenprune_query"
+# A video's plan and question, in the same form (a field belongs to one modality's items).
+VIDEO_PLAN_FIELD = "tokenprune_video_plan"
+VIDEO_QUERY_FIELD = "tokenprune_video_query"
+# Each modality's (plan, question) fields.
+FIELDS = {"image": (PLAN_FIELD, QUERY_FIELD), "video": (VIDEO_PLAN_FIELD, VIDEO_QUERY_FIELD)}
 # The processor kwarg that marks dummy inputs, so that their items (which carry a probe)
 # never share a cache entry with a request's; a client cannot send it (``policy.resolve``).
 PROBE_KEY = "tokenprune_probe"

@@ -16,12 +16,13 @@ import torch
 import torch.nn as nn
 from vllm.logger import init_logger
 
+from vllm_tokenprune import families
 from vllm_tokenprune.policy import AutoBudget, PrunePolicy
 from vllm_tokenprune.selection import methods
 from vllm_tokenprune.serving.models.common import (
+    FIELDS,
     KEEP_FIELD,
     METHOD_FIELD,
-    PLAN_FIELD,
     PROBE_KEEP_FIELD,
     PROBE_METHODS_FIELD,
     PRUNE_FIELDS,
@@ -58,6 +59,22 @@ def check_budget_predictor(path: str | None, hf_config) -> None:
         logger.info("tokenprune: the selector's budget predictor serves keep ratio 'auto'")
 
 
+def check_video_pruning(model_config) -> None:
+    """At start-up: vLLM's own video pruning (engine-wide) never runs under ours (per request),
+    and a default video ratio under 1 needs a family whose videos are pruned."""
+    if model_config.multimodal_config.is_multimodal_pruning_enabled():
+        raise ValueError(
+            "--video-pruning-rate prunes every video engine-wide, and this server prunes per request: "
+            "drop it and set the videos' default instead (vllm-tokenprune serve --default-video-keep-ratio "
+            "R, with R = 1 - rate; their default method is evs, vLLM's)")
+    policy = PrunePolicy.from_config(model_config.hf_config)
+    family = families.of_model_type(model_config.hf_config.model_type)
+    if policy.default_video_keep_ratio < 1.0 and not family.videos:
+        raise ValueError(f"default_video_keep_ratio {policy.default_video_keep_ratio!r}: {family.name}'s videos "
+                         f"are served whole (video pruning serves "
+                         f"{', '.join(f.name for f in families.FAMILIES if f.videos)})")
+
+
 class NoEncoderCudaGraphsMixin:
     """For stock models that capture their tower in encoder CUDA graphs (``cudagraph_mm_encoder``):
     no graphs, because their replay bypasses ``embed_multimodal``, and so pruning."""
@@ -89,6 +106,7 @@ class PruningModelMixin:
 
     def _init_pruning(self, vllm_config, device: torch.device) -> None:
         hf_config = vllm_config.model_config.hf_config
+        check_video_pruning(vllm_config.model_config)
         path = selector_path(hf_config)
         self.token_selector = self.query_selector = None
         scheduler = vllm_config.scheduler_config
@@ -147,12 +165,13 @@ class PruningModelMixin:
         return out
 
     @staticmethod
-    def _pop_prune_fields(kwargs: dict) -> dict[str, list] | None:
-        """The batch's plans (``PruningInputs``, validated), as lists per column, and under
-        ``QUERY_FIELD`` each image's question ids (a 1-D tensor). None without them, or when
-        every image keeps all its tokens and none carries a probe: the stock path then gives
-        the same embeddings with no per-image work."""
-        plan, questions = kwargs.pop(PLAN_FIELD, None), kwargs.pop(QUERY_FIELD, None)
+    def _pop_prune_fields(kwargs: dict, modality: str = "image") -> dict[str, list] | None:
+        """The batch's plans for items of ``modality`` (``PruningInputs``, validated), as
+        lists per column, and under ``QUERY_FIELD`` each item's question ids (a 1-D tensor).
+        None without them, or when every item keeps all its tokens and none carries a probe:
+        the stock path then gives the same embeddings with no per-item work."""
+        plan_field, query_field = FIELDS[modality]
+        plan, questions = kwargs.pop(plan_field, None), kwargs.pop(query_field, None)
         if plan is None or questions is None:
             return None
         plan = PruningInputs(tokenprune_plan=plan).tokenprune_plan
@@ -161,7 +180,7 @@ class PruningModelMixin:
             return None
         fields[QUERY_FIELD] = [q.reshape(-1) for q in questions]  # a (B, L) tensor, or B tensors
         if len(fields[QUERY_FIELD]) != len(fields[KEEP_FIELD]):
-            raise ValueError(f"{len(fields[QUERY_FIELD])} questions for {len(fields[KEEP_FIELD])} images")
+            raise ValueError(f"{len(fields[QUERY_FIELD])} questions for {len(fields[KEEP_FIELD])} items")
         return fields
 
     @staticmethod
@@ -179,14 +198,17 @@ class PruningModelMixin:
 
     def _candidates(self, fields: dict[str, list[int]], i: int, features: torch.Tensor, *,
                     grids: tuple[tuple[int, int], ...], k: int | None = None, probe_keep: int | None = None,
-                    **tokens: object) -> Job:
+                    probe_methods: Sequence[str] | None = None, **tokens: object) -> Job:
         """Image i's candidate tokens (N, D) as a selection job; ``k`` and ``probe_keep``, a
-        part's share of the image's K and probe K where a family selects per crop;
+        part's share of the image's K and probe K where a family selects per crop (or per
+        video frame), ``probe_methods`` those of the probe that run on this part;
         ``tokens`` fills the rest of ``methods.Tokens`` (values, embed, stats)."""
         name = methods.method_name(fields[METHOD_FIELD][i])
         k = fields[KEEP_FIELD][i] if k is None else k
         probe_keep = fields[PROBE_KEEP_FIELD][i] if probe_keep is None else probe_keep
-        probe = tuple((m, probe_keep) for m in methods.mask_names(fields[PROBE_METHODS_FIELD][i])) if probe_keep else ()
+        if probe_methods is None:
+            probe_methods = methods.mask_names(fields[PROBE_METHODS_FIELD][i])
+        probe = tuple((m, probe_keep) for m in probe_methods) if probe_keep else ()
         running = [m for m, _ in probe] + ([name] if k < len(features) else [])  # at K = N no method runs
         if any(methods.get(m).reads_query for m in running):
             tokens["query"] = self.get_language_model().embed_input_ids(fields[QUERY_FIELD][i].to(features.device))

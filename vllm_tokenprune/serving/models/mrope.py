@@ -55,15 +55,21 @@ from vllm.config import CompilationMode
 from vllm.logger import init_logger
 from vllm.multimodal.parse import ImageSize
 
+from vllm_tokenprune.policy import split_keep
 from vllm_tokenprune.selection import methods
 from vllm_tokenprune.selection.methods.attention import TowerProbe
 from vllm_tokenprune.selection.methods.batch import to_device
-from vllm_tokenprune.serving.models.model import NoEncoderCudaGraphsMixin, PruningModelMixin
+from vllm_tokenprune.serving.models.common import KEEP_FIELD, METHOD_FIELD, PROBE_KEEP_FIELD, PROBE_METHODS_FIELD
+from vllm_tokenprune.serving.models.model import Job, NoEncoderCudaGraphsMixin, PruningModelMixin
 from vllm_tokenprune.serving.models.processor import PruningProcessorMixin
 
 logger = init_logger(__name__)
 
-POSITION_COLUMNS = 3  # relative (t, h, w) appended to every multimodal embedding
+# Appended to every multimodal embedding: its relative (t, h, w), t in two columns (t =
+# 256 * high + low, exact in bf16 for a video's times); -1 in all four: the token keeps
+# the position step 1 gave it (a video served whole).
+POSITION_COLUMNS = 4
+_T_BASE = 256
 # hf_config attribute (set with --hf-overrides) that tells the processor, which cannot see
 # the compilation config, that the tower is compiled: attention methods are refused then.
 TOWER_COMPILED_KEY = "tokenprune_tower_compiled"
@@ -78,6 +84,10 @@ class MRopePruningProcessorMixin(PruningProcessorMixin):
             image_processor=self.info.get_image_processor(), mm_kwargs=hf_kwargs,
         )
 
+    def _video_tokens(self, processed) -> list[tuple[int, int]]:
+        unit = self.info.get_hf_config().vision_config.spatial_merge_size ** 2
+        return [(t * h * w // unit, h * w // unit) for t, h, w in processed["video_grid_thw"].tolist()]
+
     def _tower_statistics_unavailable(self) -> str | None:
         if self.info.ctx.model_config.multimodal_config.mm_encoder_tp_mode == "data":
             return "this server spreads over data-parallel encoder ranks (--mm-encoder-tp-mode data)"
@@ -86,11 +96,21 @@ class MRopePruningProcessorMixin(PruningProcessorMixin):
         return None
 
 
-def _relative_positions(index: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(K, 3) the (t, h, w) of merged tokens ``index`` of an image's (rows, cols) merged grid,
-    relative to its first token, on the index's device (an image has one temporal slice)."""
+def _relative_positions(index: torch.Tensor, grid: tuple[int, int], times: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+    """(K, 4) the position columns of merged tokens ``index`` of an item of (rows, cols)
+    frames, relative to its first token, on the index's device: an image's t is 0 (one
+    temporal slice); a video frame's is its entry of ``times`` (on the device)."""
     rows, cols = grid
-    return torch.stack([index // (rows * cols), index // cols % rows, index % cols], dim=1)
+    t = torch.zeros_like(index) if times is None else times[index // (rows * cols)]
+    return torch.stack([t // _T_BASE, t % _T_BASE, index // cols % rows, index % cols], dim=1)
+
+
+def frame_times(frames: int, t_factor: float) -> list[int]:
+    """A video's frames' temporal positions, relative to its first: frame f at
+    int(f * t_factor), t_factor its seconds per frame times ``tokens_per_second``; as the
+    stock Qwen2-VL / Qwen2.5-VL place them (``get_mrope_input_positions``)."""
+    return [int(f * t_factor) for f in range(frames)]
 
 
 def check_tower_compilation(compilation_config, hf_config) -> None:
@@ -137,10 +157,6 @@ class MRopePruningModelMixin(NoEncoderCudaGraphsMixin, PruningModelMixin):
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        if vllm_config.model_config.multimodal_config.is_multimodal_pruning_enabled():
-            raise ValueError(
-                "video pruning (video_pruning_rate > 0) cannot be combined with image "
-                "token pruning; serve the stock architecture for EVS")
         # Off until the runner turns its recompute on (the V1 shim, or V2's model state);
         # Qwen2-VL, which has no EVS, never sets it itself.
         self.is_multimodal_pruning_enabled = False
@@ -194,11 +210,18 @@ class MRopePruningModelMixin(NoEncoderCudaGraphsMixin, PruningModelMixin):
 
     def embed_multimodal(self, **kwargs: object):
         fields = self._pop_prune_fields(kwargs)
+        video_fields = self._pop_prune_fields(kwargs, "video")
         merge = self.config.vision_config.spatial_merge_size
         out: list[torch.Tensor] = []
         for modality, mm_input in self._parse_and_validate_multimodal_inputs(**kwargs).items():
             if modality.startswith("video"):  # "video"; Qwen2-VL says "videos"
-                out += [self._with_positions(e, None) for e in self._process_video_input(mm_input)]
+                thw = mm_input["video_grid_thw"].tolist()
+                if video_fields is not None and mm_input["type"] == "pixel_values_videos":
+                    out += self._in_tower_chunks(self._pruned_videos, mm_input, video_fields,
+                                                 [t * h * w // merge**2 for t, h, w in thw],
+                                                 {"pixel_values_videos": [t * h * w for t, h, w in thw]})
+                else:
+                    out += [self._with_positions(e, None) for e in self._process_video_input(mm_input)]
                 continue
             thw = mm_input["image_grid_thw"].tolist()  # kept on the CPU by vLLM
             if fields is not None and mm_input["type"] == "pixel_values":
@@ -224,14 +247,54 @@ class MRopePruningModelMixin(NoEncoderCudaGraphsMixin, PruningModelMixin):
         return [self._with_positions(rows.values, _relative_positions(rows.index, grid))
                 for rows, grid in zip(kept, grids)]
 
+    def _pruned_videos(self, mm_input, fields: dict[str, list]) -> list[torch.Tensor]:
+        """Each video's kept rows, with their relative positions appended. A method that
+        reads a whole clip (``methods.VIDEO_ONLY``) takes each video as one job; any other
+        takes each frame as an image, with the frame's share of K (``policy.split_keep``)."""
+        merge = self.config.vision_config.spatial_merge_size
+        thw = mm_input["video_grid_thw"].tolist()  # on the CPU, as second_per_grid_ts
+        seconds = mm_input.get("second_per_grid_ts")
+        seconds = [1.0] * len(thw) if seconds is None else seconds.tolist()
+        per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+        jobs: list[Job] = []
+        owned: list[list[tuple[int, int]]] = []  # each video's (job, first token) whose rows it keeps
+        for i, (embeds, (t, h, w)) in enumerate(zip(self._process_video_input(mm_input), thw)):
+            grid, frame = (h // merge, w // merge), h * w // merge**2
+            features = self._selection_features(embeds)
+            probe = methods.mask_names(fields[PROBE_METHODS_FIELD][i])
+            whole = methods.get(methods.method_name(fields[METHOD_FIELD][i])).video_only
+            clip = self._candidates(fields, i, features, values=embeds, grids=(grid,) * t,
+                                    probe_methods=[m for m in probe if methods.get(m).video_only],
+                                    k=None if whole else len(embeds))  # at K = N: the probe's alone
+            shares, probe_shares = (split_keep(fields[name][i], [frame] * t) for name in (KEEP_FIELD, PROBE_KEEP_FIELD))
+            frames = [self._candidates(fields, i, features[f * frame:(f + 1) * frame],
+                                       values=embeds[f * frame:(f + 1) * frame], grids=(grid,),
+                                       k=frame if whole else shares[f], probe_keep=probe_shares[f],
+                                       probe_methods=[m for m in probe if not methods.get(m).video_only])
+                      for f in range(t)]
+            own = [(clip, 0)] if whole else [(job, f * frame) for f, job in enumerate(frames) if shares[f]]
+            owned.append([(len(jobs) + j, first) for j, (_, first) in enumerate(own)])
+            jobs += [job for job, _ in own]
+            # the probe's other jobs (at K = N a job's own rows are its tokens, untouched)
+            jobs += [job for job in (frames if whole else [clip]) if job.probe]
+        kept = self._select(jobs)
+        out = []
+        for i, ((t, h, w), own) in enumerate(zip(thw, owned)):
+            grid = (h // merge, w // merge)
+            index = torch.cat([kept[j].index + first for j, first in own])
+            values = torch.cat([kept[j].values for j, _ in own])
+            times = to_device(frame_times(t, seconds[i] * per_second), index.device)
+            out.append(self._with_positions(values, _relative_positions(index, grid, times)))
+        return out
+
     def _with_positions(self, embeds: torch.Tensor, relative: torch.Tensor | None
                         ) -> torch.Tensor:
-        """Append the rows' relative positions (zeros for a video) when the runner strips
-        them again; otherwise the embeddings as they are."""
+        """Append the rows' relative positions (-1s for a video served whole: step 1's stand)
+        when the runner strips them again; otherwise the embeddings as they are."""
         if not self.is_multimodal_pruning_enabled:
             return embeds
         if relative is None:
-            relative = embeds.new_zeros(len(embeds), POSITION_COLUMNS)
+            relative = embeds.new_full((len(embeds), POSITION_COLUMNS), -1)
         return torch.cat([embeds, relative.to(embeds.dtype)], dim=1)
 
     # -- positions --------------------------------------------------------------------
@@ -252,11 +315,14 @@ class MRopePruningModelMixin(NoEncoderCudaGraphsMixin, PruningModelMixin):
             cursor = place.offset + place.length
             stock_features.append(dataclasses.replace(
                 feature, mm_position=dataclasses.replace(place, offset=start)))
-            if feature.modality == "image":
-                missing = int(feature.data["image_grid_thw"].data.prod()) // merge**2 - place.length
-                if missing > 0:
-                    stock_tokens += [image_token] * missing
-                    dropped.append((start + place.length, start + place.length + missing))
+            # A pruned item's run lost its last N - K tokens (a Qwen3-VL video, whose runs sit
+            # between frames' timestamps, is never pruned: its span is longer than N).
+            grid, token = ((feature.data["image_grid_thw"], image_token) if feature.modality == "image"
+                           else (feature.data["video_grid_thw"], self.config.video_token_id))
+            missing = int(grid.data.prod()) // merge**2 - place.length
+            if missing > 0:
+                stock_tokens += [token] * missing
+                dropped.append((start + place.length, start + place.length + missing))
         stock_tokens += input_tokens[cursor:]
         positions, delta = super().get_mrope_input_positions(stock_tokens, stock_features)
         if not dropped:
@@ -285,16 +351,17 @@ class MRopePruningModelMixin(NoEncoderCudaGraphsMixin, PruningModelMixin):
             relative = torch.cat([e[:, -POSITION_COLUMNS:] for e in multimodal_embeddings])
             relative = relative.to(device).long()
             # The embeddings of this step fill the media tokens from num_computed_tokens
-            # on, in order (a partly computed image continues where it stopped).
+            # on, in order (a partly computed item continues where it stopped).
             media = (ids == self.config.image_token_id) | (ids == self.config.video_token_id)
             media[:num_computed_tokens] = False
             rows = media.nonzero().squeeze(1)[: len(relative)]
-            is_image = ids[rows] == self.config.image_token_id
-            rows, relative = rows[is_image], relative[is_image]
+            relative = relative[: len(rows)]
+            thw = torch.stack([relative[:, 0] * _T_BASE + relative[:, 1], relative[:, 2], relative[:, 3]])
             index = torch.arange(len(ids), device=device)
             last_start = torch.where(ids == self.config.vision_start_token_id, index, -1).cummax(0).values
             positions = positions.clone()
-            positions[:, rows] = positions[0, last_start[rows]] + 1 + relative.T
+            positions[:, rows] = torch.where(relative[:, 0] >= 0, positions[0, last_start[rows]] + 1 + thw,
+                                             positions[:, rows])
         # Equals the stock delta of step 1: the prompt's last position is text
         # (<|vision_end|> follows every image), and text positions are never rewritten.
         delta = int(positions.max()) + 1 - len(input_ids)
