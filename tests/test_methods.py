@@ -629,3 +629,21 @@ def test_evs_keeps_the_first_frame_and_then_what_moves():
     clip = Tokens(still.reshape(60, 16), ((3, 4),) * 5, seed=0)
     rows = methods.select("evs", clip, 12 + 2)
     assert rows.index.tolist() == list(range(12)) + [2 * 12 + 7, 4 * 12 + 1]
+
+
+def test_evs_keeps_each_frames_share_where_the_frames_sit_apart():
+    """Qwen3-VL's prompt fixes each frame's run: the first frame whole, the others their even
+    share, each its own most changed tokens."""
+    from vllm_tokenprune.policy import frame_shares
+    from vllm_tokenprune.selection.methods.evs import dissimilarity
+
+    clip = _clip(4, 3, 4, seed=9)
+    clip.frames_apart = True
+    score = dissimilarity(clip).reshape(4, 12)
+    for k in (12, 13, 20, 47):
+        index = methods.select("evs", clip, k).index
+        shares = frame_shares(k, [12] * 4, first_frame_whole=True)
+        assert [int((index // 12 == f).sum()) for f in range(4)] == shares, k
+        for f, share in enumerate(shares):
+            chosen = set((index[index // 12 == f] % 12).tolist())
+            assert chosen == set(score[f].argsort(descending=True, stable=True)[:share].tolist()), (k, f)

@@ -389,10 +389,10 @@ def test_a_family_that_serves_videos_whole_refuses_a_video_ratio(tiny_checkpoint
     from vllm.exceptions import VLLMValidationError
     from vllm.multimodal import MULTIMODAL_REGISTRY
 
-    config = ModelConfig(model=str(tiny_checkpoint("qwen3-vl")), limit_mm_per_prompt={"video": 1},
-                         hf_overrides={"architectures": ["PrunedQwen3VLForConditionalGeneration"]})
+    config = ModelConfig(model=str(tiny_checkpoint("llava-onevision")), limit_mm_per_prompt={"video": 1},
+                         hf_overrides={"architectures": ["PrunedLlavaOnevisionForConditionalGeneration"]})
     proc = MULTIMODAL_REGISTRY.create_processor(config)
-    text = "<|vision_start|><|video_pad|><|vision_end|>hi"
+    text = "<video>\nhi"
     with pytest.raises(VLLMValidationError, match="served whole") as err:
         proc(text, proc.info.parse_mm_data({"video": [clip()]}), hf_processor_mm_kwargs={"video_keep_ratio": 0.5})
     assert err.value.parameter == "mm_processor_kwargs.video_keep_ratio"

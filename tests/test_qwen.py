@@ -19,8 +19,8 @@ import pytest
 import torch
 from reference import NEW_TOKENS, QUESTION, chat, hf_greedy, hf_model, noise_image, stock_greedy
 
-from vllm_tokenprune.families import FAMILIES, by_name, of_architectures
-from vllm_tokenprune.policy import keep_count, split_keep, video_keep_count
+from vllm_tokenprune.families import FAMILIES, of_architectures
+from vllm_tokenprune.policy import frame_shares, keep_count, video_keep_count
 from vllm_tokenprune.selection.methods import IMAGE_METHOD_NAMES
 from vllm_tokenprune.serving import plugin
 from vllm_tokenprune.serving.models.mrope import POSITION_COLUMNS
@@ -238,7 +238,7 @@ def request(llm, imgs, video=None, **mm_kwargs) -> dict:
     """``LLM.generate`` input for the reference chat (``reference.chat``): the images, a
     video after the first one if given, then the question."""
     content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": QUESTION}]
-    data = {"image": imgs}
+    data = {"image": imgs} if imgs else {}
     if video is not None:
         content.insert(1, {"type": "video"})
         data["video"] = video
@@ -428,40 +428,69 @@ def video_token_id(path) -> int:
     return json.loads((path / "config.json").read_text())["video_token_id"]
 
 
-def video_shape(path, frames: int, side: int) -> tuple[int, int]:
-    """A video's N and tokens per frame on the checkpoint (its temporal and spatial patches)."""
-    config = json.loads((path / "config.json").read_text())["vision_config"]
-    side = side // config["patch_size"] // config["spatial_merge_size"]
-    return frames // config["temporal_patch_size"] * side * side, side * side
+def video_shape(path, prompt: list[int], frames: int) -> tuple[int, int]:
+    """A video's N and tokens per frame: its tokens in a prompt that holds it whole, over its
+    temporal patches (the processor sizes frames to its own multiples)."""
+    n = prompt.count(video_token_id(path))
+    return n, n // (frames // json.loads((path / "config.json").read_text())["vision_config"]["temporal_patch_size"])
 
 
 @pytest.mark.vllm
 def test_a_pruned_video_keeps_k_tokens_at_their_stock_positions(llm, path, arch):
     """image, video, image: the video keeps exactly K tokens (the method's own, a clip at once
     for evs, frame by frame for the others), each at its stock (t, h, w), and the text and
-    images after it keep theirs; a family whose videos are served whole refuses a ratio."""
-    from vllm.exceptions import VLLMValidationError
-
+    images after it keep theirs. On Qwen3-VL and Qwen3.5, whose frames sit apart between
+    timestamps, every frame keeps its share (evs: the first whole, the rest shared)."""
     imgs, clip = images(13), video(frames=8)
-    if not by_name(arch).videos:
-        with pytest.raises(VLLMValidationError, match="video_keep_ratio"):
-            run(llm, imgs, clip, video_keep_ratio=0.5)
-        return
     full, full_seen, _ = run(llm, imgs, clip)
-    n, frame = video_shape(path, 8, 112)
+    n, frame = video_shape(path, full.prompt_token_ids, 8)
+    frames, apart = n // frame, STOCK_ARCH[arch].startswith("Qwen3")
     whole = [torch.arange(count_image_tokens(path, im.size)) for im in imgs]
     for method, ratio in (("evs", 0.5), ("evs", 0.1), ("norm", 0.25), ("random", 0.5), ("learned", 0.25)):
         pruned, seen, kept = run(llm, imgs, clip, video_keep_ratio=ratio, video_prune_method=method)
         k = video_keep_count(n, frame, ratio, method == "evs")
         assert len(full.prompt_token_ids) - len(pruned.prompt_token_ids) == n - k, method
         # the video's rows: one job, or one per frame (each its share of K, in frame order)
-        shares = [k] if method == "evs" else split_keep(k, [frame] * (n // frame))
+        shares = [k] if method == "evs" else frame_shares(k, [frame] * frames, first_frame_whole=False)
         assert [len(rows) for rows in kept] == shares, method
-        index = torch.cat([rows + (0 if method == "evs" else f * frame) for f, rows in enumerate(kept)])
+        runs = video_runs(kept, method, n, frame, apart)
         if method == "evs":
-            assert torch.equal(index[:frame], torch.arange(frame))  # the first frame whole
-        assert_stock_positions(pruned, seen, [whole[0], index, whole[1]], full.prompt_token_ids,
+            assert torch.equal(runs[0][:frame], torch.arange(frame))  # the first frame whole
+        if apart:
+            assert [len(r) for r in runs] == frame_shares(k, [frame] * frames, method == "evs"), method
+        assert_stock_positions(pruned, seen, [whole[0], *runs, whole[1]], full.prompt_token_ids,
                                torch.cat(full_seen, dim=1), {image_token_id(path), video_token_id(path)})
+
+
+def video_runs(kept: list[torch.Tensor], method: str, n: int, frame: int, apart: bool) -> list[torch.Tensor]:
+    """A video's kept indices as its prompt's runs hold them (``stock_columns``): one run of
+    indices into the video, or, where frames sit apart, one run per frame of indices into it;
+    ``kept`` as the model's jobs gave them (one for evs, else one per frame)."""
+    index = torch.cat([rows + (0 if method == "evs" else f * frame) for f, rows in enumerate(kept)])
+    return [index[index // frame == f] - f * frame for f in range(n // frame)] if apart else [index]
+
+
+@pytest.mark.vllm
+def test_a_pruned_video_in_prefill_chunks_and_from_the_prefix_cache_keeps_its_positions(
+        llm, chunked_llm, path, arch):
+    """32-token chunks cut through the video (and through Qwen3-VL's timestamps), and a repeat
+    reads part of it from cached blocks: the answers of one prefill, at the stock positions."""
+    clip = video(frames=8)
+    apart, media = STOCK_ARCH[arch].startswith("Qwen3"), {video_token_id(path)}
+    full, full_seen, _ = run(chunked_llm, [], clip)
+    n, frame = video_shape(path, full.prompt_token_ids, 8)
+    for method, ratio in (("evs", 0.5), ("norm", 0.25)):
+        whole, _, _ = run(llm, [], clip, video_keep_ratio=ratio, video_prune_method=method)
+        again, again_seen, _ = run(llm, [], clip, video_keep_ratio=ratio, video_prune_method=method)
+        chunked, seen, kept = run(chunked_llm, [], clip, video_keep_ratio=ratio, video_prune_method=method)
+        assert chunked.prompt_token_ids == whole.prompt_token_ids and len(seen[0][0]) == CHUNK
+        assert_same_greedy(chunked, whole, arch, method)
+        assert_stock_positions(chunked, seen, video_runs(kept, method, n, frame, apart), full.prompt_token_ids,
+                               torch.cat(full_seen, dim=1), media)
+        assert again.num_cached_tokens > 0  # the video's first blocks read from the prefix cache
+        assert_same_greedy(again, whole, arch, method)
+        assert_stock_positions(again, again_seen, video_runs(kept, method, n, frame, apart), full.prompt_token_ids,
+                               torch.cat(full_seen, dim=1), media)
 
 
 @pytest.mark.vllm

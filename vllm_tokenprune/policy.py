@@ -12,7 +12,8 @@ and the operator's step and floor apply to it as to a number (``PrunePolicy.imag
 
 Videos have a ratio and method of their own (``video_keep_ratio``, ``video_prune_method``;
 in a header, ``X-Keep-Ratio: 0.5, video=0.25``): a bare ratio or method is the images'.
-A video's K is ``video_keep_count`` of its N, and its frames share K by ``split_keep``.
+A video's K is ``video_keep_count`` of its N, and where its frames keep shares of K,
+``frame_shares`` gives them.
 """
 
 from __future__ import annotations
@@ -39,6 +40,17 @@ def video_keep_count(num_tokens: int, frame_tokens: int, keep_ratio: float, firs
     always keeps the first frame (EVS)."""
     k = keep_count(num_tokens, keep_ratio)
     return max(k, min(frame_tokens, num_tokens)) if first_frame_whole else k
+
+
+def frame_shares(k: int, sizes: list[int], first_frame_whole: bool) -> list[int]:
+    """A video's K over its frames where each frame keeps its own share (a frame by frame
+    method, or a prompt that holds each frame's run apart): ``split_keep``'s shares, or,
+    for a method that keeps the first frame whole, that frame first and the rest shared
+    over the others."""
+    if not first_frame_whole:
+        return split_keep(k, sizes)
+    first = min(k, sizes[0])
+    return [first, *split_keep(k - first, sizes[1:])]
 
 
 # --- The question, for methods that read it -------------------------------------------

@@ -118,6 +118,10 @@ class Tokens:
     # (Q, H): the request's question as the language model embeds it (``Method.reads_query``);
     # None, or Q = 0, when there is none.
     query: torch.Tensor | None = None
+    # A video whose prompt holds each frame's run apart (Qwen3-VL's frames sit between
+    # timestamps): each frame keeps its share of K (``policy.frame_shares``), which a method
+    # of whole videos then keeps; otherwise it spreads K over the clip itself.
+    frames_apart: bool = False
 
     def __post_init__(self):
         if self.values is None:

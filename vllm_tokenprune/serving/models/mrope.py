@@ -55,7 +55,7 @@ from vllm.config import CompilationMode
 from vllm.logger import init_logger
 from vllm.multimodal.parse import ImageSize
 
-from vllm_tokenprune.policy import split_keep
+from vllm_tokenprune.policy import frame_shares
 from vllm_tokenprune.selection import methods
 from vllm_tokenprune.selection.methods.attention import TowerProbe
 from vllm_tokenprune.selection.methods.batch import to_device
@@ -154,6 +154,9 @@ class MRopePruningModelMixin(NoEncoderCudaGraphsMixin, PruningModelMixin):
     ``_process_image_input``, ``_process_video_input`` and ``get_mrope_input_positions``."""
 
     tokenprune_prunes_mrope_images = True  # plugin.PRUNES_MROPE_IMAGES: the V1 runners' shim looks for it
+    # A video's frames each in their own run, after a timestamp, placed like images (Qwen3-VL);
+    # otherwise one run of T x h x w tokens at (t, h, w) (Qwen2-VL, Qwen2.5-VL).
+    video_frames_apart = False
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -249,13 +252,15 @@ class MRopePruningModelMixin(NoEncoderCudaGraphsMixin, PruningModelMixin):
 
     def _pruned_videos(self, mm_input, fields: dict[str, list]) -> list[torch.Tensor]:
         """Each video's kept rows, with their relative positions appended. A method that
-        reads a whole clip (``methods.VIDEO_ONLY``) takes each video as one job; any other
-        takes each frame as an image, with the frame's share of K (``policy.split_keep``)."""
+        reads a whole clip (``methods.VIDEO_ONLY``) takes each video as one job (where the
+        frames' runs are apart, keeping each frame's share); any other takes each frame as an
+        image, with the frame's share of K (``policy.frame_shares``)."""
         merge = self.config.vision_config.spatial_merge_size
         thw = mm_input["video_grid_thw"].tolist()  # on the CPU, as second_per_grid_ts
         seconds = mm_input.get("second_per_grid_ts")
         seconds = [1.0] * len(thw) if seconds is None else seconds.tolist()
-        per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+        # frames apart are each placed like an image, after their own <|vision_start|>
+        per_second = 0.0 if self.video_frames_apart else getattr(self.config.vision_config, "tokens_per_second", 1.0)
         jobs: list[Job] = []
         owned: list[list[tuple[int, int]]] = []  # each video's (job, first token) whose rows it keeps
         for i, (embeds, (t, h, w)) in enumerate(zip(self._process_video_input(mm_input), thw)):
@@ -265,8 +270,10 @@ class MRopePruningModelMixin(NoEncoderCudaGraphsMixin, PruningModelMixin):
             whole = methods.get(methods.method_name(fields[METHOD_FIELD][i])).video_only
             clip = self._candidates(fields, i, features, values=embeds, grids=(grid,) * t,
                                     probe_methods=[m for m in probe if methods.get(m).video_only],
-                                    k=None if whole else len(embeds))  # at K = N: the probe's alone
-            shares, probe_shares = (split_keep(fields[name][i], [frame] * t) for name in (KEEP_FIELD, PROBE_KEEP_FIELD))
+                                    k=None if whole else len(embeds),  # at K = N: the probe's alone
+                                    frames_apart=self.video_frames_apart)
+            shares, probe_shares = (frame_shares(fields[name][i], [frame] * t, first_frame_whole=False)
+                                    for name in (KEEP_FIELD, PROBE_KEEP_FIELD))
             frames = [self._candidates(fields, i, features[f * frame:(f + 1) * frame],
                                        values=embeds[f * frame:(f + 1) * frame], grids=(grid,),
                                        k=frame if whole else shares[f], probe_keep=probe_shares[f],
@@ -315,14 +322,23 @@ class MRopePruningModelMixin(NoEncoderCudaGraphsMixin, PruningModelMixin):
             cursor = place.offset + place.length
             stock_features.append(dataclasses.replace(
                 feature, mm_position=dataclasses.replace(place, offset=start)))
-            # A pruned item's run lost its last N - K tokens (a Qwen3-VL video, whose runs sit
-            # between frames' timestamps, is never pruned: its span is longer than N).
-            grid, token = ((feature.data["image_grid_thw"], image_token) if feature.modality == "image"
-                           else (feature.data["video_grid_thw"], self.config.video_token_id))
-            missing = int(grid.data.prod()) // merge**2 - place.length
-            if missing > 0:
-                stock_tokens += [token] * missing
-                dropped.append((start + place.length, start + place.length + missing))
+            if feature.modality == "image" or not self.video_frames_apart:
+                # a pruned item's run lost its last N - K tokens
+                grid, token = ((feature.data["image_grid_thw"], image_token) if feature.modality == "image"
+                               else (feature.data["video_grid_thw"], self.config.video_token_id))
+                missing = int(grid.data.prod()) // merge**2 - place.length
+                if missing > 0:
+                    stock_tokens += [token] * missing
+                    dropped.append((start + place.length, start + place.length + missing))
+            else:  # each frame's run lost its last tokens: put them back before its <|vision_end|>
+                stock_tokens = stock_tokens[:len(stock_tokens) - place.length]
+                span = input_tokens[place.offset:place.offset + place.length]
+                frame = int(feature.data["video_grid_thw"].data[1:].prod()) // merge**2
+                stock_tokens += self._frames_restored(span, frame, len(stock_tokens), dropped)
+                stock_features[-1] = dataclasses.replace(stock_features[-1], mm_position=dataclasses.replace(
+                    place, offset=start, length=len(stock_tokens) - start,
+                    is_embed=None if place.is_embed is None else torch.tensor(
+                        [t == self.config.video_token_id for t in stock_tokens[start:]])))
         stock_tokens += input_tokens[cursor:]
         positions, delta = super().get_mrope_input_positions(stock_tokens, stock_features)
         if not dropped:
@@ -331,6 +347,21 @@ class MRopePruningModelMixin(NoEncoderCudaGraphsMixin, PruningModelMixin):
         for begin, end in dropped:
             present[begin:end] = False
         return positions[:, present], delta + len(stock_tokens) - len(input_tokens)
+
+    def _frames_restored(self, span: list[int], frame: int, at: int, dropped: list[tuple[int, int]]) -> list[int]:
+        """A video span whose frames' runs were cut, with each run filled back to ``frame``
+        tokens before its ``<|vision_end|>``; the filled spans (from ``at``, the span's offset in
+        the stock prompt) are appended to ``dropped``."""
+        video, end = self.config.video_token_id, self.config.vision_end_token_id
+        out: list[int] = []
+        run = 0
+        for token in span:
+            if token == end and run < frame:
+                dropped.append((at + len(out), at + len(out) + frame - run))
+                out += [video] * (frame - run)
+            run = run + 1 if token == video else 0
+            out.append(token)
+        return out
 
     def recompute_mrope_positions(
         self,

@@ -28,18 +28,19 @@ from vllm_tokenprune.policy import (
     AutoBudget,
     PrunePolicy,
     PruneRequestError,
+    frame_shares,
     keep_count,
     markup_ids,
     parse_budget,
     question_tokens,
     resolve,
-    split_keep,
     video_keep_count,
 )
 from vllm_tokenprune.selection import methods
 from vllm_tokenprune.serving.models.common import (
     FIELDS,
     KEEP_FIELD,
+    METHOD_FIELD,
     PROBE_KEY,
     QUERY_FIELD,
     plan_value,
@@ -287,8 +288,7 @@ class PruningProcessorMixin:
             counts = [self._unpruned_tokens(items.get_image_size(i), passed_on) for i in range(len(items))]
             keep = self._keep_counts(items, counts, hf_kwargs[KEEP_RATIO_KEY])
             self._add_plans(processed, "image", hf_kwargs, hf_kwargs[METHOD_KEY], counts, keep,
-                            lambda n: [m for m in methods.METHOD_NAMES if self._servable(m, n)],
-                            lambda n: keep_count(n, self._policy.lowest_ratio))
+                            lambda i: [m for m in methods.METHOD_NAMES if self._servable(m, counts[i])])
         videos = mm_items.get("video")
         if VIDEO_METHOD_KEY in hf_kwargs and isinstance(videos, VideoProcessorItems) and len(videos):
             method, ratio = hf_kwargs[VIDEO_METHOD_KEY], hf_kwargs[VIDEO_KEEP_RATIO_KEY]
@@ -299,19 +299,17 @@ class PruningProcessorMixin:
                     f"frames of up to {self._policy.max_quadratic_tokens} tokens; use a smaller video or another "
                     "method", parameter="mm_processor_kwargs." + VIDEO_METHOD_KEY)
             first_whole = methods.get(method).first_frame_whole
-            frames = dict(shapes)
             self._add_plans(processed, "video", hf_kwargs, method, [n for n, _ in shapes],
                             [video_keep_count(n, frame, ratio, first_whole) for n, frame in shapes],
-                            lambda n: [m for m in methods.METHOD_NAMES if self._servable(m, frames[n], video=True)],
-                            lambda n: keep_count(n, self._policy.lowest_ratio))
+                            lambda i: [m for m in methods.METHOD_NAMES if self._servable(m, shapes[i][1], video=True)])
         return processed
 
     def _add_plans(self, processed, modality: str, hf_kwargs, method: str, counts: list[int],
-                   keep: list[int], probe_methods, probe_keep) -> None:
+                   keep: list[int], probe_methods) -> None:
         """Each item's plan and question, as the fields of ``modality`` (``common.FIELDS``):
         always emitted (dummy profiling included), so every batch has them; the plan's rows
-        as ``PRUNE_FIELDS`` orders the columns. ``probe_methods(n)`` and ``probe_keep(n)``:
-        the profile's probe of an item of n tokens."""
+        as ``PRUNE_FIELDS`` orders the columns. The profile's probe: ``probe_methods(i)``,
+        the methods this server may run on item i, at the smallest K the policy allows."""
         call = _CALL.get()
         hashes = call.pending.get(modality) if call is not None else None
         if hashes is not None and len(hashes) == len(counts):
@@ -323,7 +321,8 @@ class PruningProcessorMixin:
         plan_field, query_field = FIELDS[modality]
         processed[plan_field] = torch.tensor([
             (n, k, method_id, item_seed(hashes[i]) if method == "random" else 0,
-             methods.method_mask(probe_methods(n)) if probe else 0, probe_keep(n) if probe else 0)
+             methods.method_mask(probe_methods(i)) if probe else 0,
+             keep_count(n, self._policy.lowest_ratio) if probe else 0)
             for i, (n, k) in enumerate(zip(counts, keep))], dtype=torch.int64)
         question = hf_kwargs.get(QUERY_FIELD, []) if methods.get(method).reads_query else []
         processed[query_field] = torch.tensor([question] * len(counts), dtype=torch.int64).reshape(len(counts), -1)
@@ -377,7 +376,10 @@ class PruningProcessorMixin:
             if isinstance(full, list) and len(set(full)) == 1:
                 return full[:k]
             if isinstance(full, PromptUpdateDetails) and isinstance(full.full, list) and full.is_embed:
-                return self._pruned_details(full, k)
+                # a video's frames: the first whole where its method keeps it so
+                first_whole = update.modality == "video" and methods.get(methods.method_name(
+                    plan_value(item[plan_field].data, METHOD_FIELD))).first_frame_whole
+                return self._pruned_details(full, k, first_whole)
             raise NotImplementedError(
                 f"{type(self).__name__}: {update.modality} replacement is neither a placeholder run nor token ids "
                 "with their embedding positions")
@@ -385,14 +387,16 @@ class PruningProcessorMixin:
         return dataclasses.replace(update, replacement=replacement)
 
     @staticmethod
-    def _pruned_details(full: PromptUpdateDetails, k: int) -> PromptUpdateDetails:
+    def _pruned_details(full: PromptUpdateDetails, k: int, first_whole: bool = False) -> PromptUpdateDetails:
         """A replacement whose embedding positions form runs between text (markers around an
-        image, separators between its crops): each run cut to its share of K
-        (``policy.split_keep``), every other token kept. The model fills run by run likewise."""
+        image, separators between its crops, a video's frames between timestamps): each run
+        cut to its share of K (``policy.frame_shares``; ``first_whole``: the first run whole),
+        every other token kept. The model fills run by run likewise."""
         embed = full.is_embed(full.full).tolist()
         runs = [list(run) for is_embed, run in itertools.groupby(range(len(embed)), key=embed.__getitem__)
                 if is_embed]
-        dropped = {j for run, share in zip(runs, split_keep(k, [len(r) for r in runs])) for j in run[share:]}
+        shares = frame_shares(k, [len(r) for r in runs], first_whole)
+        dropped = {j for run, share in zip(runs, shares) for j in run[share:]}
         return dataclasses.replace(full, full=[t for j, t in enumerate(full.full) if j not in dropped])
 
     def _record_metrics(self, inputs, result, hashes, ratio: float | None, method: str,

@@ -38,6 +38,7 @@ from vllm_tokenprune.serving.models.qwen3_vl import (
 )
 class PrunedQwen3_5ForConditionalGeneration(MRopePruningModelMixin, Qwen3_5ForConditionalGeneration):
     _selection_features = PrunedQwen3VLForConditionalGeneration._selection_features  # without DeepStack channels
+    video_frames_apart = True  # Qwen3-VL's video layout
 
 
 @MULTIMODAL_REGISTRY.register_processor(

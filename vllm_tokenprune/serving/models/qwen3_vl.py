@@ -46,5 +46,7 @@ class PrunedQwen3VLMultiModalProcessor(MRopePruningProcessorMixin, Qwen3VLMultiM
     dummy_inputs=Qwen3VLDummyInputsBuilder,
 )
 class PrunedQwen3VLForConditionalGeneration(MRopePruningModelMixin, Qwen3VLForConditionalGeneration):
+    video_frames_apart = True  # each frame its own run after its timestamp, placed like an image
+
     def _selection_features(self, embeds: torch.Tensor) -> torch.Tensor:
         return embeds[:, : self.visual_dim]  # without the DeepStack channels
