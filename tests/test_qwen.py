@@ -307,8 +307,11 @@ def test_runner_shim_targets_are_where_vllm_keeps_them():
     gather = inspect.getsource(GPUModelRunner._gather_mm_embeddings)
     assert "if self.is_multimodal_pruning_enabled and self.uses_mrope:" in gather
     assert "self.model.recompute_mrope_positions(" in gather
-    # The CPU runner still never sets it (when it does, the shim is no longer needed).
+    # The CPU runner still never sets it (when it does, the shim is no longer needed), and the
+    # GPU runner's rule for vLLM's own EVS is the one the shim applies to stock models on the CPU.
     assert "is_multimodal_pruning_enabled" not in inspect.getsource(CPUModelRunner)
+    assert "supports_multimodal_pruning(self.get_model())" in inspect.getsource(GPUModelRunner.load_model)
+    assert "mm_config.is_multimodal_pruning_enabled()" in inspect.getsource(GPUModelRunner.load_model)
 
 
 def test_encoder_cuda_graphs_stay_off_where_the_stock_model_would_capture_them():

@@ -66,6 +66,17 @@ def v1_runners_recompute_mrope() -> bool:
         return False
 
 
+def _runs_vllms_video_pruning(model_config, model) -> bool:
+    """vLLM's own EVS is on for this stock model (``--video-pruning-rate``): the GPU runner
+    then sets its flag itself; the CPU runner never does, and without the recompute, which
+    strips the position columns EVS appends, its first pruned video ends the engine."""
+    from vllm.model_executor.models.interfaces import supports_multimodal_pruning
+
+    mm_config = model_config.multimodal_config
+    return bool(supports_multimodal_pruning(model) and mm_config is not None
+                and mm_config.is_multimodal_pruning_enabled())
+
+
 def _let_runner_recompute_mrope() -> None:
     """The one patch of vLLM internals: turn on the V1 runners' M-RoPE position recompute
     for our M-RoPE models (``models/mrope.py`` explains what it computes).
@@ -77,8 +88,10 @@ def _let_runner_recompute_mrope() -> None:
     the model cannot reach, and no config option sets it without also turning on EVS, so
     this wraps ``load_model``: when the loaded model is one of ours, it sets the flag on
     the runner and on the model together (the model appends position columns exactly when
-    the runner strips them). Any other model loads untouched. Model Runner V2 needs no
-    patch: there the models bring their own model state (``models/runner_v2.py``).
+    the runner strips them). A stock model under vLLM's own EVS gets the flag as the GPU
+    runner would give it (``_runs_vllms_video_pruning``: on the CPU runner EVS crashes
+    without it); any other model loads untouched. Model Runner V2 needs no patch: there the
+    models bring their own model state (``models/runner_v2.py``).
     """
     try:
         runners = _v1_runners()
@@ -99,6 +112,8 @@ def _let_runner_recompute_mrope() -> None:
             model = self.get_model()
             if getattr(model, PRUNES_MROPE_IMAGES, False):
                 self.is_multimodal_pruning_enabled = model.is_multimodal_pruning_enabled = True
+            elif _runs_vllms_video_pruning(self.model_config, model):
+                self.is_multimodal_pruning_enabled = True  # the GPU runner's own rule, for the CPU runner
 
         setattr(load_model, _PATCHED, True)
         runner.load_model = load_model

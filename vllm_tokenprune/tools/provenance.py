@@ -113,5 +113,7 @@ def environment(model: str) -> dict:
         "model": {"path": str(model), "architectures": config.architectures,
                   "text_hidden": text.hidden_size, "text_layers": text.num_hidden_layers,
                   "vision_hidden": config.vision_config.hidden_size,
-                  "vision_layers": config.vision_config.num_hidden_layers},
+                  # Qwen towers name their depth ``depth``
+                  "vision_layers": getattr(config.vision_config, "num_hidden_layers", None)
+                  or config.vision_config.depth},
     }
