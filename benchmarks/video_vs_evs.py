@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     add_allow_dirty(parser)
     args = parser.parse_args(argv)
-    record = {"stamp": stamp(Path(__file__), sys.argv[1:] if argv is None else argv, args.allow_dirty)}
+    record = stamp(Path(__file__), sys.argv[1:] if argv is None else argv, args.allow_dirty)
     ratios = [float(r) for r in args.ratios.split(",")]
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     work = Path(tempfile.mkdtemp(prefix="video-vs-evs-"))
@@ -168,9 +168,8 @@ def summarize(results: dict) -> list[dict]:
 
 
 def markdown(report: dict) -> str:
-    stamp_ = report["stamp"]
     lines = ["# Video requests: per-request pruning against vLLM's engine-wide EVS", "",
-             f"`{stamp_['command']}` at commit {stamp_['commit']}; {report['frames']} frames of "
+             f"`{report['command']}` at commit {report['commit']}; {report['frames']} frames of "
              f"{report['side']} px a clip, one output token, streamed.", "",
              "| keep | clients | prompt tokens (ours / stock) | TTFT ours / stock (s) | ratio | "
              "requests/s ours / stock | ratio |", "| --- | --- | --- | --- | --- | --- | --- |"]
