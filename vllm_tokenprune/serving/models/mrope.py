@@ -1,4 +1,5 @@
-"""Pruning for the M-RoPE families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): placeholders, selection, positions.
+"""Pruning for the M-RoPE families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5): placeholders,
+selection, positions, for images and videos.
 
 What the method sees: the merged tokens the language model receives, i.e. the vision
 module's output after the patch merger, laid out as the image's merged grid. Those are
@@ -13,21 +14,26 @@ token at row r, column c at (b, b + r, b + c), b = the position after the image'
 ``<|vision_start|>``; text after the image continues at b + max(grid_h, grid_w). A
 pruned image keeps the (t, h, w) positions its kept tokens have in the stock model, and
 everything after it keeps its stock positions, which therefore depend only on the grid,
-never on which tokens were kept. In vLLM's V1 runner that takes three steps:
+never on which tokens were kept. A video is placed alike: on Qwen2-VL and Qwen2.5-VL one run
+whose token (t, h, w) sits at (b + t', b + h, b + w), t' the frame's time
+(``frame_times``); on Qwen3-VL each frame its own run after a timestamp, placed like an
+image. In vLLM's V1 runner that takes three steps:
 
 1. ``get_mrope_input_positions`` runs when a request arrives, before the encoder. It
    computes the stock positions of the unpruned prompt (vLLM's own code, on the prompt
-   with every image's dropped placeholders put back) and keeps the columns of the tokens
-   this prompt has: text exact, each image's K tokens provisionally at its first K grid
-   cells (exact at keep 1.0), and the stock position delta for decode.
-2. ``embed_multimodal`` keeps each image's K rows (a merged row at the position its
-   method gives it) and appends their relative (t, h, w) positions as three extra
-   columns; videos (never pruned) get three zero columns, because the runner strips the
-   columns of every multimodal embedding.
+   with every item's dropped placeholders put back: at the end of its run, or of each
+   frame's) and keeps the columns of the tokens this prompt has: text exact, each item's
+   K tokens provisionally at its first K cells (exact at keep 1.0), and the stock
+   position delta for decode.
+2. ``embed_multimodal`` keeps each item's K rows (a merged row at the position its
+   method gives it) and appends their relative (t, h, w) positions as extra columns
+   (``POSITION_COLUMNS``); a video served whole gets -1s there, because the runner strips
+   the columns of every multimodal embedding.
 3. ``recompute_mrope_positions``, called by the runner for each scheduled request
    while it gathers the step's embeddings (a prefill chunk's, or none), strips the
-   columns and writes the image tokens' true positions (b + relative). Text and video
-   tokens are left as step 1 made them.
+   columns and writes the kept tokens' true positions (b + relative, b after the nearest
+   ``<|vision_start|>`` before them). Text, and videos served whole, are left as step 1
+   made them.
 
 Because text positions never depend on the kept set, a prefix-cache hit (no encoder
 run, no recompute for the cached part) and chunked prefill (an image split over steps)
@@ -41,7 +47,8 @@ the runner strips them. ``check_position_recompute`` stops the model at start-up
 neither would happen (a runner that moved, pipeline parallelism).
 
 The columns travel in the embedding dtype: exact in fp32, and in bf16 for grids of up
-to 256 merged rows or columns, which is why they hold relative, not absolute, positions.
+to 256 merged rows or columns, which is why they hold relative, not absolute, positions
+(a video's time, which grows with its length, takes two columns).
 """
 
 from __future__ import annotations
