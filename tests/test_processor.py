@@ -389,8 +389,8 @@ def test_a_family_that_serves_videos_whole_refuses_a_video_ratio(tiny_checkpoint
     from vllm.exceptions import VLLMValidationError
     from vllm.multimodal import MULTIMODAL_REGISTRY
 
-    config = ModelConfig(model=str(tiny_checkpoint("llava-onevision")), limit_mm_per_prompt={"video": 1},
-                         hf_overrides={"architectures": ["PrunedLlavaOnevisionForConditionalGeneration"]})
+    config = ModelConfig(model=str(tiny_checkpoint("internvl")), limit_mm_per_prompt={"video": 1},
+                         hf_overrides={"architectures": ["PrunedInternVLForConditionalGeneration"]})
     proc = MULTIMODAL_REGISTRY.create_processor(config)
     text = "<video>\nhi"
     with pytest.raises(VLLMValidationError, match="served whole") as err:

@@ -1,9 +1,9 @@
 """Videos through a real `vllm-tokenprune serve` on the tiny checkpoints of the families that
-prune them (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and its MoE), driven over HTTP with an mp4 in a data URL: each video
-keeps exactly K of its N tokens under its own ratio and method, beside images at theirs,
-requests of several ratios at once answer as each alone, and hostile video choices are 400s.
-A family that serves videos whole refuses a video ratio (LLaVA-OneVision). Positions are
-checked offline (tests/test_qwen.py)."""
+prune them (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and its MoE, LLaVA-OneVision), driven over
+HTTP with an mp4 in a data URL: each video keeps exactly K of its N tokens under its own ratio
+and method, beside images at theirs, requests of several ratios at once answer as each alone,
+and hostile video choices are 400s. A family that serves videos whole refuses a video ratio
+(InternVL). Qwen's positions are checked offline (tests/test_qwen.py)."""
 
 from __future__ import annotations
 
@@ -80,19 +80,22 @@ def media(out, token: int) -> int:
 @pytest.fixture(scope="module")
 def tokens(arch, tiny_checkpoint) -> dict[str, int]:
     config = json.loads((tiny_checkpoint(arch) / "config.json").read_text())
-    return {"video": config["video_token_id"], "image": config["image_token_id"]}
+    return {m: config.get(f"{m}_token_id", config.get(f"{m}_token_index")) for m in ("video", "image")}
 
 
-def shape(server, clip, tokens) -> tuple[int, int, int]:
-    """The clip's N on this server (served whole), its tokens per frame, and the prompt's length."""
+def shape(server, clip, tokens, arch) -> tuple[int, int, int]:
+    """The clip's N on this server (served whole), the tokens its first frame needs whole
+    (``video_keep_count``'s frame), and the prompt's length."""
     status, _, out = ask(server, clip)
     assert status == 200, out
     n = media(out, tokens["video"])
-    return n, n // (FRAMES // 2), out["usage"]["prompt_tokens"]  # two frames a temporal patch
+    if arch == "llava-onevision":  # a frame a frame, then one newline, which stays
+        return n, (n - 1) // FRAMES + 1, out["usage"]["prompt_tokens"]
+    return n, n // (FRAMES // 2), out["usage"]["prompt_tokens"]  # Qwen: two frames a temporal patch
 
 
-def test_a_video_keeps_exactly_k_under_its_own_ratio_and_method(server, clips, tokens):
-    n, frame, full = shape(server, clips[0], tokens)
+def test_a_video_keeps_exactly_k_under_its_own_ratio_and_method(server, clips, tokens, arch):
+    n, frame, full = shape(server, clips[0], tokens, arch)
     cases = [({"X-Keep-Ratio": "video=0.5"}, None, 0.5, "evs"),
              ({"X-Keep-Ratio": "video=0.1"}, None, 0.1, "evs"),  # evs keeps the first frame whole
              ({"X-Keep-Ratio": "video=0.25", "X-Prune-Method": "video=norm"}, None, 0.25, "norm"),
@@ -152,13 +155,13 @@ def test_hostile_video_choices_are_400s_and_the_server_keeps_serving(server, cli
     assert ask(server, clips[2], {"X-Keep-Ratio": "video=0.5"})[0] == 200
 
 
-def test_the_metrics_count_video_tokens_in_and_kept(server, clips, tokens):
+def test_the_metrics_count_video_tokens_in_and_kept(server, clips, tokens, arch):
     def counters():
         text = requests.get(server.root + "/metrics", timeout=10).text
         return [float(re.search(rf'^{name}{{model_name="tiny"}} (\S+)$', text, re.M).group(1))
                 for name in ("tokenprune_video_tokens_in_total", "tokenprune_video_tokens_kept_total")]
 
-    n, _, _ = shape(server, clips[0], tokens)
+    n, _, _ = shape(server, clips[0], tokens, arch)
     before = counters()
     ask(server, clips[0], {"X-Keep-Ratio": "video=0.25", "X-Prune-Method": "video=norm"})
     after = counters()
@@ -166,7 +169,7 @@ def test_the_metrics_count_video_tokens_in_and_kept(server, clips, tokens):
 
 
 def test_a_family_that_serves_videos_whole_refuses_a_video_ratio(tiny_checkpoint, clips, tmp_path):
-    with Server(tiny_checkpoint("llava-onevision"), "--dtype", "float32", "--max-model-len", "4096",
+    with Server(tiny_checkpoint("internvl"), "--dtype", "float32", "--max-model-len", "4096",
                 "--limit-mm-per-prompt", '{"video": 1}', "--served-model-name", "tiny",
                 log_path=tmp_path / "server.log") as srv:
         status, _, out = ask(srv, clips[0], {"X-Keep-Ratio": "video=0.5"})

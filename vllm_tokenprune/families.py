@@ -61,7 +61,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("llava-next", "llava_next", "LlavaNextForConditionalGeneration", "llava_next", "llava",
            "llava:LLAVA_NEXT"),
     Family("llava-onevision", "llava_onevision", "LlavaOnevisionForConditionalGeneration", "llava_onevision",
-           "llava", "llava:LLAVA_ONEVISION"),
+           "llava", "llava:LLAVA_ONEVISION", videos=True),
     Family("qwen2-vl", "qwen2_vl", "Qwen2VLForConditionalGeneration", "qwen2_vl", "qwen", "qwen:QWEN2_VL",
            query_teacher=True, mrope=True, videos=True),
     Family("qwen2.5-vl", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl", "qwen",

@@ -18,7 +18,12 @@ appends an ``image_newline`` embedding after every row. Its N placeholders are b
   interpolated.
 * Newline markers are dropped first, and kept only to fill K when K exceeds the real rows;
   at K = N the stock sequence is returned untouched (see ``llava_next.py``).
-* Videos are never pruned.
+* A video is one run: each frame's tower tokens projected and pooled 2 x 2 (bilinear), frame
+  after frame, then one ``image_newline``. K = ``video_keep_count`` of that run, the newline
+  included: the newline stays (when K > 1) and the method keeps K - 1 of the frames' rows. Its
+  candidates are the stock rows, scored by the tower features pooled as the stock model pools
+  the rows (vLLM's own ``apply_pooling``, on the features): a distribution the selector, trained
+  on unpooled image features, has not seen. Positions are 1-D: nothing to place.
 """
 
 from __future__ import annotations
@@ -38,13 +43,22 @@ from vllm.model_executor.models.llava_onevision import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from vllm_tokenprune.selection.methods.batch import to_device
-from vllm_tokenprune.serving.models.common import KEEP_FIELD
+from vllm_tokenprune.serving.models.common import KEEP_FIELD, UNPRUNED_FIELD
 from vllm_tokenprune.serving.models.llava import LlavaPruningProcessorMixin, LlavaTowerMixin
-from vllm_tokenprune.serving.models.model import PruningModelMixin
+from vllm_tokenprune.serving.models.model import Clip, PruningModelMixin
 
 
 class PrunedLlavaOnevisionMultiModalProcessor(LlavaPruningProcessorMixin, LlavaOnevisionMultiModalProcessor):
-    """LLaVA-OneVision's processor, each image's placeholder run cut to its K."""
+    """LLaVA-OneVision's processor, each image's and each video's placeholder run cut to its K."""
+
+    def _video_tokens(self, processed) -> list[tuple[int, int]]:
+        # The "frame" a method that keeps the first frame whole needs: its tokens and the
+        # video's newline, which the model keeps besides them.
+        out = []
+        for frames in processed["pixel_values_videos"]:
+            n = self.info.get_num_video_tokens(image_width=0, image_height=0, num_frames=len(frames))
+            out.append((n, (n - 1) // len(frames) + 1))
+        return out
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -61,9 +75,13 @@ class PrunedLlavaOnevisionForConditionalGeneration(
 
     def embed_multimodal(self, **kwargs: object):
         fields = self._pop_prune_fields(kwargs)
+        video_fields = self._pop_prune_fields(kwargs, "video")
         out: list[torch.Tensor] = []
         for modality, mm_input in self._parse_and_validate_multimodal_inputs(**kwargs).items():
-            if modality == "video":
+            if modality == "video" and video_fields is not None:  # N a video, the encoder budget's unit
+                out += self._in_tower_chunks(self._pruned_videos, mm_input, video_fields,
+                                             video_fields[UNPRUNED_FIELD])
+            elif modality == "video":
                 out += self._process_video_pixels(mm_input)
             elif fields is None or mm_input["type"] != "pixel_values":
                 out += self._process_image_input(mm_input)  # precomputed embeddings: never pruned
@@ -126,6 +144,21 @@ class PrunedLlavaOnevisionForConditionalGeneration(
             rows = torch.cat([kept.values, out[i][filler]])
             out[i] = rows[torch.cat([real_rows[kept.index], filler]).argsort()]
         return out
+
+    def _pruned_videos(self, video_input, fields: dict[str, list[int]]) -> list[torch.Tensor]:
+        """Each video's K rows: the frames' pooled stock rows its method keeps, then the newline
+        (module docstring)."""
+        videos = list(video_input["pixel_values_videos"])
+        features = self._image_pixels_to_features(self.vision_tower, torch.cat(videos))  # as the stock video path
+        rows = self.apply_pooling(self.multi_modal_projector(features))  # the stock rows, per frame
+        pooled = self.apply_pooling(features)  # the features, pooled alike: what methods score
+        side = math.isqrt(rows.shape[1])
+        first = [0, *itertools.accumulate(len(v) for v in videos)]
+        clips = [Clip(pooled[first[i]:first[i + 1]].flatten(0, 1), rows[first[i]:first[i + 1]].flatten(0, 1),
+                      (side, side), len(v)) for i, v in enumerate(videos)]
+        ks = fields[KEEP_FIELD]
+        kept = self._select_videos(fields, clips, keep=[k - 1 if k > 1 else 1 for k in ks])
+        return [torch.cat([r.values, self.image_newline[None]]) if k > 1 else r.values for r, k in zip(kept, ks)]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return super().load_weights(weights) | set(self._selector_weight_names())

@@ -17,7 +17,7 @@ import torch.nn as nn
 from vllm.logger import init_logger
 
 from vllm_tokenprune import families
-from vllm_tokenprune.policy import AutoBudget, PrunePolicy
+from vllm_tokenprune.policy import AutoBudget, PrunePolicy, frame_shares
 from vllm_tokenprune.selection import methods
 from vllm_tokenprune.serving.models.common import (
     FIELDS,
@@ -81,6 +81,16 @@ class NoEncoderCudaGraphsMixin:
 
     def get_encoder_cudagraph_config(self):
         return dataclasses.replace(super().get_encoder_cudagraph_config(), modalities=[])
+
+
+class Clip(NamedTuple):
+    """One video's candidate tokens, frame after frame: what its method scores and what its
+    rows carry (T x P rows each), and each frame's (rows, cols) grid."""
+
+    features: torch.Tensor
+    values: torch.Tensor
+    grid: tuple[int, int]
+    frames: int
 
 
 class Job(NamedTuple):
@@ -214,6 +224,41 @@ class PruningModelMixin:
             tokens["query"] = self.get_language_model().embed_input_ids(fields[QUERY_FIELD][i].to(features.device))
         return Job(name, methods.Tokens(features, grids, seed=fields[SEED_FIELD][i], selector=self.token_selector,
                                         query_selector=self.query_selector, **tokens), k, probe)
+
+    def _select_videos(self, fields: dict[str, list[int]], clips: Sequence[Clip], *, frames_apart: bool = False,
+                       keep: Sequence[int] | None = None) -> list[methods.Rows]:
+        """Each video's kept rows (indices into its T x P tokens, ascending), all videos of a
+        tower call at once. A method that reads a whole clip (``methods.VIDEO_ONLY``) takes
+        each video as one job (``frames_apart``: the prompt holds each frame's run apart, so
+        it keeps each frame's share); any other takes each frame as an image, with its share of
+        K (``policy.frame_shares``). ``keep``: each video's K where the family keeps some of
+        its K rows itself (LLaVA-OneVision's newline); by default the plan's."""
+        jobs: list[Job] = []
+        owned: list[list[tuple[int, int]]] = []  # each video's (job, first token) whose rows it keeps
+        for i, clip in enumerate(clips):
+            frame = clip.grid[0] * clip.grid[1]
+            k = fields[KEEP_FIELD][i] if keep is None else keep[i]
+            probe = methods.mask_names(fields[PROBE_METHODS_FIELD][i])
+            whole = methods.get(methods.method_name(fields[METHOD_FIELD][i])).video_only
+            clip_job = self._candidates(fields, i, clip.features, values=clip.values, grids=(clip.grid,) * clip.frames,
+                                        probe_methods=[m for m in probe if methods.get(m).video_only],
+                                        k=k if whole else len(clip.features),  # at K = N: the probe's alone
+                                        frames_apart=frames_apart)
+            shares, probe_shares = (frame_shares(n, [frame] * clip.frames, first_frame_whole=False)
+                                    for n in (k, fields[PROBE_KEEP_FIELD][i]))
+            frame_jobs = [self._candidates(fields, i, clip.features[f * frame:(f + 1) * frame],
+                                           values=clip.values[f * frame:(f + 1) * frame], grids=(clip.grid,),
+                                           k=frame if whole else shares[f], probe_keep=probe_shares[f],
+                                           probe_methods=[m for m in probe if not methods.get(m).video_only])
+                          for f in range(clip.frames)]
+            own = [(clip_job, 0)] if whole else [(job, f * frame) for f, job in enumerate(frame_jobs) if shares[f]]
+            owned.append([(len(jobs) + j, first) for j, (_, first) in enumerate(own)])
+            jobs += [job for job, _ in own]
+            # the probe's other jobs (at K = N a job's own rows are its tokens, untouched)
+            jobs += [job for job in (frame_jobs if whole else [clip_job]) if job.probe]
+        kept = self._select(jobs)
+        return [methods.Rows(torch.cat([kept[j].index + first for j, first in own]),
+                             torch.cat([kept[j].values for j, _ in own])) for own in owned]
 
     @staticmethod
     def _select(jobs: Sequence[Job]) -> list[methods.Rows]:

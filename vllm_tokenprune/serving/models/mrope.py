@@ -62,12 +62,10 @@ from vllm.config import CompilationMode
 from vllm.logger import init_logger
 from vllm.multimodal.parse import ImageSize
 
-from vllm_tokenprune.policy import frame_shares
 from vllm_tokenprune.selection import methods
 from vllm_tokenprune.selection.methods.attention import TowerProbe
 from vllm_tokenprune.selection.methods.batch import to_device
-from vllm_tokenprune.serving.models.common import KEEP_FIELD, METHOD_FIELD, PROBE_KEEP_FIELD, PROBE_METHODS_FIELD
-from vllm_tokenprune.serving.models.model import Job, NoEncoderCudaGraphsMixin, PruningModelMixin
+from vllm_tokenprune.serving.models.model import Clip, NoEncoderCudaGraphsMixin, PruningModelMixin
 from vllm_tokenprune.serving.models.processor import PruningProcessorMixin
 
 logger = init_logger(__name__)
@@ -258,48 +256,20 @@ class MRopePruningModelMixin(NoEncoderCudaGraphsMixin, PruningModelMixin):
                 for rows, grid in zip(kept, grids)]
 
     def _pruned_videos(self, mm_input, fields: dict[str, list]) -> list[torch.Tensor]:
-        """Each video's kept rows, with their relative positions appended. A method that
-        reads a whole clip (``methods.VIDEO_ONLY``) takes each video as one job (where the
-        frames' runs are apart, keeping each frame's share); any other takes each frame as an
-        image, with the frame's share of K (``policy.frame_shares``)."""
+        """Each video's kept rows (``PruningModelMixin._select_videos``), with their relative
+        positions appended."""
         merge = self.config.vision_config.spatial_merge_size
         thw = mm_input["video_grid_thw"].tolist()  # on the CPU, as second_per_grid_ts
         seconds = mm_input.get("second_per_grid_ts")
         seconds = [1.0] * len(thw) if seconds is None else seconds.tolist()
         # frames apart are each placed like an image, after their own <|vision_start|>
         per_second = 0.0 if self.video_frames_apart else getattr(self.config.vision_config, "tokens_per_second", 1.0)
-        jobs: list[Job] = []
-        owned: list[list[tuple[int, int]]] = []  # each video's (job, first token) whose rows it keeps
-        for i, (embeds, (t, h, w)) in enumerate(zip(self._process_video_input(mm_input), thw)):
-            grid, frame = (h // merge, w // merge), h * w // merge**2
-            features = self._selection_features(embeds)
-            probe = methods.mask_names(fields[PROBE_METHODS_FIELD][i])
-            whole = methods.get(methods.method_name(fields[METHOD_FIELD][i])).video_only
-            clip = self._candidates(fields, i, features, values=embeds, grids=(grid,) * t,
-                                    probe_methods=[m for m in probe if methods.get(m).video_only],
-                                    k=None if whole else len(embeds),  # at K = N: the probe's alone
-                                    frames_apart=self.video_frames_apart)
-            shares, probe_shares = (frame_shares(fields[name][i], [frame] * t, first_frame_whole=False)
-                                    for name in (KEEP_FIELD, PROBE_KEEP_FIELD))
-            frames = [self._candidates(fields, i, features[f * frame:(f + 1) * frame],
-                                       values=embeds[f * frame:(f + 1) * frame], grids=(grid,),
-                                       k=frame if whole else shares[f], probe_keep=probe_shares[f],
-                                       probe_methods=[m for m in probe if not methods.get(m).video_only])
-                      for f in range(t)]
-            own = [(clip, 0)] if whole else [(job, f * frame) for f, job in enumerate(frames) if shares[f]]
-            owned.append([(len(jobs) + j, first) for j, (_, first) in enumerate(own)])
-            jobs += [job for job, _ in own]
-            # the probe's other jobs (at K = N a job's own rows are its tokens, untouched)
-            jobs += [job for job in (frames if whole else [clip]) if job.probe]
-        kept = self._select(jobs)
-        out = []
-        for i, ((t, h, w), own) in enumerate(zip(thw, owned)):
-            grid = (h // merge, w // merge)
-            index = torch.cat([kept[j].index + first for j, first in own])
-            values = torch.cat([kept[j].values for j, _ in own])
-            times = to_device(frame_times(t, seconds[i] * per_second), index.device)
-            out.append(self._with_positions(values, _relative_positions(index, grid, times)))
-        return out
+        clips = [Clip(self._selection_features(embeds), embeds, (h // merge, w // merge), t)
+                 for embeds, (t, h, w) in zip(self._process_video_input(mm_input), thw)]
+        kept = self._select_videos(fields, clips, frames_apart=self.video_frames_apart)
+        return [self._with_positions(rows.values, _relative_positions(
+                    rows.index, clip.grid, to_device(frame_times(clip.frames, spg * per_second), rows.index.device)))
+                for rows, clip, spg in zip(kept, clips, seconds)]
 
     def _with_positions(self, embeds: torch.Tensor, relative: torch.Tensor | None
                         ) -> torch.Tensor:
