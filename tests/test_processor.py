@@ -426,3 +426,18 @@ def test_video_metrics_count_what_was_kept(video_processor):
     after = [VIDEOS.labels(name, "norm")._value.get(), VIDEO_TOKENS_IN.labels(name)._value.get(),
              VIDEO_TOKENS_KEPT.labels(name)._value.get()]
     assert [a - b for a, b in zip(after, before)] == [1, 16, 4]
+
+
+def test_start_up_refuses_vllms_engine_wide_video_pruning_and_a_video_default_nowhere_served():
+    from vllm_tokenprune.serving.models.model import check_video_pruning
+
+    def config(model_type, rate=False, **policy):
+        return SimpleNamespace(multimodal_config=SimpleNamespace(is_multimodal_pruning_enabled=lambda: rate),
+                               hf_config=SimpleNamespace(model_type=model_type, **PrunePolicy(**policy).to_overrides()))
+
+    with pytest.raises(ValueError, match="--default-video-keep-ratio"):
+        check_video_pruning(config("qwen2_5_vl", rate=True))
+    with pytest.raises(ValueError, match="internvl's videos are served whole"):
+        check_video_pruning(config("internvl", default_video_keep_ratio=0.5))
+    check_video_pruning(config("qwen2_5_vl", default_video_keep_ratio=0.5))
+    check_video_pruning(config("internvl"))

@@ -79,6 +79,11 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
+def serving_videos() -> str:
+    """The families whose videos are pruned, for the errors that refuse a video ratio elsewhere."""
+    return ", ".join(f.name for f in FAMILIES if f.videos)
+
+
 def by_name(name: str) -> Family:
     for family in FAMILIES:
         if family.name == name:

@@ -54,6 +54,7 @@ METHOD_NAMES: tuple[str, ...] = tuple(_MODULES)
 # image; every other method takes an image, or one video frame with its share of K.
 VIDEO_ONLY = frozenset({"evs"})
 IMAGE_METHOD_NAMES: tuple[str, ...] = tuple(name for name in METHOD_NAMES if name not in VIDEO_ONLY)
+DEFAULT_VIDEO_METHOD = "evs"  # vLLM's own rule, and what needs no selector
 
 
 def method_id(name: str) -> int:

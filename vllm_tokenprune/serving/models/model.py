@@ -66,13 +66,12 @@ def check_video_pruning(model_config) -> None:
         raise ValueError(
             "--video-pruning-rate prunes every video engine-wide, and this server prunes per request: "
             "drop it and set the videos' default instead (vllm-tokenprune serve --default-video-keep-ratio "
-            "R, with R = 1 - rate; their default method is evs, vLLM's)")
+            f"R, with R = 1 - rate; their default method is {methods.DEFAULT_VIDEO_METHOD}, vLLM's)")
     policy = PrunePolicy.from_config(model_config.hf_config)
     family = families.of_model_type(model_config.hf_config.model_type)
     if policy.default_video_keep_ratio < 1.0 and not family.videos:
         raise ValueError(f"default_video_keep_ratio {policy.default_video_keep_ratio!r}: {family.name}'s videos "
-                         f"are served whole (video pruning serves "
-                         f"{', '.join(f.name for f in families.FAMILIES if f.videos)})")
+                         f"are served whole (video pruning serves {families.serving_videos()})")
 
 
 class NoEncoderCudaGraphsMixin:

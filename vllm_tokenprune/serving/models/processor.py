@@ -162,12 +162,11 @@ class PruningProcessorMixin:
         videos whole (then a ratio under 1 is refused)."""
         if not self._prunes_videos:
             if ratio < 1.0:
-                served = ", ".join(f.name for f in families.FAMILIES if f.videos)
                 raise PruneRequestError(
                     f"{VIDEO_KEEP_RATIO_KEY} {ratio!r}: this model's videos are served whole (video pruning "
-                    f"serves {served})", "mm_processor_kwargs." + VIDEO_KEEP_RATIO_KEY)
+                    f"serves {families.serving_videos()})", "mm_processor_kwargs." + VIDEO_KEEP_RATIO_KEY)
             return None
-        name = self._method(requested or "evs", VIDEO_METHOD_KEY)
+        name = self._method(requested or methods.DEFAULT_VIDEO_METHOD, VIDEO_METHOD_KEY)
         if methods.get(name).needs:
             raise PruneRequestError(
                 f"{VIDEO_METHOD_KEY} {name!r} reads the vision tower's attention, which is not computed for "
